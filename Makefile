@@ -1,0 +1,65 @@
+# cachegw — two commands on a fresh machine:
+#   make run    set everything up and start the gateway (managed local redis-server)
+#   make test   set everything up and run lint, type checks and the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+NATIVE_SRC := $(wildcard native/cachegw_native/*.pyx native/cachegw_native/*.pxd) setup.py
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test setup redis lint typecheck pytest bench protos clean
+
+run: setup
+	$(VENV)/bin/cachegw serve $(ARGS)
+
+test: setup lint typecheck pytest
+
+setup: $(VENV)/.deps redis $(VENV)/.native
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Dependencies: reinstalled when a requirements or project file changes.
+$(VENV)/.deps: $(VENV)/bin/python requirements-dev.txt pyproject.toml clients/python/pyproject.toml
+	$(PIP) install --upgrade pip
+	$(PIP) install -r requirements-dev.txt
+	$(PIP) install -e clients/python
+	touch $@
+
+# The Cython build: an editable install compiles native/ in place.
+$(VENV)/.native: $(VENV)/.deps $(NATIVE_SRC)
+	$(PIP) install --no-build-isolation -e .
+	touch $@
+
+# A redis-server binary for the managed default and the tests.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "redis-server not found: installing Debian's redis-server"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "redis-server not found. Install it (Debian/Ubuntu: sudo apt-get install redis-server;" \
+	         "macOS: brew install redis) or put it on PATH, then run make again." >&2; exit 1; \
+	  fi; }
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+pytest: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+protos: $(VENV)/.deps
+	$(PY) protos/generate.py
+
+clean:
+	rm -rf $(VENV) build native/cachegw_native/*.c native/cachegw_native/*.so native/cachegw_native/*.html

@@ -1,0 +1,50 @@
+"""cachegw: the Python client of the cachegw gRPC cache gateway.
+
+    from cachegw import Client
+
+    with Client("127.0.0.1:50051") as cache:
+        cache.set("product:42", b"...", ttl=300)
+        value = cache.get("product:42")
+
+`AsyncClient` is the same API for asyncio. Failures raise `CacheError` subclasses.
+"""
+
+from cachegw._calls import DEFAULT, Timeout
+from cachegw.aio import AsyncClient
+from cachegw.client import DEFAULT_TARGET, Client
+from cachegw.errors import (
+    CacheError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from cachegw.models import Entry, SetOutcome, SetResult, Status, Tier
+
+__all__ = [
+    "DEFAULT",
+    "DEFAULT_TARGET",
+    "AsyncClient",
+    "CacheError",
+    "Client",
+    "DeadlineExceeded",
+    "Entry",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "SetOutcome",
+    "SetResult",
+    "Status",
+    "Tier",
+    "Timeout",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+]

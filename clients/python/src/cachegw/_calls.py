@@ -1,0 +1,288 @@
+"""Everything about a call except making it, shared by `Client` and `AsyncClient`.
+
+Each builder checks its arguments (only what is cheap and obvious: the gateway is the
+authority on keys, sizes and TTL limits), builds the request, and returns it with the
+function that reads the response. The two clients only send the request over their
+channel and map a gRPC failure with `error_from_rpc`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Final, Generic, TypeAlias, TypeVar
+
+import grpc
+
+from cachegw.errors import CacheError, InvalidArgument
+from cachegw.models import Entry, SetOutcome, SetResult, Status, Tier
+from cachegw.v1 import cache_pb2 as pb
+
+ReqT = TypeVar("ReqT")
+RespT = TypeVar("RespT")
+OutT = TypeVar("OutT")
+
+_UINT32_MAX: Final = 2**32 - 1
+_INT64_MAX: Final = 2**63 - 1
+_UINT64_MAX: Final = 2**64 - 1
+
+
+class _Default(enum.Enum):
+    DEFAULT = "DEFAULT"
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Final = _Default.DEFAULT
+"""The `timeout` of a call that was given none: the client's default deadline applies."""
+
+Timeout: TypeAlias = float | _Default | None
+"""A per-call deadline in seconds; None = no deadline; DEFAULT = the client's default."""
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[ReqT, RespT, OutT]):
+    """A request ready to send and how to read its response."""
+
+    request: ReqT
+    decode: Callable[[RespT], OutT]
+
+
+def deadline(default: float | None, timeout: Timeout) -> float | None:
+    """The timeout to hand to grpc: the call's own, else the client's default."""
+    return default if timeout is DEFAULT else timeout
+
+
+# --- reads -------------------------------------------------------------------------------
+
+
+def get(key: str) -> Call[pb.GetRequest, pb.GetResponse, bytes | None]:
+    return Call(pb.GetRequest(key=_key(key)), _value)
+
+
+def lookup(
+    key: str, *, lease: bool, max_wait: float | None, allow_stale: bool
+) -> Call[pb.GetRequest, pb.GetResponse, Entry]:
+    request = pb.GetRequest(
+        key=_key(key),
+        lease=lease,
+        max_wait_ms=0 if max_wait is None else _max_wait_ms(max_wait),
+        allow_stale=allow_stale,
+    )
+    return Call(request, decode_entry)
+
+
+def get_many(
+    keys: Iterable[str],
+) -> Call[pb.GetManyRequest, pb.GetManyResponse, list[bytes | None]]:
+    checked = _keys(keys, "keys")
+
+    def decode(response: pb.GetManyResponse) -> list[bytes | None]:
+        return [_value(result) for result in _results(response, len(checked))]
+
+    return Call(pb.GetManyRequest(keys=checked), decode)
+
+
+def lookup_many(
+    keys: Iterable[str], *, allow_stale: bool
+) -> Call[pb.GetManyRequest, pb.GetManyResponse, list[Entry]]:
+    checked = _keys(keys, "keys")
+
+    def decode(response: pb.GetManyResponse) -> list[Entry]:
+        return [decode_entry(result) for result in _results(response, len(checked))]
+
+    return Call(pb.GetManyRequest(keys=checked, allow_stale=allow_stale), decode)
+
+
+# --- writes ------------------------------------------------------------------------------
+
+
+def set_(
+    key: str,
+    value: bytes | str,
+    *,
+    ttl: float | None,
+    tags: Iterable[str],
+    lease_token: bytes,
+    if_version: int | None,
+) -> Call[pb.SetRequest, pb.SetResponse, SetResult]:
+    request = pb.SetRequest(
+        key=_key(key),
+        value=_value_bytes(value),
+        tags=_tags(tags),
+        lease_token=_bytes(lease_token, "lease_token"),
+    )
+    if ttl is not None:
+        request.ttl_ms = _ttl_ms(ttl)
+    if if_version is not None:
+        request.if_version = _if_version(if_version)
+    return Call(request, decode_set)
+
+
+def delete(keys: Iterable[str]) -> Call[pb.DeleteRequest, pb.DeleteResponse, int]:
+    return Call(pb.DeleteRequest(keys=_keys(keys, "keys")), _deleted)
+
+
+# --- responses ---------------------------------------------------------------------------
+
+_STATUS: Final = {
+    pb.STATUS_HIT: Status.HIT,
+    pb.STATUS_MISS: Status.MISS,
+    pb.STATUS_LEASED: Status.LEASED,
+    pb.STATUS_STALE: Status.STALE,
+}
+_TIER: Final = {pb.TIER_L1: Tier.L1, pb.TIER_L2: Tier.L2, pb.TIER_ORIGIN: Tier.ORIGIN}
+_OUTCOME: Final = {
+    pb.SET_OUTCOME_STORED: SetOutcome.STORED,
+    pb.SET_OUTCOME_LEASE_INVALID: SetOutcome.LEASE_INVALID,
+    pb.SET_OUTCOME_VERSION_CONFLICT: SetOutcome.VERSION_CONFLICT,
+}
+
+
+def decode_entry(response: pb.GetResponse) -> Entry:
+    status = _status(response)
+    return Entry(
+        status=status,
+        value=response.value if status is Status.HIT or status is Status.STALE else None,
+        tier=_TIER.get(response.tier, Tier.NONE),
+        lease_token=response.lease_token,
+        refresh=response.refresh,
+        ttl_remaining=response.ttl_remaining_ms / 1000,
+        version=response.version,
+        key_class=response.key_class,
+    )
+
+
+def decode_set(response: pb.SetResponse) -> SetResult:
+    outcome = _OUTCOME.get(response.outcome)
+    if outcome is None:
+        raise _protocol_error(f"a Set outcome this client does not know ({response.outcome})")
+    return SetResult(
+        outcome=outcome,
+        version=response.version,
+        ttl=response.ttl_ms / 1000,
+        key_class=response.key_class,
+    )
+
+
+def _value(response: pb.GetResponse) -> bytes | None:
+    status = _status(response)
+    return response.value if status is Status.HIT or status is Status.STALE else None
+
+
+def _status(response: pb.GetResponse) -> Status:
+    status = _STATUS.get(response.status)
+    if status is None:
+        raise _protocol_error(f"a Get status this client does not know ({response.status})")
+    return status
+
+
+def _results(response: pb.GetManyResponse, expected: int) -> Iterable[pb.GetResponse]:
+    if len(response.results) != expected:
+        raise _protocol_error(f"{len(response.results)} results for {expected} keys")
+    return response.results
+
+
+def _deleted(response: pb.DeleteResponse) -> int:
+    return response.deleted
+
+
+def _protocol_error(what: str) -> CacheError:
+    # The gateway broke the cachegw.v1 contract (or speaks a newer one): never guess.
+    return CacheError(f"the gateway answered {what}", code=grpc.StatusCode.UNKNOWN)
+
+
+# --- argument checks ---------------------------------------------------------------------
+
+
+def _key(key: str) -> str:
+    if type(key) is not str:
+        raise TypeError(f"a key must be a str, not {type(key).__name__}")
+    if not key:
+        raise InvalidArgument("key must not be empty")
+    if not key.isascii():
+        _utf8(key, "key")
+    return key
+
+
+def _keys(keys: Iterable[str], field: str) -> list[str]:
+    if isinstance(keys, str | bytes):
+        raise TypeError(f"{field} must be an iterable of str, not a single {type(keys).__name__}")
+    return [_key(key) for key in keys]
+
+
+def _tags(tags: Iterable[str]) -> list[str]:
+    if isinstance(tags, str | bytes):
+        raise TypeError(f"tags must be an iterable of str, not a single {type(tags).__name__}")
+    checked = list(tags)
+    for tag in checked:
+        if type(tag) is not str:
+            raise TypeError(f"a tag must be a str, not {type(tag).__name__}")
+        if not tag:
+            raise InvalidArgument("tags must not be empty strings")
+        if not tag.isascii():
+            _utf8(tag, "tag")
+    return checked
+
+
+def _utf8(text: str, field: str) -> None:
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(
+            f"{field} must be valid UTF-8 (unpaired surrogate at index {exc.start})"
+        ) from None
+
+
+def _value_bytes(value: bytes | str) -> bytes:
+    if type(value) is bytes:
+        return value
+    if isinstance(value, str):
+        try:
+            return value.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidArgument(
+                f"a str value must be valid UTF-8 (unpaired surrogate at index {exc.start});"
+                " pass bytes instead"
+            ) from None
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise TypeError(f"value must be bytes or str, not {type(value).__name__}")
+
+
+def _bytes(value: bytes, field: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"{field} must be bytes, not {type(value).__name__}")
+    return value
+
+
+def _seconds_to_ms(seconds: float, field: str, limit: int) -> int:
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise TypeError(f"{field} must be a number of seconds, not {type(seconds).__name__}")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InvalidArgument(f"{field} must be a positive number of seconds (got {seconds!r})")
+    # Positive stays positive: a sub-millisecond duration is sent as 1 ms.
+    return min(max(1, round(seconds * 1000)), limit)
+
+
+def _ttl_ms(ttl: float) -> int:
+    ms = _seconds_to_ms(ttl, "ttl", _INT64_MAX + 1)
+    if ms > _INT64_MAX:
+        raise InvalidArgument(f"ttl is out of range (got {ttl!r} seconds)")
+    return ms
+
+
+def _max_wait_ms(max_wait: float) -> int:
+    # The wait is bounded by the call's deadline anyway, so a huge one is simply capped.
+    return _seconds_to_ms(max_wait, "max_wait", _UINT32_MAX)
+
+
+def _if_version(version: int) -> int:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TypeError(f"if_version must be an int, not {type(version).__name__}")
+    if not 0 <= version <= _UINT64_MAX:
+        raise InvalidArgument(f"if_version must be between 0 and 2**64-1 (got {version})")
+    return version

@@ -1,0 +1,196 @@
+"""The `cachegw` command: `serve` starts a gateway, `get`/`set`/`del` are for quick use.
+
+    cachegw serve [gateway flags...]        # needs the cachegw-gateway package
+    cachegw get KEY [--verbose]             # the value on stdout; a miss exits 1
+    cachegw set KEY VALUE [--ttl S] [--tag T ...]   # VALUE "-" reads stdin
+    cachegw del KEY [KEY ...]               # prints how many existed
+
+`--target` (default $CACHEGW_TARGET, else 127.0.0.1:50051) and `--timeout` go before or
+after the subcommand. Errors print `cachegw: <message>` on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import cast
+
+from cachegw.client import DEFAULT_TARGET, Client
+from cachegw.errors import CacheError
+from cachegw.models import Entry
+
+__all__ = ["main"]
+
+TARGET_ENV = "CACHEGW_TARGET"
+_GATEWAY_MAIN = "cachegw_gateway.main"
+_COMMON_OPTIONS = ("--target", "--timeout")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    gateway_args = _serve_args(args)
+    if gateway_args is not None:
+        return _serve(gateway_args)
+    parser = _parser()
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as exc:  # --help, or a usage error (argparse printed it)
+        return exc.code if isinstance(exc.code, int) else 2
+    target = getattr(ns, "target", None) or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+    timeout: float = getattr(ns, "timeout", 5.0)
+    try:
+        with Client(target, timeout=timeout if timeout > 0 else None) as client:
+            return cast(int, ns.run(client, ns))
+    except CacheError as exc:
+        return _fail(f"{type(exc).__name__}: {exc}")
+    except OSError as exc:  # reading stdin or writing stdout
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    # --target/--timeout are accepted on both levels; SUPPRESS keeps a subcommand's parser
+    # from overwriting what was given before the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--target",
+        default=argparse.SUPPRESS,
+        help=f"gateway address (default: ${TARGET_ENV}, else {DEFAULT_TARGET})",
+    )
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=argparse.SUPPRESS,
+        metavar="SECONDS",
+        help="deadline of the call (default: 5; 0 = none)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="cachegw",
+        description="cachegw cache gateway: serve, or get/set/del keys.",
+        parents=[common],
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # Only for --help: `serve` never reaches argparse (see _serve_args).
+    commands.add_parser(
+        "serve", help="start a gateway (needs cachegw-gateway); `cachegw serve --help`"
+    )
+
+    get = commands.add_parser("get", parents=[common], help="print a key's value")
+    get.add_argument("key")
+    get.add_argument(
+        "-v", "--verbose", action="store_true", help="also print status, tier, TTL, version"
+    )
+    get.set_defaults(run=_get)
+
+    set_ = commands.add_parser("set", parents=[common], help="store a value")
+    set_.add_argument("key")
+    set_.add_argument("value", help='the value; "-" reads it from stdin')
+    set_.add_argument("--ttl", type=float, metavar="SECONDS", help="default: the class TTL")
+    set_.add_argument("--tag", action="append", default=[], dest="tags", help="a tag (repeatable)")
+    set_.set_defaults(run=_set)
+
+    delete = commands.add_parser("del", parents=[common], help="delete keys")
+    delete.add_argument("keys", nargs="+", metavar="KEY")
+    delete.set_defaults(run=_del)
+    return parser
+
+
+def _serve_args(args: list[str]) -> list[str] | None:
+    """The gateway's flags if `args` is a serve command, else None.
+
+    Everything after `serve` belongs to the gateway, so argparse must not see it; only
+    this command's own options may come first (and are of no use to serve).
+    """
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "serve":
+            return args[i + 1 :]
+        if arg in _COMMON_OPTIONS:
+            i += 2
+        elif arg.split("=", 1)[0] in _COMMON_OPTIONS:
+            i += 1
+        else:
+            return None
+    return None
+
+
+def _get(client: Client, ns: argparse.Namespace) -> int:
+    entry = client.lookup(ns.key)
+    if ns.verbose:
+        print(_describe(entry), file=sys.stderr)
+    if entry.value is None:
+        print("miss", file=sys.stderr)
+        return 1
+    _write_stdout(entry.value)
+    return 0
+
+
+def _set(client: Client, ns: argparse.Namespace) -> int:
+    # argv carries undecodable bytes as surrogates; fsencode gives the bytes back.
+    value = sys.stdin.buffer.read() if ns.value == "-" else os.fsencode(ns.value)
+    result = client.set(ns.key, value, ttl=ns.ttl, tags=ns.tags)
+    if not result.stored:
+        return _fail(f"not stored: {result.outcome.name}")
+    print(f"stored version={result.version} ttl={result.ttl:g}s class={result.key_class}")
+    return 0
+
+
+def _del(client: Client, ns: argparse.Namespace) -> int:
+    print(client.delete(*ns.keys))
+    return 0
+
+
+def _describe(entry: Entry) -> str:
+    parts = [
+        f"status={entry.status.name}",
+        f"tier={entry.tier.name}",
+        f"ttl={entry.ttl_remaining:g}s",
+        f"version={entry.version}",
+        f"class={entry.key_class or '-'}",
+    ]
+    if entry.lease_token:
+        parts.append("lease=yes")
+    return " ".join(parts)
+
+
+def _write_stdout(value: bytes) -> None:
+    out = sys.stdout
+    buffer = getattr(out, "buffer", None)
+    if buffer is None:  # a text-only stream put in place of stdout
+        out.write(value.decode("utf-8", "backslashreplace"))
+        return
+    out.flush()
+    buffer.write(value)
+    if out.isatty():
+        buffer.write(b"\n")
+    buffer.flush()
+
+
+def _serve(gateway_args: Sequence[str]) -> int:
+    try:
+        module = importlib.import_module(_GATEWAY_MAIN)
+    except ImportError as exc:
+        if exc.name in ("cachegw_gateway", _GATEWAY_MAIN):
+            return _fail(
+                "serve needs the gateway, which is not installed: pip install cachegw-gateway",
+                status=2,
+            )
+        return _fail(f"cannot start the gateway: {exc}", status=2)
+    gateway_main = cast(Callable[[Sequence[str] | None], int], module.main)
+    return gateway_main(list(gateway_args))
+
+
+def _fail(message: str, *, status: int = 1) -> int:
+    print(f"cachegw: {message}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

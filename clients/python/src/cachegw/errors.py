@@ -1,0 +1,142 @@
+"""Exceptions of the cachegw client: one class per gRPC status code the gateway answers.
+
+Every exception is a `CacheError` carrying the status `code` and the server's `details`.
+`error_from_rpc` turns a grpc error (sync or asyncio) into the matching class; codes this
+client has no class for come back as a plain `CacheError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import grpc
+
+__all__ = [
+    "CacheError",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "error_from_rpc",
+]
+
+
+class CacheError(Exception):
+    """A call to the gateway failed; `code` is the gRPC status, `details` its message."""
+
+    default_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+
+    code: grpc.StatusCode
+    details: str
+
+    def __init__(self, details: str, *, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(details)
+        self.code = self.default_code if code is None else code
+        self.details = details
+
+    def __str__(self) -> str:
+        if type(self) is CacheError:
+            # No class says what went wrong, so the code has to.
+            return f"{self.code.name}: {self.details}"
+        return self.details
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.details!r}, code={self.code})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The code is keyword-only, so the default pickling (type(self)(*self.args)) would
+        # lose it for the base class.
+        return (_rebuild, (type(self), self.details, self.code))
+
+
+def _rebuild(cls: type[CacheError], details: str, code: grpc.StatusCode) -> CacheError:
+    return cls(details, code=code)
+
+
+class InvalidArgument(CacheError, ValueError):
+    """Bad key, value, TTL or request shape (checked by the server, a few things locally)."""
+
+    default_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(CacheError):
+    default_code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(CacheError):
+    """A request valid in itself that the gateway cannot apply now."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(CacheError):
+    """A limit on concurrency or size was reached."""
+
+    default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(CacheError):
+    """The gateway, or the Redis behind it, cannot be reached; retry later."""
+
+    default_code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(CacheError, TimeoutError):
+    """The call's deadline passed before the gateway answered."""
+
+    default_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(CacheError):
+    default_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(CacheError):
+    default_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unimplemented(CacheError):
+    """The RPC belongs to a capability this gateway does not serve (yet)."""
+
+    default_code = grpc.StatusCode.UNIMPLEMENTED
+
+
+_BY_CODE: dict[grpc.StatusCode, type[CacheError]] = {
+    cls.default_code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Unauthenticated,
+        PermissionDenied,
+        Unimplemented,
+    )
+}
+
+
+def error_from_rpc(error: grpc.RpcError) -> CacheError:
+    """The `CacheError` for a failed call of a sync or asyncio channel."""
+    # A bare RpcError (raised by some interceptors) has neither method.
+    code_of = getattr(error, "code", None)
+    code = code_of() if callable(code_of) else None
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    details_of = getattr(error, "details", None)
+    details = details_of() if callable(details_of) else None
+    if not isinstance(details, str) or not details:
+        details = _describe(code)
+    return _BY_CODE.get(code, CacheError)(details, code=code)
+
+
+def _describe(code: grpc.StatusCode) -> str:
+    # StatusCode values are (number, "words"), e.g. (4, "deadline exceeded").
+    words = code.value[1] if isinstance(code.value, tuple) else code.name
+    return str(words)

@@ -1,0 +1,85 @@
+"""What the client returns: read results (`Entry`) and write results (`SetResult`)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = ["Entry", "SetOutcome", "SetResult", "Status", "Tier"]
+
+
+class Status(enum.Enum):
+    """What a read found."""
+
+    HIT = "HIT"
+    """The value is fresh."""
+    MISS = "MISS"
+    """Nothing is cached (and no lease was asked for, or none could be granted in time)."""
+    LEASED = "LEASED"
+    """Nothing is cached; this caller holds `Entry.lease_token` and should load and set."""
+    STALE = "STALE"
+    """The value is past its soft expiry, inside the class's stale window."""
+
+
+class Tier(enum.Enum):
+    """Which tier answered a read."""
+
+    L1 = "L1"
+    """The gateway's in-process cache."""
+    L2 = "L2"
+    """Redis."""
+    ORIGIN = "ORIGIN"
+    """Nobody had it: the caller (or a lease holder) loads it from the source of truth."""
+    NONE = "NONE"
+    """The gateway did not say."""
+
+
+class SetOutcome(enum.Enum):
+    """Why a set did or did not store."""
+
+    STORED = "STORED"
+    LEASE_INVALID = "LEASE_INVALID"
+    """The lease token is unknown, expired, or the key was invalidated since it was granted."""
+    VERSION_CONFLICT = "VERSION_CONFLICT"
+    """`if_version` did not match the stored version."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """The result of a read of one key."""
+
+    status: Status
+    value: bytes | None
+    """The value on HIT and STALE, else None."""
+    tier: Tier
+    lease_token: bytes = b""
+    """Set on LEASED, and on HIT when `refresh` is true: pass it back to `set`."""
+    refresh: bool = False
+    """This caller was picked to refresh the key early (it holds `lease_token`)."""
+    ttl_remaining: float = 0.0
+    """Seconds until the entry expires in Redis, as seen by the gateway; 0 on a miss."""
+    version: int = 0
+    """Version of the stored entry (monotonic per key write); 0 on a miss."""
+    key_class: str = ""
+    """The key class whose policy applied."""
+
+    @property
+    def hit(self) -> bool:
+        """True when `value` holds a value (HIT or STALE)."""
+        return self.status is Status.HIT or self.status is Status.STALE
+
+
+@dataclass(frozen=True, slots=True)
+class SetResult:
+    """The result of a set."""
+
+    outcome: SetOutcome
+    version: int
+    """The version now stored (on STORED) or found (on VERSION_CONFLICT)."""
+    ttl: float
+    """The TTL applied after jitter, in seconds."""
+    key_class: str
+
+    @property
+    def stored(self) -> bool:
+        return self.outcome is SetOutcome.STORED

@@ -1,0 +1,1 @@
+"""cachegw gateway: the gRPC service in front of Redis."""

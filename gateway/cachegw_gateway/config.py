@@ -1,0 +1,418 @@
+"""Gateway configuration: a TOML file, environment variables and CLI flags.
+
+Precedence, lowest first: defaults, the file, the environment, CLI overrides. Everything
+is checked once, at start; a `ConfigError` names where the value came from, the key and
+the rule, e.g. ``cachegw.toml: classes[1].ttl_seconds must be > 0 (got -5)``, so a person
+can fix it without reading code. Every key is described in docs/config.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration breaks a rule; the message says which, and where it was set."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    grace_seconds: float = 5.0
+    max_key_bytes: int = 512
+    max_ttl_seconds: float = 30 * 86400.0
+    max_batch_keys: int = 1000
+    gateway_id: str = ""  # "" = hostname-pid (load_config fills it in)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = ""  # "" = start a managed local redis-server
+    prefix: str = "cg"
+    socket_timeout: float = 1.0
+    connect_timeout: float = 1.0
+    max_connections: int = 64
+    managed_port: int = 0  # 0 = a free port
+
+
+@dataclass(frozen=True)
+class L1Config:
+    max_entries: int = 100_000
+    max_bytes: int = 256 * 1024 * 1024
+    admission: str = "lru"  # "lru" | "tinylfu"
+
+
+@dataclass(frozen=True)
+class KeyClassConfig:
+    name: str
+    patterns: tuple[str, ...] = ()
+    ttl_seconds: float = 300.0
+    jitter: float = 0.1  # fraction in [0, 1); TTLs are only ever shortened by it
+    l1: bool = True
+    l1_ttl_seconds: float = 30.0
+    max_value_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    l1: L1Config = field(default_factory=L1Config)
+    classes: tuple[KeyClassConfig, ...] = ()
+    default_class: KeyClassConfig = field(default_factory=lambda: KeyClassConfig("default"))
+
+
+CONFIG_ENV = "CACHEGW_CONFIG"
+ENV_VARS: Mapping[str, str] = {
+    "CACHEGW_REDIS_URL": "redis.url",
+    "CACHEGW_LISTEN": "server.listen",
+    "CACHEGW_REDIS_PREFIX": "redis.prefix",
+    "CACHEGW_GATEWAY_ID": "server.gateway_id",
+}
+ADMISSION_POLICIES = ("lru", "tinylfu")
+URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+DEFAULT_CLASS_NAME = "default"
+
+# Tables that take plain keys, and the keys of each (the default class has no name/patterns).
+_TABLES: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "redis": RedisConfig,
+    "l1": L1Config,
+    "default_class": KeyClassConfig,
+}
+_FIXED = {"default_class": ("name", "patterns")}
+_TOP_LEVEL = (*_TABLES, "classes")
+_CLASS_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_INT = re.compile(r"[+-]?[0-9][0-9_]*")
+
+
+def _keys(cls: type[Any], table: str = "") -> dict[str, str]:
+    """Field name -> annotation string (``from __future__`` keeps annotations as text)."""
+    fixed = _FIXED.get(table, ())
+    return {f.name: str(f.type) for f in dataclasses.fields(cls) if f.name not in fixed}
+
+
+_CLASS_KEYS = _keys(KeyClassConfig)
+_DOTTED = [f"{t}.{k}" for t, cls in _TABLES.items() for k in _keys(cls, t)]
+
+
+def _num(value: object) -> str:
+    """Numbers as a person wrote them: -5 rather than -5.0."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def _unknown(where: str, key: str, known: list[str] | tuple[str, ...]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"{where}: unknown key {key}{hint}")
+
+
+_KIND_NAMES = {
+    "bool": "true or false",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "tuple[str, ...]": "a list of strings",
+}
+
+
+def _coerce(where: str, value: object, kind: str, text_ok: bool) -> object:
+    """Check a value against a field's type. Env vars and flags arrive as text (`text_ok`),
+    so only those may be parsed; a TOML value must already have the right type."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if text_ok and isinstance(value, str) and value.strip().lower() in _BOOLS:
+            return _BOOLS[value.strip().lower()]
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if text_ok and isinstance(value, str) and _INT.fullmatch(value.strip()):
+            return int(value.strip())
+    elif kind == "float":
+        number: float | None = None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        elif text_ok and isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if number is not None:
+            if not math.isfinite(number):  # nan would slip through every "> 0" check
+                raise ConfigError(f"{where} must be a finite number (got {value!r})")
+            return number
+    elif kind == "str":
+        if isinstance(value, str):
+            return value
+    elif kind == "tuple[str, ...]":
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    else:  # pragma: no cover - a new field type needs a rule here
+        raise AssertionError(f"no coercion for {kind}")
+    if isinstance(value, bool):
+        shown = str(value).lower()  # as TOML spells it
+    else:
+        shown = _num(value) if isinstance(value, int | float) else repr(value)
+    raise ConfigError(f"{where} must be {_KIND_NAMES[kind]} (got {shown})")
+
+
+_BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+class _Sources:
+    """Which layer set each dotted key, so an error can point at the file, the env var
+    or the flag that needs changing."""
+
+    def __init__(self, default: str) -> None:
+        self.default = default
+        self.origin: dict[str, str] = {}
+
+    def where(self, dotted: str) -> str:
+        return f"{self.origin.get(dotted, self.default)}: {dotted}"
+
+
+def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    src = os.fspath(path)
+    try:
+        with Path(src).expanduser().open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{src}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{src}: is a directory, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{src}: cannot read the config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{src}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{src}: not valid TOML: the file is not UTF-8") from None
+
+
+def _layer_file(
+    src: str, doc: Mapping[str, Any], tables: dict[str, dict[str, object]], sources: _Sources
+) -> list[tuple[str, dict[str, object]]]:
+    """File values into `tables`; returns the [[classes]] entries, checked and coerced."""
+    for top, value in doc.items():
+        if top not in _TOP_LEVEL:
+            raise _unknown(src, top, _TOP_LEVEL)
+        if top == "classes":
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{src}: {top} must be a table ([{top}]), got {value!r}")
+        allowed = _keys(_TABLES[top], top)
+        for key, item in value.items():
+            dotted = f"{top}.{key}"
+            if top == "default_class" and key in ("name", "patterns"):
+                raise ConfigError(
+                    f"{src}: {dotted} is not allowed: the default class is named "
+                    f"'{DEFAULT_CLASS_NAME}' and takes every key no class pattern matches"
+                )
+            if key not in allowed:
+                raise _unknown(src, dotted, [f"{top}.{k}" for k in allowed])
+            tables[top][key] = _coerce(f"{src}: {dotted}", item, allowed[key], text_ok=False)
+            sources.origin[dotted] = src
+
+    entries = doc.get("classes", [])
+    if isinstance(entries, dict):
+        raise ConfigError(f"{src}: classes must be an array of tables: write [[classes]]")
+    if not isinstance(entries, list):
+        raise ConfigError(f"{src}: classes must be an array of tables ([[classes]])")
+    classes: list[tuple[str, dict[str, object]]] = []
+    for i, entry in enumerate(entries):
+        at = f"classes[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{src}: {at} must be a table (got {entry!r})")
+        values: dict[str, object] = {}
+        for key, item in entry.items():
+            if key not in _CLASS_KEYS:
+                raise _unknown(src, f"{at}.{key}", [f"{at}.{k}" for k in _CLASS_KEYS])
+            values[key] = _coerce(f"{src}: {at}.{key}", item, _CLASS_KEYS[key], text_ok=False)
+        if "name" not in values:
+            raise ConfigError(f"{src}: {at}.name is required")
+        classes.append((f"{src}: {at}", values))
+    return classes
+
+
+def _layer_text(
+    origin: str, dotted: str, value: object, tables: dict[str, dict[str, object]], s: _Sources
+) -> None:
+    """One env var or CLI override: a dotted key such as ``redis.url``."""
+    table, _, key = dotted.partition(".")
+    allowed = _keys(_TABLES[table], table) if table in _TABLES else {}
+    if key not in allowed:
+        raise _unknown(origin, dotted, _DOTTED)
+    tables[table][key] = _coerce(f"{origin}: {dotted}", value, allowed[key], text_ok=True)
+    s.origin[dotted] = origin
+
+
+# -- validation ------------------------------------------------------------------------
+
+
+def _positive(where: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{where} must be > 0 (got {_num(value)})")
+
+
+def _check_listen(where: str, listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    example = "e.g. 127.0.0.1:50051 or [::1]:50051"
+    if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise ConfigError(
+            f"{where} must be host:port with a port 0..65535, {example} (got {listen!r})"
+        )
+    if host.startswith("[") or ":" in host:
+        inner = host[1:-1] if host.startswith("[") and host.endswith("]") else None
+        try:
+            ipaddress.IPv6Address(inner or "")
+        except ValueError:
+            raise ConfigError(
+                f"{where}: an IPv6 host must be a valid address in brackets, {example} "
+                f"(got {listen!r})"
+            ) from None
+    elif any(c.isspace() for c in host):
+        raise ConfigError(f"{where}: the host must not contain spaces (got {listen!r})")
+
+
+def _check_class(where: Callable[[str], str], kc: KeyClassConfig, max_ttl: float) -> None:
+    if not _CLASS_NAME.fullmatch(kc.name):
+        raise ConfigError(
+            f"{where('name')} must be non-empty letters, digits, '_', '.' or '-' (got {kc.name!r})"
+        )
+    for i, pattern in enumerate(kc.patterns):
+        if not pattern:
+            raise ConfigError(f"{where(f'patterns[{i}]')} must not be empty")
+    _positive(where("ttl_seconds"), kc.ttl_seconds)
+    if kc.ttl_seconds > max_ttl:
+        raise ConfigError(
+            f"{where('ttl_seconds')} must be <= server.max_ttl_seconds ({_num(max_ttl)}) "
+            f"(got {_num(kc.ttl_seconds)})"
+        )
+    if not 0 <= kc.jitter < 1:
+        raise ConfigError(f"{where('jitter')} must be in [0, 1) (got {_num(kc.jitter)})")
+    _positive(where("l1_ttl_seconds"), kc.l1_ttl_seconds)
+    _positive(where("max_value_bytes"), kc.max_value_bytes)
+
+
+def _under(prefix: str) -> Callable[[str], str]:
+    return lambda key: f"{prefix}.{key}"
+
+
+def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
+    w = s.where
+    _check_listen(w("server.listen"), c.server.listen)
+    if c.server.grace_seconds < 0:
+        raise ConfigError(
+            f"{w('server.grace_seconds')} must be >= 0 (got {_num(c.server.grace_seconds)})"
+        )
+    for key in ("max_key_bytes", "max_ttl_seconds", "max_batch_keys"):
+        _positive(w(f"server.{key}"), getattr(c.server, key))
+    if any(not ch.isprintable() or ch.isspace() for ch in c.server.gateway_id):
+        raise ConfigError(
+            f"{w('server.gateway_id')} must not contain spaces or control characters "
+            f"(got {c.server.gateway_id!r})"
+        )
+
+    if c.redis.url and not c.redis.url.startswith(URL_SCHEMES):
+        raise ConfigError(
+            f"{w('redis.url')} must start with {', '.join(URL_SCHEMES)} or be empty "
+            f"for a managed local redis-server (got {c.redis.url!r})"
+        )
+    prefix = c.redis.prefix
+    if not prefix or any(ch in "{}" or ch.isspace() for ch in prefix):
+        raise ConfigError(
+            f"{w('redis.prefix')} must be non-empty, without spaces or braces "
+            f"(braces are Redis Cluster hash tags) (got {prefix!r})"
+        )
+    for key in ("socket_timeout", "connect_timeout", "max_connections"):
+        _positive(w(f"redis.{key}"), getattr(c.redis, key))
+    if not 0 <= c.redis.managed_port <= 65535:
+        raise ConfigError(
+            f"{w('redis.managed_port')} must be 0..65535, 0 for a free port "
+            f"(got {c.redis.managed_port})"
+        )
+
+    _positive(w("l1.max_entries"), c.l1.max_entries)
+    _positive(w("l1.max_bytes"), c.l1.max_bytes)
+    if c.l1.admission not in ADMISSION_POLICIES:
+        raise ConfigError(
+            f"{w('l1.admission')} must be 'lru' or 'tinylfu' (got {c.l1.admission!r})"
+        )
+
+    seen: dict[str, str] = {}
+    for kc, at in zip(c.classes, class_where, strict=True):
+        _check_class(_under(at), kc, c.server.max_ttl_seconds)
+        if not kc.patterns:
+            raise ConfigError(
+                f'{at}.patterns must list at least one key glob, e.g. ["{kc.name}:*"]'
+            )
+        if kc.name == DEFAULT_CLASS_NAME:
+            raise ConfigError(f"{at}.name 'default' is reserved; configure it in [default_class]")
+        if kc.name in seen:
+            raise ConfigError(f"{at}.name {kc.name!r} is already used by {seen[kc.name]}")
+        seen[kc.name] = at.rpartition(": ")[2]
+    _check_class(lambda key: w(f"default_class.{key}"), c.default_class, c.server.max_ttl_seconds)
+
+
+def _make(cls: type[Any], values: Mapping[str, object]) -> Any:
+    """A dataclass from values already checked key by key against its fields."""
+    return cls(**values)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> GatewayConfig:
+    """Defaults < the TOML file (`path`, else $CACHEGW_CONFIG) < env vars < `overrides`.
+
+    `env` defaults to os.environ; pass {} to ignore it. `overrides` holds dotted keys such
+    as ``{"redis.url": ..., "server.listen": ...}`` (how the CLI passes its flags); their
+    values may be text, as flags are. Empty env vars count as unset. Raises ConfigError.
+    """
+    env = os.environ if env is None else env
+    if path is None and env.get(CONFIG_ENV):
+        path = env[CONFIG_ENV]
+    src = os.fspath(path) if path is not None else "defaults"
+    sources = _Sources(src)
+    tables: dict[str, dict[str, object]] = {name: {} for name in _TABLES}
+
+    class_entries: list[tuple[str, dict[str, object]]] = []
+    if path is not None:
+        class_entries = _layer_file(src, _read_file(path), tables, sources)
+    for var, dotted in ENV_VARS.items():
+        if env.get(var):
+            _layer_text(f"environment {var}", dotted, env[var], tables, sources)
+    for dotted, value in (overrides or {}).items():
+        _layer_text("command line", dotted, value, tables, sources)
+
+    config = GatewayConfig(
+        server=_make(ServerConfig, tables["server"]),
+        redis=_make(RedisConfig, tables["redis"]),
+        l1=_make(L1Config, tables["l1"]),
+        classes=tuple(_make(KeyClassConfig, values) for _, values in class_entries),
+        default_class=_make(
+            KeyClassConfig, {"name": DEFAULT_CLASS_NAME, **tables["default_class"]}
+        ),
+    )
+    _validate(config, sources, [at for at, _ in class_entries])
+    if not config.server.gateway_id:
+        gateway_id = f"{socket.gethostname()}-{os.getpid()}"
+        config = dataclasses.replace(
+            config, server=dataclasses.replace(config.server, gateway_id=gateway_id)
+        )
+    return config

@@ -1,0 +1,137 @@
+"""Key classes at run time: which policy a key falls under, and its jittered TTL."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fnmatch import translate
+
+from cachegw_gateway.config import GatewayConfig, KeyClassConfig
+
+# classify() runs per request; this many recent answers are remembered (~1 MB at 100 B keys).
+MEMO_SIZE = 10_000
+_WILDCARDS = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyClass:
+    name: str
+    ttl_ms: int
+    jitter: float
+    l1: bool
+    l1_ttl_ms: int
+    max_value_bytes: int
+
+    @classmethod
+    def from_config(cls, c: KeyClassConfig) -> KeyClass:
+        return cls(
+            name=c.name,
+            ttl_ms=max(1, round(c.ttl_seconds * 1000)),
+            jitter=c.jitter,
+            l1=c.l1,
+            l1_ttl_ms=max(1, round(c.l1_ttl_seconds * 1000)),
+            max_value_bytes=c.max_value_bytes,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """One class's patterns, split by how cheaply they can be tested."""
+
+    prefixes: tuple[str, ...]  # "catalog:*" -> one str.startswith over the tuple
+    exact: frozenset[str]  # no wildcard at all -> a set lookup
+    glob: Callable[[str], object] | None  # the rest -> one compiled alternation
+    kc: KeyClass
+
+    @classmethod
+    def build(cls, patterns: Sequence[str], kc: KeyClass) -> _Rule:
+        prefixes: list[str] = []
+        exact: set[str] = set()
+        globs: list[str] = []
+        for p in patterns:
+            if not _WILDCARDS.search(p):
+                exact.add(p)
+            elif p.endswith("*") and not _WILDCARDS.search(p[:-1]):
+                prefixes.append(p[:-1])
+            else:
+                globs.append(p)
+        # fnmatch.translate + re keeps case: fnmatch.fnmatch folds it on Windows and macOS.
+        glob = re.compile("|".join(map(translate, globs))).match if globs else None
+        return cls(tuple(prefixes), frozenset(exact), glob, kc)
+
+    def matches(self, key: str) -> bool:
+        return (
+            key.startswith(self.prefixes)
+            or key in self.exact
+            or (self.glob is not None and self.glob(key) is not None)
+        )
+
+
+class PolicyTable:
+    """Maps keys to classes: the first class, in config order, with a matching pattern;
+    the default class when none matches."""
+
+    def __init__(
+        self,
+        classes: Sequence[KeyClassConfig],
+        default: KeyClassConfig,
+        *,
+        memo_size: int = MEMO_SIZE,
+    ) -> None:
+        self._rules = [_Rule.build(c.patterns, KeyClass.from_config(c)) for c in classes]
+        self._default = KeyClass.from_config(default)
+        self._classes = (*(r.kc for r in self._rules), self._default)
+        self._by_name = {kc.name: kc for kc in self._classes}
+        self._memo: dict[str, KeyClass] = {}
+        self._memo_size = memo_size
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig) -> PolicyTable:
+        return cls(config.classes, config.default_class)
+
+    @property
+    def classes(self) -> tuple[KeyClass, ...]:
+        """Every class in config order, the default last."""
+        return self._classes
+
+    @property
+    def default(self) -> KeyClass:
+        return self._default
+
+    def by_name(self, name: str) -> KeyClass | None:
+        return self._by_name.get(name)
+
+    def classify(self, key: str) -> KeyClass:
+        kc = self._memo.get(key)
+        if kc is not None:
+            return kc
+        kc = self._default
+        for rule in self._rules:
+            if rule.matches(key):
+                kc = rule.kc
+                break
+        if len(self._memo) >= self._memo_size:
+            # Clearing beats LRU bookkeeping on every call; hot keys come straight back.
+            self._memo.clear()
+        self._memo[key] = kc
+        return kc
+
+
+def jittered_ttl_ms(
+    base_ttl_ms: int, jitter: float, rand: Callable[[], float] = random.random
+) -> int:
+    """The TTL to store a write with: uniform in [base * (1 - jitter), base], at least 1 ms.
+
+    Jitter spreads the expiries of keys written together so they are not all refilled in
+    the same instant. It only ever shortens the TTL: the configured TTL is the staleness
+    bound the class promises its readers ("never older than TTL + epsilon"), so a longer
+    draw would break that promise, while a shorter one costs only an earlier refill.
+    """
+    if base_ttl_ms <= 1 or not jitter > 0:  # `not >` also catches nan
+        return max(1, base_ttl_ms)
+    # Clamped, so a bad rand() or jitter can never lengthen the TTL or zero it.
+    u = rand()
+    u = u if 0.0 <= u <= 1.0 else (1.0 if u > 1.0 else 0.0)
+    return max(1, base_ttl_ms - int(base_ttl_ms * min(jitter, 1.0) * u))

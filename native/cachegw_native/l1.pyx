@@ -1,0 +1,583 @@
+# cython: language_level=3, always_allow_keywords=False
+"""The gateway's L1: an O(1) in-process cache with per-entry TTL, entry and byte bounds,
+LRU eviction or W-TinyLFU admission, and counters.
+
+Threads: an L1Cache belongs to one thread (the gateway's event loop). It takes no lock and
+never releases the GIL; every method runs to completion without calling back into Python,
+except the injected test clock and the dropping of values. Values must therefore not
+re-enter the cache from a finalizer, and the cache must not be shared between threads.
+
+Storage (table.pxd): entries live in an array of 64-byte slots with an open-addressing
+index, so a hit touches one index word and one slot besides the LRU neighbours, and a set
+allocates nothing. Keys must be str; a lookup with any other key is a miss. Values are
+held by the slots, out of the cyclic GC's sight: a value must not refer back to the cache.
+
+Clock: with ``clock=None`` expiry reads the kernel's CLOCK_MONOTONIC_COARSE (about 7 ns
+here against 30 ns for CLOCK_MONOTONIC). The coarse clock never runs ahead of the precise
+one, so it is used as is to stamp expiry at set() (an entry may expire up to one tick
+early) and on get() only to prove an entry fresh when its expiry is more than
+PRECISE_WINDOW seconds away; closer to expiry get() reads CLOCK_MONOTONIC. An entry is
+therefore never served after its TTL, as long as the coarse clock lags the precise one by
+less than PRECISE_WINDOW (it lags by at most one tick, a few milliseconds).
+
+W-TinyLFU (``admission="tinylfu"``): new entries enter a window LRU (1 % of both bounds);
+what overflows the window becomes a candidate for the main area, a segmented LRU
+(probation, and protected: 80 % of the main area; a hit in probation promotes). When the
+cache is over a bound, the oldest candidate meets the probation LRU entry (else the
+protected LRU, else the window LRU) and the one the frequency sketch rates more popular
+stays; ties keep the incumbent. The sketch (sketch.FrequencySketch) counts reads, hits
+and misses alike, not writes: a miss followed by its fill counts once. A losing candidate
+counts as an admission refused; an entry removed by a bound counts as an expiration if it
+had expired. The window is fixed at 1 % (Caffeine adapts it); Python's salted str hash
+keeps an attacker from aiming collisions at the sketch, so there is no random admission.
+"""
+
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Realloc
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from libc.stdint cimport int8_t, int32_t, uint64_t
+from libc.string cimport memset
+
+import heapq
+
+from cachegw_native.sketch cimport FrequencySketch, freq_record
+from cachegw_native.table cimport Slot, cg_str_hash, index_delete, index_find, index_insert
+
+cdef extern from "Python.h":
+    bint PyUnicode_Check(PyObject* o)
+
+cdef extern from *:
+    """
+    #include <time.h>
+    #ifndef CLOCK_MONOTONIC_COARSE
+    #define CLOCK_MONOTONIC_COARSE CLOCK_MONOTONIC
+    #endif
+    static inline double cg_clock(clockid_t which) {
+        struct timespec ts;
+        clock_gettime(which, &ts);
+        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    }
+    """
+    ctypedef int clockid_t
+    clockid_t CLOCK_MONOTONIC
+    clockid_t CLOCK_MONOTONIC_COARSE
+    double cg_clock(clockid_t which) noexcept nogil
+
+PRECISE_WINDOW = 1.0
+cdef double _PRECISE_WINDOW = PRECISE_WINDOW
+cdef Py_ssize_t _FIRST_CAP = 64
+cdef Py_ssize_t _MAX_ENTRIES = (1 << 30)
+
+
+cdef class L1Cache:
+    """Single-threaded (one asyncio event loop); not thread-safe, no locking.
+
+    ``max_entries`` and ``max_bytes`` both bound the cache; ``size`` passed to set() is what
+    an entry charges against ``max_bytes``. ``clock`` returns monotonic seconds; None reads
+    the kernel clock directly (see the module docstring).
+    """
+
+    def __init__(self, Py_ssize_t max_entries, Py_ssize_t max_bytes, *,
+                 str admission="lru", clock=None):
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError("max_entries and max_bytes must be >= 1")
+        if max_entries > _MAX_ENTRIES:
+            raise ValueError(f"max_entries must be <= {_MAX_ENTRIES}")
+        if admission not in ("lru", "tinylfu"):
+            raise ValueError(f"admission must be 'lru' or 'tinylfu', not {admission!r}")
+        if clock is not None and not callable(clock):
+            raise TypeError("clock must be a callable returning seconds, or None")
+        if self._max_entries:
+            raise RuntimeError("L1Cache.__init__ called twice")
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._clock = clock
+        self._tinylfu = admission == "tinylfu"
+        self._window_n = max(1, max_entries // 100)
+        self._window_b = max(1, max_bytes // 100)
+        self._protected_n = (max_entries - self._window_n) * 4 // 5
+        self._protected_b = (max_bytes - self._window_b) * 4 // 5
+        self._sketch = FrequencySketch(max_entries) if self._tinylfu else None
+        PyMem_Free(self._slots)
+        PyMem_Free(self._index)
+        self._slots, self._index = NULL, NULL
+        self._allocate(min(_FIRST_CAP, max_entries + 1) + FIRST_SLOT)
+
+    def __cinit__(self, *args, **kwargs):
+        # Valid (empty, zero-bound) storage even for an object __init__ never ran on.
+        self._allocate(FIRST_SLOT + 1)
+
+    def __dealloc__(self):
+        cdef Slot* slots = self._slots
+        cdef Py_ssize_t s
+        self._slots = NULL
+        if slots != NULL:
+            for s in range(FIRST_SLOT, self._used):
+                if slots[s].key != NULL:
+                    Py_DECREF(<object>slots[s].key)
+                    Py_DECREF(<object>slots[s].value)
+            PyMem_Free(slots)
+        PyMem_Free(self._index)
+        self._index = NULL
+
+    # -- storage --------------------------------------------------------------------------
+
+    cdef int _allocate(self, Py_ssize_t cap) except -1:
+        # Fresh, empty storage for `cap` slots (list heads included).
+        cdef Py_ssize_t width = 16
+        cdef int seg
+        while width < 2 * cap:
+            width <<= 1
+        self._slots = <Slot*>PyMem_Calloc(cap, sizeof(Slot))
+        self._index = <uint64_t*>PyMem_Calloc(width, sizeof(uint64_t))
+        if self._slots == NULL or self._index == NULL:
+            raise MemoryError()
+        self._cap, self._used, self._free = cap, FIRST_SLOT, -1
+        self._mask = <uint64_t>(width - 1)
+        for seg in range(3):
+            self._slots[seg].prev = seg
+            self._slots[seg].next = seg
+            self._slots[seg].seg = seg
+            self._seg_n[seg] = 0
+            self._seg_b[seg] = 0
+        self._count = 0
+        self._bytes = 0
+        return 0
+
+    cdef int _grow(self) except -1:
+        # Double the slots (at most max_entries + 1 live: set() inserts before it evicts)
+        # and, when the index would pass half full, rebuild it twice as wide.
+        cdef Py_ssize_t cap = min(2 * self._cap, self._max_entries + 1 + FIRST_SLOT)
+        cdef Py_ssize_t width = <Py_ssize_t>self._mask + 1
+        cdef Py_ssize_t s
+        cdef Slot* slots = <Slot*>PyMem_Realloc(self._slots, cap * sizeof(Slot))
+        cdef uint64_t* index
+        if slots == NULL:
+            raise MemoryError()
+        memset(&slots[self._cap], 0, (cap - self._cap) * sizeof(Slot))
+        self._slots, self._cap = slots, cap
+        if 2 * cap <= width:
+            return 0
+        while width < 2 * cap:
+            width <<= 1
+        index = <uint64_t*>PyMem_Calloc(width, sizeof(uint64_t))
+        if index == NULL:
+            raise MemoryError()
+        PyMem_Free(self._index)
+        self._index, self._mask = index, <uint64_t>(width - 1)
+        for s in range(FIRST_SLOT, self._used):
+            if slots[s].key != NULL:
+                index_insert(index, self._mask, slots[s].hash, s)
+        return 0
+
+    cdef Py_ssize_t _new_slot(self) except -1:
+        cdef Py_ssize_t s = self._free
+        if s >= 0:
+            self._free = self._slots[s].next
+            return s
+        if self._used == self._cap:
+            self._grow()
+        s = self._used
+        self._used += 1
+        return s
+
+    cdef list _live_slots(self):
+        return [s for s in range(FIRST_SLOT, self._used) if self._slots[s].key != NULL]
+
+    # -- time -----------------------------------------------------------------------------
+
+    cdef double _now(self) except? -1.0:
+        # Stamps expiry and classifies removals; coarse is safe for both (never ahead).
+        if self._clock is None:
+            return cg_clock(CLOCK_MONOTONIC_COARSE)
+        return self._clock()
+
+    cdef double _exact_now(self) except? -1.0:
+        if self._clock is None:
+            return cg_clock(CLOCK_MONOTONIC)
+        return self._clock()
+
+    cdef bint _fresh(self, Py_ssize_t s) except -1:
+        if self._clock is None:
+            if cg_clock(CLOCK_MONOTONIC_COARSE) + _PRECISE_WINDOW < self._slots[s].expires:
+                return True
+            return cg_clock(CLOCK_MONOTONIC) < self._slots[s].expires
+        return self._clock() < self._slots[s].expires
+
+    # -- lists ----------------------------------------------------------------------------
+
+    cdef void _link(self, Py_ssize_t s, int seg) noexcept:
+        # Make slot `s` the most recent of list `seg`.
+        cdef Slot* slots = self._slots
+        slots[s].next = slots[seg].next
+        slots[s].prev = seg
+        slots[slots[seg].next].prev = <int32_t>s
+        slots[seg].next = <int32_t>s
+        slots[s].seg = <int8_t>seg
+        self._seg_n[seg] += 1
+        self._seg_b[seg] += slots[s].size
+
+    cdef void _unlink(self, Py_ssize_t s) noexcept:
+        cdef Slot* slots = self._slots
+        slots[slots[s].prev].next = slots[s].next
+        slots[slots[s].next].prev = slots[s].prev
+        self._seg_n[slots[s].seg] -= 1
+        self._seg_b[slots[s].seg] -= slots[s].size
+
+    cdef void _touch(self, Py_ssize_t s) noexcept:
+        # A hit or an update: recency, and in TinyLFU promotion out of probation.
+        cdef int seg = self._slots[s].seg
+        self._unlink(s)
+        if not self._tinylfu or seg != SEG_PROBATION:
+            self._link(s, seg)
+            return
+        self._link(s, SEG_PROTECTED)
+        while self._seg_n[SEG_PROTECTED] > 0 and (
+            self._seg_n[SEG_PROTECTED] > self._protected_n
+            or self._seg_b[SEG_PROTECTED] > self._protected_b
+        ):
+            s = self._slots[SEG_PROTECTED].prev
+            self._unlink(s)
+            self._link(s, SEG_PROBATION)
+
+    # -- removal --------------------------------------------------------------------------
+
+    cdef int _remove(self, Py_ssize_t s) except -1:
+        # Structure first, references last: dropping a value may run arbitrary finalizers.
+        cdef Slot* slot = &self._slots[s]
+        cdef PyObject* key = slot.key
+        cdef PyObject* value = slot.value
+        self._unlink(s)
+        index_delete(self._index, self._mask, slot.hash, s)
+        self._count -= 1
+        self._bytes -= slot.size
+        slot.key = NULL
+        slot.value = NULL
+        slot.seg = SEG_FREE
+        slot.candidate = 0
+        slot.next = <int32_t>self._free
+        self._free = s
+        Py_DECREF(<object>key)
+        Py_DECREF(<object>value)
+        return 0
+
+    cdef int _drop(self, Py_ssize_t s, double now, bint refused) except -1:
+        if now >= self._slots[s].expires:
+            self._expirations += 1
+        elif refused:
+            self._refused += 1
+        else:
+            self._evictions += 1
+        return self._remove(s)
+
+    cdef int _enforce_lru(self, double now) except -1:
+        while (self._count > self._max_entries or self._bytes > self._max_bytes) and (
+            self._slots[SEG_WINDOW].prev != SEG_WINDOW
+        ):
+            self._drop(self._slots[SEG_WINDOW].prev, now, False)
+        return 0
+
+    cdef Py_ssize_t _victim(self, int seg, Py_ssize_t skip) noexcept:
+        cdef Py_ssize_t s = self._slots[seg].prev
+        if s != seg and s == skip:
+            s = self._slots[s].prev
+        if s == seg or self._slots[s].candidate:
+            return -1
+        return s
+
+    cdef int _enforce_tinylfu(self, double now, Py_ssize_t skip) except -1:
+        cdef Py_ssize_t cand = -1
+        cdef Py_ssize_t c, v, nxt
+        cdef Slot* slots
+        # Window overflow: oldest first, to the probation MRU end, as candidates.
+        while self._seg_n[SEG_WINDOW] > 0 and (
+            self._seg_n[SEG_WINDOW] > self._window_n or self._seg_b[SEG_WINDOW] > self._window_b
+        ):
+            c = self._slots[SEG_WINDOW].prev
+            self._unlink(c)
+            self._link(c, SEG_PROBATION)
+            self._slots[c].candidate = 1
+            if cand < 0:
+                cand = c
+        while self._count > self._max_entries or self._bytes > self._max_bytes:
+            v = self._victim(SEG_PROBATION, skip)
+            if v < 0:
+                v = self._victim(SEG_PROTECTED, skip)
+            if v < 0:
+                v = self._victim(SEG_WINDOW, skip)
+            if cand < 0:
+                if v < 0:
+                    break
+                self._drop(v, now, False)
+                continue
+            slots = self._slots
+            if v >= 0 and now < slots[cand].expires:
+                if now >= slots[v].expires or (
+                    self._sketch.frequency(<uint64_t>slots[cand].hash)
+                    > self._sketch.frequency(<uint64_t>slots[v].hash)
+                ):
+                    self._drop(v, now, False)
+                    continue
+            # The candidate goes: expired, lost, or nothing else left to evict.
+            c = cand
+            nxt = slots[c].prev
+            cand = -1 if nxt == SEG_PROBATION or not slots[nxt].candidate else nxt
+            self._drop(c, now, v >= 0)
+        nxt = self._slots[SEG_PROBATION].next
+        while nxt != SEG_PROBATION and self._slots[nxt].candidate:
+            self._slots[nxt].candidate = 0
+            nxt = self._slots[nxt].next
+        return 0
+
+    # -- reads ----------------------------------------------------------------------------
+
+    cdef Py_ssize_t _find(self, object key) except -2:
+        if not PyUnicode_Check(<PyObject*>key):
+            return -1
+        return index_find(self._index, self._mask, self._slots, <PyObject*>key, cg_str_hash(<PyObject*>key))
+
+    cdef Py_ssize_t _lookup(self, object key) except -2:
+        # The hot path: the slot of a fresh hit, or -1 for a miss.
+        cdef Py_hash_t h
+        cdef Py_ssize_t s
+        cdef Slot* slot
+        cdef Slot* slots
+        if not PyUnicode_Check(<PyObject*>key):
+            self._misses += 1
+            return -1
+        h = cg_str_hash(<PyObject*>key)
+        if self._tinylfu:
+            freq_record(self._sketch, <uint64_t>h)
+        s = index_find(self._index, self._mask, self._slots, <PyObject*>key, h)
+        if s < 0:
+            self._misses += 1
+            return -1
+        slot = &self._slots[s]
+        if self._clock is None and cg_clock(CLOCK_MONOTONIC_COARSE) + _PRECISE_WINDOW < slot.expires:
+            pass  # fresh, proven by the cheap clock: the common case
+        elif not self._fresh(s):
+            self._expirations += 1
+            self._misses += 1
+            self._remove(s)
+            return -1
+        slot = &self._slots[s]  # the test clock ran Python code: reload
+        slot.hits += 1
+        self._hits += 1
+        if self._tinylfu:
+            self._touch(s)
+        elif slot.prev != SEG_WINDOW:
+            slots = self._slots
+            slots[slot.prev].next = slot.next
+            slots[slot.next].prev = slot.prev
+            slot.next = slots[SEG_WINDOW].next
+            slot.prev = SEG_WINDOW
+            slots[slot.next].prev = <int32_t>s
+            slots[SEG_WINDOW].next = <int32_t>s
+        return s
+
+    def __getitem__(self, key):
+        """The value for `key`; KeyError when absent or expired (counts a hit or a miss)."""
+        cdef Py_ssize_t s = self._lookup(key)
+        if s < 0:
+            raise KeyError(key)
+        return <object>self._slots[s].value
+
+    def get(self, key):
+        """The value for `key`, or None when absent or expired (counts a hit or a miss)."""
+        cdef Py_ssize_t s = self._lookup(key)
+        if s < 0:
+            return None
+        return <object>self._slots[s].value
+
+    def __contains__(self, key):
+        """Is a fresh entry stored? Counts nothing and does not touch recency."""
+        cdef Py_ssize_t s = self._find(key)
+        return s >= 0 and self._fresh(s)
+
+    def expires_in(self, key):
+        """Seconds until `key` expires, or None when absent or expired. Counts nothing."""
+        cdef Py_ssize_t s = self._find(key)
+        cdef double left
+        if s < 0:
+            return None
+        left = self._slots[s].expires - self._exact_now()
+        return left if left > 0 else None
+
+    def __len__(self):
+        """Entries stored, including expired ones not reclaimed yet."""
+        return self._count
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def set(self, str key, object value, Py_ssize_t size, double ttl):
+        """Store `value` for `ttl` seconds (> 0), charging `size` bytes; replaces `key`.
+
+        Returns whether `key` is cached afterwards: False when `size` exceeds max_bytes
+        (any old entry is removed, so a stale value is never left behind) or when TinyLFU
+        refused the new entry at once. Evicts per policy until both bounds hold.
+        """
+        cdef Py_hash_t h
+        cdef Py_ssize_t s
+        cdef Slot* slot
+        cdef PyObject* old
+        cdef double now
+        if size < 0:
+            raise ValueError("size must be >= 0")
+        if not ttl > 0:
+            raise ValueError("ttl must be > 0 seconds")
+        now = self._now()
+        h = cg_str_hash(<PyObject*>key)
+        s = index_find(self._index, self._mask, self._slots, <PyObject*>key, h)
+        if size > self._max_bytes:
+            self._refused += 1
+            if s >= 0:
+                self._remove(s)
+            return False
+        if s >= 0:
+            slot = &self._slots[s]
+            self._bytes += size - slot.size
+            self._seg_b[slot.seg] += size - slot.size
+            slot.size = size
+            slot.expires = now + ttl
+            self._touch(s)
+            old = slot.value
+            Py_INCREF(value)
+            slot.value = <PyObject*>value
+            Py_DECREF(<object>old)
+        else:
+            s = self._new_slot()
+            slot = &self._slots[s]
+            Py_INCREF(key)
+            Py_INCREF(value)
+            slot.hash = h
+            slot.key = <PyObject*>key
+            slot.value = <PyObject*>value
+            slot.size = size
+            slot.expires = now + ttl
+            slot.hits = 0
+            slot.candidate = 0
+            index_insert(self._index, self._mask, h, s)
+            self._link(s, SEG_WINDOW)
+            self._count += 1
+            self._bytes += size
+        if self._tinylfu:
+            self._enforce_tinylfu(now, s)
+        else:
+            self._enforce_lru(now)
+        return self._slots[s].seg != SEG_FREE  # values must not re-enter: s is still ours
+
+    def delete(self, key):
+        """Remove `key`; True when an entry (even an expired one) was stored."""
+        cdef Py_ssize_t s = self._find(key)
+        if s < 0:
+            return False
+        self._remove(s)
+        return True
+
+    def delete_prefix(self, str prefix):
+        """Remove every key starting with `prefix`; returns how many.
+
+        Cost: O(n) in the number of entries (one scan of all keys); fine for occasional
+        invalidations, not for the request path.
+        """
+        cdef list doomed = [
+            <object>self._slots[s].key
+            for s in self._live_slots()
+            if (<str>self._slots[s].key).startswith(prefix)
+        ]
+        for k in doomed:
+            self.delete(k)
+        return len(doomed)
+
+    def purge_expired(self):
+        """Remove every expired entry (counted as expirations); O(n). Returns how many."""
+        cdef double now = self._exact_now()
+        cdef list doomed = [
+            <object>self._slots[s].key
+            for s in self._live_slots()
+            if now >= self._slots[s].expires
+        ]
+        cdef Py_ssize_t s
+        for k in doomed:
+            s = self._find(k)
+            if s >= 0:
+                self._expirations += 1
+                self._remove(s)
+        return len(doomed)
+
+    def clear(self):
+        """Remove every entry. Counters and TinyLFU's frequency history are kept."""
+        cdef Slot* old = self._slots
+        cdef Py_ssize_t used = self._used
+        cdef Py_ssize_t s
+        PyMem_Free(self._index)
+        self._slots = NULL
+        self._index = NULL
+        try:
+            self._allocate(min(_FIRST_CAP, self._max_entries + 1) + FIRST_SLOT)
+        finally:
+            for s in range(FIRST_SLOT, used):
+                if old[s].key != NULL:
+                    Py_DECREF(<object>old[s].key)
+                    Py_DECREF(<object>old[s].value)
+            PyMem_Free(old)
+
+    # -- introspection --------------------------------------------------------------------
+
+    @property
+    def nbytes(self):
+        return self._bytes
+
+    @property
+    def max_entries(self):
+        return self._max_entries
+
+    @property
+    def max_bytes(self):
+        return self._max_bytes
+
+    @property
+    def admission(self):
+        return "tinylfu" if self._tinylfu else "lru"
+
+    def stats(self):
+        return {
+            "hits": self._hits,
+            "misses": self._misses,
+            "evictions": self._evictions,
+            "expirations": self._expirations,
+            "admissions_refused": self._refused,
+            "entries": self._count,
+            "bytes": self._bytes,
+            "max_entries": self._max_entries,
+            "max_bytes": self._max_bytes,
+        }
+
+    def hottest(self, Py_ssize_t n):
+        """Up to `n` fresh keys with the most hits (per-entry counts), most first; O(entries).
+
+        Keys never hit are left out; ties are ordered by key.
+        """
+        cdef double now = self._exact_now()
+        if n <= 0:
+            return []
+        hot = [
+            (<object>self._slots[s].key, self._slots[s].hits)
+            for s in self._live_slots()
+            if self._slots[s].hits > 0 and now < self._slots[s].expires
+        ]
+        return heapq.nsmallest(n, hot, key=_hot_order)
+
+    def segments(self):
+        """Entry counts per list: {'lru'} or {'window', 'probation', 'protected'} (tests)."""
+        if not self._tinylfu:
+            return {"lru": self._seg_n[0]}
+        return {
+            "window": self._seg_n[SEG_WINDOW],
+            "probation": self._seg_n[SEG_PROBATION],
+            "protected": self._seg_n[SEG_PROTECTED],
+        }
+
+
+def _hot_order(item):
+    return (-item[1], item[0])

@@ -1,0 +1,164 @@
+"""Shared fixtures: real redis-server processes on free loopback ports, gateways over
+real gRPC (in-process, or as `cachegw serve` processes started the way a user does).
+Everything a fixture starts, it stops.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cachegw.v1 import cache_pb2_grpc
+from cachegw_gateway.config import GatewayConfig, load_config
+from cachegw_gateway.managed_redis import ManagedRedis, free_port
+from cachegw_gateway.server import GatewayServer
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def redis_server() -> Iterator[ManagedRedis]:
+    with ManagedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server: ManagedRedis) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+def make_config(
+    tmp_path: Path, redis_url: str, toml: str = "", **overrides: object
+) -> GatewayConfig:
+    """A gateway config on a free port: `toml` adds tables (e.g. [[classes]])."""
+    path = tmp_path / "cachegw.toml"
+    path.write_text(toml)
+    values: dict[str, object] = {"redis.url": redis_url, "server.listen": "127.0.0.1:0"}
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return load_config(path, env={}, overrides=values)
+
+
+@dataclass
+class RunningGateway:
+    server: GatewayServer
+    channel: grpc.aio.Channel
+    stub: cache_pb2_grpc.CacheServiceAsyncStub
+    address: str
+
+
+GatewayFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def gateway_factory(
+    tmp_path: Path, redis_server: ManagedRedis
+) -> AsyncIterator[GatewayFactory]:
+    """start(toml="", redis_url=None, **overrides) -> RunningGateway, in this event loop."""
+    running: list[RunningGateway] = []
+
+    async def start(
+        toml: str = "", redis_url: str | None = None, **overrides: object
+    ) -> RunningGateway:
+        folder = tmp_path / f"gw{len(running)}"
+        folder.mkdir()
+        config = make_config(folder, redis_url or redis_server.url, toml, **overrides)
+        server = GatewayServer(config, redis_url or redis_server.url)
+        await server.start()
+        channel = grpc.aio.insecure_channel(server.address)
+        gw = RunningGateway(
+            server, channel, cache_pb2_grpc.CacheServiceStub(channel), server.address
+        )
+        running.append(gw)
+        return gw
+
+    yield start
+    for gw in running:
+        await gw.channel.close(None)
+        await gw.server.stop(grace=0)
+
+
+@pytest.fixture
+async def gateway(gateway_factory: GatewayFactory) -> RunningGateway:
+    gw: RunningGateway = await gateway_factory()
+    return gw
+
+
+def wait_serving(address: str, timeout: float = 20.0) -> None:
+    """Poll standard gRPC health until SERVING (bounded)."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as exc:
+                last = exc
+            time.sleep(0.05)
+    raise TimeoutError(f"gateway at {address} not SERVING after {timeout}s: {last}")
+
+
+@dataclass
+class GatewayProcess:
+    proc: subprocess.Popen[bytes]
+    address: str
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """start(*flags, env=None) -> a `cachegw serve` process on a free port, SERVING."""
+    started: list[GatewayProcess] = []
+
+    def start(*flags: str, env: dict[str, str] | None = None) -> GatewayProcess:
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        log = tmp_path / f"gateway-{len(started)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [str(BIN / "cachegw"), "serve", "--listen", address, *flags],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
+        gp = GatewayProcess(proc, address, log)
+        started.append(gp)
+        try:
+            wait_serving(address)
+        except TimeoutError as exc:
+            gp.stop(signal.SIGKILL)
+            raise AssertionError(f"{exc}\n--- gateway output ---\n{gp.output()}") from exc
+        return gp
+
+    yield start
+    for gp in started:
+        gp.stop()

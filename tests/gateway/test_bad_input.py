@@ -1,0 +1,142 @@
+"""Bad input: INVALID_ARGUMENT with a message a person can act on, and nothing reaches Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+import redis
+
+from cachegw.v1 import cache_pb2 as pb
+from tests.conftest import GatewayFactory, RunningGateway
+
+SMALL = """
+[server]
+max_key_bytes = 16
+max_batch_keys = 4
+max_ttl_seconds = 3600
+
+[default_class]
+max_value_bytes = 100
+"""
+
+
+def _redis_calls(client: redis.Redis) -> int:
+    stats: dict[str, Any] = client.info("commandstats")
+    # This test's own INFO and CONFIG RESETSTAT are the only commands allowed.
+    return sum(
+        v["calls"] for k, v in stats.items() if not k.startswith(("cmdstat_info", "cmdstat_config"))
+    )
+
+
+async def _expect_invalid(call: Awaitable[Any], *fragments: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    details = err.value.details() or ""
+    for fragment in fragments:
+        assert fragment in details, details
+
+
+CASES: list[tuple[str, Callable[[Any], Awaitable[Any]], tuple[str, ...]]] = [
+    ("empty key get", lambda s: s.Get(pb.GetRequest(key="")), ("key must not be empty",)),
+    (
+        "empty key set",
+        lambda s: s.Set(pb.SetRequest(key="", value=b"v")),
+        ("key must not be empty",),
+    ),
+    (
+        "long key",
+        lambda s: s.Get(pb.GetRequest(key="k" * 17)),
+        ("key must be at most 16 bytes", "got 17"),
+    ),
+    (
+        "long multibyte key",
+        lambda s: s.Set(pb.SetRequest(key="é" * 9, value=b"v")),
+        ("at most 16 bytes", "got 18"),
+    ),
+    (
+        "value over class limit",
+        lambda s: s.Set(pb.SetRequest(key="k", value=b"x" * 101)),
+        ("value is 101 bytes", "'default' allows at most 100"),
+    ),
+    (
+        "negative ttl",
+        lambda s: s.Set(pb.SetRequest(key="k", value=b"v", ttl_ms=-5)),
+        ("ttl_ms must be positive (got -5)",),
+    ),
+    (
+        "zero ttl",
+        lambda s: s.Set(pb.SetRequest(key="k", value=b"v", ttl_ms=0)),
+        ("ttl_ms must be positive",),
+    ),
+    (
+        "absurd ttl",
+        lambda s: s.Set(pb.SetRequest(key="k", value=b"v", ttl_ms=10**12)),
+        ("ttl_ms must be at most 3600000",),
+    ),
+    (
+        "batch too large",
+        lambda s: s.GetMany(pb.GetManyRequest(keys=["a", "b", "c", "d", "e"])),
+        ("keys has 5 entries; at most 4",),
+    ),
+    (
+        "bad key inside a batch",
+        lambda s: s.GetMany(pb.GetManyRequest(keys=["a", ""])),
+        ("keys[1] must not be empty",),
+    ),
+    (
+        "bad key in delete",
+        lambda s: s.Delete(pb.DeleteRequest(keys=["a", "x" * 40])),
+        ("keys[1] must be at most 16 bytes",),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "call", "fragments"), CASES, ids=[c[0] for c in CASES])
+async def test_rejected_before_redis(
+    gateway_factory: GatewayFactory,
+    redis_client: redis.Redis,
+    name: str,
+    call: Callable[[Any], Awaitable[Any]],
+    fragments: tuple[str, ...],
+) -> None:
+    gw = await gateway_factory(SMALL)
+    redis_client.config_resetstat()
+    await _expect_invalid(call(gw.stub), *fragments)
+    assert _redis_calls(redis_client) == 0
+
+
+def _raw(gw: RunningGateway, method: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    return gw.channel.unary_unary(f"/cachegw.v1.CacheService/{method}", None, None)
+
+
+async def test_unknown_fields_are_rejected(
+    gateway: RunningGateway, redis_client: redis.Redis
+) -> None:
+    redis_client.config_resetstat()
+    request = pb.SetRequest(key="k", value=b"v").SerializeToString() + b"\xc8\x01\x01"  # field 25
+    await _expect_invalid(
+        _raw(gateway, "Set")(request), "cachegw.v1.SetRequest has unknown field number(s) [25]"
+    )
+    get = pb.GetRequest(key="k").SerializeToString() + b"\x48\x01"  # field 9
+    await _expect_invalid(_raw(gateway, "Get")(get), "unknown field number(s) [9]")
+    assert _redis_calls(redis_client) == 0
+
+
+async def test_undecodable_bytes_are_rejected(gateway: RunningGateway) -> None:
+    # Field 1 (key) as a length-delimited string holding invalid UTF-8.
+    await _expect_invalid(
+        _raw(gateway, "Get")(b"\x0a\x02\xff\xfe"), "not a valid cachegw.v1.GetRequest"
+    )
+    # A truncated message.
+    await _expect_invalid(_raw(gateway, "Set")(b"\x0a\x10ab"), "not a valid cachegw.v1.SetRequest")
+
+
+async def test_gateway_keeps_serving_after_bad_input(gateway: RunningGateway) -> None:
+    for _ in range(3):
+        await _expect_invalid(_raw(gateway, "Get")(b"\xff\xff\xff"), "not a valid")
+    await gateway.stub.Set(pb.SetRequest(key="ok", value=b"fine"))
+    assert (await gateway.stub.Get(pb.GetRequest(key="ok"))).value == b"fine"

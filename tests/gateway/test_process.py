@@ -1,0 +1,133 @@
+"""The gateway as a user runs it: `cachegw serve`, the CLI, health, reflection, shutdown."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from cachegw.v1 import cache_pb2 as pb
+from cachegw.v1 import cache_pb2_grpc
+from cachegw_gateway.managed_redis import ManagedRedis
+from tests.conftest import BIN, GatewayProcess
+
+Start = Callable[..., GatewayProcess]
+
+
+def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [str(BIN / "cachegw"), *args], input=stdin, capture_output=True, timeout=30, check=False
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "State:\tZ" in status.read_text())
+
+
+def test_serve_with_managed_redis_end_to_end(gateway_process: Start) -> None:
+    gw = gateway_process()
+    match = re.search(r"managed redis-server at (\S+) \(pid (\d+)\)", gw.output())
+    assert match, gw.output()
+    redis_pid = int(match.group(2))
+
+    with grpc.insecure_channel(gw.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "cachegw.v1.CacheService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert "cachegw.v1.CacheService" in services
+        assert "grpc.health.v1.Health" in services
+
+    assert cli("set", "greeting", "hello", "--target", gw.address).returncode == 0
+    got = cli("get", "greeting", "--target", gw.address)
+    assert (got.returncode, got.stdout) == (0, b"hello")
+    miss = cli("get", "nothing", "--target", gw.address)
+    assert miss.returncode == 1
+    deleted = cli("del", "greeting", "--target", gw.address)
+    assert (deleted.returncode, deleted.stdout.strip()) == (0, b"1")
+
+    assert gw.stop() == 0
+    assert "stopped the managed redis-server" in gw.output()
+    assert not _pid_alive(redis_pid)
+
+
+def test_serve_uses_the_configured_redis(
+    gateway_process: Start, redis_server: ManagedRedis, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    # From the environment...
+    gw = gateway_process(env={"CACHEGW_REDIS_URL": redis_server.url})
+    assert cli("set", "a", "1", "--target", gw.address).returncode == 0
+    assert redis_client.exists("cg:{a}") == 1
+    assert "managed redis-server" not in gw.output()
+    assert gw.stop() == 0
+    # ...and from a config file, with its own prefix.
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[redis]\nurl = "{redis_server.url}"\nprefix = "shop"\n')
+    gw = gateway_process("--config", str(config))
+    assert cli("set", "b", "2", "--target", gw.address).returncode == 0
+    assert redis_client.exists("shop:{b}") == 1
+    assert gw.stop() == 0
+
+
+def test_bad_config_exits_with_a_clear_message(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[[classes]]\nname = 'x'\nttl_seconds = -5\n")
+    proc = subprocess.run(
+        [str(BIN / "cachegw"), "serve", "--config", str(config)],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert b"configuration error" in proc.stderr
+    assert b"ttl_seconds" in proc.stderr
+
+
+def test_sigterm_drains_in_flight_calls(gateway_process: Start, redis_server: ManagedRedis) -> None:
+    gw = gateway_process("--redis-url", redis_server.url, "--grace", "8")
+    assert redis_server.pid is not None
+    results: list[grpc.StatusCode] = []
+
+    def slow_get() -> None:
+        with grpc.insecure_channel(gw.address) as channel:
+            stub = cache_pb2_grpc.CacheServiceStub(channel)
+            try:
+                stub.Get(pb.GetRequest(key="k"), timeout=6)
+                results.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                results.append(exc.code())
+
+    # A hung Redis keeps the Get in flight (until the gateway's Redis timeout).
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        caller = threading.Thread(target=slow_get)
+        caller.start()
+        time.sleep(0.3)
+        gw.proc.send_signal(signal.SIGTERM)
+        caller.join(timeout=10)
+        assert not caller.is_alive()
+        assert gw.proc.wait(timeout=10) == 0
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    # The in-flight call got the handler's own answer, not a cut connection.
+    assert results == [grpc.StatusCode.UNAVAILABLE], gw.output()
+    assert "draining" in gw.output()
