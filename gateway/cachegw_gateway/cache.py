@@ -21,15 +21,17 @@ from dataclasses import dataclass
 from cachegw_gateway import envelope, wire
 from cachegw_gateway.l2 import L2Entry, RedisStore
 from cachegw_gateway.policy import KeyClass, PolicyTable, jittered_ttl_ms
+from cachegw_gateway.stats import ClassCounters, GatewayStats
 from cachegw_native.coalescer import Coalescer
 from cachegw_native.l1 import L1Cache
 
 # Bytes charged per L1 entry on top of key and encoded answer (object headers, links).
 L1_ENTRY_OVERHEAD = 96
 
-# An L1 entry: the encoded HIT answer with tier L1 (no TTL), and the monotonic time
-# at which the Redis entry it copies expires.
-L1Value = tuple[bytes, float]
+# An L1 entry: the encoded HIT answer with tier L1 (no TTL), the monotonic time at which
+# the Redis entry it copies expires, and its class's counters (so a hit counts itself
+# without classifying the key).
+L1Value = tuple[bytes, float, ClassCounters]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,8 @@ class Cache:
         self._store = store
         self._l1 = l1
         self._policy = policy
+        self.stats: GatewayStats = store.stats
+        self._counters = {kc.name: self.stats.for_class(kc.name) for kc in policy.classes}
         self._clock = clock
         self._wall_ms = wall_clock_ms
         self._reads: Coalescer[L2Entry | None] = Coalescer()
@@ -75,7 +79,8 @@ class Cache:
         hit: L1Value | None = self._l1.get(key)  # type: ignore[assignment]
         if hit is None:
             return None
-        body, expires_at = hit
+        body, expires_at, counters = hit
+        counters.hits_l1 += 1
         return body + wire.ttl_field(int((expires_at - self._clock()) * 1000))
 
     async def get(self, key: str) -> bytes:
@@ -121,8 +126,11 @@ class Cache:
 
     def _l2_answer(self, key: str, entry: L2Entry | None) -> bytes:
         kc = self._policy.classify(key)
+        counters = self._counters[kc.name]
         if entry is None:
+            counters.misses += 1
             return self._miss_answer(kc)
+        counters.hits_l2 += 1
         env = entry.envelope
         body = wire.hit_body(env.value, env.version, kc.name)
         return body + wire.TIER_L2 + wire.ttl_field(entry.pttl_ms)
@@ -143,7 +151,7 @@ class Cache:
         elapsed = self._clock() - since
         if l1_ttl <= elapsed:
             return
-        value: L1Value = (body, since + pttl_ms / 1000)
+        value: L1Value = (body, since + pttl_ms / 1000, self._counters[kc.name])
         # The L1 counts its TTL from now; subtract what already passed since `since`.
         self._l1.set(key, value, len(body) + len(key) + L1_ENTRY_OVERHEAD, l1_ttl - elapsed)
 
@@ -165,6 +173,7 @@ class Cache:
         # Reads that started while the write was in flight must not fill L1 either.
         self._begin_write(key)
         if result.stored:
+            self._counters[kc.name].sets += 1
             env = envelope.Envelope(result.version, 0, 0, 0, value)
             self._fill_l1(key, env, ttl, sent_at)
         return WriteOutcome(result.stored, result.version, ttl, kc.name)
@@ -172,6 +181,8 @@ class Cache:
     async def delete(self, keys: Sequence[str]) -> int:
         for key in keys:
             self._begin_write(key)
+        for key in keys:
+            self._counters[self._policy.classify(key).name].deletes += 1
         try:
             return await self._store.delete(keys)
         finally:

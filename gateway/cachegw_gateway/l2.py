@@ -24,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cachegw_gateway import envelope
 from cachegw_gateway.config import RedisConfig
+from cachegw_gateway.stats import GatewayStats
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +77,23 @@ class SetResult:
 
 
 class RedisStore:
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(
+        self, client: aioredis.Redis, prefix: str, stats: GatewayStats | None = None
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._set_script = client.register_script(_SET_SCRIPT)
-        # Stored values this gateway could not read (served as misses).
-        self.envelope_mismatches = 0
+        self.stats = GatewayStats() if stats is None else stats
+
+    @property
+    def envelope_mismatches(self) -> int:
+        """Stored values this gateway could not read (served as misses)."""
+        return self.stats.envelope_mismatches
 
     @classmethod
-    def from_config(cls, config: RedisConfig, url: str) -> RedisStore:
+    def from_config(
+        cls, config: RedisConfig, url: str, stats: GatewayStats | None = None
+    ) -> RedisStore:
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"redis url {url!r}: only standalone Redis is supported so far")
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -98,7 +107,12 @@ class RedisStore:
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
             health_check_interval=30,
         )
-        return cls(aioredis.Redis(connection_pool=pool), config.prefix)
+        return cls(aioredis.Redis(connection_pool=pool), config.prefix, stats)
+
+    def _down(self, exc: BaseException) -> L2Unavailable:
+        self.stats.redis_errors += 1
+        self.stats.redis_up = False
+        return L2Unavailable(f"redis did not answer: {exc}")
 
     def redis_key(self, key: str) -> str:
         return f"{self._prefix}:{{{key}}}"
@@ -116,7 +130,8 @@ class RedisStore:
                     pipe.pttl(rkey)
                 replies = await pipe.execute()
         except UNAVAILABLE_ERRORS as exc:
-            raise L2Unavailable(f"redis did not answer: {exc}") from exc
+            raise self._down(exc) from exc
+        self.stats.redis_up = True
         out: list[L2Entry | None] = []
         for i in range(0, len(replies), 2):
             raw, pttl = replies[i], replies[i + 1]
@@ -126,7 +141,7 @@ class RedisStore:
             try:
                 out.append(L2Entry(envelope.decode(raw), pttl))
             except envelope.EnvelopeError as exc:
-                self.envelope_mismatches += 1
+                self.stats.envelope_mismatches += 1
                 log.warning("treating %s as a miss: %s", keys[i // 2][:80], exc)
                 out.append(None)
         return out
@@ -140,7 +155,7 @@ class RedisStore:
                 args=[tail, ttl_ms, "" if if_version is None else if_version],
             )
         except UNAVAILABLE_ERRORS as exc:
-            raise L2Unavailable(f"redis did not answer: {exc}") from exc
+            raise self._down(exc) from exc
         return SetResult(bool(stored), int(version))
 
     async def delete(self, keys: Sequence[str]) -> int:
@@ -151,14 +166,16 @@ class RedisStore:
                     pipe.unlink(self.redis_key(key))
                 replies = await pipe.execute()
         except UNAVAILABLE_ERRORS as exc:
-            raise L2Unavailable(f"redis did not answer: {exc}") from exc
+            raise self._down(exc) from exc
         return sum(int(r) for r in replies)
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._client.ping())
+            up = bool(await self._client.ping())
         except _PING_ERRORS:
-            return False
+            up = False
+        self.stats.redis_up = up
+        return up
 
     async def close(self) -> None:
         await self._client.aclose(close_connection_pool=True)

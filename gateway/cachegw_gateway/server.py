@@ -17,6 +17,7 @@ from cachegw_gateway.config import GatewayConfig
 from cachegw_gateway.l2 import RedisStore
 from cachegw_gateway.policy import PolicyTable
 from cachegw_gateway.servicer import SERVICE_NAME, CacheServicer
+from cachegw_gateway.stats import GatewayStats
 from cachegw_native.l1 import L1Cache
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ class GatewayServer:
         self.config = config
         self.redis_url = redis_url
         self.policy = PolicyTable.from_config(config)
-        self.store = RedisStore.from_config(config.redis, redis_url)
+        self.stats = GatewayStats()
+        self.store = RedisStore.from_config(config.redis, redis_url, self.stats)
         self.l1 = L1Cache(config.l1.max_entries, config.l1.max_bytes, admission=config.l1.admission)
         self.cache = Cache(self.store, self.l1, self.policy)
         self.health = health_aio.HealthServicer()
