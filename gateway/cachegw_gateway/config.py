@@ -51,6 +51,14 @@ class L1Config:
     max_entries: int = 100_000
     max_bytes: int = 256 * 1024 * 1024
     admission: str = "lru"  # "lru" | "tinylfu"
+    warm_keys: int = 1000  # hot keys loaded from Redis into L1 at start; 0 = none
+
+
+@dataclass(frozen=True)
+class InvalidationConfig:
+    stream_max_len: int = 100_000  # events kept in Redis for Subscribe(since=...)
+    subscriber_queue: int = 1000  # events buffered per Subscribe stream before RESET
+    resubscribe_max_backoff_seconds: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,12 @@ class KeyClassConfig:
     l1: bool = True
     l1_ttl_seconds: float = 30.0
     max_value_bytes: int = 1024 * 1024
+    jitter_mode: str = "random"  # "random" | "deterministic" (per key and write-time bucket)
+    invalidation: str = "events"  # "events" | "ttl"
+    lease_timeout_seconds: float = 10.0
+    max_wait_seconds: float = 10.0
+    early_refresh_beta: float = 0.0  # XFetch; 0 = off
+    stale_seconds: float = 0.0  # stale-while-revalidate window; 0 = off
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,7 @@ class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     l1: L1Config = field(default_factory=L1Config)
+    invalidation: InvalidationConfig = field(default_factory=InvalidationConfig)
     classes: tuple[KeyClassConfig, ...] = ()
     default_class: KeyClassConfig = field(default_factory=lambda: KeyClassConfig("default"))
 
@@ -81,6 +96,8 @@ ENV_VARS: Mapping[str, str] = {
     "CACHEGW_GATEWAY_ID": "server.gateway_id",
 }
 ADMISSION_POLICIES = ("lru", "tinylfu")
+JITTER_MODES = ("random", "deterministic")
+INVALIDATION_MODES = ("events", "ttl")
 URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 DEFAULT_CLASS_NAME = "default"
 
@@ -89,6 +106,7 @@ _TABLES: dict[str, type[Any]] = {
     "server": ServerConfig,
     "redis": RedisConfig,
     "l1": L1Config,
+    "invalidation": InvalidationConfig,
     "default_class": KeyClassConfig,
 }
 _FIXED = {"default_class": ("name", "patterns")}
@@ -305,6 +323,34 @@ def _check_class(where: Callable[[str], str], kc: KeyClassConfig, max_ttl: float
         raise ConfigError(f"{where('jitter')} must be in [0, 1) (got {_num(kc.jitter)})")
     _positive(where("l1_ttl_seconds"), kc.l1_ttl_seconds)
     _positive(where("max_value_bytes"), kc.max_value_bytes)
+    if kc.jitter_mode not in JITTER_MODES:
+        raise ConfigError(
+            f"{where('jitter_mode')} must be 'random' or 'deterministic' (got {kc.jitter_mode!r})"
+        )
+    if kc.invalidation not in INVALIDATION_MODES:
+        raise ConfigError(
+            f"{where('invalidation')} must be 'events' or 'ttl' (got {kc.invalidation!r})"
+        )
+    _positive(where("lease_timeout_seconds"), kc.lease_timeout_seconds)
+    if kc.lease_timeout_seconds > 3600:
+        raise ConfigError(
+            f"{where('lease_timeout_seconds')} must be <= 3600 "
+            f"(got {_num(kc.lease_timeout_seconds)})"
+        )
+    if not 0 <= kc.max_wait_seconds <= 3600:
+        raise ConfigError(
+            f"{where('max_wait_seconds')} must be in [0, 3600] (got {_num(kc.max_wait_seconds)})"
+        )
+    if not 0 <= kc.early_refresh_beta <= 100:
+        raise ConfigError(
+            f"{where('early_refresh_beta')} must be in [0, 100], 0 = off "
+            f"(got {_num(kc.early_refresh_beta)})"
+        )
+    if not 0 <= kc.stale_seconds <= max_ttl:
+        raise ConfigError(
+            f"{where('stale_seconds')} must be in [0, server.max_ttl_seconds], 0 = off "
+            f"(got {_num(kc.stale_seconds)})"
+        )
 
 
 def _under(prefix: str) -> Callable[[str], str]:
@@ -345,8 +391,17 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
             f"(got {c.redis.managed_port})"
         )
 
+    for key in ("stream_max_len", "subscriber_queue"):
+        _positive(w(f"invalidation.{key}"), getattr(c.invalidation, key))
+    _positive(
+        w("invalidation.resubscribe_max_backoff_seconds"),
+        c.invalidation.resubscribe_max_backoff_seconds,
+    )
+
     _positive(w("l1.max_entries"), c.l1.max_entries)
     _positive(w("l1.max_bytes"), c.l1.max_bytes)
+    if c.l1.warm_keys < 0:
+        raise ConfigError(f"{w('l1.warm_keys')} must be >= 0, 0 = off (got {c.l1.warm_keys})")
     if c.l1.admission not in ADMISSION_POLICIES:
         raise ConfigError(
             f"{w('l1.admission')} must be 'lru' or 'tinylfu' (got {c.l1.admission!r})"
@@ -404,6 +459,7 @@ def load_config(
         server=_make(ServerConfig, tables["server"]),
         redis=_make(RedisConfig, tables["redis"]),
         l1=_make(L1Config, tables["l1"]),
+        invalidation=_make(InvalidationConfig, tables["invalidation"]),
         classes=tuple(_make(KeyClassConfig, values) for _, values in class_entries),
         default_class=_make(
             KeyClassConfig, {"name": DEFAULT_CLASS_NAME, **tables["default_class"]}

@@ -1,25 +1,35 @@
 """Redis as L2: every Redis command the gateway sends goes through `RedisStore`.
 
-Layout: the value of cache key K lives at ``<prefix>:{K}``; the braces are a Redis
-Cluster hash tag, so the lease and index keys added later (``<prefix>:{K}:lease``) share
-its slot and one script can touch them together.
+Layout (``<p>`` is the deployment prefix, ``redis.prefix``):
 
-Reads pipeline GET and PTTL (one round trip however many keys) because the L1 copy
-must never outlive the Redis entry: Redis's own remaining TTL bounds it, not a clock on
-this host. Writes go through one Lua script that assigns the entry version atomically.
+    <p>:{K}          the value of cache key K, in an envelope (envelope.py)
+    <p>:{K}:lease    the lease token of K while a caller holds the right to fill it
+    <p>:gen:<class>  the class generation; Invalidate(class) increments it
+    <p>:tag:<T>      sorted set: keys written with tag T, scored by their expiry (ms)
+    <p>:events       stream: recent invalidation events (Subscribe(since=...) replays it)
+    <p>:hotkeys      sorted set: the deployment's hottest keys (re-warming after restart)
+    channel <p>:events  every invalidation event, as published
+    channel <p>:fills   the key of every value that landed where a lease was held
+
+The braces are a Redis Cluster hash tag: a key's value and lease share a slot, so one
+script touches both. Scripts never touch keys of another slot; where a write must know
+the class generation, the gateway reads it in the same pipeline and checks the reply.
+
+Reads pipeline GET and PTTL (one round trip however many keys) because an L1 copy must
+never outlive the Redis entry: Redis's own remaining TTL bounds it, not a clock here.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cachegw_gateway import envelope
@@ -39,23 +49,80 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 
 _PING_ERRORS: tuple[type[BaseException], ...] = (RedisError, *UNAVAILABLE_ERRORS)
 
-# KEYS[1] value key. ARGV[1] envelope tail (after the entry version), ARGV[2] TTL ms,
-# ARGV[3] required current version ('' = any). Returns {stored 0/1, version}.
-_SET_SCRIPT = f"""
-local old = redis.call('GET', KEYS[1])
+_VERSION_OF_OLD = f"""
 local ver = 0
 if old and string.len(old) >= {envelope.PREFIX_SIZE}
     and string.byte(old, 1) == {envelope.MAGIC} then
   ver = struct.unpack('>I8', old, {envelope.VERSION_OFFSET + 1})
 end
-if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= ver then
-  return {{0, ver}}
+"""
+
+# KEYS[1] value, KEYS[2] lease. ARGV[1] envelope tail (after the entry version),
+# ARGV[2] PX ms, ARGV[3] required current version ('' = any), ARGV[4] lease token
+# ('' = a plain write), ARGV[5] fills channel, ARGV[6] the cache key.
+# Returns {outcome, version, replaced}: outcome 1 stored, 0 version conflict, -1 lease
+# invalid. A write ends any lease on the key (the holder's load may predate it) and
+# wakes the gateways waiting for that lease.
+_SET_SCRIPT = f"""
+local lease = redis.call('GET', KEYS[2])
+if ARGV[4] ~= '' and lease ~= ARGV[4] then
+  return {{-1, 0, 0}}
 end
+local old = redis.call('GET', KEYS[1])
+{_VERSION_OF_OLD}
+if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= ver then
+  return {{0, ver, 0}}
+end
+local replaced = 0
+if old then replaced = 1 end
 ver = ver + 1
 redis.call('SET', KEYS[1],
   string.char({envelope.MAGIC}, {envelope.FORMAT_VERSION}) .. struct.pack('>I8', ver) .. ARGV[1],
   'PX', ARGV[2])
-return {{1, ver}}
+if lease then
+  redis.call('DEL', KEYS[2])
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
+end
+return {{1, ver, replaced}}
+"""
+
+# KEYS[1] value, KEYS[2] lease. ARGV[1] token, ARGV[2] lease PX ms, ARGV[3] the version
+# of a value the caller found unusable ('' = none: any stored value is an answer).
+# Returns {1, value, pttl} when a usable value is stored, {2} when the lease was granted,
+# {3, lease pttl} when another caller holds it.
+_ACQUIRE_SCRIPT = f"""
+local old = redis.call('GET', KEYS[1])
+if old then
+  {_VERSION_OF_OLD}
+  if ARGV[3] == '' or tostring(ver) ~= ARGV[3] then
+    return {{1, old, redis.call('PTTL', KEYS[1])}}
+  end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {{2}}
+end
+return {{3, redis.call('PTTL', KEYS[2])}}
+"""
+
+# KEYS[1] events stream. ARGV[1] MAXLEN, ARGV[2] encoded InvalidationEvent without id,
+# ARGV[3] channel. The published message is the event with its id prepended as field 1
+# (protobuf accepts fields in any order), so every receiver sees the stream's id.
+_PUBLISH_SCRIPT = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
+redis.call('PUBLISH', ARGV[3], string.char(10, string.len(id)) .. id .. ARGV[2])
+return id
+"""
+
+# KEYS[1] tag index. ARGV[1] cache key, ARGV[2] its expiry (ms since the epoch),
+# ARGV[3] now (ms), ARGV[4] PX ms. The index drops expired members as it goes and lives
+# as long as its longest-lived member.
+_TAG_SCRIPT = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return 1
 """
 
 
@@ -74,16 +141,50 @@ class L2Entry:
 class SetResult:
     stored: bool
     version: int
+    replaced: bool = False  # a value existed before this write
+    lease_invalid: bool = False
+    generation: int = 0  # the class generation Redis held when the write ran
+
+
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    """What a lease attempt found: a stored value, the lease, or another holder."""
+
+    entry: L2Entry | None = None  # a usable-looking value (still to be checked)
+    granted: bool = False
+    holder_pttl_ms: int = 0  # with neither: how long the other holder's lease has left
+    raw_mismatch: bool = False  # a value was stored but is not a readable envelope
+
+
+def glob_escape(text: str) -> str:
+    """`text` matched literally inside a Redis glob pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 class RedisStore:
     def __init__(
-        self, client: aioredis.Redis, prefix: str, stats: GatewayStats | None = None
+        self,
+        client: aioredis.Redis,
+        prefix: str,
+        stats: GatewayStats | None = None,
+        pubsub_factory: Callable[[], aioredis.Redis] | None = None,
     ) -> None:
         self._client = client
-        self._prefix = prefix
+        self.pubsub_client: Callable[[], aioredis.Redis] = pubsub_factory or (lambda: client)
+        self.prefix = prefix
         self._set_script = client.register_script(_SET_SCRIPT)
+        self._acquire_script = client.register_script(_ACQUIRE_SCRIPT)
+        self._publish_script = client.register_script(_PUBLISH_SCRIPT)
+        self._tag_script = client.register_script(_TAG_SCRIPT)
         self.stats = GatewayStats() if stats is None else stats
+        self.events_key = f"{prefix}:events"
+        self.events_channel = f"{prefix}:events"
+        self.fills_channel = f"{prefix}:fills"
+        self.hotkeys_key = f"{prefix}:hotkeys"
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._client
 
     @property
     def envelope_mismatches(self) -> int:
@@ -107,67 +208,313 @@ class RedisStore:
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
             health_check_interval=30,
         )
-        return cls(aioredis.Redis(connection_pool=pool), config.prefix, stats)
+
+        def pubsub_client() -> aioredis.Redis:
+            # Its own connection, and no retries: a silent reconnect would hide lost events.
+            return aioredis.Redis.from_url(
+                url,
+                socket_timeout=max(config.socket_timeout, 5.0),
+                socket_connect_timeout=config.connect_timeout,
+                retry=Retry(NoBackoff(), 0),
+                single_connection_client=False,
+            )
+
+        return cls(aioredis.Redis(connection_pool=pool), config.prefix, stats, pubsub_client)
 
     def _down(self, exc: BaseException) -> L2Unavailable:
         self.stats.redis_errors += 1
         self.stats.redis_up = False
         return L2Unavailable(f"redis did not answer: {exc}")
 
+    # -- layout -------------------------------------------------------------------------
+
     def redis_key(self, key: str) -> str:
-        return f"{self._prefix}:{{{key}}}"
+        return f"{self.prefix}:{{{key}}}"
+
+    def lease_key(self, key: str) -> str:
+        return f"{self.prefix}:{{{key}}}:lease"
+
+    def gen_key(self, key_class: str) -> str:
+        return f"{self.prefix}:gen:{key_class}"
+
+    def tag_key(self, tag: str) -> str:
+        return f"{self.prefix}:tag:{tag}"
+
+    def _decode(self, key: str, raw: bytes, pttl: int) -> L2Entry | None:
+        try:
+            return L2Entry(envelope.decode(raw), pttl)
+        except envelope.EnvelopeError as exc:
+            self.stats.envelope_mismatches += 1
+            log.warning("treating %s as a miss: %s", key[:80], exc)
+            return None
+
+    # -- reads --------------------------------------------------------------------------
 
     async def get(self, key: str) -> L2Entry | None:
         return (await self.get_many((key,)))[0]
 
     async def get_many(self, keys: Sequence[str]) -> list[L2Entry | None]:
-        """One round trip: GET and PTTL of every key, pipelined."""
+        entries, _ = await self.read(keys, ())
+        return entries
+
+    async def read(
+        self, keys: Sequence[str], classes: Iterable[str]
+    ) -> tuple[list[L2Entry | None], dict[str, int]]:
+        """One round trip: GET and PTTL of every key, and the generation of each class."""
+        class_names = list(classes)
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
                     rkey = self.redis_key(key)
                     pipe.get(rkey)
                     pipe.pttl(rkey)
+                for name in class_names:
+                    pipe.get(self.gen_key(name))
                 replies = await pipe.execute()
         except UNAVAILABLE_ERRORS as exc:
             raise self._down(exc) from exc
         self.stats.redis_up = True
         out: list[L2Entry | None] = []
-        for i in range(0, len(replies), 2):
-            raw, pttl = replies[i], replies[i + 1]
+        for i, key in enumerate(keys):
+            raw, pttl = replies[2 * i], replies[2 * i + 1]
             if raw is None or pttl == -2:
                 out.append(None)
-                continue
-            try:
-                out.append(L2Entry(envelope.decode(raw), pttl))
-            except envelope.EnvelopeError as exc:
-                self.stats.envelope_mismatches += 1
-                log.warning("treating %s as a miss: %s", keys[i // 2][:80], exc)
-                out.append(None)
-        return out
+            else:
+                out.append(self._decode(key, raw, pttl))
+        gens_raw = replies[2 * len(keys) :]
+        gens = {name: int(g or 0) for name, g in zip(class_names, gens_raw, strict=True)}
+        return out, gens
+
+    async def generations(self, classes: Sequence[str]) -> dict[str, int]:
+        if not classes:
+            return {}
+        try:
+            values = await self._client.mget([self.gen_key(c) for c in classes])
+        except UNAVAILABLE_ERRORS as exc:
+            raise self._down(exc) from exc
+        return {c: int(v or 0) for c, v in zip(classes, values, strict=True)}
+
+    # -- writes -------------------------------------------------------------------------
 
     async def set(
-        self, key: str, tail: bytes, ttl_ms: int, if_version: int | None = None
+        self,
+        key: str,
+        tail: bytes,
+        px_ms: int,
+        if_version: int | None = None,
+        *,
+        lease_token: bytes = b"",
+        key_class: str = "",
+        tags: Sequence[str] = (),
+        expires_at_ms: int = 0,
+        now_ms: int = 0,
     ) -> SetResult:
+        """Write one value (and index its tags) in one round trip.
+
+        The class generation is read in the same pipeline, just before the write, so
+        the caller can tell whether the write landed under the generation it assumed.
+        """
         try:
-            stored, version = await self._set_script(
-                keys=[self.redis_key(key)],
-                args=[tail, ttl_ms, "" if if_version is None else if_version],
+            async with self._client.pipeline(transaction=False) as pipe:
+                for tag in tags:
+                    await self._tag_script(
+                        keys=[self.tag_key(tag)],
+                        args=[key, expires_at_ms, now_ms, px_ms],
+                        client=pipe,
+                    )
+                pipe.get(self.gen_key(key_class))
+                await self._set_script(
+                    keys=[self.redis_key(key), self.lease_key(key)],
+                    args=[
+                        tail,
+                        px_ms,
+                        "" if if_version is None else if_version,
+                        lease_token,
+                        self.fills_channel,
+                        key,
+                    ],
+                    client=pipe,
+                )
+                replies = await pipe.execute()
+        except UNAVAILABLE_ERRORS as exc:
+            raise self._down(exc) from exc
+        gen_raw, (outcome, version, replaced) = replies[-2], replies[-1]
+        return SetResult(
+            stored=outcome == 1,
+            version=int(version),
+            replaced=bool(replaced),
+            lease_invalid=outcome == -1,
+            generation=int(gen_raw or 0),
+        )
+
+    async def acquire(
+        self, key: str, token: bytes, lease_ms: int, unusable_version: int | None
+    ) -> Acquired:
+        """Take the lease of `key` unless a (new) value is stored or another caller holds it."""
+        try:
+            reply = await self._acquire_script(
+                keys=[self.redis_key(key), self.lease_key(key)],
+                args=[token, lease_ms, "" if unusable_version is None else unusable_version],
             )
         except UNAVAILABLE_ERRORS as exc:
             raise self._down(exc) from exc
-        return SetResult(bool(stored), int(version))
+        kind = int(reply[0])
+        if kind == 1:
+            entry = self._decode(key, reply[1], int(reply[2]))
+            return Acquired(entry=entry, raw_mismatch=entry is None)
+        if kind == 2:
+            return Acquired(granted=True)
+        return Acquired(holder_pttl_ms=max(0, int(reply[1])))
 
     async def delete(self, keys: Sequence[str]) -> int:
-        """UNLINK each key (pipelined: the keys may sit in different cluster slots)."""
+        """UNLINK each key and its lease (pipelined: keys may sit in different slots).
+
+        Ending the lease refuses a fill whose load started before the delete."""
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.unlink(self.redis_key(key))
+                    pipe.unlink(self.lease_key(key))
                 replies = await pipe.execute()
         except UNAVAILABLE_ERRORS as exc:
             raise self._down(exc) from exc
-        return sum(int(r) for r in replies)
+        return sum(int(r) for r in replies[0::2])
+
+    async def delete_prefixes(self, prefixes: Sequence[str], batch: int = 1000) -> int:
+        """Delete every value (and lease) whose key starts with one of `prefixes`.
+
+        SCAN over the keyspace: O(keys in Redis), in batches, never blocking Redis."""
+        removed = 0
+        try:
+            for prefix in prefixes:
+                match = f"{glob_escape(self.redis_key(prefix)[:-1])}*"
+                doomed: list[bytes] = []
+                async for rkey in self._client.scan_iter(match=match, count=batch):
+                    doomed.append(rkey)
+                    if len(doomed) >= batch:
+                        removed += await self._unlink_counting_values(doomed)
+                        doomed = []
+                if doomed:
+                    removed += await self._unlink_counting_values(doomed)
+        except UNAVAILABLE_ERRORS as exc:
+            raise self._down(exc) from exc
+        return removed
+
+    async def _unlink_counting_values(self, rkeys: list[bytes]) -> int:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for rkey in rkeys:
+                pipe.unlink(rkey)
+            replies = await pipe.execute()
+        # Values end with the closing brace of their hash tag; leases end with ":lease".
+        return sum(int(r) for k, r in zip(rkeys, replies, strict=True) if k.endswith(b"}"))
+
+    async def tagged_keys(self, tags: Sequence[str]) -> list[str]:
+        """Every key indexed under one of `tags` (expired members included)."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for tag in tags:
+                    pipe.zrange(self.tag_key(tag), 0, -1)
+                replies = await pipe.execute()
+        except UNAVAILABLE_ERRORS as exc:
+            raise self._down(exc) from exc
+        keys: dict[str, None] = {}
+        for members in replies:
+            for member in members:
+                keys[member.decode(errors="surrogateescape")] = None
+        return list(keys)
+
+    async def delete_tags(self, tags: Sequence[str], batch: int = 1000) -> tuple[int, list[str]]:
+        """Delete every key indexed under `tags`, and the indexes; returns (removed, keys)."""
+        keys = await self.tagged_keys(tags)
+        removed = 0
+        for i in range(0, len(keys), batch):
+            removed += await self.delete(keys[i : i + batch])
+        try:
+            await self._client.unlink(*[self.tag_key(t) for t in tags])
+        except UNAVAILABLE_ERRORS as exc:
+            raise self._down(exc) from exc
+        return removed, keys
+
+    async def bump_generations(self, classes: Sequence[str]) -> dict[str, int]:
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for name in classes:
+                    pipe.incr(self.gen_key(name))
+                replies = await pipe.execute()
+        except UNAVAILABLE_ERRORS as exc:
+            raise self._down(exc) from exc
+        return {name: int(g) for name, g in zip(classes, replies, strict=True)}
+
+    # -- events -------------------------------------------------------------------------
+
+    async def publish(self, payload: bytes, max_len: int) -> str:
+        """Append an event to the audit stream and publish it; returns its id."""
+        try:
+            event_id = await self._publish_script(
+                keys=[self.events_key], args=[max_len, payload, self.events_channel]
+            )
+        except UNAVAILABLE_ERRORS as exc:
+            raise self._down(exc) from exc
+        self.stats.invalidations_published += 1
+        return event_id.decode() if isinstance(event_id, bytes) else str(event_id)
+
+    async def events_after(self, since: str, count: int) -> list[tuple[str, bytes]]:
+        """Up to `count` events of the audit stream after id `since`, oldest first."""
+        try:
+            entries = await self._client.xrange(self.events_key, min=f"({since}", count=count)
+        except UNAVAILABLE_ERRORS as exc:
+            raise self._down(exc) from exc
+        out: list[tuple[str, bytes]] = []
+        for entry_id, fields in entries or ():
+            eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+            payload = (fields or {}).get(b"e", b"")
+            out.append((eid, payload if isinstance(payload, bytes) else payload.encode()))
+        return out
+
+    async def events_lost_after(self, since: tuple[int, int]) -> bool:
+        """Whether the audit stream no longer holds every event after `since`: it was
+        trimmed past it, or it is gone (Redis lost it, or nothing was ever published)."""
+        try:
+            info = await self._client.xinfo_stream(self.events_key)
+        except ResponseError:
+            return True  # no such stream
+        except UNAVAILABLE_ERRORS as exc:
+            raise self._down(exc) from exc
+        deleted = info.get("max-deleted-entry-id")
+        if deleted is not None:
+            text = deleted.decode() if isinstance(deleted, bytes) else str(deleted)
+            ms, _, seq = text.partition("-")
+            return (int(ms), int(seq or 0)) > since
+        # Redis before 7.0 does not say what it trimmed: assume the worst unless the
+        # oldest entry kept is no newer than `since`.
+        first = info.get("first-entry")
+        if not first:
+            return True
+        first_id = first[0].decode() if isinstance(first[0], bytes) else str(first[0])
+        ms, _, seq = first_id.partition("-")
+        return (int(ms), int(seq or 0)) > since
+
+    # -- hot keys -----------------------------------------------------------------------
+
+    async def record_hot_keys(self, top: Sequence[tuple[str, int]], keep: int) -> None:
+        """Merge this gateway's hottest keys into the deployment's list (best effort)."""
+        if not top:
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.zadd(self.hotkeys_key, dict(top), gt=True)
+                pipe.zremrangebyrank(self.hotkeys_key, 0, -keep - 1)
+                pipe.expire(self.hotkeys_key, 7 * 86400)
+                await pipe.execute()
+        except UNAVAILABLE_ERRORS as exc:
+            raise self._down(exc) from exc
+
+    async def hot_keys(self, n: int) -> list[str]:
+        try:
+            members = await self._client.zrevrange(self.hotkeys_key, 0, n - 1)
+        except UNAVAILABLE_ERRORS as exc:
+            raise self._down(exc) from exc
+        return [m.decode(errors="surrogateescape") for m in members if isinstance(m, bytes)]
 
     async def ping(self) -> bool:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -23,6 +24,14 @@ class KeyClass:
     l1: bool
     l1_ttl_ms: int
     max_value_bytes: int
+    deterministic_jitter: bool = False
+    # Sets publish an event so other gateways drop their L1 copies ("events"), or copies
+    # age out within l1_ttl_ms ("ttl"). Delete and Invalidate always publish.
+    events: bool = True
+    lease_timeout_ms: int = 10_000
+    max_wait_ms: int = 10_000
+    early_refresh_beta: float = 0.0
+    stale_ms: int = 0
 
     @classmethod
     def from_config(cls, c: KeyClassConfig) -> KeyClass:
@@ -33,7 +42,20 @@ class KeyClass:
             l1=c.l1,
             l1_ttl_ms=max(1, round(c.l1_ttl_seconds * 1000)),
             max_value_bytes=c.max_value_bytes,
+            deterministic_jitter=c.jitter_mode == "deterministic",
+            events=c.invalidation == "events",
+            lease_timeout_ms=max(1, round(c.lease_timeout_seconds * 1000)),
+            max_wait_ms=round(c.max_wait_seconds * 1000),
+            early_refresh_beta=c.early_refresh_beta,
+            stale_ms=round(c.stale_seconds * 1000),
         )
+
+    def ttl_for_write(self, key: str, ttl_ms: int | None, now_ms: int) -> int:
+        """The fresh TTL of one write: the given or class TTL, shortened by jitter."""
+        base = self.ttl_ms if ttl_ms is None else ttl_ms
+        if self.deterministic_jitter:
+            return jittered_ttl_ms(base, self.jitter, lambda: key_fraction(key, now_ms // base))
+        return jittered_ttl_ms(base, self.jitter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,3 +157,15 @@ def jittered_ttl_ms(
     u = rand()
     u = u if 0.0 <= u <= 1.0 else (1.0 if u > 1.0 else 0.0)
     return max(1, base_ttl_ms - int(base_ttl_ms * min(jitter, 1.0) * u))
+
+
+def key_fraction(key: str, bucket: int) -> float:
+    """A number in [0, 1) that depends only on `key` and `bucket` (deterministic jitter).
+
+    Every gateway that writes `key` within the same time bucket (one base TTL long) draws
+    the same jitter, so repeated writes of a key keep one expiry phase while different
+    keys stay spread; the next bucket draws anew. blake2b rather than hash(): Python's
+    str hash is salted per process, and gateways must agree.
+    """
+    digest = hashlib.blake2b(f"{bucket}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64

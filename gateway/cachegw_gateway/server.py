@@ -1,9 +1,12 @@
-"""Assembles one gateway: Redis store, L1, policy, cache, gRPC server with health and
-reflection. Start and stop it from an event loop; `main.py` adds processes and signals.
+"""Assembles one gateway: Redis store, L1, policy, cache, invalidation bus, Subscribe hub,
+gRPC server with health and reflection. Start and stop it from an event loop; `main.py`
+adds processes and signals.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 
@@ -12,23 +15,33 @@ from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.ai
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cachegw.v1 import cache_pb2 as pb
+from cachegw_gateway.bus import EventBus
 from cachegw_gateway.cache import Cache
 from cachegw_gateway.config import GatewayConfig
-from cachegw_gateway.l2 import RedisStore
+from cachegw_gateway.l2 import L2Unavailable, RedisStore
 from cachegw_gateway.policy import PolicyTable
 from cachegw_gateway.servicer import SERVICE_NAME, CacheServicer
 from cachegw_gateway.stats import GatewayStats
+from cachegw_gateway.subscriptions import SubscriberHub
+from cachegw_native.hotkeys import HotKeys
 from cachegw_native.l1 import L1Cache
 
 log = logging.getLogger(__name__)
+
+# How many hot keys each gateway tracks and records, and how often it records them.
+HOT_KEYS_TRACKED = 256
+HOT_KEYS_KEPT = 10_000
+HOT_KEYS_PERIOD = 30.0
 
 
 class GatewayServer:
     """One gateway on one event loop.
 
-    ``await start()`` binds the listen address (port 0 picks a free one) and reports
-    SERVING; ``await stop()`` reports NOT_SERVING first, so load balancers stop sending,
-    then drains in-flight calls within the grace period and closes Redis.
+    ``await start()`` subscribes to invalidations, binds the listen address (port 0
+    picks a free one) and reports SERVING; ``await stop()`` reports NOT_SERVING first, so
+    load balancers stop sending, then drains in-flight calls within the grace period,
+    records the hot keys and closes Redis.
     """
 
     def __init__(self, config: GatewayConfig, redis_url: str) -> None:
@@ -38,7 +51,28 @@ class GatewayServer:
         self.stats = GatewayStats()
         self.store = RedisStore.from_config(config.redis, redis_url, self.stats)
         self.l1 = L1Cache(config.l1.max_entries, config.l1.max_bytes, admission=config.l1.admission)
-        self.cache = Cache(self.store, self.l1, self.policy)
+        self.hotkeys = HotKeys(HOT_KEYS_TRACKED)
+        self.gateway_id = config.server.gateway_id
+        self.cache = Cache(
+            self.store,
+            self.l1,
+            self.policy,
+            gateway_id=self.gateway_id,
+            invalidation=config.invalidation,
+            hotkeys=self.hotkeys,
+        )
+        self.cache.fills_allowed = False  # until the invalidation subscription is live
+        self.hub = SubscriberHub(self.gateway_id, config.invalidation.subscriber_queue, self.stats)
+        self.bus = EventBus(
+            self.store.pubsub_client,
+            self.store.events_channel,
+            self.store.fills_channel,
+            on_event=self._on_event,
+            on_fill=self.cache.on_fill,
+            on_lost=self._on_lost,
+            on_live=self._on_live,
+            max_backoff=config.invalidation.resubscribe_max_backoff_seconds,
+        )
         self.health = health_aio.HealthServicer()
         self._server = grpc.aio.server(
             options=[
@@ -47,14 +81,38 @@ class GatewayServer:
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ]
         )
-        servicer = CacheServicer(self.cache, self.policy, config.server)
-        self._server.add_generic_rpc_handlers((servicer.handler(),))
+        self.servicer = CacheServicer(
+            self.cache, self.policy, config.server, self.hub, self.store, config.invalidation
+        )
+        self._server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
+        self._background: list[asyncio.Task[None]] = []
         self.port = 0
         self.started_at = 0.0
+
+    # -- the invalidation bus -------------------------------------------------------------
+
+    def _on_event(self, event: pb.InvalidationEvent) -> None:
+        self.stats.invalidations_received += 1
+        self.cache.apply_event(event)
+        self.hub.deliver(event)
+
+    def _on_lost(self, reason: str) -> None:
+        self.cache.fills_allowed = False
+        self.cache.flush(f"invalidation subscription lost ({reason})", keep_fallback=True)
+        self.hub.reset_all()
+
+    def _on_live(self, again: bool) -> None:
+        # Reads that straddled the outage must not fill L1: start a new epoch.
+        self.cache.flush("invalidation subscription (re)established")
+        self.cache.fills_allowed = True
+        if again:
+            self.stats.redis_reconnects += 1
+
+    # -- life cycle -----------------------------------------------------------------------
 
     @property
     def address(self) -> str:
@@ -65,18 +123,53 @@ class GatewayServer:
         self.port = self._server.add_insecure_port(self.config.server.listen)
         if self.port == 0:
             raise OSError(f"could not listen on {self.config.server.listen}")
+        if not await self.bus.start(wait=2.0):
+            log.warning("invalidation subscription not live yet: serving without L1 fills")
+        if self.config.l1.warm_keys and self.bus.live:
+            await self._warm_from_hot_keys()
         await self._server.start()
         self.started_at = time.monotonic()
+        self._background.append(asyncio.create_task(self._record_hot_keys_forever()))
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
         await self.health.set(SERVICE_NAME, serving)
         return self.port
+
+    async def _warm_from_hot_keys(self) -> None:
+        try:
+            keys = await self.store.hot_keys(self.config.l1.warm_keys)
+            loaded, _ = await self.cache.warm(keys)
+        except L2Unavailable as exc:
+            log.warning("could not re-warm L1 from the recorded hot keys: %s", exc)
+            return
+        if keys:
+            log.info("re-warmed L1 with %d of the %d recorded hot keys", loaded, len(keys))
+
+    async def record_hot_keys(self) -> None:
+        """Merge this gateway's hottest keys into the deployment's list, then age them."""
+        await self.store.record_hot_keys(self.hotkeys.top(HOT_KEYS_TRACKED), HOT_KEYS_KEPT)
+        self.hotkeys.decay()
+
+    async def _record_hot_keys_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HOT_KEYS_PERIOD)
+            try:
+                await self.record_hot_keys()
+            except L2Unavailable as exc:
+                log.debug("hot keys not recorded: %s", exc)
 
     async def stop(self, grace: float | None = None) -> None:
         if grace is None:
             grace = self.config.server.grace_seconds
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
+        for task in self._background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(L2Unavailable):
+            await self.record_hot_keys()
+        await self.bus.stop()
         await self.store.close()
 
     async def wait_for_termination(self) -> None:

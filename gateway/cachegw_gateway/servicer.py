@@ -13,17 +13,25 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from cachegw.v1 import cache_pb2 as pb
+from cachegw_gateway import events
 from cachegw_gateway.cache import Cache
-from cachegw_gateway.config import ServerConfig
-from cachegw_gateway.l2 import L2Unavailable
-from cachegw_gateway.policy import PolicyTable
+from cachegw_gateway.config import InvalidationConfig, ServerConfig
+from cachegw_gateway.events import StreamId
+from cachegw_gateway.l2 import L2Unavailable, RedisStore
+from cachegw_gateway.leases import LeaseToken
+from cachegw_gateway.policy import KeyClass, PolicyTable
+from cachegw_gateway.subscriptions import SubscriberHub
 from cachegw_gateway.validation import (
     BadMessage,
     InvalidRequest,
+    check_classes,
     check_key,
     check_keys,
+    check_prefixes,
+    check_tags,
     check_ttl_ms,
     check_value,
     lenient_parser,
@@ -45,12 +53,25 @@ async def _abort_unimplemented(context: Context, what: str, issue: str) -> NoRet
 
 
 class CacheServicer:
-    def __init__(self, cache: Cache, policy: PolicyTable, limits: ServerConfig) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        policy: PolicyTable,
+        limits: ServerConfig,
+        hub: SubscriberHub,
+        store: RedisStore,
+        invalidation: InvalidationConfig,
+    ) -> None:
         self._cache = cache
         self._policy = policy
+        self._hub = hub
+        self._store = store
         self._max_key = limits.max_key_bytes
         self._max_batch = limits.max_batch_keys
         self._max_ttl_ms = int(limits.max_ttl_seconds * 1000)
+        self._class_names = [kc.name for kc in policy.classes]
+        self._replay_batch = 1000
+        self._warm_hot = 1000
 
     async def _guard(self, context: Context, work: Awaitable[T]) -> T:
         """Run `work` within the caller's deadline and map failures to status codes."""
@@ -74,7 +95,11 @@ class CacheServicer:
     async def _reject(context: Context, bad: BadMessage) -> NoReturn:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.reason)
 
-    # -- reads (raw bytes out) -----------------------------------------------------
+    @staticmethod
+    async def _invalid(context: Context, exc: InvalidRequest) -> NoReturn:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    # -- reads (raw bytes out) -----------------------------------------------------------
 
     async def get(self, request: pb.GetRequest | BadMessage, context: Context) -> bytes:
         if isinstance(request, BadMessage):
@@ -86,10 +111,15 @@ class CacheServicer:
         try:
             check_key(key, self._max_key)
         except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if request.lease:
-            await _abort_unimplemented(context, "Get with lease", "stampede protection")
-        return await self._guard(context, self._cache.get(key))
+            await self._invalid(context, exc)
+        work = self._cache.get(
+            key,
+            lease=request.lease,
+            max_wait_ms=request.max_wait_ms,
+            allow_stale=request.allow_stale,
+            time_remaining=context.time_remaining(),
+        )
+        return await self._guard(context, work)
 
     async def get_many(self, request: pb.GetManyRequest | BadMessage, context: Context) -> bytes:
         if isinstance(request, BadMessage):
@@ -98,32 +128,52 @@ class CacheServicer:
         try:
             check_keys(keys, self._max_key, self._max_batch)
         except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return await self._guard(context, self._cache.get_many(keys))
+            await self._invalid(context, exc)
+        return await self._guard(
+            context, self._cache.get_many(keys, allow_stale=request.allow_stale)
+        )
 
-    # -- writes --------------------------------------------------------------------
+    # -- writes --------------------------------------------------------------------------
+
+    def _checked_write(
+        self, key: str, value: bytes, ttl_ms: int | None, where: str = ""
+    ) -> KeyClass:
+        check_key(key, self._max_key, f"{where}key")
+        kc = self._policy.classify(key)
+        check_value(value, kc.max_value_bytes, kc.name)
+        if ttl_ms is not None:
+            check_ttl_ms(ttl_ms, self._max_ttl_ms)
+        return kc
 
     async def set(self, request: pb.SetRequest | BadMessage, context: Context) -> pb.SetResponse:
         if isinstance(request, BadMessage):
             await self._reject(context, request)
-        if request.lease_token:
-            await _abort_unimplemented(context, "Set with lease_token", "stampede protection")
-        if request.tags:
-            await _abort_unimplemented(context, "Set with tags", "invalidation fan-out")
+        ttl_ms = request.ttl_ms if request.HasField("ttl_ms") else None
+        tags = list(request.tags)
+        token: LeaseToken | None = None
         try:
-            check_key(request.key, self._max_key)
-            kc = self._policy.classify(request.key)
-            check_value(request.value, kc.max_value_bytes, kc.name)
-            ttl_ms = request.ttl_ms if request.HasField("ttl_ms") else None
-            if ttl_ms is not None:
-                check_ttl_ms(ttl_ms, self._max_ttl_ms)
+            kc = self._checked_write(request.key, request.value, ttl_ms)
+            check_tags(tags, self._max_key)
+            if request.lease_token:
+                try:
+                    token = LeaseToken.parse(request.lease_token)
+                except ValueError as exc:
+                    raise InvalidRequest(str(exc)) from None
         except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._invalid(context, exc)
         if_version = request.if_version if request.HasField("if_version") else None
         out = await self._guard(
-            context, self._cache.set(request.key, request.value, kc, ttl_ms, if_version)
+            context,
+            self._cache.set(
+                request.key, request.value, kc, ttl_ms, if_version, tags=tags, lease_token=token
+            ),
         )
-        outcome = pb.SET_OUTCOME_STORED if out.stored else pb.SET_OUTCOME_VERSION_CONFLICT
+        if out.stored:
+            outcome = pb.SET_OUTCOME_STORED
+        elif out.lease_invalid:
+            outcome = pb.SET_OUTCOME_LEASE_INVALID
+        else:
+            outcome = pb.SET_OUTCOME_VERSION_CONFLICT
         return pb.SetResponse(
             outcome=outcome, version=out.version, ttl_ms=out.ttl_ms, key_class=out.key_class
         )
@@ -137,24 +187,142 @@ class CacheServicer:
         try:
             check_keys(keys, self._max_key, self._max_batch)
         except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._invalid(context, exc)
         if not keys:
             return pb.DeleteResponse(deleted=0)
         return pb.DeleteResponse(deleted=await self._guard(context, self._cache.delete(keys)))
 
-    # -- later capabilities --------------------------------------------------------
+    # -- invalidation --------------------------------------------------------------------
 
-    async def invalidate(self, request: object, context: Context) -> pb.InvalidateResponse:
-        await _abort_unimplemented(context, "Invalidate", "invalidation fan-out")
+    async def invalidate(
+        self, request: pb.InvalidateRequest | BadMessage, context: Context
+    ) -> pb.InvalidateResponse:
+        if isinstance(request, BadMessage):
+            await self._reject(context, request)
+        keys, prefixes = list(request.keys), list(request.prefixes)
+        tags, classes = list(request.tags), list(request.classes)
+        try:
+            if not (keys or prefixes or tags or classes):
+                raise InvalidRequest("name at least one of keys, prefixes, tags or classes")
+            check_keys(keys, self._max_key, self._max_batch)
+            check_prefixes(prefixes, self._max_key, self._max_batch)
+            if len(tags) > self._max_batch:
+                raise InvalidRequest(f"tags has {len(tags)} entries; at most {self._max_batch}")
+            for i, tag in enumerate(tags):
+                check_key(tag, self._max_key, f"tags[{i}]")
+            check_classes(classes, self._class_names)
+        except InvalidRequest as exc:
+            await self._invalid(context, exc)
+        removed, event_id = await self._guard(
+            context, self._cache.invalidate(keys, prefixes, tags, classes)
+        )
+        return pb.InvalidateResponse(removed=removed, event_id=event_id)
 
     async def subscribe(
-        self, request: object, context: Context
+        self, request: pb.SubscribeRequest | BadMessage, context: Context
     ) -> AsyncIterator[pb.InvalidationEvent]:
-        await _abort_unimplemented(context, "Subscribe", "invalidation fan-out")
-        yield pb.InvalidationEvent()  # pragma: no cover - makes this an async generator
+        if isinstance(request, BadMessage):
+            await self._reject(context, request)
+        prefixes, classes = list(request.prefixes), list(request.classes)
+        since: StreamId | None = None
+        try:
+            check_prefixes(prefixes, self._max_key, self._max_batch)
+            check_classes(classes, self._class_names)
+            if request.since:
+                try:
+                    since = events.parse_id(request.since)
+                except ValueError as exc:
+                    raise InvalidRequest(f"since: {exc}") from None
+        except InvalidRequest as exc:
+            await self._invalid(context, exc)
+        wanted = events.EventFilter(prefixes, classes, lambda key: self._policy.classify(key).name)
+        # Open the live queue first: whatever is published from now on is caught there,
+        # and whatever the replay below also returned is skipped by id.
+        queue = self._hub.open(wanted)
+        try:
+            if not self._cache.fills_allowed:  # our own subscription is not live
+                queue.push(events.reset(self._cache_origin()))
+            last = since
+            if since is not None:
+                lost = await self._guard(context, self._store.events_lost_after(since))
+                if lost:
+                    yield events.reset(self._cache_origin())
+                else:
+                    async for event in self._replay(context, request.since):
+                        last = events.parse_id(event.id)
+                        chosen = wanted.select(event)
+                        if chosen is not None:
+                            yield chosen
+            while True:
+                event = await queue.get()
+                if event.id and last is not None and events.parse_id(event.id) <= last:
+                    continue
+                yield event
+        finally:
+            self._hub.close(queue)
 
-    async def warmup(self, request: object, context: Context) -> pb.WarmupResponse:
-        await _abort_unimplemented(context, "Warmup", "the native-core and observability work")
+    def _cache_origin(self) -> str:
+        return self._hub.origin
+
+    async def _replay(self, context: Context, since: str) -> AsyncIterator[pb.InvalidationEvent]:
+        cursor = since
+        while True:
+            batch = await self._guard(context, self._store.events_after(cursor, self._replay_batch))
+            for event_id, payload in batch:
+                try:
+                    event = pb.InvalidationEvent.FromString(payload)
+                except DecodeError:
+                    log.warning("unreadable event %s in the audit stream: sending RESET", event_id)
+                    event = events.reset(self._cache_origin())
+                event.id = event_id
+                yield event
+                cursor = event_id
+            if len(batch) < self._replay_batch:
+                return
+
+    # -- warm-up ---------------------------------------------------------------------------
+
+    async def warmup(
+        self, request: pb.WarmupRequest | BadMessage, context: Context
+    ) -> pb.WarmupResponse:
+        if isinstance(request, BadMessage):
+            await self._reject(context, request)
+        keys = list(request.keys)
+        entries = list(request.entries)
+        classes: list[KeyClass] = []
+        try:
+            check_keys(keys, self._max_key, self._max_batch)
+            if len(entries) > self._max_batch:
+                raise InvalidRequest(
+                    f"entries has {len(entries)} entries; at most {self._max_batch} per call"
+                )
+            # Every entry is checked before the first is stored: no half-applied warm-up.
+            for i, e in enumerate(entries):
+                ttl = e.ttl_ms if e.HasField("ttl_ms") else None
+                classes.append(self._checked_write(e.key, e.value, ttl, f"entries[{i}]."))
+        except InvalidRequest as exc:
+            await self._invalid(context, exc)
+        return await self._guard(
+            context, self._warm(keys, entries, classes, hot_keys=request.hot_keys)
+        )
+
+    async def _warm(
+        self,
+        keys: list[str],
+        entries: list[pb.WarmupEntry],
+        classes: list[KeyClass],
+        *,
+        hot_keys: bool,
+    ) -> pb.WarmupResponse:
+        stored = 0
+        for entry, kc in zip(entries, classes, strict=True):
+            ttl = entry.ttl_ms if entry.HasField("ttl_ms") else None
+            out = await self._cache.set(entry.key, entry.value, kc, ttl, None)
+            stored += out.stored
+        if hot_keys:
+            keys += await self._store.hot_keys(self._warm_hot)
+        loaded, missing = await self._cache.warm(keys)
+        return pb.WarmupResponse(loaded=loaded, missing=missing, stored=stored)
 
     async def stats(self, request: object, context: Context) -> pb.StatsResponse:
         await _abort_unimplemented(context, "Stats", "observability")

@@ -85,3 +85,29 @@ def check_value(value: bytes, limit: int, key_class: str) -> None:
         raise InvalidRequest(
             f"value is {len(value)} bytes; key class {key_class!r} allows at most {limit}"
         )
+
+
+MAX_TAGS = 32
+
+
+def check_tags(tags: Sequence[str], max_tag_bytes: int) -> None:
+    if len(tags) > MAX_TAGS:
+        raise InvalidRequest(f"tags has {len(tags)} entries; at most {MAX_TAGS} per value")
+    for i, tag in enumerate(tags):
+        check_key(tag, max_tag_bytes, f"tags[{i}]")
+
+
+def check_prefixes(prefixes: Sequence[str], max_key_bytes: int, max_batch: int) -> None:
+    if len(prefixes) > max_batch:
+        raise InvalidRequest(f"prefixes has {len(prefixes)} entries; at most {max_batch} per call")
+    for i, prefix in enumerate(prefixes):
+        check_key(prefix, max_key_bytes, f"prefixes[{i}]")
+
+
+def check_classes(classes: Sequence[str], known: Sequence[str]) -> None:
+    for i, name in enumerate(classes):
+        if name not in known:
+            raise InvalidRequest(
+                f"classes[{i}] {name!r} is not a key class of this gateway "
+                f"(known: {', '.join(known)})"
+            )

@@ -8,7 +8,7 @@ TTL). That keeps the L1-hit path free of protobuf object construction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from cachegw.v1 import cache_pb2 as pb
 
@@ -43,10 +43,36 @@ def ttl_field(ms: int) -> bytes:
     return bytes([_TTL_TAG]) + varint(ms)
 
 
-def hit_body(value: bytes, version: int, key_class: str) -> bytes:
+def hit_body(value: bytes, version: int, key_class: str, tags: Sequence[str] = ()) -> bytes:
     """A HIT GetResponse without tier and TTL, to be completed per answer."""
     return pb.GetResponse(
-        status=pb.STATUS_HIT, value=value, version=version, key_class=key_class
+        status=pb.STATUS_HIT, value=value, version=version, key_class=key_class, tags=tags
+    ).SerializeToString()
+
+
+def answer(
+    status: pb.Status.ValueType,
+    *,
+    key_class: str,
+    tier: pb.Tier.ValueType = pb.TIER_L2,
+    value: bytes = b"",
+    version: int = 0,
+    ttl_ms: int = 0,
+    tags: Sequence[str] = (),
+    lease_token: bytes = b"",
+    refresh: bool = False,
+) -> bytes:
+    """Any GetResponse, built the ordinary way (the rarer answers: STALE, LEASED, refresh)."""
+    return pb.GetResponse(
+        status=status,
+        value=value,
+        tier=tier,
+        lease_token=lease_token,
+        refresh=refresh,
+        ttl_remaining_ms=max(ttl_ms, 0),
+        version=version,
+        key_class=key_class,
+        tags=tags,
     ).SerializeToString()
 
 

@@ -54,6 +54,12 @@ cdef class Coalescer:
         current waiters still get its result, later callers start a new load."""
         return self._inflight.pop(key, None) is not None
 
+    def forget_all(self):
+        """Detach every flight (a broad invalidation); returns how many keys were in flight."""
+        cdef Py_ssize_t n = len(self._inflight)
+        self._inflight.clear()
+        return n
+
     def cancel_all(self):
         """Cancel every flight (shutdown); their waiters get LoadCancelledError. Returns how
         many keys were in flight."""

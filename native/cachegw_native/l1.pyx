@@ -568,6 +568,16 @@ cdef class L1Cache:
         ]
         return heapq.nsmallest(n, hot, key=_hot_order)
 
+    def items(self):
+        """Every fresh entry as (key, value), in no particular order; O(entries). Counts
+        nothing and does not touch recency (for invalidation scans, not the request path)."""
+        cdef double now = self._exact_now()
+        return [
+            (<object>self._slots[s].key, <object>self._slots[s].value)
+            for s in self._live_slots()
+            if now < self._slots[s].expires
+        ]
+
     def segments(self):
         """Entry counts per list: {'lru'} or {'window', 'probation', 'protected'} (tests)."""
         if not self._tinylfu:

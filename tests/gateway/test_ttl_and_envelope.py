@@ -120,9 +120,13 @@ async def test_unknown_envelope_is_a_counted_miss(
 
 
 def test_envelope_roundtrip_and_errors() -> None:
-    raw = envelope.encode(b"v", version=3, created_ms=5, cost_ms=7, soft_expiry_ms=9)
-    assert envelope.decode(raw) == envelope.Envelope(3, 5, 7, 9, b"v")
-    tail = envelope.encode_tail(b"v", created_ms=5, cost_ms=7, soft_expiry_ms=9)
+    raw = envelope.encode(
+        b"v", version=3, created_ms=5, cost_ms=7, soft_expiry_ms=9, generation=4, tags=["a", "é"]
+    )
+    assert envelope.decode(raw) == envelope.Envelope(3, 5, 7, 9, 4, ("a", "é"), b"v")
+    tail = envelope.encode_tail(
+        b"v", created_ms=5, cost_ms=7, soft_expiry_ms=9, generation=4, tags=["a", "é"]
+    )
     assert raw[envelope.PREFIX_SIZE :] == tail
     for bad in (b"", b"short", b"\x00" * 40):
         try:

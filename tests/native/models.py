@@ -335,6 +335,13 @@ class L1Model:
         ]
         return sorted(hot, key=lambda kv: (-kv[1], kv[0]))[: max(n, 0)]
 
+    def items(self) -> list[tuple[str, object]]:
+        now = self.clock()
+        return sorted(
+            ((k, e.value) for seg in self.segs for k, e in seg.items() if now < e.expires),
+            key=lambda kv: kv[0],
+        )
+
     def segments(self) -> dict[str, int]:
         if not self.tinylfu:
             return {"lru": len(self.segs[WINDOW])}
@@ -384,6 +391,11 @@ class CoalescerModel(Generic[T]):
 
     def forget(self, key: str) -> bool:
         return self.table.pop(key, None) is not None
+
+    def forget_all(self) -> int:
+        n = len(self.table)
+        self.table.clear()
+        return n
 
     def cancel_all(self) -> int:
         n = len(self.table)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import pytest
@@ -18,6 +19,7 @@ class AnyCoalescer(Protocol):
 
     def __len__(self) -> int: ...
     def forget(self, key: str) -> bool: ...
+    def forget_all(self) -> int: ...
     def cancel_all(self) -> int: ...
     async def run(self, key: str, load: Callable[[], Awaitable[Any]]) -> Any: ...
     async def run_many(
@@ -234,6 +236,22 @@ async def test_forget_detaches_the_flight(co: AnyCoalescer) -> None:
     assert await old == "v:k"
     await settle()
     assert len(co) == 0 and co.flights == 2
+
+
+async def test_forget_all_detaches_every_flight(co: AnyCoalescer) -> None:
+    first, second = Gate(), Gate()
+    olds = [asyncio.create_task(co.run(k, partial(first.one, k))) for k in ("a", "b")]
+    await settle()
+    assert co.forget_all() == 2 and len(co) == 0
+    new = asyncio.create_task(co.run("a", partial(second.one, "a")))
+    await settle()
+    assert len(co) == 1 and len(second.calls) == 1  # a new load, not the detached one
+    second.release.set()
+    first.release.set()
+    assert await new == "v:a"
+    assert [await t for t in olds] == ["v:a", "v:b"]
+    await settle()
+    assert len(co) == 0
 
 
 def test_generic_alias_at_run_time() -> None:

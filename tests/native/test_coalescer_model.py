@@ -103,6 +103,11 @@ class CoalescerMachine(RuleBasedStateMachine):
         self.step()
 
     @rule()
+    def forget_all(self) -> None:
+        assert self.impls[0].forget_all() == self.impls[1].forget_all()
+        self.step()
+
+    @rule()
     def cancel_all(self) -> None:
         assert self.impls[0].cancel_all() == self.impls[1].cancel_all()
         self.step()

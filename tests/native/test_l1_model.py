@@ -89,6 +89,7 @@ class L1Machine(RuleBasedStateMachine):
         assert len(self.native) == len(self.model)
         assert self.native.nbytes == self.model.nbytes
         assert self.native.hottest(4) == self.model.hottest(4)
+        assert sorted(self.native.items()) == self.model.items()
         assert self.native.segments() == self.model.segments()
         assert len(self.native) <= self.native.max_entries
         assert self.native.nbytes <= self.native.max_bytes

@@ -198,6 +198,7 @@ class GetResponse(_message.Message):
     TTL_REMAINING_MS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     KEY_CLASS_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     status: Global___Status.ValueType
     value: _builtins.bytes
     """The value on HIT and STALE; empty otherwise."""
@@ -212,6 +213,12 @@ class GetResponse(_message.Message):
     """Version of the stored entry (monotonic per key write); 0 on a miss."""
     key_class: _builtins.str
     """The key class whose policy applied."""
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tags the value was stored with (HIT and STALE), so a near cache can apply
+        Invalidate(tags) events to its own copies.
+        """
+
     def __init__(
         self,
         *,
@@ -223,10 +230,11 @@ class GetResponse(_message.Message):
         ttl_remaining_ms: _builtins.int = ...,
         version: _builtins.int = ...,
         key_class: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_class", b"key_class", "lease_token", b"lease_token", "refresh", b"refresh", "status", b"status", "tier", b"tier", "ttl_remaining_ms", b"ttl_remaining_ms", "value", b"value", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_class", b"key_class", "lease_token", b"lease_token", "refresh", b"refresh", "status", b"status", "tags", b"tags", "tier", b"tier", "ttl_remaining_ms", b"ttl_remaining_ms", "value", b"value", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -488,6 +496,12 @@ Global___SubscribeRequest: _TypeAlias = SubscribeRequest  # noqa: Y015
 
 @_typing.final
 class InvalidationEvent(_message.Message):
+    """One invalidation, as published by the gateway that applied it. Receivers apply every
+    field present (a single Invalidate call may name keys, prefixes, tags and classes);
+    `kind` names the broadest of them. A Set that replaced a value and a Delete publish
+    KEYS events too (for classes with event-driven invalidation).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -499,6 +513,9 @@ class InvalidationEvent(_message.Message):
     TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The event's id in the gateway deployment's audit stream ("<ms>-<seq>"); ids
+    increase. Empty on a RESET that a gateway generated itself.
+    """
     kind: Global___EventKind.ValueType
     timestamp_ms: _builtins.int
     """Wall-clock time the event was published, milliseconds since the Unix epoch."""

@@ -1,0 +1,103 @@
+"""Subscribe streams: a bounded queue per stream, fed by the gateway's event bus.
+
+A slow subscriber must not stall the gateway or grow its memory without bound: each
+stream buffers at most `limit` events. When it falls that far behind, its buffer is
+dropped and the next thing it reads is a RESET (it must drop what it caches, and may
+resume with `since` = the last id it applied), then live events again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from cachegw.v1 import cache_pb2 as pb
+from cachegw_gateway import events
+from cachegw_gateway.stats import GatewayStats
+
+
+class SubscriberQueue:
+    __slots__ = ("_events", "_limit", "_origin", "_overflowed", "_stats", "_waiter", "filter")
+
+    def __init__(
+        self, event_filter: events.EventFilter, limit: int, origin: str, stats: GatewayStats
+    ) -> None:
+        self.filter = event_filter
+        self._events: deque[pb.InvalidationEvent] = deque()
+        self._limit = limit
+        self._origin = origin
+        self._overflowed = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._stats = stats
+
+    def push(self, event: pb.InvalidationEvent) -> None:
+        if self._overflowed:
+            return  # a RESET is due anyway: nothing before it matters
+        if events.is_reset(event):
+            self._reset()
+        else:
+            wanted = self.filter.select(event)
+            if wanted is None:
+                return
+            if len(self._events) >= self._limit:
+                self._reset()
+            else:
+                self._events.append(wanted)
+        self._wake()
+
+    def _reset(self) -> None:
+        self._events.clear()
+        self._overflowed = True
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    async def get(self) -> pb.InvalidationEvent:
+        """The next event for this stream, RESET first when it fell behind."""
+        while True:
+            if self._overflowed:
+                self._overflowed = False
+                self._stats.subscriber_resets += 1
+                return events.reset(self._origin)
+            if self._events:
+                return self._events.popleft()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+
+class SubscriberHub:
+    """Every open Subscribe stream of this gateway."""
+
+    def __init__(self, origin: str, limit: int, stats: GatewayStats) -> None:
+        self._queues: set[SubscriberQueue] = set()
+        self.origin = origin
+        self._limit = limit
+        self._stats = stats
+
+    def open(self, event_filter: events.EventFilter) -> SubscriberQueue:
+        queue = SubscriberQueue(event_filter, self._limit, self.origin, self._stats)
+        self._queues.add(queue)
+        self._stats.subscribers = len(self._queues)
+        return queue
+
+    def close(self, queue: SubscriberQueue) -> None:
+        self._queues.discard(queue)
+        self._stats.subscribers = len(self._queues)
+
+    def __len__(self) -> int:
+        return len(self._queues)
+
+    def deliver(self, event: pb.InvalidationEvent) -> None:
+        for queue in self._queues:
+            queue.push(event)
+
+    def reset_all(self) -> None:
+        self.deliver(events.reset(self.origin))
