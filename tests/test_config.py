@@ -17,6 +17,7 @@ from cachegw_gateway.config import (
     ENV_VARS,
     ConfigError,
     GatewayConfig,
+    InvalidationConfig,
     KeyClassConfig,
     L1Config,
     RedisConfig,
@@ -416,7 +417,12 @@ def test_example_file_loads() -> None:
 
 
 def _all_keys() -> list[str]:
-    tables = {"server": ServerConfig, "redis": RedisConfig, "l1": L1Config}
+    tables = {
+        "server": ServerConfig,
+        "redis": RedisConfig,
+        "l1": L1Config,
+        "invalidation": InvalidationConfig,
+    }
     keys = [f"{t}.{f.name}" for t, cls in tables.items() for f in dataclasses.fields(cls)]
     return keys + [f"classes.{f.name}" for f in dataclasses.fields(KeyClassConfig)]
 

@@ -240,6 +240,8 @@ class CacheServicer:
         # and whatever the replay below also returned is skipped by id.
         queue = self._hub.open(wanted)
         try:
+            # The stream is registered: a near cache may fill from this moment on.
+            await context.send_initial_metadata((("cachegw-subscribed", "1"),))
             if not self._cache.fills_allowed:  # our own subscription is not live
                 queue.push(events.reset(self._cache_origin()))
             last = since

@@ -24,7 +24,17 @@ from cachegw.errors import (
     Unavailable,
     Unimplemented,
 )
-from cachegw.models import Entry, SetOutcome, SetResult, Status, Tier
+from cachegw.models import (
+    Entry,
+    Event,
+    EventKind,
+    InvalidateResult,
+    SetOutcome,
+    SetResult,
+    Status,
+    Tier,
+)
+from cachegw.near import NearCache
 
 __all__ = [
     "DEFAULT",
@@ -34,8 +44,12 @@ __all__ = [
     "Client",
     "DeadlineExceeded",
     "Entry",
+    "Event",
+    "EventKind",
     "FailedPrecondition",
     "InvalidArgument",
+    "InvalidateResult",
+    "NearCache",
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",

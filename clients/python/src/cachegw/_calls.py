@@ -12,12 +12,21 @@ import enum
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final, Generic, TypeAlias, TypeVar
+from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 import grpc
 
 from cachegw.errors import CacheError, InvalidArgument
-from cachegw.models import Entry, SetOutcome, SetResult, Status, Tier
+from cachegw.models import (
+    Entry,
+    Event,
+    EventKind,
+    InvalidateResult,
+    SetOutcome,
+    SetResult,
+    Status,
+    Tier,
+)
 from cachegw.v1 import cache_pb2 as pb
 
 ReqT = TypeVar("ReqT")
@@ -126,6 +135,37 @@ def delete(keys: Iterable[str]) -> Call[pb.DeleteRequest, pb.DeleteResponse, int
     return Call(pb.DeleteRequest(keys=_keys(keys, "keys")), _deleted)
 
 
+def invalidate(
+    keys: Iterable[str], prefixes: Iterable[str], tags: Iterable[str], classes: Iterable[str]
+) -> Call[pb.InvalidateRequest, pb.InvalidateResponse, InvalidateResult]:
+    request = pb.InvalidateRequest(
+        keys=_keys(keys, "keys"),
+        prefixes=_keys(prefixes, "prefixes"),
+        tags=_tags(tags),
+        classes=_names(classes, "classes"),
+    )
+    if not (request.keys or request.prefixes or request.tags or request.classes):
+        raise InvalidArgument("invalidate needs at least one key, prefix, tag or class")
+    return Call(request, _invalidated)
+
+
+def subscribe(prefixes: Iterable[str], classes: Iterable[str], since: str) -> pb.SubscribeRequest:
+    if not isinstance(since, str):
+        raise TypeError(f"since must be an event id (str), not {type(since).__name__}")
+    return pb.SubscribeRequest(
+        prefixes=_keys(prefixes, "prefixes"), classes=_names(classes, "classes"), since=since
+    )
+
+
+def warmup(
+    keys: Iterable[str], entries: Iterable[tuple[str, bytes | str]], hot_keys: bool
+) -> Call[pb.WarmupRequest, pb.WarmupResponse, tuple[int, int, int]]:
+    request = pb.WarmupRequest(keys=_keys(keys, "keys"), hot_keys=hot_keys)
+    for key, value in entries:
+        request.entries.add(key=_key(key), value=_value_bytes(value))
+    return Call(request, _warmed)
+
+
 # --- responses ---------------------------------------------------------------------------
 
 _STATUS: Final = {
@@ -153,6 +193,7 @@ def decode_entry(response: pb.GetResponse) -> Entry:
         ttl_remaining=response.ttl_remaining_ms / 1000,
         version=response.version,
         key_class=response.key_class,
+        tags=tuple(response.tags),
     )
 
 
@@ -190,6 +231,40 @@ def _deleted(response: pb.DeleteResponse) -> int:
     return response.deleted
 
 
+def _invalidated(response: pb.InvalidateResponse) -> InvalidateResult:
+    return InvalidateResult(removed=response.removed, event_id=response.event_id)
+
+
+def _warmed(response: pb.WarmupResponse) -> tuple[int, int, int]:
+    return response.loaded, response.missing, response.stored
+
+
+_EVENT_KIND: Final = {
+    pb.EVENT_KIND_KEYS: EventKind.KEYS,
+    pb.EVENT_KIND_PREFIXES: EventKind.PREFIXES,
+    pb.EVENT_KIND_TAGS: EventKind.TAGS,
+    pb.EVENT_KIND_CLASSES: EventKind.CLASSES,
+    pb.EVENT_KIND_RESET: EventKind.RESET,
+}
+
+
+def decode_event(event: pb.InvalidationEvent) -> Event:
+    kind = _EVENT_KIND.get(event.kind)
+    if kind is None:
+        # An event kind this client does not know may name anything: treat it as RESET.
+        kind = EventKind.RESET
+    return Event(
+        id=event.id,
+        kind=kind,
+        keys=tuple(event.keys),
+        prefixes=tuple(event.prefixes),
+        tags=tuple(event.tags),
+        classes=tuple(event.classes),
+        timestamp=event.timestamp_ms / 1000,
+        origin=event.origin,
+    )
+
+
 def _protocol_error(what: str) -> CacheError:
     # The gateway broke the cachegw.v1 contract (or speaks a newer one): never guess.
     return CacheError(f"the gateway answered {what}", code=grpc.StatusCode.UNKNOWN)
@@ -212,6 +287,16 @@ def _keys(keys: Iterable[str], field: str) -> list[str]:
     if isinstance(keys, str | bytes):
         raise TypeError(f"{field} must be an iterable of str, not a single {type(keys).__name__}")
     return [_key(key) for key in keys]
+
+
+def _names(names: Iterable[str], field: str) -> list[str]:
+    if isinstance(names, str | bytes):
+        raise TypeError(f"{field} must be an iterable of str, not a single {type(names).__name__}")
+    checked = list(names)
+    for name in checked:
+        if type(name) is not str:
+            raise TypeError(f"{field} must hold str, not {type(name).__name__}")
+    return checked
 
 
 def _tags(tags: Iterable[str]) -> list[str]:
@@ -286,3 +371,30 @@ def _if_version(version: int) -> int:
     if not 0 <= version <= _UINT64_MAX:
         raise InvalidArgument(f"if_version must be between 0 and 2**64-1 (got {version})")
     return version
+
+
+# --- client-side pieces of get_or_load and the near cache ---------------------------------
+
+PLAIN: Final[dict[str, Any]] = {"lease": False, "max_wait": None, "allow_stale": False}
+"""`lookup` arguments of a plain get (the near cache needs the whole Entry)."""
+
+
+def loaded(value: object) -> bytes:
+    """What a get_or_load loader returned, as the bytes to store."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise TypeError(f"the loader must return bytes or str, not {type(value).__name__}")
+
+
+def event_of(request: pb.InvalidateRequest) -> Event:
+    """The event an invalidate request will publish, for the caller's own near cache."""
+    return Event(
+        id="",
+        kind=EventKind.KEYS,
+        keys=tuple(request.keys),
+        prefixes=tuple(request.prefixes),
+        tags=tuple(request.tags),
+        classes=tuple(request.classes),
+    )

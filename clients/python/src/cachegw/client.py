@@ -1,8 +1,11 @@
-"""The blocking client: a grpc sync channel, one call per method, nothing else."""
+"""The blocking client: a grpc sync channel, one call per method; `get_or_load` runs the
+lease protocol, and an optional near cache is kept by a background stream thread."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -10,9 +13,16 @@ import grpc
 
 from cachegw import _calls
 from cachegw._calls import DEFAULT, Call, Timeout
-from cachegw.errors import error_from_rpc
-from cachegw.models import Entry, SetResult
+from cachegw.errors import CacheError, DeadlineExceeded, Unavailable, error_from_rpc
+from cachegw.models import Entry, Event, InvalidateResult, SetResult, Status
+from cachegw.near import NearCache
 from cachegw.v1 import cache_pb2_grpc
+
+log = logging.getLogger("cachegw")
+
+# The gateway cannot be asked: get_or_load calls the loader itself.
+_GATEWAY_DOWN = (Unavailable, DeadlineExceeded)
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 2.0
 
 __all__ = ["DEFAULT_TARGET", "Client"]
 
@@ -36,15 +46,35 @@ class Client:
         *,
         timeout: float | None = 5.0,
         channel_options: Sequence[tuple[str, Any]] = (),
+        near_cache: NearCache | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self._channel = grpc.insecure_channel(target, options=list(channel_options))
         self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)
+        self.near_cache = near_cache
+        self._closed = threading.Event()
+        self._stream: Any = None
+        self._stream_thread: threading.Thread | None = None
+        self._refreshes: set[threading.Thread] = set()
+        if near_cache is not None:
+            self._stream_thread = threading.Thread(
+                target=self._keep_near_cache, name="cachegw-near-cache", daemon=True
+            )
+            self._stream_thread.start()
 
     def get(self, key: str, *, timeout: Timeout = DEFAULT) -> bytes | None:
-        """The value of `key`, or None on a miss."""
-        return self._call(self._stub.Get, _calls.get(key), timeout)
+        """The value of `key`, or None on a miss (from the near cache when it has it)."""
+        near = self.near_cache
+        if near is None:
+            return self._call(self._stub.Get, _calls.get(key), timeout)
+        value = near.get(key)
+        if value is not None:
+            return value
+        ticket = near.ticket()
+        entry = self._call(self._stub.Get, _calls.lookup(key, **_calls.PLAIN), timeout)
+        near.fill(key, entry, ticket)
+        return entry.value
 
     def lookup(
         self,
@@ -61,7 +91,23 @@ class Client:
 
     def get_many(self, keys: Iterable[str], *, timeout: Timeout = DEFAULT) -> list[bytes | None]:
         """The values of `keys` in order, None for each miss."""
-        return self._call(self._stub.GetMany, _calls.get_many(keys), timeout)
+        near = self.near_cache
+        if near is None:
+            return self._call(self._stub.GetMany, _calls.get_many(keys), timeout)
+        wanted = list(keys)
+        values = [near.get(k) for k in wanted]
+        missing = [k for k, v in zip(wanted, values, strict=True) if v is None]
+        if missing:
+            ticket = near.ticket()
+            call = _calls.lookup_many(missing, allow_stale=False)
+            entries: list[Entry] = self._call(self._stub.GetMany, call, timeout)
+            fetched = iter(entries)
+            for i, value in enumerate(values):
+                if value is None:
+                    entry = next(fetched)
+                    near.fill(wanted[i], entry, ticket)
+                    values[i] = entry.value
+        return values
 
     def lookup_many(
         self, keys: Iterable[str], *, allow_stale: bool = False, timeout: Timeout = DEFAULT
@@ -85,13 +131,182 @@ class Client:
         call = _calls.set_(
             key, value, ttl=ttl, tags=tags, lease_token=lease_token, if_version=if_version
         )
+        if self.near_cache is not None:
+            self.near_cache.forget([key])
         return self._call(self._stub.Set, call, timeout)
 
     def delete(self, *keys: str, timeout: Timeout = DEFAULT) -> int:
         """Remove `keys`; returns how many of them existed."""
-        return self._call(self._stub.Delete, _calls.delete(keys), timeout)
+        call = _calls.delete(keys)
+        if self.near_cache is not None:
+            self.near_cache.forget(keys)
+        return self._call(self._stub.Delete, call, timeout)
+
+    def invalidate(
+        self,
+        keys: Iterable[str] = (),
+        *,
+        prefixes: Iterable[str] = (),
+        tags: Iterable[str] = (),
+        classes: Iterable[str] = (),
+        timeout: Timeout = DEFAULT,
+    ) -> InvalidateResult:
+        """Remove keys by key, prefix, tag or class from every tier of every gateway."""
+        call = _calls.invalidate(keys, prefixes, tags, classes)
+        if self.near_cache is not None:
+            self.near_cache.apply(_calls.event_of(call.request))
+        return self._call(self._stub.Invalidate, call, timeout)
+
+    def warmup(
+        self,
+        keys: Iterable[str] = (),
+        *,
+        entries: Iterable[tuple[str, bytes | str]] = (),
+        hot_keys: bool = False,
+        timeout: Timeout = DEFAULT,
+    ) -> tuple[int, int, int]:
+        """Load keys (and the recorded hot keys) into the gateway's L1, and store entries;
+        returns (loaded, missing, stored)."""
+        return self._call(self._stub.Warmup, _calls.warmup(keys, entries, hot_keys), timeout)
+
+    def subscribe(
+        self, *, prefixes: Iterable[str] = (), classes: Iterable[str] = (), since: str = ""
+    ) -> Iterator[Event]:
+        """Invalidation events as they happen (after `since`, an event id, when given).
+
+        Runs until the caller stops iterating; a RESET means drop everything cached."""
+        stream = self._stub.Subscribe(_calls.subscribe(prefixes, classes, since))
+        try:
+            for event in stream:
+                yield _calls.decode_event(event)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        finally:
+            stream.cancel()  # type: ignore[no-untyped-call]
+
+    def get_or_load(
+        self,
+        key: str,
+        loader: Callable[[], bytes | str],
+        *,
+        ttl: float | None = None,
+        tags: Iterable[str] = (),
+        max_wait: float | None = None,
+        allow_stale: bool = True,
+        timeout: Timeout = DEFAULT,
+    ) -> bytes:
+        """The value of `key`; on a miss, `loader()` runs in exactly one caller across all
+        gateways (the lease holder) and the others get its value.
+
+        A STALE value (within the class's stale window) is returned at once; when this
+        caller was picked to refresh (early refresh or stale), `loader` runs in a
+        background thread. When the gateway cannot be reached, `loader` runs here and
+        its value is returned (logged), so the service keeps working."""
+        near = self.near_cache
+        if near is not None:
+            cached = near.get(key)
+            if cached is not None:
+                return cached
+        tag_list = list(tags)
+        call = _calls.lookup(key, lease=True, max_wait=max_wait, allow_stale=allow_stale)
+        ticket = near.ticket() if near is not None else 0
+        try:
+            entry = self._call(self._stub.Get, call, timeout)
+        except _GATEWAY_DOWN as exc:
+            log.warning("cachegw: %s; loading %r without the cache", exc, key)
+            return _calls.loaded(loader())
+        if entry.value is not None:
+            if near is not None:
+                near.fill(key, entry, ticket)
+            if entry.refresh and entry.lease_token:
+                self._refresh_in_background(key, loader, entry.lease_token, ttl, tag_list)
+            return entry.value
+        if entry.status is Status.LEASED:
+            return self._fill(key, loader, entry.lease_token, ttl, tag_list)
+        # MISS: the wait for another holder's value ran out. Load here and store nothing:
+        # the holder's fill is the one the lease protects.
+        return _calls.loaded(loader())
+
+    def _fill(
+        self,
+        key: str,
+        loader: Callable[[], bytes | str],
+        token: bytes,
+        ttl: float | None,
+        tags: list[str],
+    ) -> bytes:
+        try:
+            value = _calls.loaded(loader())
+        except BaseException:
+            self._release(key)
+            raise
+        try:
+            self.set(key, value, ttl=ttl, tags=tags, lease_token=token)
+        except CacheError as exc:
+            log.warning("cachegw: could not store %r after loading it: %s", key, exc)
+        return value
+
+    def _release(self, key: str) -> None:
+        # The loader failed: end the lease at once (a delete ends it), so that another
+        # caller loads now instead of after the lease timeout. Nothing is stored anyway.
+        try:
+            self.delete(key)
+        except CacheError as exc:
+            log.warning("cachegw: could not release the lease of %r: %s", key, exc)
+
+    def _refresh_in_background(
+        self,
+        key: str,
+        loader: Callable[[], bytes | str],
+        token: bytes,
+        ttl: float | None,
+        tags: list[str],
+    ) -> None:
+        def refresh() -> None:
+            try:
+                self._fill(key, loader, token, ttl, tags)
+            except Exception:
+                log.exception("cachegw: refreshing %r failed", key)
+            finally:
+                self._refreshes.discard(thread)
+
+        thread = threading.Thread(target=refresh, name=f"cachegw-refresh-{key[:40]}", daemon=True)
+        self._refreshes.add(thread)
+        thread.start()
+
+    def _keep_near_cache(self) -> None:
+        """The near cache's stream: live while registered, dark (and empty) otherwise."""
+        near = self.near_cache
+        assert near is not None
+        backoff = _BACKOFF_FIRST
+        while not self._closed.is_set():
+            stream = self._stub.Subscribe(_calls.subscribe((), (), ""))
+            self._stream = stream
+            try:
+                stream.initial_metadata()  # sent once the gateway registered the stream
+                if self._closed.is_set():
+                    break
+                near.go_live()
+                backoff = _BACKOFF_FIRST
+                for event in stream:
+                    near.apply(_calls.decode_event(event))
+            except grpc.RpcError as exc:
+                if not self._closed.is_set():
+                    log.info("cachegw: near-cache stream dropped (%s); flushed", exc.code())
+            finally:
+                near.go_dark()
+                stream.cancel()  # type: ignore[no-untyped-call]
+            self._closed.wait(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
 
     def close(self) -> None:
+        self._closed.set()
+        if self._stream is not None:
+            self._stream.cancel()
+        if self._stream_thread is not None:
+            self._stream_thread.join(5)
+        for thread in list(self._refreshes):
+            thread.join(5)
         self._channel.close()
 
     def __enter__(self) -> Self:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Entry", "SetOutcome", "SetResult", "Status", "Tier"]
+__all__ = [
+    "Entry",
+    "Event",
+    "EventKind",
+    "InvalidateResult",
+    "SetOutcome",
+    "SetResult",
+    "Status",
+    "Tier",
+]
 
 
 class Status(enum.Enum):
@@ -62,6 +71,8 @@ class Entry:
     """Version of the stored entry (monotonic per key write); 0 on a miss."""
     key_class: str = ""
     """The key class whose policy applied."""
+    tags: tuple[str, ...] = ()
+    """The tags the value was stored with (HIT and STALE)."""
 
     @property
     def hit(self) -> bool:
@@ -83,3 +94,40 @@ class SetResult:
     @property
     def stored(self) -> bool:
         return self.outcome is SetOutcome.STORED
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidateResult:
+    """The result of an invalidate."""
+
+    removed: int
+    """Stored keys removed (a class-wide invalidation counts 0: it is O(1))."""
+    event_id: str
+    """The published event's id; `subscribe(since=...)` resumes after it."""
+
+
+class EventKind(enum.Enum):
+    """What an invalidation event names; `RESET` means drop everything cached."""
+
+    KEYS = "KEYS"
+    PREFIXES = "PREFIXES"
+    TAGS = "TAGS"
+    CLASSES = "CLASSES"
+    RESET = "RESET"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One invalidation, as a `subscribe` stream delivers it. Apply every field present."""
+
+    id: str
+    """Its id in the deployment's event stream ("<ms>-<seq>"); empty on a gateway's RESET."""
+    kind: EventKind
+    keys: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
+    timestamp: float = 0.0
+    """When it was published, seconds since the Unix epoch."""
+    origin: str = ""
+    """The gateway that published it."""
