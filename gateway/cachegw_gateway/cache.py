@@ -52,8 +52,6 @@ XFETCH_HORIZON = math.log(1000)
 DEFAULT_COST_MS = 100
 # Kept back from a waiting caller's deadline, so that its MISS reaches it in time.
 WAIT_MARGIN = 0.025
-# Waiters re-check Redis at these intervals (doubling) in case a wake-up was lost.
-POLL_FIRST, POLL_MAX = 0.05, 1.0
 
 FRESH, STALE, DEAD = 0, 1, 2
 
@@ -156,6 +154,13 @@ class Cache:
         if self._hotkeys is not None:
             self._hotkeys.add(key)
         kc = self._policy.classify(key)
+        if (
+            lease
+            and not allow_stale
+            and (self.leases.held(key) or self.leases.attempt_in_flight(key) is not None)
+        ):
+            # Someone is filling it: join the waiters without a Redis read of our own.
+            return await self._lease(key, kc, None, max_wait_ms, deadline, allow_stale)
         try:
             entry = await self._reads.run(key, partial(self._read_one, key))
         except L2Unavailable:
@@ -185,7 +190,7 @@ class Cache:
         if not lease:
             counters.misses += 1
             return self._miss_answer(kc)
-        return await self._lease(key, kc, unusable, max_wait_ms, deadline)
+        return await self._lease(key, kc, unusable, max_wait_ms, deadline, allow_stale)
 
     async def get_many(self, keys: Sequence[str], *, allow_stale: bool = False) -> bytes:
         """An encoded GetManyResponse, in key order; one Redis round trip for the L1 misses."""
@@ -346,7 +351,13 @@ class Cache:
         return None
 
     async def _lease(
-        self, key: str, kc: KeyClass, unusable: int | None, max_wait_ms: int, deadline: float | None
+        self,
+        key: str,
+        kc: KeyClass,
+        unusable: int | None,
+        max_wait_ms: int,
+        deadline: float | None,
+        allow_stale: bool,
     ) -> bytes:
         """A miss with lease: grant the lease, or wait for the holder's value.
 
@@ -359,7 +370,6 @@ class Cache:
         if deadline is not None:
             end = min(end, deadline - WAIT_MARGIN)
         waited = saw_holder = False
-        poll = POLL_FIRST
         while True:
             if not self.leases.held(key) and self.leases.attempt_in_flight(key) is None:
                 token = LeaseToken.new(self._wall_ms(), self._gens.get(kc.name, 0))
@@ -381,7 +391,7 @@ class Cache:
                         lease_token=token.raw,
                     )
                 if got.entry is not None:
-                    answer = self._usable(kc, got.entry)
+                    answer = self._usable(kc, got.entry, allow_stale)
                     if answer is not None:
                         return answer
                     unusable = got.entry.envelope.version
@@ -400,21 +410,28 @@ class Cache:
                 waited = True
                 counters.lease_waits += 1
             held_until = self.leases.held_until(key) or end
-            await self.leases.wait(key, min(end, held_until, now + poll) - now)
-            poll = min(poll * 2, POLL_MAX)
+            await self.leases.wait(key, min(end, held_until) - now)
+            if self._clock() >= end:
+                counters.misses += 1
+                counters.lease_wait_timeouts += 1
+                return self._miss_answer(kc)
             entry = await self._reads.run(key, partial(self._read_one, key))
             if entry is not None:
-                answer = self._usable(kc, entry)
+                answer = self._usable(kc, entry, allow_stale)
                 if answer is not None:
                     return answer
                 unusable = entry.envelope.version
 
-    def _usable(self, kc: KeyClass, entry: L2Entry) -> bytes | None:
+    def _usable(self, kc: KeyClass, entry: L2Entry, allow_stale: bool) -> bytes | None:
+        """The answer for a value found while waiting: fresh, or stale when accepted."""
         verdict, fresh_left = self._judge(entry, kc)
-        if verdict != FRESH:
-            return None
-        self._counters[kc.name].hits_l2 += 1
-        return self._hit_answer(kc, entry, fresh_left)
+        if verdict == FRESH:
+            self._counters[kc.name].hits_l2 += 1
+            return self._hit_answer(kc, entry, fresh_left)
+        if verdict == STALE and allow_stale:
+            self._counters[kc.name].stale += 1
+            return self._entry_answer(pb.STATUS_STALE, kc, entry, 0, None)
+        return None
 
     # -- writes ---------------------------------------------------------------------------
 

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 _TOKEN = struct.Struct(">16sQI")
 TOKEN_SIZE = _TOKEN.size
 _PRUNE_AT = 4096
+# Waiters look at Redis themselves at these intervals (doubling per key) in case a
+# wake-up was lost: the fills channel is the fast path, polling only the safety net.
+POLL_FIRST, POLL_MAX = 0.05, 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,8 @@ class LeaseTable:
         self._attempts: dict[str, asyncio.Future[None]] = {}
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self._counts: dict[str, int] = {}  # callers in wait() per key
+        self._poll: dict[str, float] = {}  # the next poll interval per waited-on key
+        self._ticks: dict[str, asyncio.TimerHandle] = {}
 
     def __len__(self) -> int:
         """Keys with any state (tests check nothing leaks)."""
@@ -97,11 +102,16 @@ class LeaseTable:
     # -- waiting for a value ---------------------------------------------------------------
 
     async def wait(self, key: str, seconds: float) -> bool:
-        """Wait up to `seconds` for `key` to be woken, or for the lease attempt in
-        flight for it to finish; True when either happened."""
+        """Wait up to `seconds` for `key` to be woken: its value landed, its lease ended,
+        the lease attempt in flight for it finished, or the key's poll tick came. True
+        when woken. All waiters of a key share one future, so they wake together and
+        share the Redis read that follows."""
         fut = self._waiters.get(key)
         if fut is None:
             fut = self._waiters[key] = asyncio.get_running_loop().create_future()
+            interval = self._poll.get(key, POLL_FIRST)
+            self._poll[key] = min(interval * 2, POLL_MAX)
+            self._ticks[key] = asyncio.get_running_loop().call_later(interval, self._tick, key, fut)
         self._counts[key] = self._counts.get(key, 0) + 1
         waits: set[asyncio.Future[None]] = {fut}
         attempt = self._attempts.get(key)
@@ -116,20 +126,34 @@ class LeaseTable:
             left = self._counts[key] - 1
             if left:
                 self._counts[key] = left
-            else:
+            else:  # the last waiter out drops the key's state
                 del self._counts[key]
-                self._waiters.pop(key, None)  # the last waiter out drops the future
+                self._waiters.pop(key, None)
+                self._poll.pop(key, None)
+                tick = self._ticks.pop(key, None)
+                if tick is not None:
+                    tick.cancel()
+
+    def _tick(self, key: str, fut: asyncio.Future[None]) -> None:
+        # The safety-net poll: wake the key's waiters to look at Redis themselves.
+        if self._waiters.get(key) is fut:
+            del self._waiters[key]
+            self._ticks.pop(key, None)
+        if not fut.done():
+            fut.set_result(None)
 
     def wake(self, key: str) -> None:
         """`key`'s value landed, or its lease ended: wake its waiters."""
         self._held_until.pop(key, None)
+        self._poll.pop(key, None)
+        tick = self._ticks.pop(key, None)
+        if tick is not None:
+            tick.cancel()
         fut = self._waiters.pop(key, None)
         if fut is not None and not fut.done():
             fut.set_result(None)
 
     def wake_all(self) -> None:
+        for key in list(self._waiters):
+            self.wake(key)
         self._held_until.clear()
-        waiters, self._waiters = self._waiters, {}
-        for fut in waiters.values():
-            if not fut.done():
-                fut.set_result(None)
