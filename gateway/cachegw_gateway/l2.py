@@ -156,6 +156,12 @@ class Acquired:
     raw_mismatch: bool = False  # a value was stored but is not a readable envelope
 
 
+def _stream_id(raw: object) -> tuple[int, int]:
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def glob_escape(text: str) -> str:
     """`text` matched literally inside a Redis glob pattern."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
@@ -472,27 +478,22 @@ class RedisStore:
         return out
 
     async def events_lost_after(self, since: tuple[int, int]) -> bool:
-        """Whether the audit stream no longer holds every event after `since`: it was
-        trimmed past it, or it is gone (Redis lost it, or nothing was ever published)."""
+        """Whether the audit stream may no longer hold every event after `since`.
+
+        Trimming removes the oldest entries, so events after `since` may be gone exactly
+        when `since` itself is older than the oldest entry kept (conservative: the event
+        right after `since` may be that oldest one). A stream that is gone (Redis lost
+        it, or nothing was ever published) holds nothing to replay either."""
         try:
             info = await self._client.xinfo_stream(self.events_key)
         except ResponseError:
             return True  # no such stream
         except UNAVAILABLE_ERRORS as exc:
             raise self._down(exc) from exc
-        deleted = info.get("max-deleted-entry-id")
-        if deleted is not None:
-            text = deleted.decode() if isinstance(deleted, bytes) else str(deleted)
-            ms, _, seq = text.partition("-")
-            return (int(ms), int(seq or 0)) > since
-        # Redis before 7.0 does not say what it trimmed: assume the worst unless the
-        # oldest entry kept is no newer than `since`.
         first = info.get("first-entry")
-        if not first:
-            return True
-        first_id = first[0].decode() if isinstance(first[0], bytes) else str(first[0])
-        ms, _, seq = first_id.partition("-")
-        return (int(ms), int(seq or 0)) > since
+        if first:
+            return _stream_id(first[0]) > since
+        return _stream_id(info.get("last-generated-id") or b"0-0") > since
 
     # -- hot keys -----------------------------------------------------------------------
 

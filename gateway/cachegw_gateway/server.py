@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 
 import grpc
@@ -53,16 +54,19 @@ class GatewayServer:
         self.l1 = L1Cache(config.l1.max_entries, config.l1.max_bytes, admission=config.l1.admission)
         self.hotkeys = HotKeys(HOT_KEYS_TRACKED)
         self.gateway_id = config.server.gateway_id
+        # Events carry this as their origin; the random part tells this process's own
+        # events apart even when two gateways were given the same id.
+        self.origin = f"{self.gateway_id}/{secrets.token_hex(3)}"
         self.cache = Cache(
             self.store,
             self.l1,
             self.policy,
-            gateway_id=self.gateway_id,
+            gateway_id=self.origin,
             invalidation=config.invalidation,
             hotkeys=self.hotkeys,
         )
         self.cache.fills_allowed = False  # until the invalidation subscription is live
-        self.hub = SubscriberHub(self.gateway_id, config.invalidation.subscriber_queue, self.stats)
+        self.hub = SubscriberHub(self.origin, config.invalidation.subscriber_queue, self.stats)
         self.bus = EventBus(
             self.store.pubsub_client,
             self.store.events_channel,
