@@ -162,3 +162,39 @@ def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     yield start
     for gp in started:
         gp.stop()
+
+
+GatewayCluster = Callable[..., list[GatewayProcess]]
+
+
+@pytest.fixture
+def gateway_cluster(
+    tmp_path: Path,
+    redis_server: ManagedRedis,
+    gateway_process: Callable[..., GatewayProcess],
+) -> GatewayCluster:
+    """start(n, toml="") -> n `cachegw serve` processes sharing `redis_server`, SERVING.
+
+    Each gets the same config file and its own gateway id (gw0, gw1, ...)."""
+    clusters = 0
+
+    def start(n: int, toml: str = "") -> list[GatewayProcess]:
+        nonlocal clusters
+        config = tmp_path / f"cluster{clusters}.toml"
+        clusters += 1
+        config.write_text(toml)
+        return [
+            gateway_process(
+                "--config",
+                str(config),
+                "--redis-url",
+                redis_server.url,
+                "--gateway-id",
+                f"gw{i}",
+                "--log-level",
+                "WARNING",
+            )
+            for i in range(n)
+        ]
+
+    return start
