@@ -74,14 +74,17 @@ async def test_a_holder_killed_mid_fill_is_taken_over_within_deadlines(
     gateway_cluster: GatewayCluster,
 ) -> None:
     gateways = gateway_cluster(3, LEASES)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, gateways[0].address],
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        HOLDER,
+        gateways[0].address,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     try:
         assert holder.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(holder.stdout.readline), 20)
+        line = await asyncio.wait_for(holder.stdout.readline(), 20)
         assert line.strip() == b"loading", line
         clients = [AsyncClient(gw.address) for gw in gateways]
         loads = 0
@@ -103,10 +106,9 @@ async def test_a_holder_killed_mid_fill_is_taken_over_within_deadlines(
         for client in clients:
             await client.close()
     finally:
-        holder.kill()
-        holder.wait(10)
-        if holder.stdout is not None:
-            holder.stdout.close()
+        if holder.returncode is None:
+            holder.kill()
+        await asyncio.wait_for(holder.wait(), 10)
     assert loads == 1  # one waiter took the expired lease over and filled it
     assert {value for value, _ in outcomes} == {b"recovered"}
     # Within the 1 s lease timeout plus a little, and always within the 5 s deadline.
