@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -186,7 +186,7 @@ class AsyncClient:
 
     async def subscribe(
         self, *, prefixes: Iterable[str] = (), classes: Iterable[str] = (), since: str = ""
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Invalidation events as they happen (after `since`, an event id, when given).
 
         Runs until the caller stops iterating; a RESET means drop everything cached."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -171,7 +171,7 @@ class Client:
 
     def subscribe(
         self, *, prefixes: Iterable[str] = (), classes: Iterable[str] = (), since: str = ""
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         """Invalidation events as they happen (after `since`, an event id, when given).
 
         Runs until the caller stops iterating; a RESET means drop everything cached."""
