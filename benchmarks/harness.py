@@ -24,13 +24,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cachegw_gateway.managed_redis import free_port
 
 # -- statistics -----------------------------------------------------------------------
 
@@ -474,3 +476,23 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: s
     for row in rows:
         lines.append(rule if not row else line(row))
     return "\n".join(lines)
+
+
+def start_gateways(
+    stack: ExitStack, n: int, redis_url: str, config_toml: str, work: Path
+) -> list[ServerProcess]:
+    """`n` `cachegw serve` processes on free ports sharing `redis_url`, stopped by `stack`."""
+    config = work / "gateways.toml"
+    config.write_text(config_toml)
+    gateways = []
+    for i in range(n):
+        address = f"127.0.0.1:{free_port()}"
+        argv = [
+            str(Path(sys.executable).parent / "cachegw"), "serve", "--listen", address,
+            "--redis-url", redis_url, "--config", str(config), "--gateway-id", f"gw{i}",
+            "--log-level", "WARNING",
+        ]  # fmt: skip
+        gateways.append(
+            stack.enter_context(ServerProcess(f"gw{i}", argv, address, work / f"gw{i}.log"))
+        )
+    return gateways
