@@ -16,6 +16,13 @@ from cachegw_gateway.managed_redis import free_port
 from tests.conftest import GatewayFactory, RunningGateway
 
 
+async def until_live(near: NearCache, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not near.live:
+        assert time.monotonic() < deadline, "the near cache's stream never went live"
+        await asyncio.sleep(0.01)
+
+
 async def test_async_get_or_load_fills_once_and_then_hits(gateway: RunningGateway) -> None:
     loads = 0
 
@@ -123,10 +130,7 @@ async def test_near_cache_serves_hits_and_obeys_invalidations(
     a, b = await gateway_factory(), await gateway_factory()
     near = NearCache(ttl=30)
     async with AsyncClient(a.address, near_cache=near) as client, AsyncClient(b.address) as other:
-        deadline = time.monotonic() + 5
-        while not near.live:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        await until_live(near)
         await other.set("p:1", b"one", tags=["t1"])
         await other.set("p:2", b"two")
         assert await client.get_many(["p:1", "p:2", "p:3"]) == [b"one", b"two", None]
@@ -159,8 +163,7 @@ async def test_near_cache_serves_hits_and_obeys_invalidations(
 async def test_near_cache_copies_never_outlive_the_gateway_ttl(gateway: RunningGateway) -> None:
     near = NearCache(ttl=60)
     async with AsyncClient(gateway.address, near_cache=near) as client:
-        while not near.live:
-            await asyncio.sleep(0.01)
+        await until_live(near)
         await client.set("short", b"v", ttl=0.3)
         assert await client.get("short") == b"v"
         assert near.get("short") == b"v"
@@ -173,8 +176,7 @@ async def test_near_cache_empties_when_its_stream_drops(gateway_factory: Gateway
     near = NearCache(ttl=30)
     client = AsyncClient(gw.address, near_cache=near)
     try:
-        while not near.live:
-            await asyncio.sleep(0.01)
+        await until_live(near)
         await client.set("k", b"v")
         assert await client.get("k") == b"v" and near.get("k") == b"v"
         await gw.server.stop(grace=0)  # the stream ends with the gateway
