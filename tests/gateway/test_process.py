@@ -131,3 +131,29 @@ def test_sigterm_drains_in_flight_calls(gateway_process: Start, redis_server: Ma
     # The in-flight call got the handler's own answer, not a cut connection.
     assert results == [grpc.StatusCode.UNAVAILABLE], gw.output()
     assert "draining" in gw.output()
+
+
+def test_cli_invalidate_and_watch(gateway_process: Start) -> None:
+    gw = gateway_process()
+    assert cli("set", "inv:1", "v", "--tag", "sku", "--target", gw.address).returncode == 0
+    watcher = subprocess.Popen(
+        [str(BIN / "cachegw"), "watch", "--prefix", "inv:", "--count", "2", "--target", gw.address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(1.0)  # the stream registers
+        out = cli("invalidate", "inv:1", "other", "--target", gw.address)
+        assert out.returncode == 0 and out.stdout.startswith(b"removed=1 event="), out
+        out = cli("invalidate", "--tag", "sku", "--target", gw.address)
+        assert out.returncode == 0, out
+        stdout, stderr = watcher.communicate(timeout=15)
+    finally:
+        watcher.kill()
+        watcher.wait(5)
+    lines = stdout.decode().splitlines()
+    assert len(lines) == 2, (stdout, stderr)
+    assert " KEYS keys=inv:1 " in lines[0]  # "other" is filtered out by --prefix
+    assert " TAGS tags=sku " in lines[1]
+    bad = cli("invalidate", "--target", gw.address)
+    assert bad.returncode == 1 and b"at least one" in bad.stderr

@@ -4,6 +4,8 @@
     cachegw get KEY [--verbose]             # the value on stdout; a miss exits 1
     cachegw set KEY VALUE [--ttl S] [--tag T ...]   # VALUE "-" reads stdin
     cachegw del KEY [KEY ...]               # prints how many existed
+    cachegw invalidate [KEY ...] [--prefix P] [--tag T] [--class C]   # everywhere
+    cachegw watch [--prefix P] [--class C] [--since ID] [--count N]   # invalidation events
 
 `--target` (default $CACHEGW_TARGET, else 127.0.0.1:50051) and `--timeout` go before or
 after the subcommand. Errors print `cachegw: <message>` on stderr and exit 1.
@@ -98,6 +100,24 @@ def _parser() -> argparse.ArgumentParser:
     delete = commands.add_parser("del", parents=[common], help="delete keys")
     delete.add_argument("keys", nargs="+", metavar="KEY")
     delete.set_defaults(run=_del)
+
+    inv = commands.add_parser(
+        "invalidate", parents=[common], help="remove keys by key, prefix, tag or class"
+    )
+    inv.add_argument("keys", nargs="*", metavar="KEY")
+    inv.add_argument("--prefix", action="append", default=[], dest="prefixes")
+    inv.add_argument("--tag", action="append", default=[], dest="tags")
+    inv.add_argument("--class", action="append", default=[], dest="classes")
+    inv.set_defaults(run=_invalidate)
+
+    watch = commands.add_parser(
+        "watch", parents=[common], help="print invalidation events as they happen"
+    )
+    watch.add_argument("--prefix", action="append", default=[], dest="prefixes")
+    watch.add_argument("--class", action="append", default=[], dest="classes")
+    watch.add_argument("--since", default="", help="replay events after this event id first")
+    watch.add_argument("--count", type=int, default=0, help="stop after N events (0 = never)")
+    watch.set_defaults(run=_watch)
     return parser
 
 
@@ -144,6 +164,27 @@ def _set(client: Client, ns: argparse.Namespace) -> int:
 
 def _del(client: Client, ns: argparse.Namespace) -> int:
     print(client.delete(*ns.keys))
+    return 0
+
+
+def _invalidate(client: Client, ns: argparse.Namespace) -> int:
+    result = client.invalidate(ns.keys, prefixes=ns.prefixes, tags=ns.tags, classes=ns.classes)
+    print(f"removed={result.removed} event={result.event_id}")
+    return 0
+
+
+def _watch(client: Client, ns: argparse.Namespace) -> int:
+    events = client.subscribe(prefixes=ns.prefixes, classes=ns.classes, since=ns.since)
+    for seen, event in enumerate(events, 1):
+        parts = [event.id or "-", event.kind.name]
+        for name in ("keys", "prefixes", "tags", "classes"):
+            values = getattr(event, name)
+            if values:
+                parts.append(f"{name}={','.join(values)}")
+        parts.append(f"origin={event.origin or '-'}")
+        print(" ".join(parts), flush=True)
+        if ns.count and seen >= ns.count:
+            break
     return 0
 
 
