@@ -144,12 +144,15 @@ class Cache:
         max_wait_ms: int = 0,
         allow_stale: bool = False,
         time_remaining: float | None = None,
+        l1_checked: bool = False,
     ) -> bytes:
         """An encoded GetResponse: L1, else Redis (one coalesced read per key), else MISS,
-        or with `lease` a lease or the value another holder filled meanwhile."""
-        answer = self.l1_answer(key)
-        if answer is not None:
-            return answer
+        or with `lease` a lease or the value another holder filled meanwhile.
+        `l1_checked`: the caller already asked L1 (and missed)."""
+        if not l1_checked:
+            answer = self.l1_answer(key)
+            if answer is not None:
+                return answer
         deadline = None if time_remaining is None else self._clock() + time_remaining
         if self._hotkeys is not None:
             self._hotkeys.add(key)

@@ -98,7 +98,9 @@ ENV_VARS: Mapping[str, str] = {
 ADMISSION_POLICIES = ("lru", "tinylfu")
 JITTER_MODES = ("random", "deterministic")
 INVALIDATION_MODES = ("events", "ttl")
-URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+URL_SCHEMES = ("redis://", "rediss://", "unix://")
+# Accepted by redis-py, not served by this gateway yet: refused with a clear message.
+UNSUPPORTED_SCHEMES = ("redis+sentinel://", "redis+cluster://")
 DEFAULT_CLASS_NAME = "default"
 
 # Tables that take plain keys, and the keys of each (the default class has no name/patterns).
@@ -372,6 +374,11 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
             f"(got {c.server.gateway_id!r})"
         )
 
+    if c.redis.url.startswith(UNSUPPORTED_SCHEMES):
+        raise ConfigError(
+            f"{w('redis.url')}: Redis Sentinel and Cluster are not supported yet; point the "
+            f"gateway at the primary with redis:// or rediss:// (got {c.redis.url!r})"
+        )
     if c.redis.url and not c.redis.url.startswith(URL_SCHEMES):
         raise ConfigError(
             f"{w('redis.url')} must start with {', '.join(URL_SCHEMES)} or be empty "

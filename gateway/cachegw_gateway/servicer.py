@@ -118,6 +118,7 @@ class CacheServicer:
             max_wait_ms=request.max_wait_ms,
             allow_stale=request.allow_stale,
             time_remaining=context.time_remaining(),
+            l1_checked=True,
         )
         return await self._guard(context, work)
 
