@@ -597,7 +597,7 @@ class Cache:
             self.leases.wake(key)
         if not (prefixes or tags or classes):
             return
-        self._new_epoch()
+        self.new_epoch()
         self._fallback = {}
         for prefix in prefixes:
             self._l1.delete_prefix(prefix)
@@ -612,7 +612,8 @@ class Cache:
             for key in doomed:
                 self._l1.delete(key)
 
-    def _new_epoch(self) -> None:
+    def new_epoch(self) -> None:
+        """No Redis read in flight now may fill L1 when it lands."""
         self._epoch += 1
         self._fill_tokens.clear()
         self._reads.forget_all()
@@ -641,9 +642,13 @@ class Cache:
                 if left is not None:
                     self._fallback[key] = (value, now + left)  # type: ignore[assignment]
         self._l1.clear()
-        self._new_epoch()
+        self.new_epoch()
         self.stats.l1_flushes += 1
         log.info("L1 flushed: %s", reason)
+
+    def drop_fallback(self) -> None:
+        """The subscription is back: nothing kept aside for an outage may be served."""
+        self._fallback = {}
 
     def _fallback_answer(self, key: str) -> bytes | None:
         saved = self._fallback.get(key)

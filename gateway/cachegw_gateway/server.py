@@ -110,11 +110,15 @@ class GatewayServer:
         self.hub.reset_all()
 
     def _on_live(self, again: bool) -> None:
-        # Reads that straddled the outage must not fill L1: start a new epoch.
-        self.cache.flush("invalidation subscription (re)established")
-        self.cache.fills_allowed = True
+        # Reads sent before the subscription was confirmed may have missed an event:
+        # none of them may fill L1 (a new epoch), and whatever was kept aside for a Redis
+        # outage goes too.
+        self.cache.new_epoch()
+        self.cache.drop_fallback()
         if again:
             self.stats.redis_reconnects += 1
+            log.info("invalidation subscription re-established")
+        self.cache.fills_allowed = True
 
     # -- life cycle -----------------------------------------------------------------------
 
