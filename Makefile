@@ -26,7 +26,7 @@ $(VENV)/bin/python:
 $(VENV)/.deps: $(VENV)/bin/python requirements-dev.txt pyproject.toml clients/python/pyproject.toml
 	$(PIP) install --upgrade pip
 	$(PIP) install -r requirements-dev.txt
-	$(PIP) install -e clients/python
+	$(PIP) install -e 'clients/python[top,tracing]'
 	touch $@
 
 # The Cython build: an editable install compiles native/ in place.

@@ -21,6 +21,7 @@ from cachegw_gateway.config import (
     L1Config,
     RedisConfig,
     ServerConfig,
+    TelemetryConfig,
     load_config,
 )
 
@@ -122,6 +123,10 @@ def test_every_env_var_sets_its_key(tmp_path: Path) -> None:
         "CACHEGW_LISTEN": "0.0.0.0:9000",
         "CACHEGW_REDIS_PREFIX": "shop",
         "CACHEGW_GATEWAY_ID": "gw-7",
+        "CACHEGW_TRACE_EXPORTER": "otlp",
+        "CACHEGW_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+        "CACHEGW_METRICS_LISTEN": "127.0.0.1:9464",
+        "CACHEGW_LOG_FORMAT": "json",
     }
     assert set(values) == set(ENV_VARS)
     config = load_config(env=values)
@@ -416,7 +421,12 @@ def test_example_file_loads() -> None:
 
 
 def _all_keys() -> list[str]:
-    tables = {"server": ServerConfig, "redis": RedisConfig, "l1": L1Config}
+    tables = {
+        "server": ServerConfig,
+        "redis": RedisConfig,
+        "l1": L1Config,
+        "telemetry": TelemetryConfig,
+    }
     keys = [f"{t}.{f.name}" for t, cls in tables.items() for f in dataclasses.fields(cls)]
     return keys + [f"classes.{f.name}" for f in dataclasses.fields(KeyClassConfig)]
 

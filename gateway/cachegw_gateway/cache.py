@@ -22,6 +22,7 @@ from cachegw_gateway import envelope, wire
 from cachegw_gateway.l2 import L2Entry, RedisStore
 from cachegw_gateway.policy import KeyClass, PolicyTable, jittered_ttl_ms
 from cachegw_gateway.stats import ClassCounters, GatewayStats
+from cachegw_gateway.telemetry import tracing
 from cachegw_native.coalescer import Coalescer
 from cachegw_native.l1 import L1Cache
 
@@ -87,14 +88,18 @@ class Cache:
         """An encoded GetResponse: L1, else Redis (one coalesced read per key), else MISS."""
         answer = self.l1_answer(key)
         if answer is not None:
+            tracing.annotate(tier="l1")
             return answer
+        tracing.annotate(coalesced=key in self._reads)  # in flight: run() joins it
         entry = await self._reads.run(key, lambda: self._read_one(key))
+        tracing.annotate(tier="miss" if entry is None else "l2")
         return self._l2_answer(key, entry)
 
     async def get_many(self, keys: Sequence[str]) -> bytes:
         """An encoded GetManyResponse, in key order; one Redis round trip for the L1 misses."""
         answers: list[bytes | None] = [self.l1_answer(k) for k in keys]
         missing = [k for k, a in zip(keys, answers, strict=True) if a is None]
+        tracing.annotate(l1_hits=len(keys) - len(missing))
         if missing:
             entries = iter(await self._reads.run_many(missing, self._read_many))
             answers = [

@@ -86,6 +86,11 @@ class RedisStore:
         self.stats = GatewayStats() if stats is None else stats
 
     @property
+    def client(self) -> aioredis.Redis:
+        """The Redis client (telemetry instruments it when tracing is on)."""
+        return self._client
+
+    @property
     def envelope_mismatches(self) -> int:
         """Stored values this gateway could not read (served as misses)."""
         return self.stats.envelope_mismatches

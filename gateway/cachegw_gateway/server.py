@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio is
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import TracerProvider
 
 from cachegw_gateway.cache import Cache
 from cachegw_gateway.config import GatewayConfig
@@ -18,6 +19,8 @@ from cachegw_gateway.l2 import RedisStore
 from cachegw_gateway.policy import PolicyTable
 from cachegw_gateway.servicer import SERVICE_NAME, CacheServicer
 from cachegw_gateway.stats import GatewayStats
+from cachegw_gateway.telemetry.service import Telemetry
+from cachegw_native.hotkeys import HotKeys
 from cachegw_native.l1 import L1Cache
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,13 @@ class GatewayServer:
     then drains in-flight calls within the grace period and closes Redis.
     """
 
-    def __init__(self, config: GatewayConfig, redis_url: str) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        redis_url: str,
+        *,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.config = config
         self.redis_url = redis_url
         self.policy = PolicyTable.from_config(config)
@@ -39,6 +48,19 @@ class GatewayServer:
         self.store = RedisStore.from_config(config.redis, redis_url, self.stats)
         self.l1 = L1Cache(config.l1.max_entries, config.l1.max_bytes, admission=config.l1.admission)
         self.cache = Cache(self.store, self.l1, self.policy)
+        self.hotkeys = HotKeys()  # fed from Gets by the read path; read by Stats
+        # Tracing is on exactly when a provider is given (main.py builds it from config).
+        self.telemetry = Telemetry(
+            config,
+            service=SERVICE_NAME,
+            stats=self.stats,
+            l1=self.l1,
+            reads=self.cache.reads,
+            hotkeys=self.hotkeys,
+            store=self.store,
+            policy=self.policy,
+            tracer_provider=tracer_provider,
+        )
         self.health = health_aio.HealthServicer()
         self._server = grpc.aio.server(
             options=[
@@ -47,8 +69,8 @@ class GatewayServer:
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ]
         )
-        servicer = CacheServicer(self.cache, self.policy, config.server)
-        self._server.add_generic_rpc_handlers((servicer.handler(),))
+        servicer = CacheServicer(self.cache, self.policy, config.server, stats=self.telemetry.stats)
+        self._server.add_generic_rpc_handlers((servicer.handler(wrap=self.telemetry.wrap),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
@@ -67,6 +89,7 @@ class GatewayServer:
             raise OSError(f"could not listen on {self.config.server.listen}")
         await self._server.start()
         self.started_at = time.monotonic()
+        await self.telemetry.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
         await self.health.set(SERVICE_NAME, serving)
@@ -77,7 +100,14 @@ class GatewayServer:
             grace = self.config.server.grace_seconds
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
+        await self.telemetry.stop()
         await self.store.close()
+
+    @property
+    def metrics_address(self) -> str | None:
+        """host:port of the Prometheus endpoint once started, or None without one."""
+        metrics = self.telemetry.metrics
+        return metrics.address if metrics is not None and metrics.port else None
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

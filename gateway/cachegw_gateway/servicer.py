@@ -19,6 +19,7 @@ from cachegw_gateway.cache import Cache
 from cachegw_gateway.config import ServerConfig
 from cachegw_gateway.l2 import L2Unavailable
 from cachegw_gateway.policy import PolicyTable
+from cachegw_gateway.telemetry import tracing
 from cachegw_gateway.validation import (
     BadMessage,
     InvalidRequest,
@@ -44,10 +45,22 @@ async def _abort_unimplemented(context: Context, what: str, issue: str) -> NoRet
     )
 
 
+StatsSource = Callable[[pb.StatsRequest], pb.StatsResponse]
+HandlerWrap = Callable[[str, "grpc.RpcMethodHandler[Any, Any]"], "grpc.RpcMethodHandler[Any, Any]"]
+
+
 class CacheServicer:
-    def __init__(self, cache: Cache, policy: PolicyTable, limits: ServerConfig) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        policy: PolicyTable,
+        limits: ServerConfig,
+        *,
+        stats: StatsSource | None = None,
+    ) -> None:
         self._cache = cache
         self._policy = policy
+        self._stats = stats
         self._max_key = limits.max_key_bytes
         self._max_batch = limits.max_batch_keys
         self._max_ttl_ms = int(limits.max_ttl_seconds * 1000)
@@ -82,6 +95,7 @@ class CacheServicer:
         key = request.key
         answer = self._cache.l1_answer(key) if key else None
         if answer is not None:
+            tracing.annotate(tier="l1")
             return answer
         try:
             check_key(key, self._max_key)
@@ -156,12 +170,23 @@ class CacheServicer:
     async def warmup(self, request: object, context: Context) -> pb.WarmupResponse:
         await _abort_unimplemented(context, "Warmup", "the native-core and observability work")
 
-    async def stats(self, request: object, context: Context) -> pb.StatsResponse:
-        await _abort_unimplemented(context, "Stats", "observability")
+    async def stats(
+        self, request: pb.StatsRequest | BadMessage, context: Context
+    ) -> pb.StatsResponse:
+        if isinstance(request, BadMessage):
+            await self._reject(context, request)
+        if self._stats is None:
+            await _abort_unimplemented(context, "Stats", "observability")
+        try:
+            return self._stats(request)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     # -- registration --------------------------------------------------------------
 
-    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+    def handler(self, wrap: HandlerWrap | None = None) -> grpc.GenericRpcHandler[Any, Any]:
+        """The service's handlers; `wrap(method, handler)` may decorate each (telemetry)."""
+
         def unary(
             fn: Callable[..., Awaitable[Any]], req: Any, resp: Any | None
         ) -> grpc.RpcMethodHandler[Any, Any]:
@@ -186,4 +211,6 @@ class CacheServicer:
                 response_serializer=pb.InvalidationEvent.SerializeToString,
             ),
         }
+        if wrap is not None:
+            handlers = {name: wrap(name, h) for name, h in handlers.items()}
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
