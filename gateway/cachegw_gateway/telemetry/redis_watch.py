@@ -9,6 +9,7 @@ comes back, and when the pub/sub connection was re-established (`redis_reconnect
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -26,6 +27,7 @@ class RedisWatch:
         self._store = store
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._up: bool | None = None  # unknown until the first probe
         self._down_since = 0.0
         self._reconnects = store.stats.redis_reconnects
@@ -65,16 +67,21 @@ class RedisWatch:
         return up
 
     async def _run(self) -> None:
-        while True:
+        # A flag as well as cancel(): redis-py can swallow a cancellation that lands
+        # inside a command, and the loop must end anyway.
+        while not self._stopping.is_set():
             await self.probe()
-            await asyncio.sleep(self._interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._interval)
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping = asyncio.Event()
             self._task = asyncio.create_task(self._run(), name="cachegw-redis-watch")
 
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
+            self._stopping.set()
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait({task}, timeout=self._interval + 5)
