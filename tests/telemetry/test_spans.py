@@ -82,15 +82,18 @@ async def test_coalesced_calls_share_one_redis_read(traced_factory: TracedFactor
 
 
 async def test_getmany_and_set_spans(traced_factory: TracedFactory) -> None:
-    gw = await traced_factory()
-    await gw.stub.Set(pb.SetRequest(key="a", value=b"1"))
+    gw = await traced_factory(CLASSES)
+    await gw.stub.Set(pb.SetRequest(key="catalog:a", value=b"1"))
+    (set_span,) = gw.server_spans("cachegw.v1.CacheService/Set")
+    assert attrs(set_span)["cachegw.key_class"] == "catalog"
+    # The versioned write; the first one also shows the script being loaded (NOSCRIPT).
+    assert [c.name for c in gw.children(set_span)] == ["EVALSHA", "SCRIPT LOAD", "EVALSHA"]
     gw.clear()
-    await gw.stub.GetMany(pb.GetManyRequest(keys=["a", "b"]))
+    await gw.stub.GetMany(pb.GetManyRequest(keys=["catalog:a", "b"]))
     (span,) = gw.server_spans("cachegw.v1.CacheService/GetMany")
     assert attrs(span)["cachegw.keys"] == 2
-    assert attrs(span)["cachegw.l1_hits"] == 1  # "a" was filled by the Set
-    (set_span,) = [s for s in gw.spans() if s.name == "cachegw.v1.CacheService/Set"] or [None]
-    assert set_span is None  # cleared above
+    assert attrs(span)["cachegw.l1_hits"] == 1  # "catalog:a" was filled by the Set
+    assert [c.name for c in gw.children(span)] == ["GET PTTL"]  # only "b" went to Redis
 
 
 async def test_failed_call_is_an_error_span(traced_factory: TracedFactory) -> None:
