@@ -4,6 +4,7 @@
     cachegw get KEY [--verbose]             # the value on stdout; a miss exits 1
     cachegw set KEY VALUE [--ttl S] [--tag T ...]   # VALUE "-" reads stdin
     cachegw del KEY [KEY ...]               # prints how many existed
+    cachegw top [TARGET ...] [--interval S] [--count N]  # live view (needs cachegw[top])
 
 `--target` (default $CACHEGW_TARGET, else 127.0.0.1:50051) and `--timeout` go before or
 after the subcommand. Errors print `cachegw: <message>` on stderr and exit 1.
@@ -71,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser = argparse.ArgumentParser(
         prog="cachegw",
-        description="cachegw cache gateway: serve, or get/set/del keys.",
+        description="cachegw cache gateway: serve, get/set/del keys, or watch gateways (top).",
         parents=[common],
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -98,6 +99,17 @@ def _parser() -> argparse.ArgumentParser:
     delete = commands.add_parser("del", parents=[common], help="delete keys")
     delete.add_argument("keys", nargs="+", metavar="KEY")
     delete.set_defaults(run=_del)
+
+    top = commands.add_parser(
+        "top", parents=[common], help="live view of gateways: QPS, hit rate, p99, L1, Redis"
+    )
+    top.add_argument("targets", nargs="*", metavar="TARGET", help="gateways (default: --target)")
+    top.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="default 2")
+    top.add_argument(
+        "--count", type=int, default=0, metavar="N", help="stop after N frames (0 = never)"
+    )
+    top.add_argument("--keys", type=int, default=5, metavar="N", help="hot keys per gateway")
+    top.set_defaults(run=_top)
     return parser
 
 
@@ -145,6 +157,24 @@ def _set(client: Client, ns: argparse.Namespace) -> int:
 def _del(client: Client, ns: argparse.Namespace) -> int:
     print(client.delete(*ns.keys))
     return 0
+
+
+def _top(client: Client, ns: argparse.Namespace) -> int:
+    try:
+        from cachegw import top
+    except ImportError as exc:
+        if exc.name and exc.name.split(".")[0] == "rich":
+            return _fail("top needs rich: pip install 'cachegw[top]'", status=2)
+        raise
+    if ns.interval <= 0 or ns.count < 0 or ns.keys < 0:
+        return _fail("--interval must be > 0, --count and --keys >= 0", status=2)
+    return top.run(
+        ns.targets or [client.target],
+        interval=ns.interval,
+        count=ns.count,
+        timeout=client.timeout or 2.0,
+        hot_keys=ns.keys,
+    )
 
 
 def _describe(entry: Entry) -> str:
