@@ -136,23 +136,31 @@ class ServerSpans:
         self, provider: trace.TracerProvider, service: str, classify: Callable[[str], str]
     ) -> None:
         self._tracer = provider.get_tracer(INSTRUMENTATION_NAME)
+        # Header names the configured propagators read (traceparent, tracestate, baggage).
+        self._fields = frozenset(propagate.get_global_textmap().fields)
         self._service = service
         self._classify = classify
 
     def _start(self, method: str, request: Any, context: Context) -> trace.Span:
         carrier = cast(Sequence[tuple[str, Any]], context.invocation_metadata() or ())
-        parent = propagate.extract(carrier, getter=_METADATA)
+        # Most calls carry no trace context: skip the propagators' parsing for them.
+        fields = self._fields
+        parent = (
+            propagate.extract(carrier, getter=_METADATA)
+            if any(k in fields for k, _ in carrier)
+            else None
+        )
         span = self._tracer.start_span(
-            f"{self._service}/{method}",
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={
-                names.RPC_SYSTEM: "grpc",
-                names.RPC_SERVICE: self._service,
-                names.RPC_METHOD: method,
-            },
+            f"{self._service}/{method}", context=parent, kind=SpanKind.SERVER
         )
         if span.is_recording():
+            span.set_attributes(
+                {
+                    names.RPC_SYSTEM: "grpc",
+                    names.RPC_SERVICE: self._service,
+                    names.RPC_METHOD: method,
+                }
+            )
             key = getattr(request, "key", None)
             if isinstance(key, str) and key:
                 span.set_attribute(names.ATTRIBUTE_PREFIX + names.KEY_CLASS, self._classify(key))
