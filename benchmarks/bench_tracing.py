@@ -233,7 +233,9 @@ def micro(calls: int) -> str:
                 TelemetryConfig(sample_ratio=ratio), "bench", DiscardExporter()
             )
             assert provider is not None
-            spans = tracing.ServerSpans(provider, "cachegw.v1.CacheService", lambda k: "default")
+            spans = tracing.ServerSpans(
+                provider, "cachegw.v1.CacheService", lambda k: "default", ratio
+            )
             tracing.enable()
             try:
                 traced = spans.unary("Get", bare)

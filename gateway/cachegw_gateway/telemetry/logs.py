@@ -23,9 +23,10 @@ _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime
 
 
 def trace_ids() -> tuple[str, str] | None:
-    """(trace_id, span_id) in W3C hex of the current span, or None."""
+    """(trace_id, span_id) in W3C hex of the current span, or None (also when the trace
+    is not sampled: nothing would be found under its ids)."""
     ctx = trace.get_current_span().get_span_context()
-    if not ctx.is_valid:
+    if not ctx.is_valid or not ctx.trace_flags.sampled:
         return None
     return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
 

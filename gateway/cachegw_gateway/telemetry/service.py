@@ -64,7 +64,7 @@ class Telemetry:
         self._spans: tracing.ServerSpans | None = None
         if tracer_provider is not None:
             self._spans = tracing.ServerSpans(
-                tracer_provider, service, lambda key: policy.classify(key).name
+                tracer_provider, service, lambda key: policy.classify(key).name, t.sample_ratio
             )
             tracing.instrument_redis(store.client, tracer_provider)
             tracing.enable()

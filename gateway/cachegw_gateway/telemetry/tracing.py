@@ -16,15 +16,17 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from random import random
 from typing import Any, cast
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
@@ -84,9 +86,10 @@ def build_provider(
             "service.version": _version(),
         }
     )
-    provider = TracerProvider(
-        resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio))
-    )
+    # Calls without a caller's context are sampled at `sample_ratio` by ServerSpans
+    # before any span exists (cheaper than an unsampled SDK span); everything else
+    # follows its parent.
+    provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
 
@@ -133,9 +136,24 @@ class ServerSpans:
     """Wraps a gateway's handlers so each call runs in a SERVER span."""
 
     def __init__(
-        self, provider: trace.TracerProvider, service: str, classify: Callable[[str], str]
+        self,
+        provider: trace.TracerProvider,
+        service: str,
+        classify: Callable[[str], str],
+        sample_ratio: float = 1.0,
     ) -> None:
         self._tracer = provider.get_tracer(INSTRUMENTATION_NAME)
+        self._ratio = sample_ratio
+        # The context of every call that starts a trace here and is not sampled: a span
+        # that records nothing, so Redis spans under it are dropped too. Shared, since
+        # nothing is ever exported or propagated from it.
+        self._unsampled = trace.set_span_in_context(
+            trace.NonRecordingSpan(
+                trace.SpanContext(
+                    trace_id=1, span_id=1, is_remote=False, trace_flags=trace.TraceFlags(0)
+                )
+            )
+        )
         # Header names the configured propagators read (traceparent, tracestate, baggage).
         self._fields = frozenset(propagate.get_global_textmap().fields)
         self._service = service
@@ -170,7 +188,16 @@ class ServerSpans:
         return span
 
     def unary(self, method: str, fn: Handler) -> Handler:
+        fields, ratio, unsampled = self._fields, self._ratio, self._unsampled
+
         async def handler(request: Any, context: Context) -> Any:
+            metadata = context.invocation_metadata() or ()
+            if random() >= ratio and not any(k in fields for k, _ in metadata):
+                token = otel_context.attach(unsampled)  # a root not picked: no span at all
+                try:
+                    return await fn(request, context)
+                finally:
+                    otel_context.detach(token)
             span = self._start(method, request, context)
             with trace.use_span(
                 span, end_on_exit=True, record_exception=False, set_status_on_exception=False
@@ -186,8 +213,9 @@ class ServerSpans:
         return handler
 
     def stream(self, method: str, fn: StreamHandler) -> StreamHandler:
-        """A server stream's span covers the whole stream. It is not made current: a
-        generator resumes in its consumer's context, where attaching it would leak."""
+        """A server stream's span covers the whole stream (every stream is traced). It is
+        not made current: a generator resumes in its consumer's context, where attaching
+        it would leak."""
 
         async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
             span = self._start(method, request, context)
