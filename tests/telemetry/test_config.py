@@ -69,3 +69,17 @@ def test_warnings_for_settings_without_effect() -> None:
         "telemetry.sample_ratio has no effect: telemetry.exporter is 'none'"
     ]
     assert config_warnings(load_config(env={})) == []
+
+
+def test_otlp_exporter_is_built_without_a_collector() -> None:
+    from cachegw_gateway.telemetry import tracing
+
+    config = load_config(
+        env={},
+        overrides={"telemetry.exporter": "otlp", "telemetry.otlp_endpoint": "http://127.0.0.1:1"},
+    )
+    provider = tracing.build_provider(config.telemetry, "gw-1")
+    assert provider is not None  # nothing is sent until a span ends
+    assert provider.resource.attributes["service.instance.id"] == "gw-1"
+    provider.shutdown()
+    assert tracing.build_provider(load_config(env={}).telemetry, "gw-1") is None

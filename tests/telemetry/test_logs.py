@@ -100,3 +100,20 @@ async def test_redis_connection_changes_are_logged_once_each(
     events = [getattr(r, "event", None) for r in caplog.records]
     assert events == ["redis_down", "redis_up"]
     assert "redis connection lost" in caplog.records[0].getMessage()
+
+
+def test_serve_with_console_exporter_prints_spans(
+    gateway_process: Callable[..., GatewayProcess], redis_server: ManagedRedis
+) -> None:
+    # The entry point builds the provider from flags and flushes it on stop.
+    gw = gateway_process("--redis-url", redis_server.url, "--trace-exporter", "console")
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    with grpc.insecure_channel(gw.address) as channel:
+        stub = cache_pb2_grpc.CacheServiceStub(channel)
+        stub.Get(pb.GetRequest(key="k"), timeout=5, metadata=(("traceparent", traceparent),))
+    assert gw.stop() == 0
+    out = gw.output()
+    assert '"name": "cachegw.v1.CacheService/Get"' in out
+    assert '"trace_id": "0x4bf92f3577b34da6a3ce929d0e0e4736"' in out
+    assert '"cachegw.tier": "miss"' in out
+    assert '"name": "GET PTTL"' in out  # its Redis read, a child span

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from bisect import bisect_left
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -60,26 +60,6 @@ def status_of(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN
-
-
-def quantile(buckets: Sequence[int], q: float) -> float:
-    """Estimated q-quantile (0..1) in seconds, interpolated inside its bucket; NaN if empty.
-
-    The open last bucket answers with the highest bound.
-    """
-    total = sum(buckets)
-    if total == 0:
-        return float("nan")
-    rank = q * total
-    seen = 0
-    for i, count in enumerate(buckets):
-        if count and seen + count >= rank:
-            if i == len(BOUNDS):
-                return BOUNDS[-1]
-            lo = BOUNDS[i - 1] if i else 0.0
-            return lo + (BOUNDS[i] - lo) * max(0.0, rank - seen) / count
-        seen += count
-    return BOUNDS[-1]
 
 
 class RpcLatency:
