@@ -88,6 +88,7 @@ async def test_redis_connection_changes_are_logged_once_each(
 ) -> None:
     gw = await traced_factory(tracing_on=False)
     watch = gw.server.telemetry.redis_watch
+    await watch.stop()  # the test probes by hand, so no background probe races it
     caplog.set_level(logging.INFO, logger="cachegw.redis")
     assert await watch.probe()
     redis_server.stop()

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import redis
 from opentelemetry.trace import SpanKind, StatusCode
 
 from cachegw.v1 import cache_pb2 as pb
@@ -62,11 +63,16 @@ async def test_miss_hit_l2_and_hit_l1(traced_factory: TracedFactory) -> None:
     assert gw.children(span) == []  # an L1 hit never touches Redis
 
 
-async def test_coalesced_calls_share_one_redis_read(traced_factory: TracedFactory) -> None:
+async def test_coalesced_calls_share_one_redis_read(
+    traced_factory: TracedFactory, redis_client: redis.Redis
+) -> None:
     gw = await traced_factory()
     await gw.stub.Set(pb.SetRequest(key="hot", value=b"v"))
     gw.server.l1.clear()
     gw.clear()
+    # Redis holds the first read for a moment, so every other Get arrives while it is in
+    # flight (with spans to build, calls are slow enough to miss it otherwise).
+    redis_client.client_pause(300)
     replies = await asyncio.gather(*(gw.stub.Get(pb.GetRequest(key="hot")) for _ in range(30)))
     assert all(r.value == b"v" for r in replies)
 

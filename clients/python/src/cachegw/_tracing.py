@@ -60,10 +60,13 @@ def aio_interceptors() -> Any:
     return [] if tracer is None else [_AioUnarySpans(tracer), _AioStreamSpans(tracer)]
 
 
-def _start(tracer: Tracer, method: str, metadata: Any) -> tuple[Span, list[tuple[str, Any]]]:
-    """A CLIENT span for `method` and the call's metadata with the span's context added."""
+def _start(tracer: Tracer, details: Any) -> tuple[Span, list[tuple[str, Any]]]:
+    """A CLIENT span for the call and its metadata with the span's context added."""
     from opentelemetry import propagate, trace
 
+    method = details.method
+    method = method.decode() if isinstance(method, bytes) else method  # bytes in grpc.aio
+    metadata = details.metadata
     service, _, name = method.lstrip("/").partition("/")
     span = tracer.start_span(
         method.lstrip("/"),
@@ -100,7 +103,7 @@ class _SyncSpans(_UnaryUnary, _UnaryStream):
         self._tracer = tracer
 
     def _call(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        span, metadata = _start(self._tracer, details.method, details.metadata)
+        span, metadata = _start(self._tracer, details)
         try:
             outcome = continuation(_SyncDetails(details, metadata), request)
         except BaseException:
@@ -137,9 +140,7 @@ class _AioUnarySpans(_AioUnaryUnary):
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> Any:
-        method = client_call_details.method
-        method = method.decode() if isinstance(method, bytes) else method
-        span, metadata = _start(self._tracer, method, client_call_details.metadata)
+        span, metadata = _start(self._tracer, client_call_details)
         try:
             call = await continuation(_aio_details(client_call_details, metadata), request)
             code = await call.code()  # the span ends with the call
@@ -159,9 +160,7 @@ class _AioStreamSpans(_AioUnaryStream):
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> Any:
-        method = client_call_details.method
-        method = method.decode() if isinstance(method, bytes) else method
-        span, metadata = _start(self._tracer, method, client_call_details.metadata)
+        span, metadata = _start(self._tracer, client_call_details)
         call = await continuation(_aio_details(client_call_details, metadata), request)
 
         async def finish() -> None:  # a stream's span ends when the stream does
