@@ -22,6 +22,7 @@ from cachegw_gateway.config import (
     L1Config,
     RedisConfig,
     ServerConfig,
+    TelemetryConfig,
     load_config,
 )
 
@@ -123,6 +124,10 @@ def test_every_env_var_sets_its_key(tmp_path: Path) -> None:
         "CACHEGW_LISTEN": "0.0.0.0:9000",
         "CACHEGW_REDIS_PREFIX": "shop",
         "CACHEGW_GATEWAY_ID": "gw-7",
+        "CACHEGW_TRACE_EXPORTER": "otlp",
+        "CACHEGW_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+        "CACHEGW_METRICS_LISTEN": "127.0.0.1:9464",
+        "CACHEGW_LOG_FORMAT": "json",
     }
     assert set(values) == set(ENV_VARS)
     config = load_config(env=values)
@@ -427,6 +432,7 @@ def _all_keys() -> list[str]:
         "redis": RedisConfig,
         "l1": L1Config,
         "invalidation": InvalidationConfig,
+        "telemetry": TelemetryConfig,
     }
     keys = [f"{t}.{f.name}" for t, cls in tables.items() for f in dataclasses.fields(cls)]
     return keys + [f"classes.{f.name}" for f in dataclasses.fields(KeyClassConfig)]

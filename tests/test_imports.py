@@ -20,9 +20,14 @@ def _modules() -> list[str]:
     names = []
     for package, folder in PACKAGES.items():
         names.append(package)
-        for path in sorted(folder.glob("*.py")) + sorted(folder.glob("*.pyx")):
-            if path.stem not in ("__init__", "__main__"):
-                names.append(f"{package}.{path.stem}")
+        for path in sorted(folder.rglob("*.py")) + sorted(folder.rglob("*.pyx")):
+            parts = path.relative_to(folder).with_suffix("").parts
+            if parts[0] == "v1":  # generated stubs
+                continue
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if parts and parts[-1] != "__main__":
+                names.append(".".join((package, *parts)))
     return names
 
 

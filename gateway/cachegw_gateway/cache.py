@@ -37,6 +37,7 @@ from cachegw_gateway.l2 import L2Entry, L2Unavailable, RedisStore, SetResult
 from cachegw_gateway.leases import LeaseTable, LeaseToken
 from cachegw_gateway.policy import KeyClass, PolicyTable
 from cachegw_gateway.stats import ClassCounters, GatewayStats
+from cachegw_gateway.telemetry import tracing
 from cachegw_native.coalescer import Coalescer
 from cachegw_native.hotkeys import HotKeys
 from cachegw_native.l1 import L1Cache
@@ -152,11 +153,13 @@ class Cache:
         if not l1_checked:
             answer = self.l1_answer(key)
             if answer is not None:
+                tracing.annotate(tier="l1")
                 return answer
         deadline = None if time_remaining is None else self._clock() + time_remaining
         if self._hotkeys is not None:
             self._hotkeys.add(key)
         kc = self._policy.classify(key)
+        tracing.annotate(key_class=kc.name)
         if (
             lease
             and not allow_stale
@@ -164,13 +167,16 @@ class Cache:
         ):
             # Someone is filling it: join the waiters without a Redis read of our own.
             return await self._lease(key, kc, None, max_wait_ms, deadline, allow_stale)
+        tracing.annotate(coalesced=key in self._reads)  # in flight: run() joins it
         try:
             entry = await self._reads.run(key, partial(self._read_one, key))
         except L2Unavailable:
             answer = self._fallback_answer(key)
             if answer is None:
                 raise
+            tracing.annotate(tier="l1", fallback=True)
             return answer
+        tracing.annotate(tier="miss" if entry is None else "l2")
         counters = self._counters[kc.name]
         unusable: int | None = None
         if entry is not None:
@@ -181,6 +187,7 @@ class Cache:
                 if lease and kc.early_refresh_beta > 0 and self._xfetch(env, kc, fresh_left):
                     token = await self._try_refresh(key, kc, env.version)
                     if token is not None:
+                        tracing.annotate(refresh=True, lease="granted")
                         return self._entry_answer(
                             pb.STATUS_HIT, kc, entry, fresh_left, token, refresh=True
                         )
@@ -188,6 +195,8 @@ class Cache:
             if verdict == STALE and allow_stale:
                 counters.stale += 1
                 token = await self._try_refresh(key, kc, env.version) if lease else None
+                if token is not None:
+                    tracing.annotate(refresh=True, lease="granted")
                 return self._entry_answer(pb.STATUS_STALE, kc, entry, 0, token, refresh=True)
             unusable = env.version
         if not lease:
@@ -199,6 +208,7 @@ class Cache:
         """An encoded GetManyResponse, in key order; one Redis round trip for the L1 misses."""
         answers: list[bytes | None] = [self.l1_answer(k) for k in keys]
         missing = [k for k, a in zip(keys, answers, strict=True) if a is None]
+        tracing.annotate(l1_hits=len(keys) - len(missing))
         if missing:
             try:
                 found = await self._reads.run_many(missing, self._read_many)
@@ -368,10 +378,21 @@ class Cache:
         on the key's wake-up (the fills channel, an invalidation) and then share one
         Redis read. A holder that never fills loses its lease when it expires, and the
         next attempt here (or in another gateway) takes it over."""
-        counters = self._counters[kc.name]
-        end = self._clock() + (max_wait_ms or kc.max_wait_ms) / 1000
+        started = self._clock()
+        end = started + (max_wait_ms or kc.max_wait_ms) / 1000
         if deadline is not None:
             end = min(end, deadline - WAIT_MARGIN)
+        answer, outcome, waited = await self._lease_loop(key, kc, unusable, end, allow_stale)
+        tracing.annotate(lease=outcome)
+        if waited:
+            tracing.annotate(lease_wait_ms=(self._clock() - started) * 1000)
+        return answer
+
+    async def _lease_loop(
+        self, key: str, kc: KeyClass, unusable: int | None, end: float, allow_stale: bool
+    ) -> tuple[bytes, str, bool]:
+        """(answer, how the lease went, whether this caller waited)."""
+        counters = self._counters[kc.name]
         waited = saw_holder = False
         while True:
             if not self.leases.held(key) and self.leases.attempt_in_flight(key) is None:
@@ -387,16 +408,17 @@ class Cache:
                     counters.leases_granted += 1
                     if saw_holder:
                         counters.leases_taken_over += 1
-                    return wire.answer(
+                    leased = wire.answer(
                         pb.STATUS_LEASED,
                         tier=pb.TIER_ORIGIN,
                         key_class=kc.name,
                         lease_token=token.raw,
                     )
+                    return leased, "taken_over" if saw_holder else "granted", waited
                 if got.entry is not None:
                     answer = self._usable(kc, got.entry, allow_stale)
                     if answer is not None:
-                        return answer
+                        return answer, "waited", waited
                     unusable = got.entry.envelope.version
                     continue
                 if got.raw_mismatch:
@@ -405,24 +427,21 @@ class Cache:
                 saw_holder = True
                 self.leases.note_held(key, max(got.holder_pttl_ms, 1) / 1000)
             now = self._clock()
-            if now >= end:
-                counters.misses += 1
-                counters.lease_wait_timeouts += 1
-                return self._miss_answer(kc)
-            if not waited:
-                waited = True
-                counters.lease_waits += 1
-            held_until = self.leases.held_until(key) or end
-            await self.leases.wait(key, min(end, held_until) - now)
+            if now < end:
+                if not waited:
+                    waited = True
+                    counters.lease_waits += 1
+                held_until = self.leases.held_until(key) or end
+                await self.leases.wait(key, min(end, held_until) - now)
             if self._clock() >= end:
                 counters.misses += 1
                 counters.lease_wait_timeouts += 1
-                return self._miss_answer(kc)
+                return self._miss_answer(kc), "timed_out", waited
             entry = await self._reads.run(key, partial(self._read_one, key))
             if entry is not None:
                 answer = self._usable(kc, entry, allow_stale)
                 if answer is not None:
-                    return answer
+                    return answer, "waited", waited
                 unusable = entry.envelope.version
 
     def _usable(self, kc: KeyClass, entry: L2Entry, allow_stale: bool) -> bytes | None:

@@ -79,11 +79,22 @@ class KeyClassConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    exporter: str = "none"  # "none" (tracing off) | "console" | "otlp"
+    otlp_endpoint: str = "http://127.0.0.1:4317"  # OTLP/gRPC collector
+    sample_ratio: float = 1.0  # of traces started here; a caller's sampled flag is followed
+    metrics_listen: str = ""  # "" = no /metrics endpoint; host:port (port 0 = a free one)
+    log_format: str = "text"  # "text" | "json"
+    service_name: str = "cachegw"  # service.name of spans
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     l1: L1Config = field(default_factory=L1Config)
     invalidation: InvalidationConfig = field(default_factory=InvalidationConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     classes: tuple[KeyClassConfig, ...] = ()
     default_class: KeyClassConfig = field(default_factory=lambda: KeyClassConfig("default"))
 
@@ -94,6 +105,10 @@ ENV_VARS: Mapping[str, str] = {
     "CACHEGW_LISTEN": "server.listen",
     "CACHEGW_REDIS_PREFIX": "redis.prefix",
     "CACHEGW_GATEWAY_ID": "server.gateway_id",
+    "CACHEGW_TRACE_EXPORTER": "telemetry.exporter",
+    "CACHEGW_OTLP_ENDPOINT": "telemetry.otlp_endpoint",
+    "CACHEGW_METRICS_LISTEN": "telemetry.metrics_listen",
+    "CACHEGW_LOG_FORMAT": "telemetry.log_format",
 }
 ADMISSION_POLICIES = ("lru", "tinylfu")
 JITTER_MODES = ("random", "deterministic")
@@ -101,6 +116,8 @@ INVALIDATION_MODES = ("events", "ttl")
 URL_SCHEMES = ("redis://", "rediss://", "unix://")
 # Accepted by redis-py, not served by this gateway yet: refused with a clear message.
 UNSUPPORTED_SCHEMES = ("redis+sentinel://", "redis+cluster://")
+TRACE_EXPORTERS = ("none", "console", "otlp")
+LOG_FORMATS = ("text", "json")
 DEFAULT_CLASS_NAME = "default"
 
 # Tables that take plain keys, and the keys of each (the default class has no name/patterns).
@@ -109,12 +126,14 @@ _TABLES: dict[str, type[Any]] = {
     "redis": RedisConfig,
     "l1": L1Config,
     "invalidation": InvalidationConfig,
+    "telemetry": TelemetryConfig,
     "default_class": KeyClassConfig,
 }
 _FIXED = {"default_class": ("name", "patterns")}
 _TOP_LEVEL = (*_TABLES, "classes")
 _CLASS_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _INT = re.compile(r"[+-]?[0-9][0-9_]*")
+_OTLP_ENDPOINT = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):[0-9]{1,5}/?")
 
 
 def _keys(cls: type[Any], table: str = "") -> dict[str, str]:
@@ -414,6 +433,8 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
             f"{w('l1.admission')} must be 'lru' or 'tinylfu' (got {c.l1.admission!r})"
         )
 
+    _check_telemetry(c, s)
+
     seen: dict[str, str] = {}
     for kc, at in zip(c.classes, class_where, strict=True):
         _check_class(_under(at), kc, c.server.max_ttl_seconds)
@@ -427,6 +448,51 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
             raise ConfigError(f"{at}.name {kc.name!r} is already used by {seen[kc.name]}")
         seen[kc.name] = at.rpartition(": ")[2]
     _check_class(lambda key: w(f"default_class.{key}"), c.default_class, c.server.max_ttl_seconds)
+
+
+def _check_telemetry(c: GatewayConfig, s: _Sources) -> None:
+    w, t = s.where, c.telemetry
+    if t.exporter not in TRACE_EXPORTERS:
+        raise ConfigError(
+            f"{w('telemetry.exporter')} must be 'none', 'console' or 'otlp' (got {t.exporter!r})"
+        )
+    if t.exporter == "otlp" and not _OTLP_ENDPOINT.fullmatch(t.otlp_endpoint):
+        raise ConfigError(
+            f"{w('telemetry.otlp_endpoint')} must be the collector's OTLP/gRPC address, "
+            f"http://host:port (plaintext) or https://host:port (TLS), "
+            f"e.g. http://127.0.0.1:4317 (got {t.otlp_endpoint!r})"
+        )
+    if not 0 <= t.sample_ratio <= 1:
+        raise ConfigError(
+            f"{w('telemetry.sample_ratio')} must be in [0, 1] (got {_num(t.sample_ratio)})"
+        )
+    if t.metrics_listen:
+        _check_listen(w("telemetry.metrics_listen"), t.metrics_listen)
+        if t.metrics_listen == c.server.listen and not t.metrics_listen.endswith(":0"):
+            raise ConfigError(
+                f"{w('telemetry.metrics_listen')} must differ from server.listen "
+                f"(both are {t.metrics_listen!r})"
+            )
+    if t.log_format not in LOG_FORMATS:
+        raise ConfigError(
+            f"{w('telemetry.log_format')} must be 'text' or 'json' (got {t.log_format!r})"
+        )
+    if not t.service_name or any(ch.isspace() for ch in t.service_name):
+        raise ConfigError(
+            f"{w('telemetry.service_name')} must be non-empty, without spaces "
+            f"(got {t.service_name!r})"
+        )
+
+
+def config_warnings(c: GatewayConfig) -> list[str]:
+    """Settings that are valid but probably not what was meant (logged at start)."""
+    t = c.telemetry
+    out = []
+    if t.exporter == "none" and t.sample_ratio != 1.0:
+        out.append("telemetry.sample_ratio has no effect: telemetry.exporter is 'none'")
+    if t.exporter != "none" and t.sample_ratio == 0:
+        out.append("telemetry.sample_ratio is 0: only calls whose caller sampled them are traced")
+    return out
 
 
 def _make(cls: type[Any], values: Mapping[str, object]) -> Any:
@@ -467,6 +533,7 @@ def load_config(
         redis=_make(RedisConfig, tables["redis"]),
         l1=_make(L1Config, tables["l1"]),
         invalidation=_make(InvalidationConfig, tables["invalidation"]),
+        telemetry=_make(TelemetryConfig, tables["telemetry"]),
         classes=tuple(_make(KeyClassConfig, values) for _, values in class_entries),
         default_class=_make(
             KeyClassConfig, {"name": DEFAULT_CLASS_NAME, **tables["default_class"]}

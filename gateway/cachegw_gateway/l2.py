@@ -190,6 +190,7 @@ class RedisStore:
 
     @property
     def client(self) -> aioredis.Redis:
+        """The Redis client (telemetry instruments it when tracing is on)."""
         return self._client
 
     @property

@@ -1,17 +1,31 @@
-"""`cachegw serve`: configuration, the managed Redis, signals, graceful shutdown."""
+"""`cachegw serve`: configuration, logging, tracing, the managed Redis, signals, graceful
+shutdown. Logs are one line per event (start, stop, Redis changes, configuration
+problems), never one per request."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
-from cachegw_gateway.config import ConfigError, GatewayConfig, load_config
+from opentelemetry import trace
+from opentelemetry.trace import TracerProvider
+
+from cachegw_gateway.config import (
+    LOG_FORMATS,
+    TRACE_EXPORTERS,
+    ConfigError,
+    GatewayConfig,
+    config_warnings,
+    load_config,
+)
 from cachegw_gateway.managed_redis import ManagedRedis, RedisServerNotFound
 from cachegw_gateway.server import GatewayServer
+from cachegw_gateway.telemetry import logs, tracing
 
 log = logging.getLogger("cachegw")
 
@@ -29,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway-id", help="name of this gateway in events and stats")
     p.add_argument("--grace", type=float, help="seconds to drain in-flight calls on stop")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or json lines")
+    p.add_argument(
+        "--trace-exporter", choices=TRACE_EXPORTERS, help="spans to none (default), console, otlp"
+    )
+    p.add_argument("--otlp-endpoint", help="OTLP/gRPC collector, e.g. http://127.0.0.1:4317")
+    p.add_argument("--sample-ratio", type=float, help="share of new traces recorded, 0..1")
+    p.add_argument(
+        "--metrics-listen", help="host:port of the Prometheus /metrics endpoint (default: none)"
+    )
     return p
 
 
@@ -39,43 +62,96 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "redis.prefix": args.redis_prefix,
         "server.gateway_id": args.gateway_id,
         "server.grace_seconds": args.grace,
+        "telemetry.log_format": args.log_format,
+        "telemetry.exporter": args.trace_exporter,
+        "telemetry.otlp_endpoint": args.otlp_endpoint,
+        "telemetry.sample_ratio": args.sample_ratio,
+        "telemetry.metrics_listen": args.metrics_listen,
     }
     return {k: v for k, v in flags.items() if v is not None}
 
 
-async def serve(config: GatewayConfig, redis_url: str) -> int:
-    server = GatewayServer(config, redis_url)
+async def serve(
+    config: GatewayConfig, redis_url: str, tracer_provider: TracerProvider | None = None
+) -> int:
+    server = GatewayServer(config, redis_url, tracer_provider=tracer_provider)
     try:
         await server.start()
     except (OSError, RuntimeError) as exc:
-        log.error("cannot listen on %s: %s", config.server.listen, exc)
+        log.error(
+            "cannot listen on %s: %s",
+            config.server.listen,
+            exc,
+            extra={"event": "listen_failed", "listen": config.server.listen},
+        )
+        await server.telemetry.stop()
         await server.store.close()
         return 1
     if not await server.store.ping():
-        log.warning("redis at %s does not answer yet; serving L1 only until it does", redis_url)
-    log.info("serving on %s (redis %s)", server.address, redis_url)
+        log.warning(
+            "redis at %s does not answer yet; serving L1 only until it does",
+            _redacted(redis_url),
+            extra={"event": "redis_down", "redis": _redacted(redis_url)},
+        )
+    t = config.telemetry
+    metrics = server.metrics_address
+    log.info(
+        "serving on %s (redis %s; metrics %s; tracing %s)",
+        server.address,
+        _redacted(redis_url),
+        f"http://{metrics}/metrics" if metrics else "off",
+        f"{t.exporter} at {t.sample_ratio:g}" if tracer_provider is not None else "off",
+        extra={
+            "event": "start",
+            "listen": server.address,
+            "gateway_id": config.server.gateway_id,
+            "redis": _redacted(redis_url),
+            "metrics": metrics,
+            "trace_exporter": t.exporter if tracer_provider is not None else "none",
+            "sample_ratio": t.sample_ratio,
+        },
+    )
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    log.info("stopping: draining in-flight calls for up to %.1fs", config.server.grace_seconds)
+    log.info(
+        "stopping: draining in-flight calls for up to %.1fs",
+        config.server.grace_seconds,
+        extra={"event": "stopping", "grace_seconds": config.server.grace_seconds},
+    )
     await server.stop()
-    log.info("stopped")
+    log.info("stopped", extra={"event": "stop"})
     return 0
+
+
+def _redacted(url: str) -> str:
+    """`url` without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else url
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         config = load_config(args.config, overrides=_overrides(args))
     except ConfigError as exc:
-        print(f"cachegw: configuration error: {exc}", file=sys.stderr)
+        fmt = args.log_format or os.environ.get("CACHEGW_LOG_FORMAT") or "text"
+        if fmt == "json":
+            logs.setup(args.log_level, "json")
+            log.error("configuration error: %s", exc, extra={"event": "config_error"})
+        else:
+            print(f"cachegw: configuration error: {exc}", file=sys.stderr)
         return 2
+    logs.setup(args.log_level, config.telemetry.log_format)
+    for problem in config_warnings(config):
+        log.warning("configuration: %s", problem, extra={"event": "config_warning"})
 
     managed: ManagedRedis | None = None
     redis_url = config.redis.url
@@ -87,13 +163,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"cachegw: {exc}", file=sys.stderr)
             return 2
         redis_url = managed.url
-        log.info("started a managed redis-server at %s (pid %s)", redis_url, managed.pid)
+        log.info(
+            "started a managed redis-server at %s (pid %s)",
+            redis_url,
+            managed.pid,
+            extra={"event": "managed_redis_start", "redis": redis_url},
+        )
+    # The one place a tracer provider is made: libraries use the application's.
+    provider = tracing.build_provider(config.telemetry, config.server.gateway_id)
+    if provider is not None:
+        trace.set_tracer_provider(provider)
     try:
-        return asyncio.run(serve(config, redis_url))
+        return asyncio.run(serve(config, redis_url, provider))
     finally:
+        if provider is not None:
+            provider.shutdown()  # flushes the spans still batched
         if managed is not None:
             managed.stop()
-            log.info("stopped the managed redis-server")
+            log.info("stopped the managed redis-server", extra={"event": "managed_redis_stop"})
 
 
 if __name__ == "__main__":

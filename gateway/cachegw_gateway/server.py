@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio is
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import TracerProvider
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.bus import EventBus
@@ -25,6 +26,7 @@ from cachegw_gateway.policy import PolicyTable
 from cachegw_gateway.servicer import SERVICE_NAME, CacheServicer
 from cachegw_gateway.stats import GatewayStats
 from cachegw_gateway.subscriptions import SubscriberHub
+from cachegw_gateway.telemetry.service import Telemetry
 from cachegw_native.hotkeys import HotKeys
 from cachegw_native.l1 import L1Cache
 
@@ -45,7 +47,13 @@ class GatewayServer:
     records the hot keys and closes Redis.
     """
 
-    def __init__(self, config: GatewayConfig, redis_url: str) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        redis_url: str,
+        *,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.config = config
         self.redis_url = redis_url
         self.policy = PolicyTable.from_config(config)
@@ -77,6 +85,18 @@ class GatewayServer:
             on_live=self._on_live,
             max_backoff=config.invalidation.resubscribe_max_backoff_seconds,
         )
+        # Tracing is on exactly when a provider is given (main.py builds it from config).
+        self.telemetry = Telemetry(
+            config,
+            service=SERVICE_NAME,
+            stats=self.stats,
+            l1=self.l1,
+            reads=self.cache.reads,
+            hotkeys=self.hotkeys,
+            store=self.store,
+            policy=self.policy,
+            tracer_provider=tracer_provider,
+        )
         self.health = health_aio.HealthServicer()
         self._server = grpc.aio.server(
             options=[
@@ -86,9 +106,14 @@ class GatewayServer:
             ]
         )
         self.servicer = CacheServicer(
-            self.cache, self.policy, config.server, self.hub, self.store, config.invalidation
+            self.cache,
+            self.policy,
+            config.server,
+            self.hub,
+            self.store,
+            stats=self.telemetry.stats,
         )
-        self._server.add_generic_rpc_handlers((self.servicer.handler(),))
+        self._server.add_generic_rpc_handlers((self.servicer.handler(wrap=self.telemetry.wrap),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
@@ -138,6 +163,7 @@ class GatewayServer:
         await self._server.start()
         self.started_at = time.monotonic()
         self._background.append(asyncio.create_task(self._record_hot_keys_forever()))
+        await self.telemetry.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
         await self.health.set(SERVICE_NAME, serving)
@@ -178,7 +204,14 @@ class GatewayServer:
         with contextlib.suppress(L2Unavailable):
             await self.record_hot_keys()
         await self.bus.stop()
+        await self.telemetry.stop()
         await self.store.close()
+
+    @property
+    def metrics_address(self) -> str | None:
+        """host:port of the Prometheus endpoint once started, or None without one."""
+        metrics = self.telemetry.metrics
+        return metrics.address if metrics is not None and metrics.port else None
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

@@ -18,12 +18,13 @@ from google.protobuf.message import DecodeError
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway import events
 from cachegw_gateway.cache import Cache
-from cachegw_gateway.config import InvalidationConfig, ServerConfig
+from cachegw_gateway.config import ServerConfig
 from cachegw_gateway.events import StreamId
 from cachegw_gateway.l2 import L2Unavailable, RedisStore
 from cachegw_gateway.leases import LeaseToken
 from cachegw_gateway.policy import KeyClass, PolicyTable
 from cachegw_gateway.subscriptions import SubscriberHub
+from cachegw_gateway.telemetry import tracing
 from cachegw_gateway.validation import (
     BadMessage,
     InvalidRequest,
@@ -52,6 +53,10 @@ async def _abort_unimplemented(context: Context, what: str, issue: str) -> NoRet
     )
 
 
+StatsSource = Callable[[pb.StatsRequest], pb.StatsResponse]
+HandlerWrap = Callable[[str, "grpc.RpcMethodHandler[Any, Any]"], "grpc.RpcMethodHandler[Any, Any]"]
+
+
 class CacheServicer:
     def __init__(
         self,
@@ -60,12 +65,14 @@ class CacheServicer:
         limits: ServerConfig,
         hub: SubscriberHub,
         store: RedisStore,
-        invalidation: InvalidationConfig,
+        *,
+        stats: StatsSource | None = None,
     ) -> None:
         self._cache = cache
         self._policy = policy
         self._hub = hub
         self._store = store
+        self._stats = stats
         self._max_key = limits.max_key_bytes
         self._max_batch = limits.max_batch_keys
         self._max_ttl_ms = int(limits.max_ttl_seconds * 1000)
@@ -107,6 +114,7 @@ class CacheServicer:
         key = request.key
         answer = self._cache.l1_answer(key) if key else None
         if answer is not None:
+            tracing.annotate(tier="l1")
             return answer
         try:
             check_key(key, self._max_key)
@@ -327,12 +335,23 @@ class CacheServicer:
         loaded, missing = await self._cache.warm(keys)
         return pb.WarmupResponse(loaded=loaded, missing=missing, stored=stored)
 
-    async def stats(self, request: object, context: Context) -> pb.StatsResponse:
-        await _abort_unimplemented(context, "Stats", "observability")
+    async def stats(
+        self, request: pb.StatsRequest | BadMessage, context: Context
+    ) -> pb.StatsResponse:
+        if isinstance(request, BadMessage):
+            await self._reject(context, request)
+        if self._stats is None:
+            await _abort_unimplemented(context, "Stats", "observability")
+        try:
+            return self._stats(request)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     # -- registration --------------------------------------------------------------
 
-    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+    def handler(self, wrap: HandlerWrap | None = None) -> grpc.GenericRpcHandler[Any, Any]:
+        """The service's handlers; `wrap(method, handler)` may decorate each (telemetry)."""
+
         def unary(
             fn: Callable[..., Awaitable[Any]], req: Any, resp: Any | None
         ) -> grpc.RpcMethodHandler[Any, Any]:
@@ -357,4 +376,6 @@ class CacheServicer:
                 response_serializer=pb.InvalidationEvent.SerializeToString,
             ),
         }
+        if wrap is not None:
+            handlers = {name: wrap(name, h) for name, h in handlers.items()}
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

@@ -17,7 +17,7 @@ from typing import Any, Self, TypeVar
 import grpc
 import grpc.aio
 
-from cachegw import _calls
+from cachegw import _calls, _tracing
 from cachegw._calls import DEFAULT, Call, Timeout
 from cachegw.client import DEFAULT_TARGET
 from cachegw.errors import CacheError, DeadlineExceeded, Unavailable, error_from_rpc
@@ -57,7 +57,10 @@ class AsyncClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=list(channel_options))
+        # With the application's OpenTelemetry set up, calls carry its trace context.
+        self._channel = grpc.aio.insecure_channel(
+            target, options=list(channel_options), interceptors=_tracing.aio_interceptors()
+        )
         self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)
         self.near_cache = near_cache
         self._closed = False

@@ -6,6 +6,7 @@
     cachegw del KEY [KEY ...]               # prints how many existed
     cachegw invalidate [KEY ...] [--prefix P] [--tag T] [--class C]   # everywhere
     cachegw watch [--prefix P] [--class C] [--since ID] [--count N]   # invalidation events
+    cachegw top [TARGET ...] [--interval S] [--count N]  # live view (needs cachegw[top])
 
 `--target` (default $CACHEGW_TARGET, else 127.0.0.1:50051) and `--timeout` go before or
 after the subcommand. Errors print `cachegw: <message>` on stderr and exit 1.
@@ -73,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser = argparse.ArgumentParser(
         prog="cachegw",
-        description="cachegw cache gateway: serve, or get/set/del keys.",
+        description="cachegw cache gateway: serve, get/set/del keys, or watch gateways (top).",
         parents=[common],
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -118,6 +119,17 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--since", default="", help="replay events after this event id first")
     watch.add_argument("--count", type=int, default=0, help="stop after N events (0 = never)")
     watch.set_defaults(run=_watch)
+
+    top = commands.add_parser(
+        "top", parents=[common], help="live view of gateways: QPS, hit rate, p99, L1, Redis"
+    )
+    top.add_argument("targets", nargs="*", metavar="TARGET", help="gateways (default: --target)")
+    top.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="default 2")
+    top.add_argument(
+        "--count", type=int, default=0, metavar="N", help="stop after N frames (0 = never)"
+    )
+    top.add_argument("--keys", type=int, default=5, metavar="N", help="hot keys per gateway")
+    top.set_defaults(run=_top)
     return parser
 
 
@@ -186,6 +198,24 @@ def _watch(client: Client, ns: argparse.Namespace) -> int:
         if ns.count and seen >= ns.count:
             break
     return 0
+
+
+def _top(client: Client, ns: argparse.Namespace) -> int:
+    try:
+        from cachegw import top
+    except ImportError as exc:
+        if exc.name and exc.name.split(".")[0] == "rich":
+            return _fail("top needs rich: pip install 'cachegw[top]'", status=2)
+        raise
+    if ns.interval <= 0 or ns.count < 0 or ns.keys < 0:
+        return _fail("--interval must be > 0, --count and --keys >= 0", status=2)
+    return top.run(
+        ns.targets or [client.target],
+        interval=ns.interval,
+        count=ns.count,
+        timeout=client.timeout or 2.0,
+        hot_keys=ns.keys,
+    )
 
 
 def _describe(entry: Entry) -> str:

@@ -11,7 +11,7 @@ from typing import Any, Self, TypeVar
 
 import grpc
 
-from cachegw import _calls
+from cachegw import _calls, _tracing
 from cachegw._calls import DEFAULT, Call, Timeout
 from cachegw.errors import CacheError, DeadlineExceeded, Unavailable, error_from_rpc
 from cachegw.models import Entry, Event, InvalidateResult, SetResult, Status
@@ -51,7 +51,8 @@ class Client:
         self.target = target
         self.timeout = timeout
         self._channel = grpc.insecure_channel(target, options=list(channel_options))
-        self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)
+        # With the application's OpenTelemetry set up, calls carry its trace context.
+        self._stub = cache_pb2_grpc.CacheServiceStub(_tracing.intercept(self._channel))
         self.near_cache = near_cache
         self._closed = threading.Event()
         self._stream: Any = None

@@ -670,6 +670,14 @@ class ClassStats(_message.Message):
     SETS_FIELD_NUMBER: _builtins.int
     DELETES_FIELD_NUMBER: _builtins.int
     HIT_RATE_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
+    LEASES_GRANTED_FIELD_NUMBER: _builtins.int
+    LEASE_WAITS_FIELD_NUMBER: _builtins.int
+    LEASE_WAIT_TIMEOUTS_FIELD_NUMBER: _builtins.int
+    LEASES_TAKEN_OVER_FIELD_NUMBER: _builtins.int
+    LEASE_FILLS_FIELD_NUMBER: _builtins.int
+    LEASE_FILLS_REFUSED_FIELD_NUMBER: _builtins.int
+    REFRESHES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     hits_l1: _builtins.int
     hits_l2: _builtins.int
@@ -677,7 +685,21 @@ class ClassStats(_message.Message):
     sets: _builtins.int
     deletes: _builtins.int
     hit_rate: _builtins.float
-    """(hits_l1 + hits_l2) / (hits + misses); 0 with no reads."""
+    """(hits_l1 + hits_l2 + stale) / (hits_l1 + hits_l2 + stale + misses); 0 with no reads."""
+    stale: _builtins.int
+    """STALE answers (stale-while-revalidate)."""
+    leases_granted: _builtins.int
+    """Stampede protection: LEASED answers, callers that waited server-side for another
+    holder's fill, waiters whose wait ran out, leases granted after the previous
+    holder's expired, Sets under a valid lease, Sets whose lease was no longer valid,
+    early-refresh leases handed out.
+    """
+    lease_waits: _builtins.int
+    lease_wait_timeouts: _builtins.int
+    leases_taken_over: _builtins.int
+    lease_fills: _builtins.int
+    lease_fills_refused: _builtins.int
+    refreshes: _builtins.int
     def __init__(
         self,
         *,
@@ -688,10 +710,18 @@ class ClassStats(_message.Message):
         sets: _builtins.int = ...,
         deletes: _builtins.int = ...,
         hit_rate: _builtins.float = ...,
+        stale: _builtins.int = ...,
+        leases_granted: _builtins.int = ...,
+        lease_waits: _builtins.int = ...,
+        lease_wait_timeouts: _builtins.int = ...,
+        leases_taken_over: _builtins.int = ...,
+        lease_fills: _builtins.int = ...,
+        lease_fills_refused: _builtins.int = ...,
+        refreshes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletes", b"deletes", "hit_rate", b"hit_rate", "hits_l1", b"hits_l1", "hits_l2", b"hits_l2", "misses", b"misses", "name", b"name", "sets", b"sets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletes", b"deletes", "hit_rate", b"hit_rate", "hits_l1", b"hits_l1", "hits_l2", b"hits_l2", "lease_fills", b"lease_fills", "lease_fills_refused", b"lease_fills_refused", "lease_wait_timeouts", b"lease_wait_timeouts", "lease_waits", b"lease_waits", "leases_granted", b"leases_granted", "leases_taken_over", b"leases_taken_over", "misses", b"misses", "name", b"name", "refreshes", b"refreshes", "sets", b"sets", "stale", b"stale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -772,16 +802,58 @@ class StatsResponse(_message.Message):
     L1_FIELD_NUMBER: _builtins.int
     HOT_KEYS_FIELD_NUMBER: _builtins.int
     ENVELOPE_MISMATCHES_FIELD_NUMBER: _builtins.int
+    COALESCED_FIELD_NUMBER: _builtins.int
+    REDIS_READS_FIELD_NUMBER: _builtins.int
+    INVALIDATIONS_PUBLISHED_FIELD_NUMBER: _builtins.int
+    INVALIDATIONS_RECEIVED_FIELD_NUMBER: _builtins.int
+    L1_FLUSHES_FIELD_NUMBER: _builtins.int
+    SUBSCRIBERS_FIELD_NUMBER: _builtins.int
+    SUBSCRIBER_RESETS_FIELD_NUMBER: _builtins.int
+    REDIS_FIELD_NUMBER: _builtins.int
+    RPCS_FIELD_NUMBER: _builtins.int
+    LATENCY_BOUNDS_MS_FIELD_NUMBER: _builtins.int
+    TRACE_EXPORTER_FIELD_NUMBER: _builtins.int
+    TRACE_SAMPLE_RATIO_FIELD_NUMBER: _builtins.int
     gateway_id: _builtins.str
     uptime_ms: _builtins.int
     envelope_mismatches: _builtins.int
     """Envelopes Redis returned in a format this gateway does not read (served as misses)."""
+    coalesced: _builtins.int
+    """Reads that joined another caller's in-flight Redis read (request coalescing), and
+    Redis reads started on behalf of callers.
+    """
+    redis_reads: _builtins.int
+    invalidations_published: _builtins.int
+    """Invalidation: events published and received, whole-L1 flushes, Subscribe streams
+    open now, RESETs sent to them.
+    """
+    invalidations_received: _builtins.int
+    l1_flushes: _builtins.int
+    subscribers: _builtins.int
+    subscriber_resets: _builtins.int
+    trace_exporter: _builtins.str
+    """The gateway's configured trace exporter ("none" = tracing off) and sample ratio."""
+    trace_sample_ratio: _builtins.float
     @_builtins.property
     def classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassStats]: ...
     @_builtins.property
     def l1(self) -> Global___L1Stats: ...
     @_builtins.property
     def hot_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___HotKey]: ...
+    @_builtins.property
+    def redis(self) -> Global___RedisStats: ...
+    @_builtins.property
+    def rpcs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RpcStats]:
+        """Calls per RPC method since start, with their latency histograms. Counters only grow:
+        a viewer takes the difference of two answers for rates and recent percentiles.
+        """
+
+    @_builtins.property
+    def latency_bounds_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Upper bounds (ms) of the latency buckets, ascending, shared by every RpcStats; the
+        last bucket has no bound (+Inf).
+        """
+
     def __init__(
         self,
         *,
@@ -791,11 +863,93 @@ class StatsResponse(_message.Message):
         l1: Global___L1Stats | None = ...,
         hot_keys: _abc.Iterable[Global___HotKey] | None = ...,
         envelope_mismatches: _builtins.int = ...,
+        coalesced: _builtins.int = ...,
+        redis_reads: _builtins.int = ...,
+        invalidations_published: _builtins.int = ...,
+        invalidations_received: _builtins.int = ...,
+        l1_flushes: _builtins.int = ...,
+        subscribers: _builtins.int = ...,
+        subscriber_resets: _builtins.int = ...,
+        redis: Global___RedisStats | None = ...,
+        rpcs: _abc.Iterable[Global___RpcStats] | None = ...,
+        latency_bounds_ms: _abc.Iterable[_builtins.float] | None = ...,
+        trace_exporter: _builtins.str = ...,
+        trace_sample_ratio: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["l1", b"l1"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["l1", b"l1", "redis", b"redis"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "l1", b"l1", "uptime_ms", b"uptime_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class RedisStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UP_FIELD_NUMBER: _builtins.int
+    PING_MS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    RECONNECTS_FIELD_NUMBER: _builtins.int
+    up: _builtins.bool
+    """The last health probe (a PING every few seconds) or Redis call succeeded."""
+    ping_ms: _builtins.float
+    """Round trip of the last successful probe."""
+    errors: _builtins.int
+    """Redis calls that failed (timeouts, refused connections), and pub/sub reconnects."""
+    reconnects: _builtins.int
+    def __init__(
+        self,
+        *,
+        up: _builtins.bool = ...,
+        ping_ms: _builtins.float = ...,
+        errors: _builtins.int = ...,
+        reconnects: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "ping_ms", b"ping_ms", "reconnects", b"reconnects", "up", b"up"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedisStats: _TypeAlias = RedisStats  # noqa: Y015
+
+@_typing.final
+class RpcStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    TOTAL_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_BUCKETS_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    """The method name, e.g. "Get"."""
+    calls: _builtins.int
+    errors: _builtins.int
+    """Calls that ended with a status other than OK, counted in `calls` too."""
+    total_ms: _builtins.float
+    """Sum of every call's latency, ms."""
+    @_builtins.property
+    def latency_buckets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Calls per latency bucket (see StatsResponse.latency_bounds_ms); one more entry than
+        there are bounds.
+        """
+
+    def __init__(
+        self,
+        *,
+        method: _builtins.str = ...,
+        calls: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        total_ms: _builtins.float = ...,
+        latency_buckets: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "errors", b"errors", "latency_buckets", b"latency_buckets", "method", b"method", "total_ms", b"total_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RpcStats: _TypeAlias = RpcStats  # noqa: Y015

@@ -1,0 +1,333 @@
+"""What tracing costs the gateway's L1-hit Get: off, on at 100 % sampling, on at 1 %.
+
+In one run, against one Redis (a managed redis-server this script starts and stops),
+four gateways run as their own processes (benchmarks/traced_gateway.py: `serve` with a
+tracer provider built like `[telemetry]` builds it, batching spans to an exporter that
+drops them):
+
+  off     tracing off (no provider: no span code on the request path)
+  off-b   the same again, so the off/off-b ratio shows this machine's noise
+  on-100  every call traced (a SERVER span, its attributes, the batch processor)
+  on-1    1 % of calls traced (the sampler decides per call; most spans are not recorded)
+
+The Foundation Get benchmark (bench_gateway.py's case (a): a hot key answered from L1,
+grpc.aio stubs on one channel) runs against each, at concurrency 1 and 64, in
+interleaved rounds. Reported: throughput and server CPU per call (medians over rounds)
+and the median per-round ratio to `off`. Targets: off-b/off within noise, on-1 within
+5 %. Then, in this process and without gRPC, the per-call cost of each piece on its own:
+the no-op `annotate()` the cache code calls, the latency wrapper, the span wrapper.
+
+Run (from the repository root, after `make setup`):
+
+    .venv/bin/python benchmarks/bench_tracing.py            # about 2 minutes
+    .venv/bin/python benchmarks/bench_tracing.py --quick    # under 30 s (smoke test)
+
+Every process it starts is stopped on exit, also on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# `python benchmarks/bench_tracing.py` puts only benchmarks/ on the path: add the root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import grpc
+
+from benchmarks.bench_gateway import (
+    CALL_TIMEOUT,
+    GATEWAY_CONFIG,
+    HOT_KEY,
+    check_get,
+    make_value,
+    redis_server_version,
+)
+from benchmarks.harness import (
+    Budget,
+    Case,
+    Results,
+    Sample,
+    ServerProcess,
+    fmt_number,
+    fmt_ratio,
+    measure_async,
+    render_table,
+    run_interleaved,
+    sigterm_as_interrupt,
+)
+from cachegw.v1 import cache_pb2 as pb
+from cachegw.v1 import cache_pb2_grpc
+from cachegw_gateway.managed_redis import ManagedRedis, free_port
+from cachegw_gateway.telemetry import tracing
+from cachegw_gateway.telemetry.latency import RpcLatency
+
+LAUNCHER = Path(__file__).resolve().parent / "traced_gateway.py"
+AIM_ON_1 = 0.95  # 1 % sampling: at least 95 % of the throughput with tracing off
+
+# name -> launcher flags
+TARGETS: dict[str, list[str]] = {
+    "off": ["--off"],
+    "off-b": ["--off"],
+    "on-100": ["--sample-ratio", "1"],
+    "on-1": ["--sample-ratio", "0.01"],
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    rounds: int
+    budget: Budget
+    value_size: int
+    concurrency: int
+    micro_calls: int
+
+
+def parse_args(argv: Sequence[str] | None) -> Settings:
+    p = argparse.ArgumentParser(description="Tracing off / on 100 % / on 1 %: Get from L1.")
+    p.add_argument("--quick", action="store_true", help="short run (< 30 s), for smoke tests")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 5, quick 2)")
+    p.add_argument("--seconds", type=float, help="measured seconds per case and round")
+    p.add_argument("--value-size", type=int, default=100, help="value bytes (default 100)")
+    p.add_argument("--concurrency", type=int, default=64, help="the high concurrency (64)")
+    a = p.parse_args(argv)
+    rounds = a.rounds if a.rounds is not None else (2 if a.quick else 5)
+    seconds = a.seconds if a.seconds is not None else (0.3 if a.quick else 1.5)
+    if rounds < 1 or seconds <= 0 or a.value_size < 0 or a.concurrency < 1:
+        p.error("--rounds, --seconds, --concurrency must be positive")
+    return Settings(
+        rounds=rounds,
+        budget=Budget(seconds=seconds, warmup_seconds=0.1 if a.quick else 0.3, timeout=60.0),
+        value_size=a.value_size,
+        concurrency=a.concurrency,
+        micro_calls=20_000 if a.quick else 200_000,
+    )
+
+
+# -- end to end -----------------------------------------------------------------------
+
+
+def build_cases(
+    stubs: dict[str, cache_pb2_grpc.CacheServiceAsyncStub],
+    pids: dict[str, int],
+    s: Settings,
+    runner: asyncio.Runner,
+) -> list[Case]:
+    request = pb.GetRequest(key=HOT_KEY)
+    cases = []
+    for concurrency in (1, s.concurrency):
+        for name, stub in stubs.items():
+
+            def make(
+                stub: cache_pb2_grpc.CacheServiceAsyncStub = stub,
+                concurrency: int = concurrency,
+                pid: int = pids[name],
+                name: str = name,
+            ) -> Callable[[], Sample]:
+                async def get() -> object:
+                    return await stub.Get(request, timeout=CALL_TIMEOUT)
+
+                async def run() -> Sample:
+                    await check_get(stub, None, name)  # still an L1 hit (untimed)
+                    return await measure_async(get, concurrency, s.budget, 1, pid)
+
+                return lambda: runner.run(run())
+
+            cases.append(Case(f"c{concurrency}.{name}", make()))
+    return cases
+
+
+def report(results: Results, s: Settings) -> str:
+    headers = ["case", "tracing", "ops/s", "p50 us", "p99 us", "srv cpu us", "ops ratio",
+               "cpu ratio", "aim"]  # fmt: skip
+    rows: list[list[str]] = []
+    for concurrency in (1, s.concurrency):
+        base = f"c{concurrency}.off"
+        for name in TARGETS:
+            case = f"c{concurrency}.{name}"
+            m = results.summary(case)
+            b = results.summary(base)
+            ratio = results.ratio(case, base)
+            aim = ""
+            if name == "on-1":
+                aim = f">={AIM_ON_1:.2f} {'met' if ratio >= AIM_ON_1 else 'NOT met'}"
+            rows.append([
+                f"Get L1 hit, c={concurrency}", name,
+                fmt_number(m.ops_per_s), fmt_number(m.p50_us, 1), fmt_number(m.p99_us, 1),
+                fmt_number(m.server_cpu_us_per_op, 1),
+                "1.00 (base)" if name == "off" else fmt_ratio(ratio),
+                "1.00 (base)" if name == "off" else fmt_ratio(
+                    m.server_cpu_us_per_op / b.server_cpu_us_per_op),
+                aim,
+            ])  # fmt: skip
+        rows.append([])
+    return render_table(headers, rows[:-1], right="llrrrrrrl")
+
+
+# -- in process: each piece alone -----------------------------------------------------
+
+
+class _Context:
+    """Just enough of a grpc.aio servicer context for the wrappers."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def code(self) -> None:
+        return None
+
+    def details(self) -> None:
+        return None
+
+
+async def _per_call_ns(handler: Callable[[Any, Any], Awaitable[Any]], calls: int) -> float:
+    ctx = _Context()
+    request = pb.GetRequest(key=HOT_KEY)
+    t0 = time.perf_counter_ns()
+    for _ in range(calls):
+        await handler(request, ctx)
+    return (time.perf_counter_ns() - t0) / calls
+
+
+def micro(calls: int) -> str:
+    from benchmarks.traced_gateway import DiscardExporter
+    from cachegw_gateway.config import TelemetryConfig
+
+    async def bare(request: Any, context: Any) -> bytes:
+        return b""
+
+    def annotate_loop() -> float:
+        t0 = time.perf_counter_ns()
+        for _ in range(calls):
+            tracing.annotate(tier="l1")
+        return (time.perf_counter_ns() - t0) / calls
+
+    def empty_loop() -> float:
+        t0 = time.perf_counter_ns()
+        for _ in range(calls):
+            pass
+        return (time.perf_counter_ns() - t0) / calls
+
+    rows = []
+    off = annotate_loop() - empty_loop()
+    rows.append(["annotate(tier=...) with tracing off", fmt_number(off, 0)])
+
+    async def measure() -> None:
+        base = await _per_call_ns(bare, calls)
+        timed = RpcLatency().timed("Get", bare)
+        rows.append(["latency histogram wrapper (always on)",
+                     fmt_number(await _per_call_ns(timed, calls) - base, 0)])  # fmt: skip
+        for ratio in (1.0, 0.01):
+            provider = tracing.build_provider(
+                TelemetryConfig(sample_ratio=ratio), "bench", DiscardExporter()
+            )
+            assert provider is not None
+            spans = tracing.ServerSpans(
+                provider, "cachegw.v1.CacheService", lambda k: "default", ratio
+            )
+            tracing.enable()
+            try:
+                traced = spans.unary("Get", bare)
+                ns = await _per_call_ns(traced, calls) - base
+            finally:
+                tracing.disable()
+                provider.shutdown()
+            rows.append([f"span wrapper, sampling {ratio:.0%}", fmt_number(ns, 0)])
+
+    asyncio.run(measure())
+    return render_table(["piece (in process, no gRPC)", "ns per call"], rows, right="lr")
+
+
+# -- main -----------------------------------------------------------------------------
+
+
+def run(s: Settings) -> int:
+    work = Path(tempfile.mkdtemp(prefix="cachegw-bench-tracing-"))
+    config = work / "gateway.toml"
+    config.write_text(GATEWAY_CONFIG)
+    t0 = time.monotonic()
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        store = stack.enter_context(ManagedRedis())
+        procs: dict[str, ServerProcess] = {}
+        for name, flags in TARGETS.items():
+            address = f"127.0.0.1:{free_port()}"
+            argv = [sys.executable, str(LAUNCHER), "--listen", address,
+                    "--redis-url", store.url, "--config", str(config), *flags]  # fmt: skip
+            server = ServerProcess(name, argv, address, work / f"{name}.log")
+            procs[name] = stack.enter_context(server)
+        runner = stack.enter_context(asyncio.Runner())
+        channels = {n: grpc.aio.insecure_channel(p.address) for n, p in procs.items()}
+
+        async def close() -> None:
+            for channel in channels.values():
+                await channel.close(None)
+
+        stack.callback(lambda: runner.run(close()))
+        stubs = {n: cache_pb2_grpc.CacheServiceStub(ch) for n, ch in channels.items()}
+
+        async def populate() -> None:
+            value = make_value(s.value_size, 0)
+            for name, stub in stubs.items():
+                await stub.Set(pb.SetRequest(key=HOT_KEY, value=value), timeout=CALL_TIMEOUT)
+                await check_get(stub, value, name)
+
+        runner.run(populate())
+        cases = build_cases(stubs, {n: p.pid for n, p in procs.items()}, s, runner)
+        started = time.monotonic()
+
+        def progress(r: int, case: Case, sample: Sample) -> None:
+            if case is cases[-1]:
+                elapsed = time.monotonic() - started
+                print(f"round {r + 1}/{s.rounds} done ({elapsed:.0f} s)", file=sys.stderr)
+
+        results = run_interleaved(cases, s.rounds, progress)
+        for proc in procs.values():
+            if not proc.running:
+                raise RuntimeError(f"the {proc.name} gateway died during the run")
+            proc.stop()
+        exported = {
+            n: p.log.read_text(errors="replace").strip().rsplit("spans exported: ", 1)[-1]
+            for n, p in procs.items()
+        }
+    print(
+        f"cachegw tracing benchmark: Get of a {s.value_size} B value from L1, concurrency "
+        f"1 and {s.concurrency}, {s.rounds} interleaved rounds x {s.budget.seconds:g} s\n"
+        f"python {platform.python_version()}, grpcio {grpc.__version__}, redis-server "
+        f"{redis_server_version()}, {os.cpu_count()} CPUs, {platform.machine()}"
+    )
+    print(report(results, s))
+    print(
+        "ops ratio: median per-round throughput ratio to `off`; cpu ratio: server CPU per "
+        "call relative to `off`. Spans exported (dropped) per gateway: "
+        + ", ".join(f"{n} {c}" for n, c in exported.items())
+    )
+    print()
+    print(micro(s.micro_calls))
+    print(f"total wall time {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
+    try:
+        with sigterm_as_interrupt():
+            return run(settings)
+    except KeyboardInterrupt:
+        print("interrupted; every started process was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

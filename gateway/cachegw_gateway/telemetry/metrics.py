@@ -1,0 +1,221 @@
+"""The Prometheus endpoint: `GET /metrics` from a thread, figures read at scrape time.
+
+prometheus_client serves HTTP in a daemon thread, so a scrape never waits on the event
+loop's queue of requests; the collector asks the loop for a `Snapshot` (a few
+microseconds of copying) and formats it in that thread. Nothing here runs per request.
+Names are ``cachegw_*``; docs/observability.md lists them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from cachegw_gateway.telemetry.latency import BOUNDS
+from cachegw_gateway.telemetry.snapshot import GAUGE_FIELDS, Snapshot
+
+P = "cachegw_"
+SCRAPE_TIMEOUT = 5.0  # seconds the event loop has to hand over a snapshot
+
+# Help texts; a counter added to stats.py later is exported too, with a generic text.
+_CLASS_HELP = {
+    "sets": "Sets stored, per class.",
+    "deletes": "Keys deleted, per class.",
+    "stale": "STALE answers (stale-while-revalidate), per class.",
+    "leases_granted": "Leases granted (LEASED answers, refreshes included), per class.",
+    "lease_waits": "Callers that waited server-side for another holder's fill, per class.",
+    "lease_wait_timeouts": "Lease waiters whose wait ran out (answered MISS), per class.",
+    "leases_taken_over": "Leases granted after the previous holder's expired, per class.",
+    "lease_fills": "Sets with a valid lease token, per class.",
+    "lease_fills_refused": "Sets whose lease token was no longer valid, per class.",
+    "refreshes": "Early-refresh leases handed out (XFetch or stale window), per class.",
+}
+_GATEWAY_HELP = {
+    "invalidations_published": "Invalidation events this gateway published.",
+    "invalidations_received": "Invalidation events this gateway's subscription delivered.",
+    "l1_flushes": "Whole-L1 flushes (subscription lost, oversized events).",
+    "subscribers": "Subscribe streams open now.",
+    "subscriber_resets": "RESET events sent to Subscribe streams.",
+    "redis_errors": "Redis calls that failed (timeouts, refused connections).",
+    "redis_reconnects": "Redis pub/sub connections re-established.",
+    "redis_up": "1 when the last Redis call or health probe succeeded, else 0.",
+    "envelope_mismatches": "Stored values in a format this gateway does not read (misses).",
+}
+_L1_GAUGES = {
+    "entries": "Entries in the L1 now.",
+    "bytes": "Bytes the L1 holds now (keys, answers, per-entry overhead).",
+    "max_entries": "The L1's entry bound.",
+    "max_bytes": "The L1's byte bound.",
+}
+_L1_COUNTERS = {
+    "hits": "L1 lookups that found a fresh entry.",
+    "misses": "L1 lookups that found nothing fresh.",
+    "evictions": "L1 entries evicted to make room.",
+    "expirations": "L1 entries dropped because their TTL ran out.",
+    "admissions_refused": "L1 fills refused by TinyLFU admission.",
+}
+
+
+def families(snap: Snapshot) -> Iterator[Metric]:
+    """Every metric family of one snapshot."""
+    info = InfoMetricFamily(f"{P}gateway", "This gateway's identity and tracing setup.")
+    info.add_metric(
+        [],
+        {
+            "gateway_id": snap.gateway_id,
+            "trace_exporter": snap.trace_exporter,
+            "trace_sample_ratio": f"{snap.sample_ratio:g}",
+        },
+    )
+    yield info
+    yield GaugeMetricFamily(
+        f"{P}uptime_seconds", "Seconds since the gateway started.", value=snap.uptime_seconds
+    )
+
+    hits = CounterMetricFamily(f"{P}hits", "Reads answered with a value, per class and tier.",
+                               labels=["class", "tier"])  # fmt: skip
+    misses = CounterMetricFamily(f"{P}misses", "Reads that found nothing, per class.",
+                                 labels=["class"])  # fmt: skip
+    per_class: dict[str, CounterMetricFamily] = {}
+    for name in sorted(snap.classes):
+        counts = snap.classes[name]
+        hits.add_metric([name, "l1"], counts.get("hits_l1", 0))
+        hits.add_metric([name, "l2"], counts.get("hits_l2", 0))
+        misses.add_metric([name], counts.get("misses", 0))
+        for key, value in counts.items():
+            if key in ("hits_l1", "hits_l2", "misses"):
+                continue
+            family = per_class.get(key)
+            if family is None:
+                doc = _CLASS_HELP.get(key, f"ClassCounters.{key}, per class.")
+                family = per_class[key] = CounterMetricFamily(f"{P}{key}", doc, labels=["class"])
+            family.add_metric([name], value)
+    yield hits
+    yield misses
+    yield from per_class.values()
+
+    for key, value in snap.gateway.items():
+        doc = _GATEWAY_HELP.get(key, f"GatewayStats.{key}.")
+        if key in GAUGE_FIELDS:
+            yield GaugeMetricFamily(f"{P}{key}", doc, value=value)
+        else:
+            yield CounterMetricFamily(f"{P}{key}", doc, value=value)
+    yield GaugeMetricFamily(
+        f"{P}redis_ping_seconds",
+        "Round trip of the last successful Redis health probe (PING).",
+        value=snap.redis_ping_seconds,
+    )
+
+    for key, doc in _L1_GAUGES.items():
+        yield GaugeMetricFamily(f"{P}l1_{key}", doc, value=snap.l1.get(key, 0))
+    for key, doc in _L1_COUNTERS.items():
+        yield CounterMetricFamily(f"{P}l1_{key}", doc, value=snap.l1.get(key, 0))
+
+    yield CounterMetricFamily(
+        f"{P}coalesced",
+        "Reads that joined another caller's in-flight Redis read (request coalescing).",
+        value=snap.coalesced,
+    )
+    yield CounterMetricFamily(
+        f"{P}redis_reads", "Redis reads started for L1 misses (one per key or batch).",
+        value=snap.redis_reads,
+    )  # fmt: skip
+
+    latency = HistogramMetricFamily(
+        f"{P}rpc_duration_seconds",
+        "Time inside the gateway's handler per RPC, from parsed request to answer.",
+        labels=["method"],
+    )
+    errors = CounterMetricFamily(
+        f"{P}rpc_errors", "RPCs that ended with a non-OK status, per method and code.",
+        labels=["method", "code"],
+    )  # fmt: skip
+    for method in sorted(snap.rpcs):
+        r = snap.rpcs[method]
+        cumulative, running = [], 0
+        for bound, count in zip((*BOUNDS, float("inf")), r.buckets, strict=True):
+            running += count
+            cumulative.append((_le(bound), running))
+        latency.add_metric([method], cumulative, r.total_seconds)
+        for code in sorted(r.errors):
+            errors.add_metric([method, code], r.errors[code])
+    yield latency
+    yield errors
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+class SnapshotCollector(Collector):
+    """Asks the gateway's event loop for a snapshot at each scrape (from any thread)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, take: Callable[[], Snapshot]) -> None:
+        self._loop = loop
+        self._take = take
+        self._loop_thread = threading.get_ident()
+
+    def snapshot(self) -> Snapshot:
+        if threading.get_ident() == self._loop_thread:
+            return self._take()
+
+        async def take() -> Snapshot:
+            return self._take()
+
+        future = asyncio.run_coroutine_threadsafe(take(), self._loop)
+        return future.result(SCRAPE_TIMEOUT)
+
+    def collect(self) -> Iterable[Metric]:
+        return list(families(self.snapshot()))
+
+
+class MetricsServer:
+    """`GET /metrics` on `listen` (host:port; port 0 = a free one), in a daemon thread.
+
+    Create and start it on the gateway's event loop.
+    """
+
+    def __init__(self, listen: str, take: Callable[[], Snapshot]) -> None:
+        self.listen = listen
+        self._take = take
+        self._httpd: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        host = self.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    def start(self) -> int:
+        host, _, port = self.listen.rpartition(":")
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(SnapshotCollector(asyncio.get_running_loop(), self._take))
+        self._httpd, self._thread = start_http_server(int(port), host.strip("[]"), registry)
+        self.port = self._httpd.server_port
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop serving; the wait for the serving thread happens off the event loop."""
+        await asyncio.to_thread(self._stop)
+
+    def _stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

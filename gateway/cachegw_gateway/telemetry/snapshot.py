@@ -1,0 +1,159 @@
+"""One read of every figure a gateway keeps, taken on its event loop.
+
+The Prometheus endpoint and the Stats RPC both answer from a `Snapshot`, so they always
+agree. Taking one copies a few dozen integers and the L1's `stats()`; nothing on the
+request path changes for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cachegw.v1 import cache_pb2 as pb
+from cachegw_gateway.stats import ClassCounters, GatewayStats
+from cachegw_gateway.telemetry.latency import BOUNDS, RpcLatency
+from cachegw_gateway.validation import InvalidRequest
+from cachegw_native.coalescer import Coalescer
+from cachegw_native.hotkeys import HotKeys
+from cachegw_native.l1 import L1Cache
+
+# GatewayStats fields that are gauges (a level now); every other int field is a count.
+GAUGE_FIELDS = frozenset({"subscribers", "redis_up"})
+_NOT_FIGURES = frozenset({"classes", "started_at"})
+MAX_TOP_KEYS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class RpcFigures:
+    buckets: tuple[int, ...]
+    total_seconds: float
+    errors: dict[str, int]
+
+    @property
+    def calls(self) -> int:
+        return sum(self.buckets)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    gateway_id: str
+    uptime_seconds: float
+    classes: dict[str, dict[str, int]]  # class -> ClassCounters fields
+    gateway: dict[str, int]  # GatewayStats counters and gauges (redis_up as 0/1)
+    l1: dict[str, int]  # L1Cache.stats()
+    coalesced: int
+    redis_reads: int
+    redis_ping_seconds: float
+    rpcs: dict[str, RpcFigures]
+    trace_exporter: str
+    sample_ratio: float
+    hot_keys: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass
+class Sources:
+    """Where a gateway keeps its figures; `snapshot()` reads them all at once."""
+
+    gateway_id: str
+    stats: GatewayStats
+    l1: L1Cache
+    reads: Coalescer[Any]
+    hotkeys: HotKeys
+    latency: RpcLatency
+    redis_ping_seconds: Callable[[], float]
+    trace_exporter: str
+    sample_ratio: float
+
+    def snapshot(self, top_keys: int = 0) -> Snapshot:
+        s = self.stats
+        gateway = {
+            f.name: int(getattr(s, f.name))
+            for f in dataclasses.fields(s)
+            if f.name not in _NOT_FIGURES
+        }
+        rpcs = {
+            method: RpcFigures(tuple(h.buckets), h.total_seconds, dict(h.errors))
+            for method, h in self.latency.methods.items()
+        }
+        return Snapshot(
+            gateway_id=self.gateway_id,
+            uptime_seconds=s.uptime,
+            classes={name: c.as_dict() for name, c in s.classes.items()},
+            gateway=gateway,
+            l1=dict(self.l1.stats()),
+            coalesced=self.reads.coalesced,
+            redis_reads=self.reads.flights,
+            redis_ping_seconds=self.redis_ping_seconds(),
+            rpcs=rpcs,
+            trace_exporter=self.trace_exporter,
+            sample_ratio=self.sample_ratio,
+            hot_keys=self.hotkeys.top(min(top_keys, MAX_TOP_KEYS)) if top_keys > 0 else [],
+        )
+
+
+def hit_rate(counts: dict[str, int]) -> float:
+    """Share of reads answered with a value (stale included); 0 with no reads."""
+    hits = counts.get("hits_l1", 0) + counts.get("hits_l2", 0) + counts.get("stale", 0)
+    reads = hits + counts.get("misses", 0)
+    return hits / reads if reads else 0.0
+
+
+_CLASS_FIELDS = frozenset(f.name for f in dataclasses.fields(ClassCounters))
+
+
+def stats_response(snap: Snapshot, classes: Sequence[str] = ()) -> pb.StatsResponse:
+    """The Stats answer for `snap`, limited to `classes` (none = all).
+
+    Raises InvalidRequest for a class this gateway does not know.
+    """
+    unknown = [c for c in classes if c not in snap.classes]
+    if unknown:
+        raise InvalidRequest(
+            f"classes: unknown class {unknown[0]!r}; this gateway has "
+            f"{', '.join(sorted(snap.classes))}"
+        )
+    wanted = list(classes) if classes else sorted(snap.classes)
+    g, l1 = snap.gateway, snap.l1
+    resp = pb.StatsResponse(
+        gateway_id=snap.gateway_id,
+        uptime_ms=int(snap.uptime_seconds * 1000),
+        envelope_mismatches=g.get("envelope_mismatches", 0),
+        coalesced=snap.coalesced,
+        redis_reads=snap.redis_reads,
+        invalidations_published=g.get("invalidations_published", 0),
+        invalidations_received=g.get("invalidations_received", 0),
+        l1_flushes=g.get("l1_flushes", 0),
+        subscribers=g.get("subscribers", 0),
+        subscriber_resets=g.get("subscriber_resets", 0),
+        redis=pb.RedisStats(
+            up=bool(g.get("redis_up", 0)),
+            ping_ms=snap.redis_ping_seconds * 1000,
+            errors=g.get("redis_errors", 0),
+            reconnects=g.get("redis_reconnects", 0),
+        ),
+        l1=pb.L1Stats(**{k: v for k, v in l1.items() if k in pb.L1Stats.DESCRIPTOR.fields_by_name}),
+        latency_bounds_ms=[b * 1000 for b in BOUNDS],
+        trace_exporter=snap.trace_exporter,
+        trace_sample_ratio=snap.sample_ratio,
+    )
+    proto_fields = pb.ClassStats.DESCRIPTOR.fields_by_name
+    for name in wanted:
+        counts = snap.classes[name]
+        known = {k: v for k, v in counts.items() if k in proto_fields and k in _CLASS_FIELDS}
+        resp.classes.append(pb.ClassStats(name=name, hit_rate=hit_rate(counts), **known))
+    for method in sorted(snap.rpcs):
+        r = snap.rpcs[method]
+        resp.rpcs.append(
+            pb.RpcStats(
+                method=method,
+                calls=r.calls,
+                errors=sum(r.errors.values()),
+                total_ms=r.total_seconds * 1000,
+                latency_buckets=r.buckets,
+            )
+        )
+    resp.hot_keys.extend(pb.HotKey(key=k, count=c) for k, c in snap.hot_keys)
+    return resp
