@@ -97,7 +97,7 @@ async def test_metrics_and_stats_count_the_work(traced_factory: TracedFactory) -
     assert stats.redis_reads == 3 and stats.redis.up and stats.redis.errors == 0
     assert stats.trace_exporter == "none"
     # Every Get counts (hits and misses); catalog:1 was read twice.
-    assert [(h.key, h.count) for h in stats.hot_keys][0] == ("catalog:1", 7)
+    assert (stats.hot_keys[0].key, stats.hot_keys[0].count) == ("catalog:1", 7)
     assert {h.key for h in stats.hot_keys[1:]} <= {"catalog:2", "catalog:none", "session:none"}
 
 
