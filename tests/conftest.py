@@ -5,6 +5,7 @@ Everything a fixture starts, it stops.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -26,6 +27,15 @@ from cachegw_gateway.managed_redis import ManagedRedis, free_port
 from cachegw_gateway.server import GatewayServer
 
 BIN = Path(sys.executable).parent
+
+
+async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait (bounded) until `check()` holds, e.g. an event reached another gateway."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {within}s")
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
 
 from cachegw import AsyncClient, EventKind, NearCache, Tier
 from cachegw_gateway.managed_redis import ManagedRedis
-from tests.conftest import GatewayCluster
+from tests.conftest import GatewayCluster, eventually
 
 PROPAGATION = 0.25  # seconds from an Invalidate's answer to every copy being gone
 
@@ -29,14 +28,6 @@ l1_ttl_seconds = 30
 [default_class]
 ttl_seconds = 60
 """
-
-
-async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {within}s")
-        await asyncio.sleep(0.01)
 
 
 async def test_an_invalidation_reaches_every_gateway_and_near_cache(

@@ -8,8 +8,6 @@ version is tests/test_fanout.py."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 
 import grpc
 import pytest
@@ -17,7 +15,7 @@ import redis
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw.v1 import cache_pb2_grpc
-from tests.conftest import GatewayFactory, RunningGateway
+from tests.conftest import GatewayFactory, RunningGateway, eventually
 
 CLASSES = """
 [[classes]]
@@ -30,14 +28,6 @@ name = "counter"
 patterns = ["rate:*"]
 invalidation = "ttl"
 """
-
-
-async def eventually(check: Callable[[], bool], within: float = 3.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {within}s")
-        await asyncio.sleep(0.01)
 
 
 async def cache_everywhere(gws: list[RunningGateway], key: str, value: bytes, **kw: object) -> None:

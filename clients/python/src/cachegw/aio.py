@@ -108,19 +108,13 @@ class AsyncClient:
         if near is None:
             return await self._call(self._stub.GetMany, _calls.get_many(keys), timeout)
         wanted = list(keys)
-        values = [near.get(k) for k in wanted]
-        missing = [k for k, v in zip(wanted, values, strict=True) if v is None]
-        if missing:
-            ticket = near.ticket()
-            call = _calls.lookup_many(missing, allow_stale=False)
-            entries: list[Entry] = await self._call(self._stub.GetMany, call, timeout)
-            fetched = iter(entries)
-            for i, value in enumerate(values):
-                if value is None:
-                    entry = next(fetched)
-                    near.fill(wanted[i], entry, ticket)
-                    values[i] = entry.value
-        return values
+        values, missing = near.get_many(wanted)
+        if not missing:
+            return values
+        ticket = near.ticket()
+        call = _calls.lookup_many(missing, allow_stale=False)
+        entries: list[Entry] = await self._call(self._stub.GetMany, call, timeout)
+        return near.fill_many(wanted, values, entries, ticket)
 
     async def lookup_many(
         self,

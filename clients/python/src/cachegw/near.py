@@ -171,6 +171,23 @@ class NearCache:
             value: bytes = copy[0]  # type: ignore[index]
             return value
 
+    def get_many(self, keys: list[str]) -> tuple[list[bytes | None], list[str]]:
+        """(the cached value or None per key, the keys to ask the gateway for)."""
+        values = [self.get(k) for k in keys]
+        return values, [k for k, v in zip(keys, values, strict=True) if v is None]
+
+    def fill_many(
+        self, keys: list[str], values: list[bytes | None], fetched: list[Entry], ticket: int
+    ) -> list[bytes | None]:
+        """`values` completed, in order, with the gateway's answers for the missing keys."""
+        answers = iter(fetched)
+        for i, value in enumerate(values):
+            if value is None:
+                entry = next(answers)
+                self.fill(keys[i], entry, ticket)
+                values[i] = entry.value
+        return values
+
     def ticket(self) -> int:
         """Taken before asking the gateway; `fill` with it refuses an answer that an
         event arriving meanwhile may have made stale."""
