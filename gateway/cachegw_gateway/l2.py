@@ -22,6 +22,7 @@ never outlive the Redis entry: Redis's own remaining TTL bounds it, not a clock 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -183,6 +184,7 @@ class RedisStore:
         self._publish_script = client.register_script(_PUBLISH_SCRIPT)
         self._tag_script = client.register_script(_TAG_SCRIPT)
         self.stats = GatewayStats() if stats is None else stats
+        self._mismatch_logged = -60.0
         self.events_key = f"{prefix}:events"
         self.events_channel = f"{prefix}:events"
         self.fills_channel = f"{prefix}:fills"
@@ -252,7 +254,17 @@ class RedisStore:
             return L2Entry(envelope.decode(raw), pttl)
         except envelope.EnvelopeError as exc:
             self.stats.envelope_mismatches += 1
-            log.warning("treating %s as a miss: %s", key[:80], exc)
+            # One line a minute at most: a foreign value read on every request must not
+            # turn into a log line per request (the counter has the full figure).
+            now = time.monotonic()
+            if now - self._mismatch_logged >= 60:
+                self._mismatch_logged = now
+                log.warning(
+                    "treating %s as a miss: %s (%d unreadable values so far)",
+                    key[:80],
+                    exc,
+                    self.stats.envelope_mismatches,
+                )
             return None
 
     # -- reads --------------------------------------------------------------------------
