@@ -254,6 +254,8 @@ class Cache:
     def _xfetch(self, env: envelope.Envelope, kc: KeyClass, fresh_left_ms: int) -> bool:
         """Probabilistic early expiration: refresh now with a probability that rises as
         expiry nears, faster for values that take long to recompute."""
+        if fresh_left_ms <= 0:  # no expiry known (not written by a gateway): nothing to beat
+            return False
         cost = env.cost_ms or DEFAULT_COST_MS
         return -cost * kc.early_refresh_beta * math.log(1.0 - self._rand()) >= fresh_left_ms
 
