@@ -263,8 +263,11 @@ def run(s: Settings) -> int:
         procs: dict[str, ServerProcess] = {}
         for name, flags in TARGETS.items():
             address = f"127.0.0.1:{free_port()}"
+            # A prefix each: one gateway's Set of the hot key would otherwise publish an
+            # invalidation that evicts the others' L1 copies.
             argv = [sys.executable, str(LAUNCHER), "--listen", address,
-                    "--redis-url", store.url, "--config", str(config), *flags]  # fmt: skip
+                    "--redis-url", store.url, "--redis-prefix", f"bench-{name}",
+                    "--config", str(config), *flags]  # fmt: skip
             server = ServerProcess(name, argv, address, work / f"{name}.log")
             procs[name] = stack.enter_context(server)
         runner = stack.enter_context(asyncio.Runner())

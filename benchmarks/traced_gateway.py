@@ -39,12 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--listen", required=True)
     p.add_argument("--redis-url", required=True)
     p.add_argument("--config")
+    p.add_argument("--redis-prefix", default="cg")
     p.add_argument("--sample-ratio", type=float, default=1.0)
     p.add_argument("--off", action="store_true", help="no tracer provider: tracing off")
     a = p.parse_args(argv)
     overrides = {
         "server.listen": a.listen,
         "redis.url": a.redis_url,
+        "redis.prefix": a.redis_prefix,
         "telemetry.sample_ratio": a.sample_ratio,
     }
     config = load_config(a.config, env={}, overrides=overrides)
