@@ -60,7 +60,10 @@ class LeaseTable:
         self._attempts: dict[str, asyncio.Future[None]] = {}
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self._counts: dict[str, int] = {}  # callers in wait() per key
-        self._poll: dict[str, float] = {}  # the next poll interval per waited-on key
+        # The next poll interval per waited-on key, and when it was last used: it outlives
+        # one round of waiters (they leave wait() to read Redis and come back), so that
+        # the interval keeps doubling across rounds.
+        self._poll: dict[str, tuple[float, float]] = {}
         self._ticks: dict[str, asyncio.TimerHandle] = {}
 
     def __len__(self) -> int:
@@ -109,8 +112,7 @@ class LeaseTable:
         fut = self._waiters.get(key)
         if fut is None:
             fut = self._waiters[key] = asyncio.get_running_loop().create_future()
-            interval = self._poll.get(key, POLL_FIRST)
-            self._poll[key] = min(interval * 2, POLL_MAX)
+            interval = self._next_poll(key)
             self._ticks[key] = asyncio.get_running_loop().call_later(interval, self._tick, key, fut)
         self._counts[key] = self._counts.get(key, 0) + 1
         waits: set[asyncio.Future[None]] = {fut}
@@ -129,10 +131,19 @@ class LeaseTable:
             else:  # the last waiter out drops the key's state
                 del self._counts[key]
                 self._waiters.pop(key, None)
-                self._poll.pop(key, None)
                 tick = self._ticks.pop(key, None)
                 if tick is not None:
                     tick.cancel()
+
+    def _next_poll(self, key: str) -> float:
+        now = self._clock()
+        interval, used = self._poll.get(key, (POLL_FIRST, now))
+        if now - used > 2 * POLL_MAX:  # a new episode of waiting: start fast again
+            interval = POLL_FIRST
+        if len(self._poll) >= _PRUNE_AT:
+            self._poll = {k: v for k, v in self._poll.items() if now - v[1] <= 2 * POLL_MAX}
+        self._poll[key] = (min(interval * 2, POLL_MAX), now)
+        return interval
 
     def _tick(self, key: str, fut: asyncio.Future[None]) -> None:
         # The safety-net poll: wake the key's waiters to look at Redis themselves.
