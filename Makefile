@@ -15,9 +15,9 @@ PYTEST_ARGS ?=
 run: setup
 	$(VENV)/bin/cachegw serve $(ARGS)
 
-test: setup lint typecheck pytest
+test: setup promtool lint typecheck pytest
 
-setup: $(VENV)/.deps redis promtool $(VENV)/.native
+setup: $(VENV)/.deps redis $(VENV)/.native
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
