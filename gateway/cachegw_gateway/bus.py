@@ -77,12 +77,6 @@ class EventBus:
                 await self._live.wait()
         return self.live
 
-    async def wait_live(self, seconds: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._live.wait()
-        return self.live
-
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

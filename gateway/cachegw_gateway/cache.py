@@ -117,13 +117,6 @@ class Cache:
     def reads(self) -> Coalescer[L2Entry | None]:
         return self._reads
 
-    @property
-    def hotkeys(self) -> HotKeys | None:
-        return self._hotkeys
-
-    def generation(self, key_class: str) -> int:
-        return self._gens.get(key_class, 0)
-
     # -- reads ---------------------------------------------------------------------------
 
     def l1_answer(self, key: str) -> bytes | None:
@@ -137,7 +130,7 @@ class Cache:
             self._hotkeys.add(key)
         return body + wire.ttl_field(int((fresh_until - self._clock()) * 1000))
 
-    async def get(
+    async def fetch(
         self,
         key: str,
         *,
@@ -145,16 +138,10 @@ class Cache:
         max_wait_ms: int = 0,
         allow_stale: bool = False,
         time_remaining: float | None = None,
-        l1_checked: bool = False,
     ) -> bytes:
-        """An encoded GetResponse: L1, else Redis (one coalesced read per key), else MISS,
-        or with `lease` a lease or the value another holder filled meanwhile.
-        `l1_checked`: the caller already asked L1 (and missed)."""
-        if not l1_checked:
-            answer = self.l1_answer(key)
-            if answer is not None:
-                tracing.annotate(tier="l1")
-                return answer
+        """An encoded GetResponse for a key L1 did not answer (see `l1_answer`): Redis (one
+        coalesced read per key), else MISS, or with `lease` a lease or the value another
+        holder filled meanwhile."""
         deadline = None if time_remaining is None else self._clock() + time_remaining
         if self._hotkeys is not None:
             self._hotkeys.add(key)

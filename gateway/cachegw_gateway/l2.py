@@ -269,13 +269,6 @@ class RedisStore:
 
     # -- reads --------------------------------------------------------------------------
 
-    async def get(self, key: str) -> L2Entry | None:
-        return (await self.get_many((key,)))[0]
-
-    async def get_many(self, keys: Sequence[str]) -> list[L2Entry | None]:
-        entries, _ = await self.read(keys, ())
-        return entries
-
     async def read(
         self, keys: Sequence[str], classes: Iterable[str]
     ) -> tuple[list[L2Entry | None], dict[str, int]]:
@@ -303,15 +296,6 @@ class RedisStore:
         gens_raw = replies[2 * len(keys) :]
         gens = {name: int(g or 0) for name, g in zip(class_names, gens_raw, strict=True)}
         return out, gens
-
-    async def generations(self, classes: Sequence[str]) -> dict[str, int]:
-        if not classes:
-            return {}
-        try:
-            values = await self._client.mget([self.gen_key(c) for c in classes])
-        except UNAVAILABLE_ERRORS as exc:
-            raise self._down(exc) from exc
-        return {c: int(v or 0) for c, v in zip(classes, values, strict=True)}
 
     # -- writes -------------------------------------------------------------------------
 

@@ -38,11 +38,13 @@ INSTRUMENTATION_NAME = "cachegw_gateway"
 
 # How many gateways in this process trace; `annotate` does nothing while it is 0.
 _tracing_gateways = 0
+# Whether any does: hot paths test this flag before building annotate()'s arguments.
+active = False
 
 
 def annotate(**attrs: AttributeValue) -> None:
     """Set ``cachegw.<name>`` attributes on the current span, if one is being recorded."""
-    if not _tracing_gateways:
+    if not active:
         return
     span = trace.get_current_span()
     if span.is_recording():
@@ -50,17 +52,15 @@ def annotate(**attrs: AttributeValue) -> None:
 
 
 def enable() -> None:
-    global _tracing_gateways
+    global _tracing_gateways, active
     _tracing_gateways += 1
+    active = True
 
 
 def disable() -> None:
-    global _tracing_gateways
+    global _tracing_gateways, active
     _tracing_gateways = max(0, _tracing_gateways - 1)
-
-
-def is_enabled() -> bool:
-    return _tracing_gateways > 0
+    active = _tracing_gateways > 0
 
 
 # -- provider (entry point only) ---------------------------------------------------------
