@@ -444,6 +444,12 @@ class Cache:
             return self._entry_answer(pb.STATUS_STALE, kc, entry, 0, None)
         return None
 
+    async def release(self, key: str, token: LeaseToken) -> bool:
+        """End a lease without storing (its loader failed): the value stays as it is."""
+        released = await self._store.release(key, token.raw)
+        self.leases.wake(key)
+        return released
+
     # -- writes ---------------------------------------------------------------------------
 
     def _begin_write(self, key: str) -> None:

@@ -105,6 +105,18 @@ end
 return {{3, redis.call('PTTL', KEYS[2])}}
 """
 
+# KEYS[1] lease. ARGV[1] token, ARGV[2] fills channel, ARGV[3] the cache key. Ends the
+# lease only if this token still holds it (compare-and-delete), never touching the value,
+# and wakes the gateways waiting for it. Returns 1 when released, 0 otherwise.
+_RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
 # KEYS[1] events stream. ARGV[1] MAXLEN, ARGV[2] encoded InvalidationEvent without id,
 # ARGV[3] channel. The published message is the event with its id prepended as field 1
 # (protobuf accepts fields in any order), so every receiver sees the stream's id.
@@ -182,6 +194,7 @@ class RedisStore:
         self._set_script = client.register_script(_SET_SCRIPT)
         self._acquire_script = client.register_script(_ACQUIRE_SCRIPT)
         self._publish_script = client.register_script(_PUBLISH_SCRIPT)
+        self._release_script = client.register_script(_RELEASE_SCRIPT)
         self._tag_script = client.register_script(_TAG_SCRIPT)
         self.stats = GatewayStats() if stats is None else stats
         self._mismatch_logged = -60.0
@@ -368,6 +381,16 @@ class RedisStore:
         if kind == 2:
             return Acquired(granted=True)
         return Acquired(holder_pttl_ms=max(0, int(reply[1])))
+
+    async def release(self, key: str, token: bytes) -> bool:
+        """End `key`'s lease if `token` still holds it; the stored value is left alone."""
+        try:
+            released = await self._release_script(
+                keys=[self.lease_key(key)], args=[token, self.fills_channel, key]
+            )
+        except UNAVAILABLE_ERRORS as exc:
+            raise self._down(exc) from exc
+        return bool(int(released))
 
     async def delete(self, keys: Sequence[str]) -> int:
         """UNLINK each key and its lease (pipelined: keys may sit in different slots).

@@ -204,6 +204,22 @@ class CacheServicer:
             return pb.DeleteResponse(deleted=0)
         return pb.DeleteResponse(deleted=await self._guard(context, self._cache.delete(keys)))
 
+    async def release_lease(
+        self, request: pb.ReleaseLeaseRequest | BadMessage, context: Context
+    ) -> pb.ReleaseLeaseResponse:
+        if isinstance(request, BadMessage):
+            await self._reject(context, request)
+        try:
+            check_key(request.key, self._max_key)
+            try:
+                token = LeaseToken.parse(request.lease_token)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
+        except InvalidRequest as exc:
+            await self._invalid(context, exc)
+        released = await self._guard(context, self._cache.release(request.key, token))
+        return pb.ReleaseLeaseResponse(released=released)
+
     # -- invalidation --------------------------------------------------------------------
 
     async def invalidate(
@@ -370,6 +386,9 @@ class CacheServicer:
             "Invalidate": unary(self.invalidate, pb.InvalidateRequest, pb.InvalidateResponse),
             "Warmup": unary(self.warmup, pb.WarmupRequest, pb.WarmupResponse),
             "Stats": unary(self.stats, pb.StatsRequest, pb.StatsResponse),
+            "ReleaseLease": unary(
+                self.release_lease, pb.ReleaseLeaseRequest, pb.ReleaseLeaseResponse
+            ),
             "Subscribe": grpc.unary_stream_rpc_method_handler(
                 self.subscribe,
                 request_deserializer=lenient_parser(pb.SubscribeRequest),  # type: ignore[arg-type]

@@ -365,6 +365,51 @@ class SetResponse(_message.Message):
 Global___SetResponse: _TypeAlias = SetResponse  # noqa: Y015
 
 @_typing.final
+class ReleaseLeaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    lease_token: _builtins.bytes
+    """The token of a LEASED or refresh Get."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        lease_token: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "lease_token", b"lease_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseLeaseRequest: _TypeAlias = ReleaseLeaseRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseLeaseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    released: _builtins.bool
+    """Whether this token still held the lease (false: it had expired, been taken over,
+    or ended by a write or an invalidation; nothing was changed).
+    """
+    def __init__(
+        self,
+        *,
+        released: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseLeaseResponse: _TypeAlias = ReleaseLeaseResponse  # noqa: Y015
+
+@_typing.final
 class DeleteRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -888,10 +933,31 @@ Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
 class RedisStats(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ErrorRepliesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     UP_FIELD_NUMBER: _builtins.int
     PING_MS_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
     RECONNECTS_FIELD_NUMBER: _builtins.int
+    ERROR_REPLIES_FIELD_NUMBER: _builtins.int
     up: _builtins.bool
     """The last health probe (a PING every few seconds) or Redis call succeeded."""
     ping_ms: _builtins.float
@@ -899,6 +965,12 @@ class RedisStats(_message.Message):
     errors: _builtins.int
     """Redis calls that failed (timeouts, refused connections), and pub/sub reconnects."""
     reconnects: _builtins.int
+    @_builtins.property
+    def error_replies(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Error replies from Redis by kind (READONLY, LOADING, BUSY, MASTERDOWN, OOM,
+        NOSCRIPT, CLUSTERDOWN, TRYAGAIN, ...), counted in `errors` too.
+        """
+
     def __init__(
         self,
         *,
@@ -906,10 +978,11 @@ class RedisStats(_message.Message):
         ping_ms: _builtins.float = ...,
         errors: _builtins.int = ...,
         reconnects: _builtins.int = ...,
+        error_replies: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "ping_ms", b"ping_ms", "reconnects", b"reconnects", "up", b"up"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_replies", b"error_replies", "errors", b"errors", "ping_ms", b"ping_ms", "reconnects", b"reconnects", "up", b"up"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -76,6 +76,11 @@ class CacheServiceStub:
                 request_serializer=cachegw_dot_v1_dot_cache__pb2.StatsRequest.SerializeToString,
                 response_deserializer=cachegw_dot_v1_dot_cache__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/cachegw.v1.CacheService/ReleaseLease',
+                request_serializer=cachegw_dot_v1_dot_cache__pb2.ReleaseLeaseRequest.SerializeToString,
+                response_deserializer=cachegw_dot_v1_dot_cache__pb2.ReleaseLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -141,6 +146,15 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseLease(self, request, context):
+        """End a lease without storing anything (the loader failed or the caller gave up):
+        removes the lease only if `lease_token` still holds it, never the stored value,
+        and wakes the callers waiting for it so that one of them loads at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +197,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=cachegw_dot_v1_dot_cache__pb2.StatsRequest.FromString,
                     response_serializer=cachegw_dot_v1_dot_cache__pb2.StatsResponse.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=cachegw_dot_v1_dot_cache__pb2.ReleaseLeaseRequest.FromString,
+                    response_serializer=cachegw_dot_v1_dot_cache__pb2.ReleaseLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -403,6 +422,33 @@ class CacheService:
             '/cachegw.v1.CacheService/Stats',
             cachegw_dot_v1_dot_cache__pb2.StatsRequest.SerializeToString,
             cachegw_dot_v1_dot_cache__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachegw.v1.CacheService/ReleaseLease',
+            cachegw_dot_v1_dot_cache__pb2.ReleaseLeaseRequest.SerializeToString,
+            cachegw_dot_v1_dot_cache__pb2.ReleaseLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

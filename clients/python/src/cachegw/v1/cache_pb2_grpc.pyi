@@ -72,6 +72,11 @@ class CacheServiceStub:
     """Load keys from Redis into L1, or store given entries."""
     Stats: _grpc.UnaryUnaryMultiCallable[_cache_pb2.StatsRequest, _cache_pb2.StatsResponse]
     """Per-class and L1 figures of this gateway."""
+    ReleaseLease: _grpc.UnaryUnaryMultiCallable[_cache_pb2.ReleaseLeaseRequest, _cache_pb2.ReleaseLeaseResponse]
+    """End a lease without storing anything (the loader failed or the caller gave up):
+    removes the lease only if `lease_token` still holds it, never the stored value,
+    and wakes the callers waiting for it so that one of them loads at once.
+    """
 
 @_typing.type_check_only
 class CacheServiceAsyncStub(CacheServiceStub):
@@ -100,6 +105,11 @@ class CacheServiceAsyncStub(CacheServiceStub):
     """Load keys from Redis into L1, or store given entries."""
     Stats: _aio.UnaryUnaryMultiCallable[_cache_pb2.StatsRequest, _cache_pb2.StatsResponse]  # type: ignore[assignment]
     """Per-class and L1 figures of this gateway."""
+    ReleaseLease: _aio.UnaryUnaryMultiCallable[_cache_pb2.ReleaseLeaseRequest, _cache_pb2.ReleaseLeaseResponse]  # type: ignore[assignment]
+    """End a lease without storing anything (the loader failed or the caller gave up):
+    removes the lease only if `lease_token` still holds it, never the stored value,
+    and wakes the callers waiting for it so that one of them loads at once.
+    """
 
 class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     """The cache gateway. One instance per host or pod; every instance sharing a Redis
@@ -173,5 +183,16 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.StatsResponse, _abc.Awaitable[_cache_pb2.StatsResponse]]:
         """Per-class and L1 figures of this gateway."""
+
+    @_abc_1.abstractmethod
+    def ReleaseLease(
+        self,
+        request: _cache_pb2.ReleaseLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_pb2.ReleaseLeaseResponse, _abc.Awaitable[_cache_pb2.ReleaseLeaseResponse]]:
+        """End a lease without storing anything (the loader failed or the caller gave up):
+        removes the lease only if `lease_token` still holds it, never the stored value,
+        and wakes the callers waiting for it so that one of them loads at once.
+        """
 
 def add_CacheServiceServicer_to_server(servicer: CacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
