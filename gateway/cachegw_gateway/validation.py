@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
-from google.protobuf.unknown_fields import UnknownFieldSet
 
 
 class InvalidRequest(ValueError):
@@ -34,22 +33,18 @@ class BadMessage:
 
 
 def lenient_parser(cls: type[M]) -> object:
-    """A request deserializer that rejects unknown fields and never raises."""
+    """A request deserializer that never raises.
+
+    Unknown fields are skipped, as proto3 wants: a newer client may send fields this
+    gateway does not know yet (a rolling upgrade), and they have no effect here. Bytes
+    that do not decode as `cls` at all come back as a `BadMessage`."""
     name = cls.DESCRIPTOR.full_name
 
     def parse(raw: bytes) -> M | BadMessage:
         try:
-            msg = cls.FromString(raw)
-        except DecodeError as exc:  # e.g. a string field that is not UTF-8
+            return cls.FromString(raw)
+        except DecodeError as exc:  # e.g. a string field that is not UTF-8, a truncation
             return BadMessage(f"request is not a valid {name}: {exc}")
-        unknown = UnknownFieldSet(msg)
-        if len(unknown):
-            numbers = sorted({unknown[i].field_number for i in range(len(unknown))})
-            return BadMessage(
-                f"{name} has unknown field number(s) {numbers}: the client and gateway "
-                "disagree on the contract; regenerate the client stubs from protos/"
-            )
-        return msg
 
     return parse
 
