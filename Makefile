@@ -1,5 +1,6 @@
 # cachegw — two commands on a fresh machine:
-#   make run    set everything up and start the gateway (managed local redis-server)
+#   make run    set everything up and start the gateway (an embedded redis-server unless
+#               ARGS="--redis-url ..." names one)
 #   make test   set everything up and run lint, type checks and the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -12,8 +13,10 @@ PYTEST_ARGS ?=
 
 .PHONY: run test setup redis promtool lint typecheck pytest bench protos clean
 
+# --embedded-redis: with no Redis URL (ARGS, $CACHEGW_REDIS_URL, a config file), a private
+# redis-server; cachegw serve refuses to start without a URL unless asked for one.
 run: setup
-	$(VENV)/bin/cachegw serve $(ARGS)
+	$(VENV)/bin/cachegw serve --embedded-redis $(ARGS)
 
 test: setup promtool lint typecheck pytest
 

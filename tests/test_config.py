@@ -23,6 +23,7 @@ from cachegw_gateway.config import (
     RedisConfig,
     ServerConfig,
     TelemetryConfig,
+    check_redis_choice,
     load_config,
 )
 
@@ -128,12 +129,36 @@ def test_every_env_var_sets_its_key(tmp_path: Path) -> None:
         "CACHEGW_OTLP_ENDPOINT": "http://127.0.0.1:4317",
         "CACHEGW_METRICS_LISTEN": "127.0.0.1:9464",
         "CACHEGW_LOG_FORMAT": "json",
+        "CACHEGW_EMBEDDED_REDIS": "yes",
     }
     assert set(values) == set(ENV_VARS)
     config = load_config(env=values)
+    parsed = {"CACHEGW_EMBEDDED_REDIS": True}
     for var, dotted in ENV_VARS.items():
         table, key = dotted.split(".")
-        assert getattr(getattr(config, table), key) == values[var]
+        assert getattr(getattr(config, table), key) == parsed.get(var, values[var])
+
+
+def test_embedded_redis_is_asked_for_explicitly(tmp_path: Path) -> None:
+    # `cachegw serve` refuses a config with neither a URL nor `embedded` (main.py).
+    assert load_config(env={}).redis == RedisConfig(url="", embedded=False)
+    with pytest.raises(ConfigError, match="no Redis configured: give the shared Redis"):
+        check_redis_choice(load_config(env={}))
+    path = write(tmp_path, "[redis]\nembedded = true\n")
+    assert load_config(path, env={}).redis.embedded is True
+    assert load_config(env={"CACHEGW_EMBEDDED_REDIS": "1"}).redis.embedded is True
+    assert load_config(env={}, overrides={"redis.embedded": True}).redis.embedded is True
+    off = load_config(path, env={"CACHEGW_EMBEDDED_REDIS": "false"})
+    assert off.redis.embedded is False  # env beats file, as for every key
+    for config in (
+        load_config(path, env={}),
+        load_config(env={"CACHEGW_REDIS_URL": "redis://10.0.0.5:6379/0"}),
+    ):
+        check_redis_choice(config)  # either is enough
+    with pytest.raises(ConfigError, match=r"environment CACHEGW_EMBEDDED_REDIS: redis\.embedded"):
+        load_config(env={"CACHEGW_EMBEDDED_REDIS": "maybe"})
+    with pytest.raises(ConfigError, match=r"redis\.embedded must be true or false"):
+        load_config(write(tmp_path, '[redis]\nembedded = "yes"\n', "typed.toml"), env={})
 
 
 def test_empty_env_vars_count_as_unset(tmp_path: Path) -> None:
@@ -422,7 +447,8 @@ def test_example_file_loads() -> None:
     assert by_name["session"].ttl_seconds == 24 * 3600
     assert by_name["quote"].ttl_seconds == 10 * 60
     assert by_name["ratelimit"].l1 is False
-    assert config.redis.url == ""  # the example runs with a managed redis-server
+    # No Redis in the seed: `cachegw serve` wants --redis-url or --embedded-redis with it.
+    assert (config.redis.url, config.redis.embedded) == ("", False)
     assert config.l1.admission == "tinylfu"
 
 

@@ -38,7 +38,10 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class RedisConfig:
-    url: str = ""  # "" = start a managed local redis-server
+    url: str = ""  # the shared Redis; "" = none given (serve refuses unless `embedded`)
+    # With no url: start a private redis-server child ("managed"). Explicit, because
+    # gateways started that way share nothing (no L2, no invalidation); `make run` asks.
+    embedded: bool = False
     prefix: str = "cg"
     socket_timeout: float = 1.0
     connect_timeout: float = 1.0
@@ -102,6 +105,7 @@ class GatewayConfig:
 CONFIG_ENV = "CACHEGW_CONFIG"
 ENV_VARS: Mapping[str, str] = {
     "CACHEGW_REDIS_URL": "redis.url",
+    "CACHEGW_EMBEDDED_REDIS": "redis.embedded",
     "CACHEGW_LISTEN": "server.listen",
     "CACHEGW_REDIS_PREFIX": "redis.prefix",
     "CACHEGW_GATEWAY_ID": "server.gateway_id",
@@ -401,7 +405,7 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
     if c.redis.url and not c.redis.url.startswith(URL_SCHEMES):
         raise ConfigError(
             f"{w('redis.url')} must start with {', '.join(URL_SCHEMES)} or be empty "
-            f"for a managed local redis-server (got {c.redis.url!r})"
+            f"(got {c.redis.url!r})"
         )
     prefix = c.redis.prefix
     if not prefix or any(ch in "{}" or ch.isspace() for ch in prefix):
@@ -482,6 +486,22 @@ def _check_telemetry(c: GatewayConfig, s: _Sources) -> None:
             f"{w('telemetry.service_name')} must be non-empty, without spaces "
             f"(got {t.service_name!r})"
         )
+
+
+NO_REDIS = (
+    "no Redis configured: give the shared Redis with --redis-url redis://HOST:6379/0 "
+    "($CACHEGW_REDIS_URL, or url in [redis] of the config file), or pass --embedded-redis "
+    "($CACHEGW_EMBEDDED_REDIS=1, or embedded = true in [redis]) to start a private "
+    "redis-server for this gateway alone (gateways started that way share no L2 and no "
+    "invalidations)"
+)
+
+
+def check_redis_choice(c: GatewayConfig) -> None:
+    """What `cachegw serve` needs on top of a valid config: a Redis URL, or an explicit
+    request for an embedded one. Raises ConfigError (NO_REDIS) otherwise."""
+    if not c.redis.url and not c.redis.embedded:
+        raise ConfigError(NO_REDIS)
 
 
 def config_warnings(c: GatewayConfig) -> list[str]:

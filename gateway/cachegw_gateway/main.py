@@ -20,6 +20,7 @@ from cachegw_gateway.config import (
     TRACE_EXPORTERS,
     ConfigError,
     GatewayConfig,
+    check_redis_choice,
     config_warnings,
     load_config,
 )
@@ -33,12 +34,19 @@ log = logging.getLogger("cachegw")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cachegw serve",
-        description="Run the cachegw gateway. With no Redis URL configured it starts and "
-        "stops a local redis-server of its own.",
+        description="Run the cachegw gateway against a shared Redis (--redis-url), or with "
+        "--embedded-redis against a private redis-server it starts and stops itself.",
     )
     p.add_argument("--config", help="TOML config file (default: $CACHEGW_CONFIG)")
     p.add_argument("--listen", help="host:port to serve gRPC on (default 127.0.0.1:50051)")
     p.add_argument("--redis-url", help="redis://host:port/db of the shared Redis")
+    p.add_argument(
+        "--embedded-redis",
+        action="store_true",
+        default=None,  # not given: the file or environment decides
+        help="with no Redis URL, start a private local redis-server (shared with no other "
+        "gateway: for development)",
+    )
     p.add_argument("--redis-prefix", help="prefix of every Redis key of this deployment")
     p.add_argument("--gateway-id", help="name of this gateway in events and stats")
     p.add_argument("--grace", type=float, help="seconds to drain in-flight calls on stop")
@@ -59,6 +67,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     flags = {
         "server.listen": args.listen,
         "redis.url": args.redis_url,
+        "redis.embedded": args.embedded_redis,
         "redis.prefix": args.redis_prefix,
         "server.gateway_id": args.gateway_id,
         "server.grace_seconds": args.grace,
@@ -141,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config, overrides=_overrides(args))
+        check_redis_choice(config)
     except ConfigError as exc:
         fmt = args.log_format or os.environ.get("CACHEGW_LOG_FORMAT") or "text"
         if fmt == "json":
@@ -155,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     managed: ManagedRedis | None = None
     redis_url = config.redis.url
-    if not redis_url:
+    if not redis_url:  # asked for (redis.embedded): check_redis_choice passed
         managed = ManagedRedis(port=config.redis.managed_port)
         try:
             managed.start()
@@ -164,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         redis_url = managed.url
         log.info(
-            "started a managed redis-server at %s (pid %s)",
+            "started a managed redis-server at %s (pid %s), private to this gateway",
             redis_url,
             managed.pid,
             extra={"event": "managed_redis_start", "redis": redis_url},

@@ -42,8 +42,48 @@ def _pid_alive(pid: int) -> bool:
     return not (status.exists() and "State:\tZ" in status.read_text())
 
 
+def _env_without_redis() -> dict[str, str]:
+    """The environment minus anything that could name a Redis or ask for an embedded one."""
+    names = ("CACHEGW_REDIS_URL", "CACHEGW_EMBEDDED_REDIS", "CACHEGW_CONFIG")
+    return {k: v for k, v in os.environ.items() if k not in names}
+
+
+def test_serve_without_a_redis_refuses_to_start() -> None:
+    # No URL and no --embedded-redis: a private redis-server would share nothing with
+    # the other gateways (no L2, no invalidation), so serve says what to do instead.
+    for extra in ([], ["--log-format", "json"]):
+        proc = subprocess.run(
+            [str(BIN / "cachegw"), "serve", "--listen", "127.0.0.1:0", *extra],
+            capture_output=True,
+            timeout=20,  # a gateway that serves instead would hang here: a failure
+            check=False,
+            env=_env_without_redis(),
+        )
+        assert proc.returncode == 2, proc
+        err = proc.stderr.decode()
+        assert "no Redis configured" in err, err
+        for hint in ("--redis-url", "CACHEGW_REDIS_URL", "--embedded-redis"):
+            assert hint in err, err
+        assert b"managed redis-server" not in proc.stdout + proc.stderr
+
+
+def test_embedded_redis_from_the_environment_and_the_file(
+    gateway_process: Start, tmp_path: Path
+) -> None:
+    env = {**_env_without_redis(), "CACHEGW_EMBEDDED_REDIS": "1"}
+    gw = gateway_process(env=env)
+    assert "started a managed redis-server" in gw.output()
+    assert cli("set", "a", "1", "--target", gw.address).returncode == 0
+    assert gw.stop() == 0
+    config = tmp_path / "embedded.toml"
+    config.write_text("[redis]\nembedded = true\n")
+    gw = gateway_process("--config", str(config))
+    assert "started a managed redis-server" in gw.output()
+    assert gw.stop() == 0
+
+
 def test_serve_with_managed_redis_end_to_end(gateway_process: Start) -> None:
-    gw = gateway_process()
+    gw = gateway_process("--embedded-redis")
     match = re.search(r"managed redis-server at (\S+) \(pid (\d+)\)", gw.output())
     assert match, gw.output()
     redis_pid = int(match.group(2))
@@ -85,6 +125,12 @@ def test_serve_uses_the_configured_redis(
     gw = gateway_process("--config", str(config))
     assert cli("set", "b", "2", "--target", gw.address).returncode == 0
     assert redis_client.exists("shop:{b}") == 1
+    assert gw.stop() == 0
+    # A URL wins over a request for an embedded Redis (e.g. `make run ARGS=--redis-url`).
+    gw = gateway_process("--embedded-redis", "--redis-url", redis_server.url)
+    assert cli("set", "c", "3", "--target", gw.address).returncode == 0
+    assert redis_client.exists("cg:{c}") == 1
+    assert "managed redis-server" not in gw.output()
     assert gw.stop() == 0
 
 
@@ -134,7 +180,7 @@ def test_sigterm_drains_in_flight_calls(gateway_process: Start, redis_server: Ma
 
 
 def test_cli_invalidate_and_watch(gateway_process: Start) -> None:
-    gw = gateway_process()
+    gw = gateway_process("--embedded-redis")
     assert cli("set", "inv:1", "v", "--tag", "sku", "--target", gw.address).returncode == 0
     watcher = subprocess.Popen(
         [str(BIN / "cachegw"), "watch", "--prefix", "inv:", "--count", "2", "--target", gw.address],
