@@ -31,6 +31,8 @@ from dataclasses import dataclass
 MAGIC = 0xC6
 FORMAT_VERSION = 2
 VERSION_OFFSET = 2
+# Where the class generation sits (the Set script stamps the one Redis holds).
+GENERATION_OFFSET = 30
 _HEADER = struct.Struct(">BBQqIqIH")
 HEADER_SIZE = _HEADER.size
 # What the Set script prepends: marker, format version and the entry version it assigns.

@@ -28,6 +28,10 @@ def parse_id(event_id: str) -> StreamId:
     return int(m.group(1)), int(m.group(2))
 
 
+def format_id(stream_id: StreamId) -> str:
+    return f"{stream_id[0]}-{stream_id[1]}"
+
+
 def make(
     *,
     origin: str,

@@ -58,33 +58,114 @@ if old and string.len(old) >= {envelope.PREFIX_SIZE}
 end
 """
 
-# KEYS[1] value, KEYS[2] lease. ARGV[1] envelope tail (after the entry version),
-# ARGV[2] PX ms, ARGV[3] required current version ('' = any), ARGV[4] lease token
-# ('' = a plain write), ARGV[5] fills channel, ARGV[6] the cache key.
-# Returns {outcome, version, replaced}: outcome 1 stored, 0 version conflict, -1 lease
-# invalid. A write ends any lease on the key (the holder's load may predate it) and
-# wakes the gateways waiting for that lease.
+# The generation's offset inside the tail the Set script receives (after the prefix).
+_GEN_IN_TAIL = envelope.GENERATION_OFFSET - envelope.PREFIX_SIZE
+
+# Appends ARGV[i] (an encoded InvalidationEvent without id, '' = none) to the audit stream
+# KEYS[k] and publishes it on channel ARGV[i+1] with its id prepended as field 1
+# (protobuf accepts fields in any order), so every receiver sees the stream's id.
+# ARGV[i+2] is the stream's MAXLEN.
+_PUBLISH_FN = """
+local function publish(stream, payload, channel, maxlen)
+  if payload == '' then return '' end
+  local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'e', payload)
+  redis.call('PUBLISH', channel, string.char(10, string.len(id)) .. id .. payload)
+  return id
+end
+"""
+
+# One Set, one script, one round trip: the lease check, the class generation, the
+# compare-and-set, the write, its tag index entries and its invalidation event are one
+# atomic step, so that a write applied is a write indexed and published (never one
+# without the other, whatever happens to the caller or the connection).
+# KEYS[1] value, KEYS[2] lease, KEYS[3] class generation, KEYS[4] events stream,
+# KEYS[5..] tag indexes. ARGV[1] envelope tail (after the entry version), ARGV[2] PX ms,
+# ARGV[3] required current version ('' = any), ARGV[4] lease token ('' = a plain
+# write), ARGV[5] fills channel, ARGV[6] the cache key, ARGV[7] the lease's class
+# generation, ARGV[8] event ('' = none), ARGV[9] events channel, ARGV[10] stream MAXLEN,
+# ARGV[11] expiry (ms since the epoch; the tag index score), ARGV[12] now (ms).
+# Returns {outcome, version, replaced, generation, event id}: outcome 1 stored, 0
+# version conflict, -1 lease invalid. A fill whose lease predates Invalidate(class) is
+# refused and ends the lease. A write ends any lease on the key (the holder's load may
+# predate it) and wakes the gateways waiting for that lease. A plain write is stamped
+# with the generation Redis holds; the event goes out only when a value was replaced
+# (only then can another gateway hold a copy).
 _SET_SCRIPT = f"""
+{_PUBLISH_FN}
 local lease = redis.call('GET', KEYS[2])
-if ARGV[4] ~= '' and lease ~= ARGV[4] then
-  return {{-1, 0, 0}}
+local gen = tonumber(redis.call('GET', KEYS[3]) or '0')
+if ARGV[4] ~= '' then
+  if lease ~= ARGV[4] then
+    return {{-1, 0, 0, gen, ''}}
+  end
+  if tonumber(ARGV[7]) ~= gen then
+    redis.call('DEL', KEYS[2])
+    redis.call('PUBLISH', ARGV[5], ARGV[6])
+    return {{-1, 0, 0, gen, ''}}
+  end
 end
 local old = redis.call('GET', KEYS[1])
 {_VERSION_OF_OLD}
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= ver then
-  return {{0, ver, 0}}
+  return {{0, ver, 0, gen, ''}}
 end
-local replaced = 0
-if old then replaced = 1 end
 ver = ver + 1
+local tail = string.sub(ARGV[1], 1, {_GEN_IN_TAIL}) .. struct.pack('>I4', gen)
+  .. string.sub(ARGV[1], {_GEN_IN_TAIL + 5})
 redis.call('SET', KEYS[1],
-  string.char({envelope.MAGIC}, {envelope.FORMAT_VERSION}) .. struct.pack('>I8', ver) .. ARGV[1],
+  string.char({envelope.MAGIC}, {envelope.FORMAT_VERSION}) .. struct.pack('>I8', ver) .. tail,
   'PX', ARGV[2])
+for i = 5, #KEYS do
+  redis.call('ZADD', KEYS[i], ARGV[11], ARGV[6])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[12])
+  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[2]) then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  end
+end
 if lease then
   redis.call('DEL', KEYS[2])
   redis.call('PUBLISH', ARGV[5], ARGV[6])
 end
-return {{1, ver, replaced}}
+local id = ''
+local replaced = 0
+if old then
+  replaced = 1
+  id = publish(KEYS[4], ARGV[8], ARGV[9], ARGV[10])
+end
+return {{1, ver, replaced, gen, id}}
+"""
+
+# Delete: KEYS[1] events stream, then value and lease of each key. ARGV[1] event ('' =
+# none), ARGV[2] events channel, ARGV[3] stream MAXLEN. Removes all, then publishes, in
+# one step. Returns {values removed, event id}. Ending a lease refuses a fill whose load
+# started before the delete.
+_DELETE_SCRIPT = f"""
+{_PUBLISH_FN}
+local n = 0
+for i = 2, #KEYS, 2 do
+  n = n + redis.call('UNLINK', KEYS[i])
+  redis.call('UNLINK', KEYS[i + 1])
+end
+return {{n, publish(KEYS[1], ARGV[1], ARGV[2], ARGV[3])}}
+"""
+
+# Tag invalidation, one chunk: KEYS[1] the tag index, then value and lease of each
+# member; ARGV the members' scores as read. A member is removed (value, lease and index
+# entry) only if its score is unchanged: a Set that re-indexed it meanwhile stays
+# indexed, so a later Invalidate(tag) still finds it. Returns {values removed, index
+# entries removed}.
+_TAG_CHUNK_SCRIPT = """
+local n, m = 0, 0
+for i = 1, #ARGV, 2 do
+  local j = (i + 1) / 2
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    n = n + redis.call('UNLINK', KEYS[2 * j])
+    redis.call('UNLINK', KEYS[2 * j + 1])
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    m = m + 1
+  end
+end
+return {n, m}
 """
 
 # KEYS[1] value, KEYS[2] lease. ARGV[1] token, ARGV[2] lease PX ms, ARGV[3] the version
@@ -126,18 +207,6 @@ redis.call('PUBLISH', ARGV[3], string.char(10, string.len(id)) .. id .. ARGV[2])
 return id
 """
 
-# KEYS[1] tag index. ARGV[1] cache key, ARGV[2] its expiry (ms since the epoch),
-# ARGV[3] now (ms), ARGV[4] PX ms. The index drops expired members as it goes and lives
-# as long as its longest-lived member.
-_TAG_SCRIPT = """
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-end
-return 1
-"""
-
 
 class L2Unavailable(Exception):
     """Redis could not be reached or did not answer in time."""
@@ -157,6 +226,7 @@ class SetResult:
     replaced: bool = False  # a value existed before this write
     lease_invalid: bool = False
     generation: int = 0  # the class generation Redis held when the write ran
+    event_id: str = ""  # the invalidation event the write published, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,10 +239,26 @@ class Acquired:
     raw_mismatch: bool = False  # a value was stored but is not a readable envelope
 
 
+def _text(raw: object) -> str:
+    return raw.decode(errors="surrogateescape") if isinstance(raw, bytes) else str(raw)
+
+
 def _stream_id(raw: object) -> tuple[int, int]:
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
+
+
+def hash_tag(key: str) -> str:
+    """`key` as it stands between the braces of its Redis keys.
+
+    Redis Cluster hashes the text between the first '{' and the first '}' after it, or
+    the whole name when that text is empty. A key beginning with '}' would leave it empty
+    and put a value and its lease in different slots; such keys (and, to keep the
+    mapping one-to-one, keys beginning with a backslash) get a backslash in front.
+    Depending only on the first character, the mapping keeps prefixes: a key starts with
+    P exactly when its tag starts with P's tag."""
+    return "\\" + key if key[:1] in ("}", "\\") else key
 
 
 def glob_escape(text: str) -> str:
@@ -192,10 +278,11 @@ class RedisStore:
         self.pubsub_client: Callable[[], aioredis.Redis] = pubsub_factory or (lambda: client)
         self.prefix = prefix
         self._set_script = client.register_script(_SET_SCRIPT)
+        self._delete_script = client.register_script(_DELETE_SCRIPT)
+        self._tag_chunk_script = client.register_script(_TAG_CHUNK_SCRIPT)
         self._acquire_script = client.register_script(_ACQUIRE_SCRIPT)
         self._publish_script = client.register_script(_PUBLISH_SCRIPT)
         self._release_script = client.register_script(_RELEASE_SCRIPT)
-        self._tag_script = client.register_script(_TAG_SCRIPT)
         self.stats = GatewayStats() if stats is None else stats
         self._mismatch_logged = -60.0
         self.events_key = f"{prefix}:events"
@@ -251,10 +338,10 @@ class RedisStore:
     # -- layout -------------------------------------------------------------------------
 
     def redis_key(self, key: str) -> str:
-        return f"{self.prefix}:{{{key}}}"
+        return f"{self.prefix}:{{{hash_tag(key)}}}"
 
     def lease_key(self, key: str) -> str:
-        return f"{self.prefix}:{{{key}}}:lease"
+        return f"{self.prefix}:{{{hash_tag(key)}}}:lease"
 
     def gen_key(self, key_class: str) -> str:
         return f"{self.prefix}:gen:{key_class}"
@@ -321,46 +408,48 @@ class RedisStore:
         *,
         lease_token: bytes = b"",
         key_class: str = "",
+        lease_generation: int = 0,
         tags: Sequence[str] = (),
         expires_at_ms: int = 0,
-        now_ms: int = 0,
+        event: bytes = b"",
+        max_events: int = 10_000,
     ) -> SetResult:
-        """Write one value (and index its tags) in one round trip.
-
-        The class generation is read in the same pipeline, just before the write, so
-        the caller can tell whether the write landed under the generation it assumed.
-        """
+        """Write one value, index its tags and publish `event` when it replaced a value:
+        one script, one round trip (see _SET_SCRIPT)."""
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for tag in tags:
-                    await self._tag_script(
-                        keys=[self.tag_key(tag)],
-                        args=[key, expires_at_ms, now_ms, px_ms],
-                        client=pipe,
-                    )
-                pipe.get(self.gen_key(key_class))
-                await self._set_script(
-                    keys=[self.redis_key(key), self.lease_key(key)],
-                    args=[
-                        tail,
-                        px_ms,
-                        "" if if_version is None else if_version,
-                        lease_token,
-                        self.fills_channel,
-                        key,
-                    ],
-                    client=pipe,
-                )
-                replies = await pipe.execute()
+            reply = await self._set_script(
+                keys=[
+                    self.redis_key(key),
+                    self.lease_key(key),
+                    self.gen_key(key_class),
+                    self.events_key,
+                    *(self.tag_key(t) for t in tags),
+                ],
+                args=[
+                    tail,
+                    px_ms,
+                    "" if if_version is None else if_version,
+                    lease_token,
+                    self.fills_channel,
+                    key,
+                    lease_generation,
+                    event,
+                    self.events_channel,
+                    max_events,
+                    expires_at_ms,
+                    time.time_ns() // 1_000_000,
+                ],
+            )
         except UNAVAILABLE_ERRORS as exc:
             raise self._down(exc) from exc
-        gen_raw, (outcome, version, replaced) = replies[-2], replies[-1]
+        outcome, version, replaced, generation, event_id = reply
         return SetResult(
             stored=outcome == 1,
             version=int(version),
             replaced=bool(replaced),
             lease_invalid=outcome == -1,
-            generation=int(gen_raw or 0),
+            generation=int(generation),
+            event_id=_text(event_id),
         )
 
     async def acquire(
@@ -392,19 +481,26 @@ class RedisStore:
             raise self._down(exc) from exc
         return bool(int(released))
 
-    async def delete(self, keys: Sequence[str]) -> int:
-        """UNLINK each key and its lease (pipelined: keys may sit in different slots).
-
-        Ending the lease refuses a fill whose load started before the delete."""
+    async def delete(
+        self, keys: Sequence[str], *, event: bytes = b"", max_events: int = 10_000
+    ) -> tuple[int, str]:
+        """Remove each key's value and lease and publish `event`, in one script; returns
+        (values removed, event id). Ending a lease refuses a fill whose load started
+        before the delete."""
+        rkeys = [self.events_key]
+        for key in keys:
+            rkeys += (self.redis_key(key), self.lease_key(key))
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.unlink(self.redis_key(key))
-                    pipe.unlink(self.lease_key(key))
-                replies = await pipe.execute()
+            removed, event_id = await self._delete_script(
+                keys=rkeys, args=[event, self.events_channel, max_events]
+            )
         except UNAVAILABLE_ERRORS as exc:
             raise self._down(exc) from exc
-        return sum(int(r) for r in replies[0::2])
+        return int(removed), _text(event_id)
+
+    async def unlink(self, keys: Sequence[str]) -> int:
+        """`delete` without an event (Invalidate publishes one event for all it names)."""
+        return (await self.delete(keys))[0]
 
     async def delete_prefixes(self, prefixes: Sequence[str], batch: int = 1000) -> int:
         """Delete every value (and lease) whose key starts with one of `prefixes`.
@@ -434,32 +530,39 @@ class RedisStore:
         # Values end with the closing brace of their hash tag; leases end with ":lease".
         return sum(int(r) for k, r in zip(rkeys, replies, strict=True) if k.endswith(b"}"))
 
-    async def tagged_keys(self, tags: Sequence[str]) -> list[str]:
-        """Every key indexed under one of `tags` (expired members included)."""
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for tag in tags:
-                    pipe.zrange(self.tag_key(tag), 0, -1)
-                replies = await pipe.execute()
-        except UNAVAILABLE_ERRORS as exc:
-            raise self._down(exc) from exc
-        keys: dict[str, None] = {}
-        for members in replies:
-            for member in members:
-                keys[member.decode(errors="surrogateescape")] = None
-        return list(keys)
+    async def delete_tag(self, tag: str, chunk: int = 1000) -> int:
+        """Delete every key indexed under `tag`, and exactly the index entries read.
 
-    async def delete_tags(self, tags: Sequence[str], batch: int = 1000) -> tuple[int, list[str]]:
-        """Delete every key indexed under `tags`, and the indexes; returns (removed, keys)."""
-        keys = await self.tagged_keys(tags)
-        removed = 0
-        for i in range(0, len(keys), batch):
-            removed += await self.delete(keys[i : i + batch])
+        Walks the index in chunks of `chunk` members (never loading it whole); a Set that
+        re-indexes a member meanwhile keeps its entry (see _TAG_CHUNK_SCRIPT). Bounded:
+        at most the index's size at the start, in chunks, plus one. Returns the values
+        removed."""
+        index = self.tag_key(tag)
+        removed = skipped = 0
         try:
-            await self._client.unlink(*[self.tag_key(t) for t in tags])
+            rounds = int(await self._client.zcard(index)) // chunk + 2
+            for _ in range(rounds):
+                members = await self._client.zrange(
+                    index, skipped, skipped + chunk - 1, withscores=True, score_cast_func=bytes
+                )
+                if not members:
+                    break
+                keys: list[str] = []
+                args: list[bytes] = []
+                for member, score in members:
+                    assert isinstance(member, bytes) and isinstance(score, bytes)
+                    key = _text(member)
+                    keys += (self.redis_key(key), self.lease_key(key))
+                    args += (member, score)
+                counts = await self._tag_chunk_script(keys=[index, *keys], args=args)
+                removed += int(counts[0])
+                # Members left in place (re-indexed meanwhile) are stepped over next time.
+                skipped += len(members) - int(counts[1])
+                if len(members) < chunk:
+                    break
         except UNAVAILABLE_ERRORS as exc:
             raise self._down(exc) from exc
-        return removed, keys
+        return removed
 
     async def bump_generations(self, classes: Sequence[str]) -> dict[str, int]:
         try:

@@ -1,12 +1,15 @@
-"""Lease tokens and this gateway's bookkeeping of leases and the callers waiting on them.
+"""The lease protocol: one home for stampede protection's second layer.
 
 The lease itself lives in Redis (``<p>:{K}:lease``, SET NX PX with the token; see l2.py):
-across every gateway only the caller holding the token may fill K. This module keeps
-what one gateway needs so that its own callers of a key cost one Redis call, not one
-each: whether a lease of K is known to be held (here or elsewhere) and until when, one
-lease attempt in flight per key, and one shared wake-up per key for everyone waiting for
-K's value to land. Wake-ups come from the fills channel, from invalidation events and
-from the bus reconnecting; waiters also poll Redis with backoff as a safety net.
+across every gateway only the caller holding the token may fill K. `Leases` runs the
+protocol for one gateway: grant the lease on a miss, or wait server-side for the
+holder's value; hand out refresh leases (XFetch, stale-while-revalidate); release a
+lease whose loader failed. `LeaseTable` keeps what one gateway needs so that its own
+callers of a key cost one Redis call, not one each: whether a lease of K is known to be
+held (here or elsewhere) and until when, one lease attempt in flight per key, and one
+shared wake-up per key for everyone waiting for K's value to land. Wake-ups come from
+the fills channel, from invalidation events and from the bus reconnecting; waiters also
+poll Redis with backoff as a safety net.
 """
 
 from __future__ import annotations
@@ -14,8 +17,17 @@ from __future__ import annotations
 import asyncio
 import secrets
 import struct
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from cachegw.v1 import cache_pb2 as pb
+from cachegw_gateway import freshness
+from cachegw_gateway.freshness import FRESH, STALE, Generations
+from cachegw_gateway.l2 import L2Entry, L2Unavailable, RedisStore
+from cachegw_gateway.policy import KeyClass
+from cachegw_gateway.stats import GatewayStats
+from cachegw_gateway.telemetry import tracing
 
 _TOKEN = struct.Struct(">16sQI")
 TOKEN_SIZE = _TOKEN.size
@@ -23,6 +35,8 @@ _PRUNE_AT = 4096
 # Waiters look at Redis themselves at these intervals (doubling per key) in case a
 # wake-up was lost: the fills channel is the fast path, polling only the safety net.
 POLL_FIRST, POLL_MAX = 0.05, 1.0
+# Kept back from a waiting caller's deadline, so that its MISS reaches it in time.
+WAIT_MARGIN = 0.025
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,3 +182,162 @@ class LeaseTable:
         for key in list(self._waiters):
             self.wake(key)
         self._held_until.clear()
+
+    def wake_matching(self, wanted: Callable[[str], bool]) -> None:
+        """Wake the waiters (and forget the holders) of the keys `wanted` picks: a broad
+        invalidation costs the keys waited on, not a stampede of every waiter."""
+        for key in [k for k in self._waiters if wanted(k)]:
+            self.wake(key)
+        for key in [k for k in self._held_until if wanted(k)]:
+            del self._held_until[key]
+
+
+ReadOne = Callable[[str], Awaitable[L2Entry | None]]
+
+
+class Leases:
+    """The lease protocol of one gateway (one event loop)."""
+
+    def __init__(
+        self,
+        store: RedisStore,
+        stats: GatewayStats,
+        generations: Generations,
+        read: ReadOne,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self._store = store
+        self._stats = stats
+        self._gens = generations
+        self._read = read  # the read path's coalesced Redis read (which may fill L1)
+        self._clock = clock
+        self._wall_ms = wall_clock_ms
+        self.table = LeaseTable(clock)
+
+    def busy(self, key: str) -> bool:
+        """A lease of `key` is known to be held, or an attempt at it is in flight here."""
+        return self.table.held(key) or self.table.attempt_in_flight(key) is not None
+
+    def token_for(self, kc: KeyClass) -> LeaseToken:
+        return LeaseToken.new(self._wall_ms(), self._gens[kc.name])
+
+    async def try_refresh(self, key: str, kc: KeyClass, version: int) -> LeaseToken | None:
+        """A refresh lease for a value still served (XFetch or stale window), if nobody
+        holds one; never fails the read it rides on."""
+        if self.busy(key):
+            return None
+        token = self.token_for(kc)
+        self.table.begin_attempt(key)
+        try:
+            got = await self._store.acquire(key, token.raw, kc.lease_timeout_ms, version)
+        except L2Unavailable:
+            return None
+        finally:
+            self.table.end_attempt(key)
+        if got.granted:
+            self.table.note_held(key, kc.lease_timeout_ms / 1000)
+            counters = self._stats.for_class(kc.name)
+            counters.refreshes += 1
+            counters.leases_granted += 1
+            tracing.annotate(refresh=True, lease="granted")
+            return token
+        if got.holder_pttl_ms:
+            self.table.note_held(key, got.holder_pttl_ms / 1000)
+        return None
+
+    async def obtain(
+        self,
+        key: str,
+        kc: KeyClass,
+        unusable: int | None,
+        max_wait_ms: int,
+        deadline: float | None,
+        allow_stale: bool,
+    ) -> bytes:
+        """A miss with lease: grant the lease, or wait for the holder's value.
+
+        One caller per gateway asks Redis at a time; the others wait on that attempt or
+        on the key's wake-up (the fills channel, an invalidation) and then share one
+        Redis read. A holder that never fills loses its lease when it expires (or
+        releases it), and the next attempt here or in another gateway takes it over. A
+        wait ends WAIT_MARGIN before the caller's deadline, or at `max_wait`, with MISS."""
+        started = self._clock()
+        end = started + (max_wait_ms or kc.max_wait_ms) / 1000
+        if deadline is not None:
+            end = min(end, deadline - WAIT_MARGIN)
+        answer, outcome, waited = await self._loop(key, kc, unusable, end, allow_stale)
+        tracing.annotate(lease=outcome)
+        if waited:
+            tracing.annotate(lease_wait_ms=(self._clock() - started) * 1000)
+        return answer
+
+    async def _loop(
+        self, key: str, kc: KeyClass, unusable: int | None, end: float, allow_stale: bool
+    ) -> tuple[bytes, str, bool]:
+        """(answer, how the lease went, whether this caller waited)."""
+        counters = self._stats.for_class(kc.name)
+        waited = saw_holder = False
+        while True:
+            if not self.busy(key):
+                token = self.token_for(kc)
+                self.table.begin_attempt(key)
+                try:
+                    got = await self._store.acquire(key, token.raw, kc.lease_timeout_ms, unusable)
+                finally:
+                    self.table.end_attempt(key)
+                if got.granted:
+                    self.table.note_held(key, kc.lease_timeout_ms / 1000)
+                    counters.misses += 1
+                    counters.leases_granted += 1
+                    if saw_holder:
+                        counters.leases_taken_over += 1
+                    outcome = "taken_over" if saw_holder else "granted"
+                    return freshness.leased(kc, token.raw), outcome, waited
+                if got.entry is not None:
+                    answer = self._usable(kc, got.entry, allow_stale)
+                    if answer is not None:
+                        return answer, "waited", waited
+                    unusable = got.entry.envelope.version
+                    continue
+                if got.raw_mismatch:
+                    unusable = 0  # not an envelope: the script reads its version as 0
+                    continue
+                saw_holder = True
+                self.table.note_held(key, max(got.holder_pttl_ms, 1) / 1000)
+            now = self._clock()
+            if now < end:
+                if not waited:
+                    waited = True
+                    counters.lease_waits += 1
+                held_until = self.table.held_until(key) or end
+                await self.table.wait(key, min(end, held_until) - now)
+            if self._clock() >= end:
+                counters.misses += 1
+                counters.lease_wait_timeouts += 1
+                return freshness.miss(kc), "timed_out", waited
+            entry = await self._read(key)
+            if entry is not None:
+                answer = self._usable(kc, entry, allow_stale)
+                if answer is not None:
+                    return answer, "waited", waited
+                unusable = entry.envelope.version
+
+    def _usable(self, kc: KeyClass, entry: L2Entry, allow_stale: bool) -> bytes | None:
+        """The answer for a value found while waiting: fresh, or stale when accepted."""
+        verdict, fresh_left = freshness.judge(entry, kc, self._gens[kc.name])
+        if verdict == FRESH:
+            self._stats.for_class(kc.name).hits_l2 += 1
+            return freshness.hit(kc, entry, fresh_left)
+        if verdict == STALE and allow_stale:
+            self._stats.for_class(kc.name).stale += 1
+            return freshness.with_status(pb.STATUS_STALE, kc, entry, 0)
+        return None
+
+    async def release(self, key: str, token: LeaseToken) -> bool:
+        """End a lease without storing (its loader failed): the value stays as it is, and
+        the waiters here wake to take the lease over at once."""
+        released = await self._store.release(key, token.raw)
+        self.table.wake(key)
+        return released

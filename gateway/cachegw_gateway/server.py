@@ -27,15 +27,11 @@ from cachegw_gateway.servicer import SERVICE_NAME, CacheServicer
 from cachegw_gateway.stats import GatewayStats
 from cachegw_gateway.subscriptions import SubscriberHub
 from cachegw_gateway.telemetry.service import Telemetry
+from cachegw_gateway.warmup import HOT_KEYS_TRACKED
 from cachegw_native.hotkeys import HotKeys
 from cachegw_native.l1 import L1Cache
 
 log = logging.getLogger(__name__)
-
-# How many hot keys each gateway tracks and records, and how often it records them.
-HOT_KEYS_TRACKED = 256
-HOT_KEYS_KEPT = 10_000
-HOT_KEYS_PERIOD = 30.0
 
 
 class GatewayServer:
@@ -69,11 +65,10 @@ class GatewayServer:
             self.store,
             self.l1,
             self.policy,
-            gateway_id=self.origin,
+            self.hotkeys,
+            origin=self.origin,
             invalidation=config.invalidation,
-            hotkeys=self.hotkeys,
         )
-        self.cache.fills_allowed = False  # until the invalidation subscription is live
         self.hub = SubscriberHub(self.origin, config.invalidation.subscriber_queue, self.stats)
         self.bus = EventBus(
             self.store.pubsub_client,
@@ -82,7 +77,7 @@ class GatewayServer:
             on_event=self._on_event,
             on_fill=self.cache.on_fill,
             on_lost=self._on_lost,
-            on_live=self._on_live,
+            on_live=self.cache.subscription_live,
             max_backoff=config.invalidation.resubscribe_max_backoff_seconds,
         )
         # Tracing is on exactly when a provider is given (main.py builds it from config).
@@ -110,7 +105,6 @@ class GatewayServer:
             self.policy,
             config.server,
             self.hub,
-            self.store,
             stats=self.telemetry.stats,
         )
         self._server.add_generic_rpc_handlers((self.servicer.handler(wrap=self.telemetry.wrap),))
@@ -125,25 +119,12 @@ class GatewayServer:
     # -- the invalidation bus -------------------------------------------------------------
 
     def _on_event(self, event: pb.InvalidationEvent) -> None:
-        self.stats.invalidations_received += 1
-        self.cache.apply_event(event)
+        self.cache.on_event(event)
         self.hub.deliver(event)
 
     def _on_lost(self, reason: str) -> None:
-        self.cache.fills_allowed = False
-        self.cache.flush(f"invalidation subscription lost ({reason})", keep_fallback=True)
+        self.cache.subscription_lost(reason)
         self.hub.reset_all()
-
-    def _on_live(self, again: bool) -> None:
-        # Reads sent before the subscription was confirmed may have missed an event:
-        # none of them may fill L1 (a new epoch), and whatever was kept aside for a Redis
-        # outage goes too.
-        self.cache.new_epoch()
-        self.cache.drop_fallback()
-        if again:
-            self.stats.redis_reconnects += 1
-            log.info("invalidation subscription re-established")
-        self.cache.fills_allowed = True
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -159,44 +140,25 @@ class GatewayServer:
         if not await self.bus.start(wait=2.0):
             log.warning("invalidation subscription not live yet: serving without L1 fills")
         if self.config.l1.warm_keys and self.bus.live:
-            await self._warm_from_hot_keys()
+            await self.cache.warm_from_hot_keys(self.config.l1.warm_keys)
         await self._server.start()
         self.started_at = time.monotonic()
-        self._background.append(asyncio.create_task(self._record_hot_keys_forever()))
+        self._background.append(asyncio.create_task(self.cache.record_hot_keys_forever()))
         await self.telemetry.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
         await self.health.set(SERVICE_NAME, serving)
         return self.port
 
-    async def _warm_from_hot_keys(self) -> None:
-        try:
-            keys = await self.store.hot_keys(self.config.l1.warm_keys)
-            loaded, _ = await self.cache.warm(keys)
-        except L2Unavailable as exc:
-            log.warning("could not re-warm L1 from the recorded hot keys: %s", exc)
-            return
-        if keys:
-            log.info("re-warmed L1 with %d of the %d recorded hot keys", loaded, len(keys))
-
     async def record_hot_keys(self) -> None:
-        """Merge this gateway's hottest keys into the deployment's list, then age them."""
-        await self.store.record_hot_keys(self.hotkeys.top(HOT_KEYS_TRACKED), HOT_KEYS_KEPT)
-        self.hotkeys.decay()
-
-    async def _record_hot_keys_forever(self) -> None:
-        while True:
-            await asyncio.sleep(HOT_KEYS_PERIOD)
-            try:
-                await self.record_hot_keys()
-            except L2Unavailable as exc:
-                log.debug("hot keys not recorded: %s", exc)
+        await self.cache.record_hot_keys()
 
     async def stop(self, grace: float | None = None) -> None:
         if grace is None:
             grace = self.config.server.grace_seconds
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
+        await self.cache.drain()
         for task in self._background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -13,14 +13,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway import events
 from cachegw_gateway.cache import Cache
 from cachegw_gateway.config import ServerConfig
 from cachegw_gateway.events import StreamId
-from cachegw_gateway.l2 import L2Unavailable, RedisStore
+from cachegw_gateway.l2 import L2Unavailable
 from cachegw_gateway.leases import LeaseToken
 from cachegw_gateway.policy import KeyClass, PolicyTable
 from cachegw_gateway.subscriptions import SubscriberHub
@@ -41,11 +40,6 @@ from cachegw_gateway.validation import (
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheService"].full_name
-
-# Audit-stream entries read per round trip when a Subscribe replays what was missed.
-REPLAY_BATCH = 1000
-# Recorded hot keys a Warmup(hot_keys=true) loads.
-WARM_HOT_KEYS = 1000
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -69,14 +63,12 @@ class CacheServicer:
         policy: PolicyTable,
         limits: ServerConfig,
         hub: SubscriberHub,
-        store: RedisStore,
         *,
         stats: StatsSource | None = None,
     ) -> None:
         self._cache = cache
         self._policy = policy
         self._hub = hub
-        self._store = store
         self._stats = stats
         self._max_key = limits.max_key_bytes
         self._max_batch = limits.max_batch_keys
@@ -274,15 +266,16 @@ class CacheServicer:
                 queue.push(events.reset(self._hub.origin))
             last = since
             if since is not None:
-                lost = await self._guard(context, self._store.events_lost_after(since))
-                if lost:
-                    yield events.reset(self._hub.origin)
-                else:
-                    async for event in self._replay(context, request.since):
+                replay = self._cache.events_after(since)
+                while True:
+                    event = await self._guard(context, anext(replay, None))
+                    if event is None:
+                        break
+                    if event.id:
                         last = events.parse_id(event.id)
-                        chosen = wanted.select(event)
-                        if chosen is not None:
-                            yield chosen
+                    chosen = wanted.select(event)
+                    if chosen is not None:
+                        yield chosen
             while True:
                 event = await queue.get()
                 if event.id and last is not None and events.parse_id(event.id) <= last:
@@ -290,22 +283,6 @@ class CacheServicer:
                 yield event
         finally:
             self._hub.close(queue)
-
-    async def _replay(self, context: Context, since: str) -> AsyncIterator[pb.InvalidationEvent]:
-        cursor = since
-        while True:
-            batch = await self._guard(context, self._store.events_after(cursor, REPLAY_BATCH))
-            for event_id, payload in batch:
-                try:
-                    event = pb.InvalidationEvent.FromString(payload)
-                except DecodeError:
-                    log.warning("unreadable event %s in the audit stream: sending RESET", event_id)
-                    event = events.reset(self._hub.origin)
-                event.id = event_id
-                yield event
-                cursor = event_id
-            if len(batch) < REPLAY_BATCH:
-                return
 
     # -- warm-up ---------------------------------------------------------------------------
 
@@ -329,27 +306,10 @@ class CacheServicer:
                 classes.append(self._checked_write(e.key, e.value, ttl, f"entries[{i}]."))
         except InvalidRequest as exc:
             await self._invalid(context, exc)
-        return await self._guard(
-            context, self._warm(keys, entries, classes, hot_keys=request.hot_keys)
+        work = self._cache.warmup(
+            keys, list(zip(entries, classes, strict=True)), hot_keys=request.hot_keys
         )
-
-    async def _warm(
-        self,
-        keys: list[str],
-        entries: list[pb.WarmupEntry],
-        classes: list[KeyClass],
-        *,
-        hot_keys: bool,
-    ) -> pb.WarmupResponse:
-        stored = 0
-        for entry, kc in zip(entries, classes, strict=True):
-            ttl = entry.ttl_ms if entry.HasField("ttl_ms") else None
-            out = await self._cache.set(entry.key, entry.value, kc, ttl, None)
-            stored += out.stored
-        if hot_keys:
-            keys += await self._store.hot_keys(WARM_HOT_KEYS)
-        loaded, missing = await self._cache.warm(keys)
-        return pb.WarmupResponse(loaded=loaded, missing=missing, stored=stored)
+        return await self._guard(context, work)
 
     async def stats(
         self, request: pb.StatsRequest | BadMessage, context: Context

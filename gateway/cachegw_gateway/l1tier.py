@@ -1,0 +1,250 @@
+"""This gateway's L1 and the rules for what may enter it.
+
+The native L1 holds encoded HIT answers. What makes it safe is deciding which Redis
+answers may be copied in, and that is this module's one job:
+
+- an L1 copy expires no later than the fresh life of the Redis entry it copies, counted
+  from a moment before the Redis call was sent, and before XFetch might pick a refresher;
+- every Redis call whose answer may fill L1 (a read, or a write storing a value) takes a
+  `FillTicket` before it is sent. A write or invalidation of the key in between takes
+  the key's ticket away, and a broad invalidation (prefix, tag, class, lost
+  subscription) starts a new epoch that voids every ticket: such answers never fill L1,
+  since they may carry the value from before;
+- a write that starts detaches the key's in-flight read, so Gets that arrive after it
+  read Redis anew instead of joining a read that may predate it;
+- L1 is only filled while this gateway's invalidation subscription is live.
+
+Broad invalidations cost what they evict: entries are indexed in the L1 by class and
+tag (groups) and by key order (prefixes), never found by walking the whole cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cachegw_gateway import envelope, wire
+from cachegw_gateway.freshness import l1_horizon_ms
+from cachegw_gateway.l2 import L2Entry
+from cachegw_gateway.policy import KeyClass
+from cachegw_gateway.stats import ClassCounters, GatewayStats
+from cachegw_native.coalescer import Coalescer
+from cachegw_native.hotkeys import HotKeys
+from cachegw_native.l1 import L1Cache
+
+log = logging.getLogger(__name__)
+_HAS_GROUPS = hasattr(L1Cache, "delete_group")
+
+# Bytes charged per L1 entry on top of key and encoded answer (object headers, links).
+L1_ENTRY_OVERHEAD = 96
+
+# An L1 entry: the encoded HIT answer with tier L1 (no TTL), the monotonic time at which
+# the Redis entry's fresh life ends, and its class's counters (so a hit counts itself
+# without classifying the key).
+L1Value = tuple[bytes, float, ClassCounters]
+
+
+def class_group(name: str) -> str:
+    return f"c:{name}"
+
+
+def tag_group(tag: str) -> str:
+    return f"t:{tag}"
+
+
+@dataclass(slots=True)
+class FillTicket:
+    """Taken before a Redis call whose answer may fill L1; see `L1Tier.settle`."""
+
+    keys: list[str]
+    tokens: list[object]
+    epoch: int
+    sent_at: float
+
+
+class L1Tier:
+    def __init__(
+        self,
+        l1: L1Cache,
+        stats: GatewayStats,
+        *,
+        hotkeys: HotKeys | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._l1 = l1
+        self._stats = stats
+        self._hotkeys = hotkeys
+        self._clock = clock
+        # Redis reads in flight, one per key (request coalescing).
+        self.reads: Coalescer[L2Entry | None] = Coalescer()
+        # key -> token of the Redis call whose answer may fill L1; a write drops it.
+        self._fill_tokens: dict[str, object] = {}
+        self._epoch = 0
+        self._fills_allowed = False  # until the invalidation subscription is live
+        # L1 as it was when the invalidation subscription dropped: served only while Redis
+        # cannot be reached, within each copy's own L1 deadline (see flush()).
+        self._fallback: dict[str, tuple[L1Value, float]] = {}
+
+    @property
+    def l1(self) -> L1Cache:
+        return self._l1
+
+    @property
+    def fills_allowed(self) -> bool:
+        return self._fills_allowed
+
+    # -- the hit path ----------------------------------------------------------------------
+
+    def answer(self, key: str) -> bytes | None:
+        """The encoded answer from L1, or None. Never touches Redis."""
+        hit: L1Value | None = self._l1.get(key)  # type: ignore[assignment]
+        if hit is None:
+            return None
+        body, fresh_until, counters = hit[0], hit[1], hit[2]
+        counters.hits_l1 += 1
+        if self._hotkeys is not None:
+            self._hotkeys.add(key)
+        return body + wire.ttl_field(int((fresh_until - self._clock()) * 1000))
+
+    def fallback_answer(self, key: str) -> bytes | None:
+        """A copy set aside when the subscription dropped, while Redis cannot be reached."""
+        saved = self._fallback.get(key)
+        if saved is None:
+            return None
+        (body, fresh_until, counters, *_), until = saved
+        now = self._clock()
+        if now >= until:
+            del self._fallback[key]
+            return None
+        counters.hits_l1 += 1
+        return body + wire.ttl_field(int((fresh_until - now) * 1000))
+
+    # -- fills -----------------------------------------------------------------------------
+
+    def ticket(self, keys: Sequence[str]) -> FillTicket:
+        tokens = [object() for _ in keys]
+        for key, token in zip(keys, tokens, strict=True):
+            self._fill_tokens[key] = token
+        return FillTicket(list(keys), tokens, self._epoch, self._clock())
+
+    def settle(self, ticket: FillTicket) -> list[bool]:
+        """Per key of `ticket`, whether its answer may fill L1: no write, invalidation or
+        other call of the key overtook it. Returns the tokens either way; a key whose
+        token was taken by a later call loses that one's too (it may predate this one's
+        effect)."""
+        same_epoch = ticket.epoch == self._epoch
+        out: list[bool] = []
+        for key, token in zip(ticket.keys, ticket.tokens, strict=True):
+            current = self._fill_tokens.pop(key, None)
+            out.append(same_epoch and current is token)
+        return out
+
+    def fill(
+        self,
+        key: str,
+        kc: KeyClass,
+        env: envelope.Envelope,
+        fresh_left_ms: int,
+        since: float,
+    ) -> None:
+        """Copy an entry into L1 for at most min(class L1 TTL, its fresh life left, the
+        time before XFetch may pick a refresher), counted from `since`."""
+        if not kc.l1 or not self._fills_allowed or fresh_left_ms <= 0:
+            return
+        l1_ttl = l1_horizon_ms(env, kc, fresh_left_ms) / 1000
+        elapsed = self._clock() - since
+        if l1_ttl <= elapsed:
+            return
+        body = wire.hit_body(env.value, env.version, kc.name, env.tags) + wire.TIER_L1
+        value: L1Value = (body, since + fresh_left_ms / 1000, self._stats.for_class(kc.name))
+        groups = (class_group(kc.name), *(tag_group(t) for t in env.tags))
+        size = len(body) + len(key) + L1_ENTRY_OVERHEAD
+        # The L1 counts its TTL from now; subtract what already passed since `since`.
+        if _HAS_GROUPS:
+            self._l1.set(key, value, size, l1_ttl - elapsed, groups)
+        else:  # TEMPORARY until the native group index lands
+            self._l1.set(key, (*value, env.tags), size, l1_ttl - elapsed)
+
+    # -- forgetting ------------------------------------------------------------------------
+
+    def detach(self, key: str) -> None:
+        """A write or invalidation of `key` starts or ended: drop the copy, void the
+        ticket of any call in flight for it, and let later Gets read Redis anew."""
+        self._fallback.pop(key, None)
+        self._fill_tokens.pop(key, None)
+        self.reads.forget(key)
+        self._l1.delete(key)
+
+    def evict(
+        self,
+        keys: Sequence[str] = (),
+        prefixes: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        classes: Sequence[str] = (),
+    ) -> int:
+        """Forget everything an invalidation names; returns the L1 entries removed.
+        Costs what it removes (plus the calls in flight), whatever the L1 holds."""
+        removed = 0
+        for key in keys:
+            removed += key in self._l1
+            self.detach(key)
+        if not (prefixes or tags or classes):
+            return removed
+        self.new_epoch()
+        self._fallback = {}
+        for prefix in prefixes:
+            removed += self._l1.delete_prefix(prefix)
+        if not _HAS_GROUPS:  # TEMPORARY until the native group index lands
+            wanted_tags = frozenset(tags)
+            doomed = [
+                k
+                for k, v in self._l1.items()
+                if any(v[2] is self._stats.for_class(c) for c in classes)  # type: ignore[index]
+                or not wanted_tags.isdisjoint(v[3])  # type: ignore[index]
+            ]
+            for k in doomed:
+                self._l1.delete(k)
+            return removed + len(doomed)
+        for tag in tags:
+            removed += self._l1.delete_group(tag_group(tag))
+        for name in classes:
+            removed += self._l1.delete_group(class_group(name))
+        return removed
+
+    def new_epoch(self) -> None:
+        """No Redis call in flight now may fill L1 when it lands."""
+        self._epoch += 1
+        self._fill_tokens.clear()
+        self.reads.forget_all()
+
+    def flush(self, reason: str, *, keep_fallback: bool = False) -> None:
+        """Drop all of L1: this gateway may have missed invalidations.
+
+        With `keep_fallback` (the subscription dropped), the copies are set aside and
+        answered only while Redis cannot be reached: each within its own L1 deadline,
+        which is inside the class's promise (an L1 copy is at most l1_ttl old even when
+        an invalidation was missed), and better than UNAVAILABLE. Any later flush, and
+        the subscription coming back, drops them for good."""
+        self._fallback = {}
+        if keep_fallback:
+            now = self._clock()
+            for key, value in self._l1.items():
+                left = self._l1.expires_in(key)
+                if left is not None:
+                    self._fallback[key] = (value, now + left)  # type: ignore[assignment]
+        self._l1.clear()
+        self.new_epoch()
+        self._stats.l1_flushes += 1
+        log.info("L1 flushed: %s", reason)
+
+    def suspend_fills(self) -> None:
+        self._fills_allowed = False
+
+    def resume_fills(self) -> None:
+        """The subscription is (again) live: calls sent before may have missed an event
+        (a new epoch), and nothing kept aside for an outage may be served any more."""
+        self.new_epoch()
+        self._fallback = {}
+        self._fills_allowed = True

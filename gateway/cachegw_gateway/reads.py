@@ -1,0 +1,177 @@
+"""The read path after an L1 miss: one coalesced Redis read per key, judged for
+freshness, copied into L1 when the L1 tier allows, and handed to the lease protocol on a
+miss with lease (or to pick an early refresher on a hit).
+
+Answers are encoded cachegw.v1 messages (see wire.py): the servicer hands them to gRPC
+as raw bytes.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+from cachegw.v1 import cache_pb2 as pb
+from cachegw_gateway import freshness, wire
+from cachegw_gateway.freshness import FRESH, STALE, Generations
+from cachegw_gateway.l1tier import L1Tier
+from cachegw_gateway.l2 import L2Entry, L2Unavailable, RedisStore
+from cachegw_gateway.leases import Leases
+from cachegw_gateway.policy import PolicyTable
+from cachegw_gateway.stats import GatewayStats
+from cachegw_gateway.telemetry import tracing
+from cachegw_native.hotkeys import HotKeys
+
+
+class ReadPath:
+    def __init__(
+        self,
+        store: RedisStore,
+        tier: L1Tier,
+        policy: PolicyTable,
+        stats: GatewayStats,
+        generations: Generations,
+        leases: Leases,
+        *,
+        hotkeys: HotKeys | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._store = store
+        self._tier = tier
+        self._policy = policy
+        self._stats = stats
+        self._gens = generations
+        self._hotkeys = hotkeys
+        self._clock = clock
+        self._rand = rand
+        self._leases = leases
+
+    async def fetch(
+        self,
+        key: str,
+        *,
+        lease: bool = False,
+        max_wait_ms: int = 0,
+        allow_stale: bool = False,
+        time_remaining: float | None = None,
+    ) -> bytes:
+        """An encoded GetResponse for a key L1 did not answer: Redis (one coalesced read
+        per key), else MISS, or with `lease` a lease or the value another holder filled
+        meanwhile."""
+        leases = self._leases
+        deadline = None if time_remaining is None else self._clock() + time_remaining
+        if self._hotkeys is not None:
+            self._hotkeys.add(key)
+        kc = self._policy.classify(key)
+        tracing.annotate(key_class=kc.name)
+        if lease and not allow_stale and leases.busy(key):
+            # Someone is filling it: join the waiters without a Redis read of our own.
+            return await leases.obtain(key, kc, None, max_wait_ms, deadline, allow_stale)
+        tracing.annotate(coalesced=key in self._tier.reads)  # in flight: run() joins it
+        try:
+            entry = await self.read_one(key)
+        except L2Unavailable:
+            answer = self._tier.fallback_answer(key)
+            if answer is None:
+                raise
+            tracing.annotate(tier="l1", fallback=True)
+            return answer
+        tracing.annotate(tier="miss" if entry is None else "l2")
+        counters = self._stats.for_class(kc.name)
+        unusable: int | None = None
+        if entry is not None:
+            verdict, fresh_left = freshness.judge(entry, kc, self._gens[kc.name])
+            env = entry.envelope
+            if verdict == FRESH:
+                counters.hits_l2 += 1
+                if (
+                    lease
+                    and kc.early_refresh_beta > 0
+                    and freshness.xfetch(env, kc, fresh_left, self._rand)
+                ):
+                    token = await leases.try_refresh(key, kc, env.version)
+                    if token is not None:
+                        return freshness.with_status(
+                            pb.STATUS_HIT, kc, entry, fresh_left, token.raw
+                        )
+                return freshness.hit(kc, entry, fresh_left)
+            if verdict == STALE and allow_stale:
+                counters.stale += 1
+                token = await leases.try_refresh(key, kc, env.version) if lease else None
+                raw = b"" if token is None else token.raw
+                return freshness.with_status(pb.STATUS_STALE, kc, entry, 0, raw)
+            unusable = env.version
+        if not lease:
+            counters.misses += 1
+            return freshness.miss(kc)
+        return await leases.obtain(key, kc, unusable, max_wait_ms, deadline, allow_stale)
+
+    async def get_many(self, keys: Sequence[str], *, allow_stale: bool = False) -> bytes:
+        """An encoded GetManyResponse, in key order; one Redis round trip for the L1 misses."""
+        answers: list[bytes | None] = [self._tier.answer(k) for k in keys]
+        missing = [k for k, a in zip(keys, answers, strict=True) if a is None]
+        tracing.annotate(l1_hits=len(keys) - len(missing))
+        if missing:
+            try:
+                found = await self._tier.reads.run_many(missing, self.read_many)
+            except L2Unavailable:
+                saved = [self._tier.fallback_answer(k) for k in missing]
+                if any(a is None for a in saved):
+                    raise
+                found_answers = iter(saved)
+                answers = [a if a is not None else next(found_answers) for a in answers]
+                return wire.get_many(a for a in answers if a is not None)
+            entries = iter(found)
+            answers = [
+                a if a is not None else self._batch_answer(k, next(entries), allow_stale)
+                for k, a in zip(keys, answers, strict=True)
+            ]
+        return wire.get_many(a for a in answers if a is not None)
+
+    def _batch_answer(self, key: str, entry: L2Entry | None, allow_stale: bool) -> bytes:
+        kc = self._policy.classify(key)
+        counters = self._stats.for_class(kc.name)
+        if entry is not None:
+            verdict, fresh_left = freshness.judge(entry, kc, self._gens[kc.name])
+            if verdict == FRESH:
+                counters.hits_l2 += 1
+                return freshness.hit(kc, entry, fresh_left)
+            if verdict == STALE and allow_stale:
+                counters.stale += 1
+                return freshness.with_status(pb.STATUS_STALE, kc, entry, 0)
+        counters.misses += 1
+        return freshness.miss(kc)
+
+    async def read_one(self, key: str) -> L2Entry | None:
+        """The key's stored entry, through the coalescer (one Redis read per key)."""
+        return await self._tier.reads.run(key, partial(self._read_single, key))
+
+    async def _read_single(self, key: str) -> L2Entry | None:
+        return (await self.read_many([key]))[0]
+
+    async def read_many(self, keys: list[str]) -> list[L2Entry | None]:
+        """One Redis round trip for `keys` (not coalesced); fresh entries fill L1 when
+        nothing overtook the read."""
+        classes = {self._policy.classify(k).name for k in keys}
+        ticket = self._tier.ticket(keys)
+        try:
+            entries, gens = await self._store.read(keys, classes)
+        finally:
+            fillable = self._tier.settle(ticket)
+        self._gens.update(gens)
+        for key, entry, ok in zip(keys, entries, fillable, strict=True):
+            if entry is not None and ok:
+                kc = self._policy.classify(key)
+                verdict, fresh_left = freshness.judge(entry, kc, self._gens[kc.name])
+                if verdict == FRESH:
+                    self._tier.fill(key, kc, entry.envelope, fresh_left, ticket.sent_at)
+        return entries
+
+    def is_fresh(self, key: str, entry: L2Entry | None) -> bool:
+        if entry is None:
+            return False
+        kc = self._policy.classify(key)
+        return freshness.judge(entry, kc, self._gens[kc.name])[0] == FRESH
