@@ -24,6 +24,7 @@ from cachegw_gateway.config import (
     ServerConfig,
     TelemetryConfig,
     check_redis_choice,
+    config_warnings,
     load_config,
 )
 
@@ -450,6 +451,25 @@ def test_example_file_loads() -> None:
     # No Redis in the seed: `cachegw serve` wants --redis-url or --embedded-redis with it.
     assert (config.redis.url, config.redis.embedded) == ("", False)
     assert config.l1.admission == "tinylfu"
+
+
+def test_lease_defaults_let_a_waiter_outwait_a_dead_holder(tmp_path: Path) -> None:
+    # Sized against the clients' 5 s default deadline (tests/gateway/test_leases.py runs it).
+    kc = KeyClassConfig("default")
+    assert kc.lease_timeout_seconds < kc.max_wait_seconds < 5.0
+    assert config_warnings(load_config(env={})) == []
+    assert config_warnings(load_config(EXAMPLE, env={})) == []
+    path = write(
+        tmp_path,
+        ONE_CLASS
+        + "lease_timeout_seconds = 2\nmax_wait_seconds = 2\n"
+        + "[default_class]\nlease_timeout_seconds = 5\nmax_wait_seconds = 0\n",
+    )
+    assert config_warnings(load_config(path, env={})) == [
+        "classes[0] (catalog): max_wait_seconds (2) is not above lease_timeout_seconds (2): "
+        "a caller waiting on a holder that died gives up before its lease ends, so none "
+        "takes it over and each loads by itself"
+    ]  # max_wait 0 (never wait) is a choice, not a mismatch
 
 
 def _all_keys() -> list[str]:

@@ -64,6 +64,21 @@ class InvalidationConfig:
     resubscribe_max_backoff_seconds: float = 2.0
 
 
+# Lease defaults, sized against the clients' default deadline (5 s: `timeout=5.0` in
+# clients/python's Client and AsyncClient). A waiter that arrives just after a lease was
+# granted must be able to outwait it if its holder dies (then it takes the lease over)
+# and still be answered before its deadline; with a lease longer than that deadline, as
+# the former 10 s was, every waiter gave up with a MISS and loaded by itself: the
+# stampede the lease is for. A load typically costs milliseconds to a few hundred (the
+# product's p95 target is sub-second), so 3 s is ample for a live holder; a class with
+# slower loads raises lease_timeout_seconds, and its callers then need a longer deadline.
+# The longest wait stays above the lease (a waiter without a deadline still outwaits a
+# dead holder, with a second to spare for the takeover) and below the client deadline
+# (a default client gets the gateway's answer, not DEADLINE_EXCEEDED).
+DEFAULT_LEASE_TIMEOUT_SECONDS = 3.0
+DEFAULT_MAX_WAIT_SECONDS = 4.0
+
+
 @dataclass(frozen=True)
 class KeyClassConfig:
     name: str
@@ -75,8 +90,8 @@ class KeyClassConfig:
     max_value_bytes: int = 1024 * 1024
     jitter_mode: str = "random"  # "random" | "deterministic" (per key and write-time bucket)
     invalidation: str = "events"  # "events" | "ttl"
-    lease_timeout_seconds: float = 10.0
-    max_wait_seconds: float = 10.0
+    lease_timeout_seconds: float = DEFAULT_LEASE_TIMEOUT_SECONDS
+    max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS  # 0 = never wait
     early_refresh_beta: float = 0.0  # XFetch; 0 = off
     stale_seconds: float = 0.0  # stale-while-revalidate window; 0 = off
 
@@ -508,6 +523,15 @@ def config_warnings(c: GatewayConfig) -> list[str]:
     """Settings that are valid but probably not what was meant (logged at start)."""
     t = c.telemetry
     out = []
+    named = [(f"classes[{i}] ({kc.name})", kc) for i, kc in enumerate(c.classes)]
+    for at, kc in [*named, ("default_class", c.default_class)]:
+        if 0 < kc.max_wait_seconds <= kc.lease_timeout_seconds:
+            out.append(
+                f"{at}: max_wait_seconds ({_num(kc.max_wait_seconds)}) is not above "
+                f"lease_timeout_seconds ({_num(kc.lease_timeout_seconds)}): a caller waiting "
+                "on a holder that died gives up before its lease ends, so none takes it "
+                "over and each loads by itself"
+            )
     if t.exporter == "none" and t.sample_ratio != 1.0:
         out.append("telemetry.sample_ratio has no effect: telemetry.exporter is 'none'")
     if t.exporter != "none" and t.sample_ratio == 0:

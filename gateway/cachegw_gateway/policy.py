@@ -9,7 +9,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import translate
 
-from cachegw_gateway.config import GatewayConfig, KeyClassConfig
+from cachegw_gateway.config import (
+    DEFAULT_LEASE_TIMEOUT_SECONDS,
+    DEFAULT_MAX_WAIT_SECONDS,
+    GatewayConfig,
+    KeyClassConfig,
+)
 
 # classify() runs per request; this many recent answers are remembered (~1 MB at 100 B keys).
 MEMO_SIZE = 10_000
@@ -28,8 +33,9 @@ class KeyClass:
     # Sets publish an event so other gateways drop their L1 copies ("events"), or copies
     # age out within l1_ttl_ms ("ttl"). Delete and Invalidate always publish.
     events: bool = True
-    lease_timeout_ms: int = 10_000
-    max_wait_ms: int = 10_000
+    # Defaults sized against the clients' default deadline: see config.py.
+    lease_timeout_ms: int = round(DEFAULT_LEASE_TIMEOUT_SECONDS * 1000)
+    max_wait_ms: int = round(DEFAULT_MAX_WAIT_SECONDS * 1000)
     early_refresh_beta: float = 0.0
     stale_ms: int = 0
 

@@ -5,12 +5,14 @@ test's event loop and share one Redis; tests/test_stampede.py runs separate proc
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 
 import grpc
 import pytest
 import redis
 
+from cachegw import AsyncClient, Client, Status
 from cachegw.v1 import cache_pb2 as pb
 from tests.conftest import GatewayFactory, RunningGateway
 
@@ -130,10 +132,36 @@ async def test_a_dead_holder_is_taken_over_after_the_lease_timeout(
     assert (await b.stub.Set(ok)).outcome == pb.SET_OUTCOME_STORED
 
 
+async def test_default_lease_is_taken_over_within_the_clients_default_deadline(
+    gateway_factory: GatewayFactory,
+) -> None:
+    # The defaults must agree: after a holder dies, a waiter with the client's default
+    # deadline outwaits its lease and takes over, rather than giving up with a MISS and
+    # loading by itself (as every other waiter would too).
+    deadlines = {
+        inspect.signature(cls).parameters["timeout"].default for cls in (Client, AsyncClient)
+    }
+    assert len(deadlines) == 1, deadlines
+    (deadline,) = deadlines
+    assert isinstance(deadline, float)
+    a, b = await gateway_factory(), await gateway_factory()  # default class settings
+    holder = await a.stub.Get(lease_get("k"))
+    assert holder.status == pb.STATUS_LEASED  # ... and dies: never fills, never releases
+    async with AsyncClient(b.address) as client:
+        assert client.timeout == deadline
+        started = time.monotonic()
+        taker = await client.lookup("k", lease=True)  # the client's default deadline
+        waited = time.monotonic() - started
+    assert taker.status is Status.LEASED, f"{taker.status} after {waited:.2f}s"
+    assert taker.lease_token and taker.lease_token != holder.lease_token
+    assert waited < deadline
+    assert b.server.stats.classes["default"].leases_taken_over == 1
+
+
 async def test_waiters_get_miss_before_their_deadline_never_an_error(
     gateway_factory: GatewayFactory,
 ) -> None:
-    gw = await gateway_factory()  # lease timeout 10 s, max wait 10 s
+    gw = await gateway_factory()  # the default lease timeout and max wait
     assert (await gw.stub.Get(lease_get("slow"))).status == pb.STATUS_LEASED
     started = time.monotonic()
     got = await gw.stub.Get(lease_get("slow"), timeout=0.5)
