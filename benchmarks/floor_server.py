@@ -1,10 +1,20 @@
-"""The floor: the cachegw.v1 CacheService as a bare grpc.aio server over a plain dict.
+"""The floor: the fastest a Python grpc.aio server can answer cachegw.v1 Get and GetMany.
 
-Get, GetMany and Set are served with ordinary generated messages (built per call, the
-way any Python gRPC service would), nothing else is done per call. It is the fastest a
-Python grpc.aio service can answer these calls, so the gateway's L1-hit path is measured
-against it (benchmarks/bench_gateway.py). Standard gRPC health is served so harnesses
-can wait for it like for the gateway.
+The gateway answers an L1 hit with bytes encoded when the entry was cached (its raw-bytes
+handlers skip protobuf objects on the way out). The floor does strictly less, with the
+same grpc.aio server and the same kind of handlers:
+
+- Get: a raw-bytes handler on both sides. The serialized GetRequest itself is the
+  dictionary key (no parsing at all), the answer a GetResponse encoded once at Set time
+  (status HIT, value, tier L1, version, key class). A request it has not seen (another
+  encoding, more fields) is parsed once and answered from the per-key table.
+- GetMany: the request is parsed by protobuf's C parser (the fastest way a Python server
+  has to read 100 keys), and the answer is the per-key pre-encoded results joined:
+  one dictionary lookup per key, one `bytes.join`, no response object.
+- Set: stores a value and encodes its answers (built the ordinary way: not measured).
+
+Every other method of the service answers UNIMPLEMENTED. Standard gRPC health is served
+so harnesses wait for it like for the gateway.
 
 Run: .venv/bin/python benchmarks/floor_server.py --listen 127.0.0.1:PORT
 SIGTERM or SIGINT stops it.
@@ -16,7 +26,7 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -24,71 +34,100 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # what grpc_health.v1.health.aio names
 
 from cachegw.v1 import cache_pb2 as pb
-from cachegw.v1 import cache_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+SERVICE = pb.DESCRIPTOR.services_by_name["CacheService"].full_name
 KEY_CLASS = "default"
+_RESULT_TAG = b"\x0a"  # GetManyResponse.results: field 1, length-delimited
 
 
-class FloorServicer(cache_pb2_grpc.CacheServiceServicer):
-    """Answers from a dict: key -> (value, version)."""
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _result(answer: bytes) -> bytes:
+    """One GetResponse as an element of GetManyResponse.results."""
+    return _RESULT_TAG + _varint(len(answer)) + answer
+
+
+MISS = pb.GetResponse(
+    status=pb.STATUS_MISS, tier=pb.TIER_ORIGIN, key_class=KEY_CLASS
+).SerializeToString()
+MISS_RESULT = _result(MISS)
+
+
+class Floor:
+    """key -> pre-encoded answers; request bytes -> pre-encoded Get answer."""
 
     def __init__(self) -> None:
-        self._data: dict[str, tuple[bytes, int]] = {}
+        self._versions: dict[str, int] = {}
+        self._answers: dict[str, bytes] = {}  # key -> encoded GetResponse
+        self._results: dict[str, bytes] = {}  # key -> the same as a GetMany result
+        self._by_request: dict[bytes, bytes] = {}  # serialized GetRequest -> answer
 
-    def _answer(self, key: str) -> pb.GetResponse:
-        hit = self._data.get(key)
-        if hit is None:
-            return pb.GetResponse(status=pb.STATUS_MISS, tier=pb.TIER_ORIGIN, key_class=KEY_CLASS)
-        value, version = hit
-        return pb.GetResponse(
+    async def get(self, request: bytes, context: Context) -> bytes:
+        answer = self._by_request.get(request)
+        if answer is not None:
+            return answer
+        try:
+            key = pb.GetRequest.FromString(request).key
+        except Exception:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a GetRequest")
+        return self._answers.get(key, MISS)
+
+    async def get_many(self, request: pb.GetManyRequest, context: Context) -> bytes:
+        results = self._results
+        return b"".join([results.get(k, MISS_RESULT) for k in request.keys])
+
+    async def set(self, request: pb.SetRequest, context: Context) -> pb.SetResponse:
+        key = request.key
+        version = self._versions.get(key, 0) + 1
+        self._versions[key] = version
+        answer = pb.GetResponse(
             status=pb.STATUS_HIT,
-            value=value,
+            value=request.value,
             tier=pb.TIER_L1,
             version=version,
             key_class=KEY_CLASS,
-        )
-
-    async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
-        return self._answer(request.key)
-
-    async def GetMany(self, request: pb.GetManyRequest, context: Context) -> pb.GetManyResponse:
-        answer = self._answer
-        return pb.GetManyResponse(results=[answer(k) for k in request.keys])
-
-    async def Set(self, request: pb.SetRequest, context: Context) -> pb.SetResponse:
-        old = self._data.get(request.key)
-        version = 1 if old is None else old[1] + 1
-        self._data[request.key] = (request.value, version)
+        ).SerializeToString()
+        self._answers[key] = answer
+        self._results[key] = _result(answer)
+        self._by_request[pb.GetRequest(key=key).SerializeToString()] = answer
         return pb.SetResponse(outcome=pb.SET_OUTCOME_STORED, version=version, key_class=KEY_CLASS)
 
-    # The rest of the contract is not part of the floor.
-
-    async def Delete(self, request: pb.DeleteRequest, context: Context) -> pb.DeleteResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not served by the floor server")
-
-    async def Invalidate(
-        self, request: pb.InvalidateRequest, context: Context
-    ) -> pb.InvalidateResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not served by the floor server")
-
-    async def Subscribe(
-        self, request: pb.SubscribeRequest, context: Context
-    ) -> AsyncIterator[pb.InvalidationEvent]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not served by the floor server")
-        yield pb.InvalidationEvent()  # pragma: no cover - makes this an async generator
-
-    async def Warmup(self, request: pb.WarmupRequest, context: Context) -> pb.WarmupResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not served by the floor server")
-
-    async def Stats(self, request: pb.StatsRequest, context: Context) -> pb.StatsResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not served by the floor server")
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+            # No deserializer and no serializer: bytes in, bytes out.
+            "Get": grpc.unary_unary_rpc_method_handler(self.get),
+            "GetMany": grpc.unary_unary_rpc_method_handler(
+                self.get_many,
+                request_deserializer=pb.GetManyRequest.FromString,
+            ),
+            "Set": grpc.unary_unary_rpc_method_handler(
+                self.set,
+                request_deserializer=pb.SetRequest.FromString,
+                response_serializer=pb.SetResponse.SerializeToString,
+            ),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
 async def serve(listen: str) -> int:
-    server = grpc.aio.server()
-    cache_pb2_grpc.add_CacheServiceServicer_to_server(FloorServicer(), server)
+    # The gateway's server options, so that only the handlers differ.
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+    )
+    server.add_generic_rpc_handlers((Floor().handler(),))
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(listen) == 0:

@@ -496,3 +496,75 @@ def start_gateways(
             stack.enter_context(ServerProcess(f"gw{i}", argv, address, work / f"gw{i}.log"))
         )
     return gateways
+
+
+# -- aims -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Aim:
+    """What a benchmark promises: `figure` compared with `threshold` by `op`.
+
+    Scripts define their aims in a table near the top; `check_aims` prints met / NOT met
+    per aim and says whether all were met (the script then exits 1 if not).
+    """
+
+    name: str
+    figure: str
+    op: str  # ">=", "<=", "==" (a count) or "<"
+    threshold: float
+    unit: str = "x"
+
+    def met(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.op == ">=":
+            return value >= self.threshold
+        if self.op == "<=":
+            return value <= self.threshold
+        if self.op == "<":
+            return value < self.threshold
+        if self.op == "==":
+            return value == self.threshold
+        raise ValueError(f"unknown comparison {self.op!r}")
+
+
+def _fmt_figure(value: float, unit: str) -> str:
+    if math.isnan(value):
+        return "-"
+    if unit == "x":
+        return f"{value:.2f}x"
+    if unit in ("", "count"):
+        return f"{value:g}"
+    return f"{value:.2f} {unit}"
+
+
+def check_aims(
+    aims: Sequence[Aim], measured: dict[str, float], notes: dict[str, str] | None = None
+) -> bool:
+    """Print the aims table; True when every measured aim is met.
+
+    An aim missing from `measured` was not run (excluded by --only, or impossible here:
+    `notes` says why) and is shown as "not measured", which does not fail the run.
+    """
+    notes = notes or {}
+    rows = []
+    all_met = True
+    for aim in aims:
+        wanted = f"{aim.op} {_fmt_figure(aim.threshold, aim.unit)}"
+        value = measured.get(aim.name)
+        if value is None:
+            verdict, shown = "not measured", "-"
+        else:
+            ok = aim.met(value)
+            all_met &= ok
+            verdict, shown = ("met" if ok else "NOT met"), _fmt_figure(value, aim.unit)
+        row = [aim.name, aim.figure, shown, wanted, verdict]
+        if notes:
+            row.append(notes.get(aim.name, ""))
+        rows.append(row)
+    headers = ["aim", "figure", "measured", "aim", "verdict"] + (["note"] if notes else [])
+    print("\naims")
+    print(render_table(headers, rows, right="llrrll"))
+    print("all aims met" if all_met else "some aims NOT met (exit status 1)")
+    return all_met
