@@ -373,19 +373,10 @@ def _if_version(version: int) -> int:
     return version
 
 
-# --- client-side pieces of get_or_load and the near cache ---------------------------------
+# --- client-side pieces of the near cache ------------------------------------------------
 
 PLAIN: Final[dict[str, Any]] = {"lease": False, "max_wait": None, "allow_stale": False}
 """`lookup` arguments of a plain get (the near cache needs the whole Entry)."""
-
-
-def loaded(value: object) -> bytes:
-    """What a get_or_load loader returned, as the bytes to store."""
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
-    raise TypeError(f"the loader must return bytes or str, not {type(value).__name__}")
 
 
 def event_of(request: pb.InvalidateRequest) -> Event:

@@ -1,4 +1,6 @@
-"""The asyncio client: a grpc.aio channel, one awaited call per method, nothing else.
+"""The asyncio client: a grpc.aio channel, one awaited call per method. `get_or_load`
+and the near cache's stream are driven here, as tasks, from their one implementation in
+`cachegw._protocol`.
 
 Every method takes `timeout` (ruff ASYNC109 is silenced for it): it is the gRPC deadline,
 which the gateway sees and honours server-side, not a local `asyncio.timeout`.
@@ -9,35 +11,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import grpc
 import grpc.aio
 
-from cachegw import _calls, _tracing
+from cachegw import _calls, _protocol, _tracing
 from cachegw._calls import DEFAULT, Call, Timeout
+from cachegw._protocol import Load, NearCacheKeeper, Rpc, Step, Steps
 from cachegw.client import DEFAULT_TARGET
-from cachegw.errors import CacheError, DeadlineExceeded, Unavailable, error_from_rpc
-from cachegw.models import Entry, Event, InvalidateResult, SetResult, Status
+from cachegw.errors import error_from_rpc
+from cachegw.models import Entry, Event, InvalidateResult, SetResult
 from cachegw.near import NearCache
 from cachegw.v1 import cache_pb2_grpc
 
-log = logging.getLogger("cachegw")
-
 Loader = Callable[[], bytes | str | Awaitable[bytes | str]]
 """A get_or_load loader: a plain function or a coroutine function."""
-
-_GATEWAY_DOWN = (Unavailable, DeadlineExceeded)
-_BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 2.0
 
 __all__ = ["AsyncClient"]
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
 _Out = TypeVar("_Out")
+_T = TypeVar("_T")
 
 
 class AsyncClient:
@@ -68,7 +66,7 @@ class AsyncClient:
         self._stream_task: asyncio.Task[None] | None = None
         if near_cache is not None:
             self._stream_task = asyncio.get_running_loop().create_task(
-                self._keep_near_cache(near_cache), name="cachegw-near-cache"
+                self._keep_near_cache(NearCacheKeeper(near_cache)), name="cachegw-near-cache"
             )
 
     async def get(self, key: str, *, timeout: Timeout = DEFAULT) -> bytes | None:  # noqa: ASYNC109
@@ -214,83 +212,71 @@ class AsyncClient:
         caller was picked to refresh (early refresh or stale), `loader` runs in a
         background task. When the gateway cannot be reached, `loader` runs here and its
         value is returned (logged), so the service keeps working."""
-        near = self.near_cache
-        if near is not None:
-            cached = near.get(key)
-            if cached is not None:
-                return cached
-        tag_list = list(tags)
-        call = _calls.lookup(key, lease=True, max_wait=max_wait, allow_stale=allow_stale)
-        ticket = near.ticket() if near is not None else 0
-        try:
-            entry = await self._call(self._stub.Get, call, timeout)
-        except _GATEWAY_DOWN as exc:
-            log.warning("cachegw: %s; loading %r without the cache", exc, key)
-            return await _load(loader)
-        if entry.value is not None:
-            if near is not None:
-                near.fill(key, entry, ticket)
-            if entry.refresh and entry.lease_token:
-                task = asyncio.create_task(
-                    self._refresh(key, loader, entry.lease_token, ttl, tag_list)
-                )
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            return entry.value
-        if entry.status is Status.LEASED:
-            return await self._fill(key, loader, entry.lease_token, ttl, tag_list)
-        # MISS: the wait for another holder's value ran out. Load here and store nothing:
-        # the holder's fill is the one the lease protects.
-        return await _load(loader)
+        return await self._drive(
+            _protocol.get_or_load(
+                self.near_cache,
+                key,
+                loader,
+                ttl=ttl,
+                tags=tags,
+                max_wait=max_wait,
+                allow_stale=allow_stale,
+                timeout=timeout,
+            )
+        )
 
-    async def _fill(
-        self, key: str, loader: Loader, token: bytes, ttl: float | None, tags: list[str]
-    ) -> bytes:
-        try:
-            value = await _load(loader)
-        except BaseException:
-            await self._release(key)
-            raise
-        try:
-            await self.set(key, value, ttl=ttl, tags=tags, lease_token=token)
-        except CacheError as exc:
-            log.warning("cachegw: could not store %r after loading it: %s", key, exc)
-        return value
+    async def _drive(self, steps: Steps[_T]) -> _T:
+        """Run a protocol in this task: await each step, send back its result, or throw its
+        exception in (the protocol decides what a failure or a cancellation means)."""
+        send: Callable[[Any], Step] = steps.send
+        reply: Any = None
+        while True:
+            try:
+                step = send(reply)
+            except StopIteration as done:
+                result: _T = done.value
+                return result
+            try:
+                reply, send = await self._do(step), steps.send
+            except BaseException as exc:
+                reply, send = exc, steps.throw
 
-    async def _release(self, key: str) -> None:
-        # The loader failed: end the lease at once (a delete ends it), so that another
-        # caller loads now instead of after the lease timeout. Nothing is stored anyway.
-        try:
-            await asyncio.shield(self.delete(key))
-        except CacheError as exc:
-            log.warning("cachegw: could not release the lease of %r: %s", key, exc)
+    async def _do(self, step: Step) -> object:
+        if isinstance(step, Rpc):
+            answer = self._call(getattr(self._stub, step.method), step.call, step.timeout)
+            if step.shield:
+                # Finishes even if this task is cancelled meanwhile; close() waits for it.
+                return await asyncio.shield(self._spawn(answer))
+            return await answer
+        if isinstance(step, Load):
+            value = step.loader()
+            if inspect.isawaitable(value):
+                value = await value
+            return value
+        self._spawn(self._drive(step.steps), step.name)
+        return None
 
-    async def _refresh(
-        self, key: str, loader: Loader, token: bytes, ttl: float | None, tags: list[str]
-    ) -> None:
-        try:
-            await self._fill(key, loader, token, ttl, tags)
-        except Exception:
-            log.exception("cachegw: refreshing %r failed", key)
+    def _spawn(self, work: Coroutine[Any, Any, _T], name: str | None = None) -> asyncio.Task[_T]:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
-    async def _keep_near_cache(self, near: NearCache) -> None:
+    async def _keep_near_cache(self, keeper: NearCacheKeeper) -> None:
         """The near cache's stream: live while registered, dark (and empty) otherwise."""
-        backoff = _BACKOFF_FIRST
         while not self._closed:
-            stream = self._stub.Subscribe(_calls.subscribe((), (), ""))
+            stream = self._stub.Subscribe(keeper.request)
             try:
                 await stream.initial_metadata()  # sent once the gateway registered the stream
-                near.go_live()
-                backoff = _BACKOFF_FIRST
+                keeper.registered()
                 async for event in stream:
-                    near.apply(_calls.decode_event(event))
+                    keeper.event(event)
             except grpc.RpcError as exc:
-                log.info("cachegw: near-cache stream dropped (%s); flushed", exc.code())
+                keeper.dropped(exc)
             finally:
-                near.go_dark()
+                pause = keeper.ended()
                 stream.cancel()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _BACKOFF_MAX)
+            await asyncio.sleep(pause)
 
     async def close(self) -> None:
         self._closed = True
@@ -327,10 +313,3 @@ class AsyncClient:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         return call.decode(response)
-
-
-async def _load(loader: Loader) -> bytes:
-    value = loader()
-    if inspect.isawaitable(value):
-        value = await value
-    return _calls.loaded(value)

@@ -1,9 +1,9 @@
-"""The blocking client: a grpc sync channel, one call per method; `get_or_load` runs the
-lease protocol, and an optional near cache is kept by a background stream thread."""
+"""The blocking client: a grpc sync channel, one call per method. `get_or_load` and the
+near cache's stream are driven here, on threads, from their one implementation in
+`cachegw._protocol`."""
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Generator, Iterable, Sequence
 from types import TracebackType
@@ -11,18 +11,13 @@ from typing import Any, Self, TypeVar
 
 import grpc
 
-from cachegw import _calls, _tracing
+from cachegw import _calls, _protocol, _tracing
 from cachegw._calls import DEFAULT, Call, Timeout
-from cachegw.errors import CacheError, DeadlineExceeded, Unavailable, error_from_rpc
-from cachegw.models import Entry, Event, InvalidateResult, SetResult, Status
+from cachegw._protocol import InBackground, Load, NearCacheKeeper, Rpc, Step, Steps
+from cachegw.errors import error_from_rpc
+from cachegw.models import Entry, Event, InvalidateResult, SetResult
 from cachegw.near import NearCache
 from cachegw.v1 import cache_pb2_grpc
-
-log = logging.getLogger("cachegw")
-
-# The gateway cannot be asked: get_or_load calls the loader itself.
-_GATEWAY_DOWN = (Unavailable, DeadlineExceeded)
-_BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 2.0
 
 __all__ = ["DEFAULT_TARGET", "Client"]
 
@@ -31,6 +26,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
 _Out = TypeVar("_Out")
+_T = TypeVar("_T")
 
 
 class Client:
@@ -60,7 +56,10 @@ class Client:
         self._refreshes: set[threading.Thread] = set()
         if near_cache is not None:
             self._stream_thread = threading.Thread(
-                target=self._keep_near_cache, name="cachegw-near-cache", daemon=True
+                target=self._keep_near_cache,
+                args=(NearCacheKeeper(near_cache),),
+                name="cachegw-near-cache",
+                daemon=True,
             )
             self._stream_thread.start()
 
@@ -197,102 +196,72 @@ class Client:
         caller was picked to refresh (early refresh or stale), `loader` runs in a
         background thread. When the gateway cannot be reached, `loader` runs here and
         its value is returned (logged), so the service keeps working."""
-        near = self.near_cache
-        if near is not None:
-            cached = near.get(key)
-            if cached is not None:
-                return cached
-        tag_list = list(tags)
-        call = _calls.lookup(key, lease=True, max_wait=max_wait, allow_stale=allow_stale)
-        ticket = near.ticket() if near is not None else 0
-        try:
-            entry = self._call(self._stub.Get, call, timeout)
-        except _GATEWAY_DOWN as exc:
-            log.warning("cachegw: %s; loading %r without the cache", exc, key)
-            return _calls.loaded(loader())
-        if entry.value is not None:
-            if near is not None:
-                near.fill(key, entry, ticket)
-            if entry.refresh and entry.lease_token:
-                self._refresh_in_background(key, loader, entry.lease_token, ttl, tag_list)
-            return entry.value
-        if entry.status is Status.LEASED:
-            return self._fill(key, loader, entry.lease_token, ttl, tag_list)
-        # MISS: the wait for another holder's value ran out. Load here and store nothing:
-        # the holder's fill is the one the lease protects.
-        return _calls.loaded(loader())
+        return self._drive(
+            _protocol.get_or_load(
+                self.near_cache,
+                key,
+                loader,
+                ttl=ttl,
+                tags=tags,
+                max_wait=max_wait,
+                allow_stale=allow_stale,
+                timeout=timeout,
+            )
+        )
 
-    def _fill(
-        self,
-        key: str,
-        loader: Callable[[], bytes | str],
-        token: bytes,
-        ttl: float | None,
-        tags: list[str],
-    ) -> bytes:
-        try:
-            value = _calls.loaded(loader())
-        except BaseException:
-            self._release(key)
-            raise
-        try:
-            self.set(key, value, ttl=ttl, tags=tags, lease_token=token)
-        except CacheError as exc:
-            log.warning("cachegw: could not store %r after loading it: %s", key, exc)
-        return value
-
-    def _release(self, key: str) -> None:
-        # The loader failed: end the lease at once (a delete ends it), so that another
-        # caller loads now instead of after the lease timeout. Nothing is stored anyway.
-        try:
-            self.delete(key)
-        except CacheError as exc:
-            log.warning("cachegw: could not release the lease of %r: %s", key, exc)
-
-    def _refresh_in_background(
-        self,
-        key: str,
-        loader: Callable[[], bytes | str],
-        token: bytes,
-        ttl: float | None,
-        tags: list[str],
-    ) -> None:
-        def refresh() -> None:
+    def _drive(self, steps: Steps[_T]) -> _T:
+        """Run a protocol on this thread: do each step, send back its result, or throw its
+        exception in (the protocol decides what a failure means)."""
+        send: Callable[[Any], Step] = steps.send
+        reply: Any = None
+        while True:
             try:
-                self._fill(key, loader, token, ttl, tags)
-            except Exception:
-                log.exception("cachegw: refreshing %r failed", key)
+                step = send(reply)
+            except StopIteration as done:
+                result: _T = done.value
+                return result
+            try:
+                reply, send = self._do(step), steps.send
+            except BaseException as exc:
+                reply, send = exc, steps.throw
+
+    def _do(self, step: Step) -> object:
+        if isinstance(step, Rpc):
+            return self._call(getattr(self._stub, step.method), step.call, step.timeout)
+        if isinstance(step, Load):
+            return step.loader()
+        self._in_background(step)
+        return None
+
+    def _in_background(self, job: InBackground) -> None:
+        def run() -> None:
+            try:
+                self._drive(job.steps)
             finally:
                 self._refreshes.discard(thread)
 
-        thread = threading.Thread(target=refresh, name=f"cachegw-refresh-{key[:40]}", daemon=True)
+        thread = threading.Thread(target=run, name=job.name, daemon=True)
         self._refreshes.add(thread)
         thread.start()
 
-    def _keep_near_cache(self) -> None:
+    def _keep_near_cache(self, keeper: NearCacheKeeper) -> None:
         """The near cache's stream: live while registered, dark (and empty) otherwise."""
-        near = self.near_cache
-        assert near is not None
-        backoff = _BACKOFF_FIRST
         while not self._closed.is_set():
-            stream = self._stub.Subscribe(_calls.subscribe((), (), ""))
-            self._stream = stream
+            stream = self._stream = self._stub.Subscribe(keeper.request)
             try:
                 stream.initial_metadata()  # sent once the gateway registered the stream
                 if self._closed.is_set():
                     break
-                near.go_live()
-                backoff = _BACKOFF_FIRST
+                keeper.registered()
                 for event in stream:
-                    near.apply(_calls.decode_event(event))
+                    keeper.event(event)
             except grpc.RpcError as exc:
                 if not self._closed.is_set():
-                    log.info("cachegw: near-cache stream dropped (%s); flushed", exc.code())
+                    keeper.dropped(exc)
             finally:
-                near.go_dark()
+                pause = keeper.ended()
                 stream.cancel()  # type: ignore[no-untyped-call]
-            self._closed.wait(backoff)
-            backoff = min(backoff * 2, _BACKOFF_MAX)
+            self._closed.wait(pause)
 
     def close(self) -> None:
         self._closed.set()
