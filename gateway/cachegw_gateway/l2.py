@@ -549,8 +549,8 @@ class RedisStore:
                     break
                 keys: list[str] = []
                 args: list[bytes] = []
-                for member, score in members:
-                    assert isinstance(member, bytes) and isinstance(score, bytes)
+                pairs: list[tuple[bytes, bytes]] = list(members)  # type: ignore[arg-type]
+                for member, score in pairs:
                     key = _text(member)
                     keys += (self.redis_key(key), self.lease_key(key))
                     args += (member, score)

@@ -211,7 +211,7 @@ async def commands_sent(url: str) -> Any:
     seen: list[str] = []
     client = aioredis.Redis.from_url(url)
     monitor = client.monitor()
-    await monitor.connect()
+    await monitor.connect()  # type: ignore[no-untyped-call]
     await monitor.connection.send_command("MONITOR")  # type: ignore[union-attr]
     assert await monitor.connection.read_response() in (b"OK", "OK")  # type: ignore[union-attr]
 
