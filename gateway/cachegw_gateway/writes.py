@@ -99,6 +99,7 @@ class WritePath:
                 if_version,
                 lease_token=b"" if lease_token is None else lease_token.raw,
                 key_class=kc.name,
+                lease_generation=gen,
                 tags=tags,
                 expires_at_ms=now_ms + px,
                 event=self.event([key]) if kc.events else b"",

@@ -113,6 +113,21 @@ async def test_stale_set_race_refuses_the_old_fill(
     assert a.server.stats.classes["item"].lease_fills_refused == 1
 
 
+async def test_a_lease_granted_after_a_class_invalidation_fills(
+    gateway_factory: GatewayFactory,
+) -> None:
+    toml = '[[classes]]\nname = "item"\npatterns = ["item:*"]\n'
+    a, b = await gateway_factory(toml), await gateway_factory(toml)
+    await b.stub.Invalidate(pb.InvalidateRequest(classes=["item"]))
+    await b.stub.Invalidate(pb.InvalidateRequest(classes=["item"]))
+    lease = await a.stub.Get(lease_get("item:2"))
+    assert lease.status == pb.STATUS_LEASED
+    out = await a.stub.Set(pb.SetRequest(key="item:2", value=b"v", lease_token=lease.lease_token))
+    assert out.outcome == pb.SET_OUTCOME_STORED
+    for gw in (a, b):
+        assert (await gw.stub.Get(pb.GetRequest(key="item:2"))).value == b"v"
+
+
 async def test_a_dead_holder_is_taken_over_after_the_lease_timeout(
     gateway_factory: GatewayFactory,
 ) -> None:
