@@ -122,6 +122,15 @@ class FakeGateway(cache_pb2_grpc.CacheServiceServicer):
             deleted=sum(self.store.pop(key, None) is not None for key in request.keys)
         )
 
+    async def ReleaseLease(
+        self, request: pb.ReleaseLeaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReleaseLeaseResponse:
+        await self._enter(request, context)
+        held = self.leases.get(request.key) == request.lease_token
+        if held:
+            del self.leases[request.key]
+        return pb.ReleaseLeaseResponse(released=held)
+
     # The client does not call these yet.
     async def Invalidate(
         self, request: pb.InvalidateRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -17,6 +17,7 @@ from cachegw import (
     Client,
     DeadlineExceeded,
     Entry,
+    InvalidArgument,
     SetOutcome,
     SetResult,
     Status,
@@ -102,6 +103,21 @@ async def test_lease_then_fill(any_client: AsyncClient, fake_gateway: Gateway) -
         key_class="default",
     )
     assert hit.hit
+
+
+async def test_release_lease(any_client: AsyncClient, fake_gateway: Gateway) -> None:
+    entry = await any_client.lookup("k", lease=True)
+    assert await any_client.release_lease("k", entry.lease_token) is True
+    sent = fake_gateway.servicer.requests[-1]
+    assert isinstance(sent, pb.ReleaseLeaseRequest)
+    assert (sent.key, sent.lease_token) == ("k", b"lease:k")
+    assert await any_client.release_lease("k", entry.lease_token) is False
+    sent_before = len(fake_gateway.servicer.requests)
+    with pytest.raises(InvalidArgument, match="lease_token"):
+        await any_client.release_lease("k", b"")
+    with pytest.raises(TypeError, match="lease_token must be bytes"):
+        await any_client.release_lease("k", "lease:k")  # type: ignore[arg-type]
+    assert len(fake_gateway.servicer.requests) == sent_before  # checked before sending
 
 
 async def test_every_entry_field_is_decoded(any_client: AsyncClient, fake_gateway: Gateway) -> None:

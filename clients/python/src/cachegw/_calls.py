@@ -131,6 +131,14 @@ def set_(
     return Call(request, decode_set)
 
 
+def release_lease(
+    key: str, lease_token: bytes
+) -> Call[pb.ReleaseLeaseRequest, pb.ReleaseLeaseResponse, bool]:
+    if not _bytes(lease_token, "lease_token"):
+        raise InvalidArgument("lease_token must not be empty")
+    return Call(pb.ReleaseLeaseRequest(key=_key(key), lease_token=lease_token), _released)
+
+
 def delete(keys: Iterable[str]) -> Call[pb.DeleteRequest, pb.DeleteResponse, int]:
     return Call(pb.DeleteRequest(keys=_keys(keys, "keys")), _deleted)
 
@@ -225,6 +233,10 @@ def _results(response: pb.GetManyResponse, expected: int) -> Iterable[pb.GetResp
     if len(response.results) != expected:
         raise _protocol_error(f"{len(response.results)} results for {expected} keys")
     return response.results
+
+
+def _released(response: pb.ReleaseLeaseResponse) -> bool:
+    return response.released
 
 
 def _deleted(response: pb.DeleteResponse) -> int:

@@ -8,14 +8,19 @@ decides, in one place, what a failure means::
     lookup (Get with lease) ──► HIT/STALE ──► the value (and, when handed a refresh
        │                                      lease, `refresh` in the background)
        ├─► LEASED ──► `fill`: load ──► Set with the token
-       │                 └─► loader raised, caller cancelled ──► end the lease (Delete)
+       │                 └─► loader raised, caller cancelled, Set failed ──► ReleaseLease
        ├─► MISS (the wait ran out) ──► load here, store nothing
        └─► gateway unreachable ──► load here, store nothing
 
-The blocking client runs a protocol with `drive` on the caller's thread; the asyncio
-client with its own `drive` (awaiting each step, shielding `Rpc(shield=True)` from the
-caller's cancellation). `NearCacheKeeper` is the near cache's subscription minus the
-stream itself: each client's loop only reads the stream and calls it.
+A lease is ended only with ReleaseLease, which removes it while this caller's token
+still holds it and never touches the value: on the refresh and stale paths the value is
+still being served, and must stay so exactly when the source of truth is failing.
+
+The blocking client runs a protocol with its `_drive` on the caller's thread; the
+asyncio client with its own `_drive`, awaiting each step and shielding an
+`Rpc(shield=True)` from the caller's cancellation. `NearCacheKeeper` is the near
+cache's subscription minus the stream itself: each client's loop only reads the stream
+and calls it.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ _GATEWAY_DOWN = (Unavailable, DeadlineExceeded)
 class Rpc:
     """Make this unary call; send back its decoded answer (a `CacheError` is thrown in)."""
 
-    method: Literal["Get", "Set", "Delete"]
+    method: Literal["Get", "Set", "ReleaseLease"]
     """The CacheService method (the stub's attribute)."""
     call: Call[Any, Any, Any]
     timeout: Timeout
@@ -130,17 +135,21 @@ def fill(
     ttl: float | None,
     tags: list[str],
 ) -> Steps[bytes]:
-    """Load the value and store it under the lease `token`; the loaded value (a failed
-    Set is logged). When the loader raised or the caller was cancelled, the lease is
-    ended at once and the exception re-raised."""
+    """Load the value and store it under the lease `token`; the loaded value either way.
+
+    A lease left unfilled is released at once, so that another caller loads now instead
+    of after the lease timeout: when the loader raised or the caller was cancelled (then
+    re-raised), or when the Set did not get through (logged)."""
     try:
         value = loaded((yield Load(loader)))
+        stored = yield from _store(near, key, value, ttl, tags, token)
     except GeneratorExit:  # the driver itself is being torn down: no more steps
         raise
     except BaseException:
-        yield from release(near, key)
+        yield from release(key, token)
         raise
-    yield from _store(near, key, value, ttl, tags, token)
+    if not stored:
+        yield from release(key, token)
     return value
 
 
@@ -151,8 +160,8 @@ def _store(
     ttl: float | None,
     tags: list[str],
     token: bytes,
-) -> Steps[None]:
-    """`set(key, value, lease_token=token)`; a failure is logged."""
+) -> Steps[bool]:
+    """`set(key, value, lease_token=token)`; False (logged) when it failed."""
     try:
         call = _calls.set_(key, value, ttl=ttl, tags=tags, lease_token=token, if_version=None)
         if near is not None:
@@ -160,18 +169,23 @@ def _store(
         yield Rpc("Set", call, DEFAULT)
     except CacheError as exc:
         log.warning("cachegw: could not store %r after loading it: %s", key, exc)
+        return False
+    # STORED, or LEASE_INVALID: the key changed meanwhile and the lease is gone anyway.
+    return True
 
 
-def release(near: NearCache | None, key: str) -> Steps[None]:
-    """End the lease at once (a delete ends it), so that another caller loads now instead
-    of after the lease timeout. Shielded from the caller's cancellation."""
+def release(key: str, token: bytes) -> Steps[bool]:
+    """End this caller's lease without storing (`release_lease`): the gateway removes it
+    only while `token` holds it, never the value, and wakes its waiters. The near cache
+    keeps its copy. Shielded from the caller's cancellation; a failure is logged."""
     try:
-        call = _calls.delete([key])
-        if near is not None:
-            near.forget([key])
-        yield Rpc("Delete", call, DEFAULT, shield=True)
+        released: bool = yield Rpc(
+            "ReleaseLease", _calls.release_lease(key, token), DEFAULT, shield=True
+        )
     except CacheError as exc:
         log.warning("cachegw: could not release the lease of %r: %s", key, exc)
+        return False
+    return released
 
 
 def loaded(value: object) -> bytes:

@@ -144,6 +144,19 @@ class AsyncClient:
             self.near_cache.forget([key])
         return await self._call(self._stub.Set, call, timeout)
 
+    async def release_lease(
+        self,
+        key: str,
+        lease_token: bytes,
+        *,
+        timeout: Timeout = DEFAULT,  # noqa: ASYNC109
+    ) -> bool:
+        """End the lease `lease_token` (of a LEASED or refresh lookup) without storing:
+        the gateway removes it only while that token holds it, never the stored value,
+        and wakes its waiters. False when it no longer held it (nothing changed)."""
+        call = _calls.release_lease(key, lease_token)
+        return await self._call(self._stub.ReleaseLease, call, timeout)
+
     async def delete(self, *keys: str, timeout: Timeout = DEFAULT) -> int:  # noqa: ASYNC109
         """Remove `keys`; returns how many of them existed."""
         call = _calls.delete(keys)

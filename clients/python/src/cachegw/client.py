@@ -129,6 +129,13 @@ class Client:
             self.near_cache.forget([key])
         return self._call(self._stub.Set, call, timeout)
 
+    def release_lease(self, key: str, lease_token: bytes, *, timeout: Timeout = DEFAULT) -> bool:
+        """End the lease `lease_token` (of a LEASED or refresh lookup) without storing:
+        the gateway removes it only while that token holds it, never the stored value,
+        and wakes its waiters. False when it no longer held it (nothing changed)."""
+        call = _calls.release_lease(key, lease_token)
+        return self._call(self._stub.ReleaseLease, call, timeout)
+
     def delete(self, *keys: str, timeout: Timeout = DEFAULT) -> int:
         """Remove `keys`; returns how many of them existed."""
         call = _calls.delete(keys)
