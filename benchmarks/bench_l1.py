@@ -11,7 +11,8 @@ Two workloads on the same key stream for every contender:
 
 Rounds are interleaved (every contender once per round, order rotated) because the 2-core
 machine is noisy; the figure is the best round in ns per operation, with the median beside
-it. Ratios are to the plain dict and to lru-dict. Timings are reported, never asserted.
+it. Ratios are to the plain dict and to lru-dict. The aims (ratios of best rounds) are in
+AIMS below; a missed aim makes the script exit 1.
 """
 
 from __future__ import annotations
@@ -19,16 +20,32 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import os
 import random
 import statistics
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+# `python benchmarks/bench_l1.py` puts only benchmarks/ on the path: add the root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from cachetools import LRUCache
 from lru import LRU
 
+from benchmarks.harness import Aim, check_aims
 from cachegw_native.l1 import L1Cache
+
+# The key streams of the get-hit workload (see main()).
+STREAMS = ("zipf-0.99", "uniform-1k", "uniform-all")
+# Ratios of best rounds, ns per operation.
+AIMS = [
+    *(Aim(f"get-hit / dict, {st}", "L1Cache c[k] / dict[k]", "<=", 1.5) for st in STREAMS),
+    *(Aim(f"get-hit / lru-dict, {st}", "L1Cache c[k] / lru-dict", "<=", 1.0) for st in STREAMS),
+    *(Aim(f"cachetools / get-hit, {st}", "cachetools / L1Cache c[k]", ">=", 3.0) for st in STREAMS),
+    Aim("set-with-eviction / lru-dict", "L1Cache set / lru-dict set", "<=", 1.0),
+]
 
 TTL = 3600.0
 Bench = Callable[[], float]  # runs once, returns elapsed seconds
@@ -200,12 +217,7 @@ def zipf_stream(keys: list[str], s: float, n: int, rng: random.Random) -> list[s
     return rng.choices(keys, cum_weights=cum, k=n)
 
 
-def check(label: str, ratio: float, limit: float, lower_is_better: bool = True) -> str:
-    ok = ratio <= limit if lower_is_better else ratio >= limit
-    return f"  {'met   ' if ok else 'MISSED'} {label:52} {ratio:6.2f} (target {limit})"
-
-
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--keys", type=int, default=100_000)
@@ -216,30 +228,33 @@ def main() -> None:
     small = keys[:1000]
     streams = {
         "zipf-0.99": (keys, zipf_stream(keys, 0.99, args.ops, rng)),
-        "uniform, 1k keys (CPU-cache resident)": (small, rng.choices(small, k=args.ops)),
-        f"uniform, {args.keys // 1000}k keys (memory bound)": (keys, rng.choices(keys, k=args.ops)),
+        "uniform-1k": (small, rng.choices(small, k=args.ops)),
+        "uniform-all": (keys, rng.choices(keys, k=args.ops)),
     }
-    targets: list[str] = []
+    titles = {
+        "zipf-0.99": f"Zipf 0.99 over {args.keys} keys",
+        "uniform-1k": "uniform over 1k keys (CPU-cache resident)",
+        "uniform-all": f"uniform over {args.keys} keys (memory bound)",
+    }
+    measured: dict[str, float] = {}
     for name, (universe, stream) in streams.items():
         get = report(
-            f"get-hit, {name}", measure(get_benches(universe, stream), args.rounds, len(stream))
+            f"get-hit, {titles[name]}",
+            measure(get_benches(universe, stream), args.rounds, len(stream)),
         )
         l1, floor = get["L1Cache c[k]"], get["dict (floor)"]
-        targets.append(check(f"get-hit / dict, {name}", l1 / floor, 1.5))
-        targets.append(check(f"get-hit / lru-dict, {name}", l1 / get["lru-dict LRU"], 1.0))
-        speedup = get["cachetools.LRUCache"] / l1
-        targets.append(check(f"cachetools / get-hit, {name}", speedup, 3.0, False))
+        measured[f"get-hit / dict, {name}"] = l1 / floor
+        measured[f"get-hit / lru-dict, {name}"] = l1 / get["lru-dict LRU"]
+        measured[f"cachetools / get-hit, {name}"] = get["cachetools.LRUCache"] / l1
     capacity = args.keys // 2
     new = [f"new:{i:08d}" for i in range(args.ops)]
     sets = report(
         f"set-with-eviction, capacity {capacity}",
         measure(set_benches(capacity, keys[:capacity], new), args.rounds, len(new)),
     )
-    ratio = sets["L1Cache set"] / sets["lru-dict LRU"]
-    targets.append(check("set-with-eviction / lru-dict", ratio, 1.0))
-    print("\ntargets (ratios of best rounds)")
-    print("\n".join(targets))
+    measured["set-with-eviction / lru-dict"] = sets["L1Cache set"] / sets["lru-dict LRU"]
+    return 0 if check_aims(AIMS, measured) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,8 +8,9 @@ short TTL in front of a slow source of truth, in three ways, in interleaved roun
 
 Each case runs `--seconds` per round; every key's TTL is `--ttl` (no jitter), so a round
 holds seconds / ttl expiry periods per key, plus the cold start. Printed per case: source
-loads per expiry period per key (target: 1 for (p); naive: about the callers per key),
-p50 / p99 latency of one read (the load included when a caller ran it), and errors.
+loads per expiry period per key (naive: about the callers per key), p50 / p99 latency
+of one read (the load included when a caller ran it), and errors. The aims, for (p), are
+in AIMS below; a missed aim makes the script exit 1.
 
 Run (from the repository root, after `make setup`):
 
@@ -41,6 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import redis.asyncio as aioredis
 
 from benchmarks.harness import (
+    Aim,
+    check_aims,
     fmt_number,
     percentile,
     render_table,
@@ -49,6 +52,14 @@ from benchmarks.harness import (
 )
 from cachegw import AsyncClient, CacheError
 from cachegw_gateway.managed_redis import ManagedRedis
+
+# With protection: about one source load per key per expiry (the cold fill included)
+# and no failed read. (Retired: "p99 within the load time plus a few ms", an absolute
+# latency on a machine shared with everything else; p99 is still printed.)
+AIMS = [
+    Aim("loads per expiry", "(p) source loads per key per TTL period", "<=", 1.10, ""),
+    Aim("errors", "(p) failed reads", "==", 0, "count"),
+]
 
 CONFIG = """
 [default_class]
@@ -108,7 +119,9 @@ async def run_case(s: Settings, prefix: str, read: Read) -> Tally:
     return tally
 
 
-async def main_async(s: Settings, gateways: Sequence[str], redis_url: str) -> list[list[str]]:
+async def main_async(
+    s: Settings, gateways: Sequence[str], redis_url: str
+) -> tuple[list[list[str]], dict[str, float]]:
     clients = [AsyncClient(addr, timeout=10) for addr in gateways]
     direct = aioredis.Redis.from_url(redis_url, max_connections=256)
     ttl_ms = int(s.ttl * 1000)
@@ -156,6 +169,11 @@ async def main_async(s: Settings, gateways: Sequence[str], redis_url: str) -> li
         await direct.aclose()
     # Every key starts cold (one fill), then expires once per TTL.
     periods = s.rounds * s.keys * (s.seconds / s.ttl + 1)
+    p = tallies[cases[0][0]]
+    measured = {
+        "loads per expiry": p.loads / periods,
+        "errors": float(p.errors),
+    }
     rows = []
     for name, _, _ in cases:
         t = tallies[name]
@@ -171,7 +189,7 @@ async def main_async(s: Settings, gateways: Sequence[str], redis_url: str) -> li
                 fmt_number(t.errors),
             ]
         )
-    return rows
+    return rows, measured
 
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
@@ -201,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.callback(shutil.rmtree, work, ignore_errors=True)
             store = stack.enter_context(ManagedRedis())
             gateways = start_gateways(stack, s.gateways, store.url, CONFIG.format(ttl=s.ttl), work)
-            rows = asyncio.run(main_async(s, [g.address for g in gateways], store.url))
+            rows, measured = asyncio.run(main_async(s, [g.address for g in gateways], store.url))
             for gw in gateways:
                 if not gw.running:
                     raise RuntimeError(f"{gw.name} died during the run")
@@ -221,14 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     print(
-        "loads/expiry: source loads per key per TTL period (target 1 with protection; "
-        f"naive: up to the callers per key, {s.callers // s.keys})."
+        "loads/expiry: source loads per key per TTL period (naive: up to the callers per "
+        f"key, {s.callers // s.keys}); the source load takes {s.load_seconds * 1000:g} ms."
     )
-    print(
-        f"p99 target with protection: within the load time ({s.load_seconds * 1000:g} ms) "
-        "plus a few ms; zero errors."
-    )
-    return 0
+    return 0 if check_aims(AIMS, measured) else 1
 
 
 if __name__ == "__main__":

@@ -534,8 +534,10 @@ def _fmt_figure(value: float, unit: str) -> str:
         return "-"
     if unit == "x":
         return f"{value:.2f}x"
-    if unit in ("", "count"):
+    if unit == "count":
         return f"{value:g}"
+    if unit == "":
+        return f"{value:.2f}"
     return f"{value:.2f} {unit}"
 
 
