@@ -17,38 +17,43 @@ the class generation, the gateway reads it in the same pipeline and checks the r
 
 Reads pipeline GET and PTTL (one round trip however many keys) because an L1 copy must
 never outlive the Redis entry: Redis's own remaining TTL bounds it, not a clock here.
+
+Failures: every call runs inside `with self._reading:` or `with self._writing:`, which
+turns whatever Redis or the connection did into an `L2Unavailable` (redis_errors.py),
+counts it and marks Redis down where that is the truth. Reads are sent once more after a
+dropped connection or a timeout. ``<p>:probe`` never exists: while Redis refuses writes,
+the health probe UNLINKs it to learn when it takes them again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cachegw_gateway import envelope
+from cachegw_gateway import envelope, redis_errors
 from cachegw_gateway.config import RedisConfig
+from cachegw_gateway.redis_errors import UNAVAILABLE_ERRORS as UNAVAILABLE_ERRORS
+from cachegw_gateway.redis_errors import L2Unavailable as L2Unavailable
+from cachegw_gateway.scripts import Script
 from cachegw_gateway.stats import GatewayStats
 
 log = logging.getLogger(__name__)
 
-# Errors that mean "Redis cannot answer now" (as opposed to a bug in what we sent).
-UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ConnectionError,
-    TimeoutError,
-    OSError,
-)
+T = TypeVar("T")
 
-_PING_ERRORS: tuple[type[BaseException], ...] = (RedisError, *UNAVAILABLE_ERRORS)
+# A read that lost its connection or timed out is sent once more after this long.
+READ_RETRY_DELAY = 0.01
 
 _VERSION_OF_OLD = f"""
 local ver = 0
@@ -208,10 +213,6 @@ return id
 """
 
 
-class L2Unavailable(Exception):
-    """Redis could not be reached or did not answer in time."""
-
-
 @dataclass(frozen=True, slots=True)
 class L2Entry:
     envelope: envelope.Envelope
@@ -266,6 +267,33 @@ def glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
+class _Calls:
+    """``with store._reading:`` / ``with store._writing:`` around Redis calls: the one
+    place where a failure becomes an `L2Unavailable` (classified by redis_errors, counted
+    and reported by `RedisStore._down`), and where an answer marks Redis up."""
+
+    __slots__ = ("_store", "_write")
+
+    def __init__(self, store: RedisStore, *, write: bool) -> None:
+        self._store = store
+        self._write = write
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        if exc is None:
+            self._store._answered(write=self._write)
+        elif isinstance(exc, redis_errors.FAILURES) and not isinstance(exc, L2Unavailable):
+            raise self._store._down(exc, write=self._write) from exc
+        return False
+
+
 class RedisStore:
     def __init__(
         self,
@@ -277,12 +305,18 @@ class RedisStore:
         self._client = client
         self.pubsub_client: Callable[[], aioredis.Redis] = pubsub_factory or (lambda: client)
         self.prefix = prefix
-        self._set_script = client.register_script(_SET_SCRIPT)
-        self._delete_script = client.register_script(_DELETE_SCRIPT)
-        self._tag_chunk_script = client.register_script(_TAG_CHUNK_SCRIPT)
-        self._acquire_script = client.register_script(_ACQUIRE_SCRIPT)
-        self._publish_script = client.register_script(_PUBLISH_SCRIPT)
-        self._release_script = client.register_script(_RELEASE_SCRIPT)
+        self._set_script = Script(client, _SET_SCRIPT)
+        self._delete_script = Script(client, _DELETE_SCRIPT)
+        self._tag_chunk_script = Script(client, _TAG_CHUNK_SCRIPT)
+        self._acquire_script = Script(client, _ACQUIRE_SCRIPT)
+        self._publish_script = Script(client, _PUBLISH_SCRIPT)
+        self._release_script = Script(client, _RELEASE_SCRIPT)
+        self._reading = _Calls(self, write=False)
+        self._writing = _Calls(self, write=True)
+        # The kind of error reply (READONLY, MASTERDOWN, ...) that said Redis refuses
+        # every write, until a write goes through again; "" while writes are accepted.
+        self._writes_refused = ""
+        self.probe_key = f"{prefix}:probe"
         self.stats = GatewayStats() if stats is None else stats
         self._mismatch_logged = -60.0
         self.events_key = f"{prefix}:events"
@@ -330,10 +364,36 @@ class RedisStore:
 
         return cls(aioredis.Redis(connection_pool=pool), config.prefix, stats, pubsub_client)
 
-    def _down(self, exc: BaseException) -> L2Unavailable:
-        self.stats.redis_errors += 1
-        self.stats.redis_up = False
-        return L2Unavailable(f"redis did not answer: {exc}")
+    def _down(self, exc: BaseException, *, write: bool = False) -> L2Unavailable:
+        """The failure of a call (a write if `write`), classified and counted."""
+        err = redis_errors.classify(exc, write=write)
+        stats = self.stats
+        stats.redis_errors += 1
+        if err.is_reply:
+            stats.error_replies[err.kind] = stats.error_replies.get(err.kind, 0) + 1
+        if err.writes_refused:
+            self._writes_refused = err.kind
+        if err.mark_down:
+            stats.redis_up = False
+        return err
+
+    def _answered(self, *, write: bool) -> None:
+        """Redis answered a call: it is up, unless it still refuses every write."""
+        if write:
+            self._writes_refused = ""
+        if not self._writes_refused:
+            self.stats.redis_up = True
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A read, sent once more after a dropped connection or a timeout (safe: a read
+        changes nothing)."""
+        try:
+            return await call()
+        except redis_errors.UNAVAILABLE_ERRORS as exc:
+            if not redis_errors.retryable(exc):
+                raise
+        await asyncio.sleep(READ_RETRY_DELAY)
+        return await call()
 
     # -- layout -------------------------------------------------------------------------
 
@@ -374,7 +434,8 @@ class RedisStore:
     ) -> tuple[list[L2Entry | None], dict[str, int]]:
         """One round trip: GET and PTTL of every key, and the generation of each class."""
         class_names = list(classes)
-        try:
+
+        async def once() -> list[Any]:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
                     rkey = self.redis_key(key)
@@ -382,10 +443,10 @@ class RedisStore:
                     pipe.pttl(rkey)
                 for name in class_names:
                     pipe.get(self.gen_key(name))
-                replies = await pipe.execute()
-        except UNAVAILABLE_ERRORS as exc:
-            raise self._down(exc) from exc
-        self.stats.redis_up = True
+                return redis_errors.raise_first(await pipe.execute(raise_on_error=False))
+
+        with self._reading:
+            replies = await self._retrying(once)
         out: list[L2Entry | None] = []
         for i, key in enumerate(keys):
             raw, pttl = replies[2 * i], replies[2 * i + 1]
@@ -416,7 +477,7 @@ class RedisStore:
     ) -> SetResult:
         """Write one value, index its tags and publish `event` when it replaced a value:
         one script, one round trip (see _SET_SCRIPT)."""
-        try:
+        with self._writing:
             reply = await self._set_script(
                 keys=[
                     self.redis_key(key),
@@ -440,8 +501,6 @@ class RedisStore:
                     time.time_ns() // 1_000_000,
                 ],
             )
-        except UNAVAILABLE_ERRORS as exc:
-            raise self._down(exc) from exc
         outcome, version, replaced, generation, event_id = reply
         return SetResult(
             stored=outcome == 1,
@@ -456,13 +515,11 @@ class RedisStore:
         self, key: str, token: bytes, lease_ms: int, unusable_version: int | None
     ) -> Acquired:
         """Take the lease of `key` unless a (new) value is stored or another caller holds it."""
-        try:
+        with self._writing:
             reply = await self._acquire_script(
                 keys=[self.redis_key(key), self.lease_key(key)],
                 args=[token, lease_ms, "" if unusable_version is None else unusable_version],
             )
-        except UNAVAILABLE_ERRORS as exc:
-            raise self._down(exc) from exc
         kind = int(reply[0])
         if kind == 1:
             entry = self._decode(key, reply[1], int(reply[2]))
@@ -473,12 +530,10 @@ class RedisStore:
 
     async def release(self, key: str, token: bytes) -> bool:
         """End `key`'s lease if `token` still holds it; the stored value is left alone."""
-        try:
+        with self._writing:
             released = await self._release_script(
                 keys=[self.lease_key(key)], args=[token, self.fills_channel, key]
             )
-        except UNAVAILABLE_ERRORS as exc:
-            raise self._down(exc) from exc
         return bool(int(released))
 
     async def delete(
@@ -490,12 +545,10 @@ class RedisStore:
         rkeys = [self.events_key]
         for key in keys:
             rkeys += (self.redis_key(key), self.lease_key(key))
-        try:
+        with self._writing:
             removed, event_id = await self._delete_script(
                 keys=rkeys, args=[event, self.events_channel, max_events]
             )
-        except UNAVAILABLE_ERRORS as exc:
-            raise self._down(exc) from exc
         return int(removed), _text(event_id)
 
     async def unlink(self, keys: Sequence[str]) -> int:
@@ -507,7 +560,7 @@ class RedisStore:
 
         SCAN over the keyspace: O(keys in Redis), in batches, never blocking Redis."""
         removed = 0
-        try:
+        with self._writing:
             for prefix in prefixes:
                 match = f"{glob_escape(self.redis_key(prefix)[:-1])}*"
                 doomed: list[bytes] = []
@@ -518,15 +571,13 @@ class RedisStore:
                         doomed = []
                 if doomed:
                     removed += await self._unlink_counting_values(doomed)
-        except UNAVAILABLE_ERRORS as exc:
-            raise self._down(exc) from exc
         return removed
 
     async def _unlink_counting_values(self, rkeys: list[bytes]) -> int:
         async with self._client.pipeline(transaction=False) as pipe:
             for rkey in rkeys:
                 pipe.unlink(rkey)
-            replies = await pipe.execute()
+            replies = redis_errors.raise_first(await pipe.execute(raise_on_error=False))
         # Values end with the closing brace of their hash tag; leases end with ":lease".
         return sum(int(r) for k, r in zip(rkeys, replies, strict=True) if k.endswith(b"}"))
 
@@ -539,7 +590,7 @@ class RedisStore:
         removed."""
         index = self.tag_key(tag)
         removed = skipped = 0
-        try:
+        with self._writing:
             rounds = int(await self._client.zcard(index)) // chunk + 2
             for _ in range(rounds):
                 members = await self._client.zrange(
@@ -560,39 +611,33 @@ class RedisStore:
                 skipped += len(members) - int(counts[1])
                 if len(members) < chunk:
                     break
-        except UNAVAILABLE_ERRORS as exc:
-            raise self._down(exc) from exc
         return removed
 
     async def bump_generations(self, classes: Sequence[str]) -> dict[str, int]:
-        try:
+        with self._writing:
             async with self._client.pipeline(transaction=False) as pipe:
                 for name in classes:
                     pipe.incr(self.gen_key(name))
-                replies = await pipe.execute()
-        except UNAVAILABLE_ERRORS as exc:
-            raise self._down(exc) from exc
+                replies = redis_errors.raise_first(await pipe.execute(raise_on_error=False))
         return {name: int(g) for name, g in zip(classes, replies, strict=True)}
 
     # -- events -------------------------------------------------------------------------
 
     async def publish(self, payload: bytes, max_len: int) -> str:
         """Append an event to the audit stream and publish it; returns its id."""
-        try:
+        with self._writing:
             event_id = await self._publish_script(
                 keys=[self.events_key], args=[max_len, payload, self.events_channel]
             )
-        except UNAVAILABLE_ERRORS as exc:
-            raise self._down(exc) from exc
         self.stats.invalidations_published += 1
         return event_id.decode() if isinstance(event_id, bytes) else str(event_id)
 
     async def events_after(self, since: str, count: int) -> list[tuple[str, bytes]]:
         """Up to `count` events of the audit stream after id `since`, oldest first."""
-        try:
-            entries = await self._client.xrange(self.events_key, min=f"({since}", count=count)
-        except UNAVAILABLE_ERRORS as exc:
-            raise self._down(exc) from exc
+        with self._reading:
+            entries = await self._retrying(
+                lambda: self._client.xrange(self.events_key, min=f"({since}", count=count)
+            )
         out: list[tuple[str, bytes]] = []
         for entry_id, fields in entries or ():
             eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
@@ -607,12 +652,13 @@ class RedisStore:
         when `since` itself is older than the oldest entry kept (conservative: the event
         right after `since` may be that oldest one). A stream that is gone (Redis lost
         it, or nothing was ever published) holds nothing to replay either."""
-        try:
-            info = await self._client.xinfo_stream(self.events_key)
-        except ResponseError:
-            return True  # no such stream
-        except UNAVAILABLE_ERRORS as exc:
-            raise self._down(exc) from exc
+        with self._reading:
+            try:
+                info = await self._retrying(lambda: self._client.xinfo_stream(self.events_key))
+            except redis_errors.FAILURES as exc:
+                if redis_errors.no_such_key(exc):
+                    return True  # no such stream
+                raise
         first = info.get("first-entry")
         if first:
             return _stream_id(first[0]) > since
@@ -624,27 +670,42 @@ class RedisStore:
         """Merge this gateway's hottest keys into the deployment's list (best effort)."""
         if not top:
             return
-        try:
+        with self._writing:
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.zadd(self.hotkeys_key, dict(top), gt=True)
                 pipe.zremrangebyrank(self.hotkeys_key, 0, -keep - 1)
                 pipe.expire(self.hotkeys_key, 7 * 86400)
-                await pipe.execute()
-        except UNAVAILABLE_ERRORS as exc:
-            raise self._down(exc) from exc
+                redis_errors.raise_first(await pipe.execute(raise_on_error=False))
 
     async def hot_keys(self, n: int) -> list[str]:
-        try:
-            members = await self._client.zrevrange(self.hotkeys_key, 0, n - 1)
-        except UNAVAILABLE_ERRORS as exc:
-            raise self._down(exc) from exc
+        with self._reading:
+            members = await self._retrying(
+                lambda: self._client.zrevrange(self.hotkeys_key, 0, n - 1)
+            )
         return [m.decode(errors="surrogateescape") for m in members if isinstance(m, bytes)]
 
     async def ping(self) -> bool:
+        """The health probe: PING, and while Redis refuses writes (a replica, ...) a
+        write that changes nothing, to learn when it takes them again. Not counted as
+        calls; Redis counts as up only when it answers and takes writes."""
+        refused = self._writes_refused
+
+        async def once() -> bool:
+            if refused:
+                await self._client.unlink(self.probe_key)
+            return bool(await self._client.ping())
+
         try:
-            up = bool(await self._client.ping())
-        except _PING_ERRORS:
+            up = await self._retrying(once)
+        except redis_errors.FAILURES as exc:
+            err = redis_errors.classify(exc, write=bool(refused))
+            if err.writes_refused:
+                self._writes_refused = err.kind
             up = False
+        else:
+            if refused and self._writes_refused == refused:
+                self._writes_refused = ""
+        up = up and not self._writes_refused
         self.stats.redis_up = up
         return up
 

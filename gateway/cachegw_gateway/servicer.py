@@ -22,6 +22,7 @@ from cachegw_gateway.events import StreamId
 from cachegw_gateway.l2 import L2Unavailable
 from cachegw_gateway.leases import LeaseToken
 from cachegw_gateway.policy import KeyClass, PolicyTable
+from cachegw_gateway.redis_errors import FAILURES, L2OutOfMemory, classify
 from cachegw_gateway.subscriptions import SubscriberHub
 from cachegw_gateway.telemetry import tracing
 from cachegw_gateway.validation import (
@@ -76,22 +77,33 @@ class CacheServicer:
         self._class_names = [kc.name for kc in policy.classes]
 
     async def _guard(self, context: Context, work: Awaitable[T]) -> T:
-        """Run `work` within the caller's deadline and map failures to status codes."""
+        """Run `work` within the caller's deadline and map failures to status codes
+        (docs/errors.md); an L2Unavailable's message says what happened and what to do."""
         remaining = context.time_remaining()
         try:
             async with asyncio.timeout(remaining):
                 return await work
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except L2OutOfMemory as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except L2Unavailable as exc:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"redis (L2) is unavailable, retry later: {exc}"
-            )
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                "the call's deadline passed while waiting for redis",
+                "the call's deadline passed while waiting for redis (a write already sent "
+                "may or may not have been applied)",
             )
+        except FAILURES as exc:
+            # A Redis failure that bypassed RedisStore (a bug there): still a status a
+            # caller can act on, never UNKNOWN.
+            log.warning("redis failure outside RedisStore: %r", exc)
+            err = classify(exc)
+            code = grpc.StatusCode.UNAVAILABLE
+            if isinstance(err, L2OutOfMemory):
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            await context.abort(code, str(err))
 
     @staticmethod
     async def _reject(context: Context, bad: BadMessage) -> NoReturn:

@@ -56,9 +56,13 @@ class GatewayStats:
     subscribers: int = 0  # Subscribe streams open now (a gauge)
     subscriber_resets: int = 0  # RESETs sent to Subscribe streams
     # Redis.
-    redis_errors: int = 0  # Redis calls that failed (timeouts, refused connections)
+    redis_errors: int = 0  # Redis calls that failed (timeouts, refused connections, errors)
+    # Error replies from Redis by kind (READONLY, LOADING, BUSY, MASTERDOWN, OOM, ...; see
+    # redis_errors.py), counted in redis_errors too. Not a plain figure: snapshot.py and
+    # metrics.py export it with a `kind` label.
+    error_replies: dict[str, int] = field(default_factory=dict)
     redis_reconnects: int = 0  # pub/sub connections re-established
-    redis_up: bool = True  # the last Redis call or health probe succeeded (a gauge)
+    redis_up: bool = True  # the last Redis call or probe succeeded, writes taken (a gauge)
     envelope_mismatches: int = 0  # stored values in a format this gateway does not read
 
     def for_class(self, name: str) -> ClassCounters:

@@ -48,9 +48,9 @@ _GATEWAY_HELP = {
     "l1_flushes": "Whole-L1 flushes (subscription lost, oversized events).",
     "subscribers": "Subscribe streams open now.",
     "subscriber_resets": "RESET events sent to Subscribe streams.",
-    "redis_errors": "Redis calls that failed (timeouts, refused connections).",
+    "redis_errors": "Redis calls that failed (timeouts, refused connections, error replies).",
     "redis_reconnects": "Redis pub/sub connections re-established.",
-    "redis_up": "1 when the last Redis call or health probe succeeded, else 0.",
+    "redis_up": "1 when the last Redis call or health probe succeeded and Redis takes writes.",
     "envelope_mismatches": "Stored values in a format this gateway does not read (misses).",
 }
 _L1_GAUGES = {
@@ -112,6 +112,15 @@ def families(snap: Snapshot) -> Iterator[Metric]:
             yield GaugeMetricFamily(f"{P}{key}", doc, value=value)
         else:
             yield CounterMetricFamily(f"{P}{key}", doc, value=value)
+    replies = CounterMetricFamily(
+        f"{P}redis_error_replies",
+        "Error replies from Redis by kind (READONLY, LOADING, BUSY, MASTERDOWN, OOM, ...), "
+        "counted in cachegw_redis_errors_total too.",
+        labels=["kind"],
+    )
+    for kind in sorted(snap.redis_error_replies):
+        replies.add_metric([kind], snap.redis_error_replies[kind])
+    yield replies
     yield GaugeMetricFamily(
         f"{P}redis_ping_seconds",
         "Round trip of the last successful Redis health probe (PING).",

@@ -22,7 +22,7 @@ from cachegw_native.l1 import L1Cache
 
 # GatewayStats fields that are gauges (a level now); every other int field is a count.
 GAUGE_FIELDS = frozenset({"subscribers", "redis_up"})
-_NOT_FIGURES = frozenset({"classes", "started_at"})
+_NOT_FIGURES = frozenset({"classes", "started_at", "error_replies"})
 MAX_TOP_KEYS = 1000
 
 
@@ -51,6 +51,7 @@ class Snapshot:
     trace_exporter: str
     sample_ratio: float
     hot_keys: list[tuple[str, int]] = field(default_factory=list)
+    redis_error_replies: dict[str, int] = field(default_factory=dict)  # kind -> count
 
 
 @dataclass
@@ -91,6 +92,7 @@ class Sources:
             trace_exporter=self.trace_exporter,
             sample_ratio=self.sample_ratio,
             hot_keys=self.hotkeys.top(min(top_keys, MAX_TOP_KEYS)) if top_keys > 0 else [],
+            redis_error_replies=dict(s.error_replies),
         )
 
 
@@ -133,6 +135,7 @@ def stats_response(snap: Snapshot, classes: Sequence[str] = ()) -> pb.StatsRespo
             ping_ms=snap.redis_ping_seconds * 1000,
             errors=g.get("redis_errors", 0),
             reconnects=g.get("redis_reconnects", 0),
+            error_replies=snap.redis_error_replies,
         ),
         l1=pb.L1Stats(**{k: v for k, v in l1.items() if k in pb.L1Stats.DESCRIPTOR.fields_by_name}),
         latency_bounds_ms=[b * 1000 for b in BOUNDS],

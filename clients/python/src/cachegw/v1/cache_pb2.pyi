@@ -11,12 +11,18 @@ Keys are UTF-8 strings, non-empty, at most the gateway's configured key length
 max_value_bytes. Input that breaks a rule is answered INVALID_ARGUMENT with a
 message naming the field and the limit, and never reaches Redis.
 
-Errors are gRPC status codes:
+Errors are gRPC status codes (docs/errors.md has the full table):
   INVALID_ARGUMENT    bad key, value, TTL or request shape
   FAILED_PRECONDITION a request valid in itself that the gateway cannot apply now
-  RESOURCE_EXHAUSTED  a limit on concurrency or size was reached
-  UNAVAILABLE         Redis (L2) is unreachable and the answer needs it; retry later
-  DEADLINE_EXCEEDED   the caller's deadline passed
+  RESOURCE_EXHAUSTED  a limit on concurrency or size was reached, or Redis is out of
+                      memory (OOM: it refuses writes; reads still work)
+  UNAVAILABLE         Redis (L2) cannot serve the answer now: unreachable, or it
+                      answered READONLY, LOADING, BUSY, MASTERDOWN, CLUSTERDOWN,
+                      TRYAGAIN, ...; the message says which and what to do; retry
+                      later. A write (Set, Delete, Invalidate) whose reply was lost is
+                      UNAVAILABLE too and may or may not have been applied
+  DEADLINE_EXCEEDED   the caller's deadline passed (a write already sent may or may
+                      not have been applied)
   UNIMPLEMENTED       the RPC belongs to a capability this gateway does not serve yet
 """
 
