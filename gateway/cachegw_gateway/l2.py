@@ -21,8 +21,9 @@ never outlive the Redis entry: Redis's own remaining TTL bounds it, not a clock 
 Failures: every call runs inside `with self._reading:` or `with self._writing:`, which
 turns whatever Redis or the connection did into an `L2Unavailable` (redis_errors.py),
 counts it and marks Redis down where that is the truth. Reads are sent once more after a
-dropped connection or a timeout. ``<p>:probe`` never exists: while Redis refuses writes,
-the health probe UNLINKs it to learn when it takes them again.
+dropped connection or a timeout; writes never are (see `from_config`). ``<p>:probe``
+never exists: while Redis refuses writes, the health probe UNLINKs it to learn when it
+takes them again.
 """
 
 from __future__ import annotations
@@ -37,9 +38,7 @@ from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.backoff import NoBackoff
 
 from cachegw_gateway import envelope, redis_errors
 from cachegw_gateway.config import RedisConfig
@@ -345,10 +344,14 @@ class RedisStore:
             max_connections=config.max_connections,
             socket_timeout=config.socket_timeout,
             socket_connect_timeout=config.connect_timeout,
-            # One quick retry rides out a dropped idle connection; more would only
-            # delay the UNAVAILABLE a caller is owed (its deadline also bounds this).
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            # No automatic retry: redis-py would send a command (or a whole pipeline,
+            # scripts included) again after a lost reply, and a write that already ran
+            # must not run twice (a compare-and-set would answer VERSION_CONFLICT, a
+            # lease fill LEASE_INVALID, an event would go out twice). Reads are sent
+            # once more by `_retrying`; a write whose reply was lost answers UNAVAILABLE
+            # saying it may have been applied. (Retry(..., 0) still drops the broken
+            # connection; the pool replaces connections found closed when handing out.)
+            retry=Retry(NoBackoff(), 0),
             health_check_interval=30,
         )
 
@@ -386,7 +389,7 @@ class RedisStore:
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """A read, sent once more after a dropped connection or a timeout (safe: a read
-        changes nothing)."""
+        changes nothing). Never for writes: see `from_config`."""
         try:
             return await call()
         except redis_errors.UNAVAILABLE_ERRORS as exc:

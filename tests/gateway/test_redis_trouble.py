@@ -7,6 +7,7 @@ import os
 import signal
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.managed_redis import ManagedRedis
 from tests.conftest import GatewayFactory, RunningGateway, eventually
+from tests.faults import ReplyDropper
 
 
 async def _code_of(call: object) -> grpc.StatusCode:
@@ -330,3 +332,64 @@ async def test_a_loading_redis_answers_unavailable_loading(
         assert await gw.server.telemetry.redis_watch.probe()
         got = await gw.stub.Get(pb.GetRequest(key="k"), timeout=3)
         assert got.value == b"v"
+
+
+# -- a reply lost after Redis ran the command --------------------------------------------
+
+
+@pytest.fixture
+async def dropper(redis_server: ManagedRedis) -> AsyncIterator[ReplyDropper]:
+    async with ReplyDropper(redis_server.host, redis_server.port) as proxy:
+        yield proxy
+
+
+async def test_a_compare_and_set_whose_reply_was_lost_ran_once(
+    gateway_factory: GatewayFactory, dropper: ReplyDropper
+) -> None:
+    gw = await gateway_factory(redis_url=dropper.url)
+    first = await gw.stub.Set(pb.SetRequest(key="cas", value=b"v1"))
+    assert first.version == 1
+    dropper.drop_reply_to(b"second-value")
+    err = await _failure(
+        gw.stub.Set(pb.SetRequest(key="cas", value=b"second-value", if_version=1), timeout=5)
+    )
+    assert dropper.dropped == 1
+    # Not VERSION_CONFLICT: that would be the write conflicting with itself, re-run.
+    assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+    assert "may or may not have been applied" in (err.details() or "")
+    got = await gw.stub.Get(pb.GetRequest(key="cas"), timeout=3)
+    assert (got.status, got.value, got.version) == (pb.STATUS_HIT, b"second-value", 2)
+
+
+async def test_a_lease_fill_whose_reply_was_lost_is_not_refused_by_itself(
+    gateway_factory: GatewayFactory, dropper: ReplyDropper
+) -> None:
+    gw = await gateway_factory(redis_url=dropper.url)
+    # Redis knows the Set script, so the reply dropped below is the fill's, not NOSCRIPT.
+    await gw.stub.Set(pb.SetRequest(key="other", value=b"v"))
+    leased = await gw.stub.Get(pb.GetRequest(key="fill", lease=True))
+    assert leased.status == pb.STATUS_LEASED
+    dropper.drop_reply_to(b"the-loaded-value")
+    err = await _failure(
+        gw.stub.Set(
+            pb.SetRequest(key="fill", value=b"the-loaded-value", lease_token=leased.lease_token),
+            timeout=5,
+        )
+    )
+    assert dropper.dropped == 1
+    assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()  # not LEASE_INVALID
+    assert "may or may not have been applied" in (err.details() or "")
+    got = await gw.stub.Get(pb.GetRequest(key="fill"), timeout=3)
+    assert (got.status, got.value, got.version) == (pb.STATUS_HIT, b"the-loaded-value", 1)
+
+
+async def test_a_read_whose_reply_was_lost_is_retried_once(
+    gateway_factory: GatewayFactory, dropper: ReplyDropper
+) -> None:
+    gw = await gateway_factory(redis_url=dropper.url)
+    await gw.stub.Set(pb.SetRequest(key="read-me", value=b"v"))
+    gw.server.l1.clear()
+    dropper.drop_reply_to(b"{read-me}")
+    got = await gw.stub.Get(pb.GetRequest(key="read-me"), timeout=5)
+    assert dropper.dropped == 1
+    assert (got.status, got.value) == (pb.STATUS_HIT, b"v")
