@@ -287,7 +287,7 @@ class _Calls:
         tb: TracebackType | None,
     ) -> Literal[False]:
         if exc is None:
-            self._store._answered(write=self._write)
+            self._store._answered()
         elif isinstance(exc, redis_errors.FAILURES) and not isinstance(exc, L2Unavailable):
             raise self._store._down(exc, write=self._write) from exc
         return False
@@ -380,10 +380,10 @@ class RedisStore:
             stats.redis_up = False
         return err
 
-    def _answered(self, *, write: bool) -> None:
-        """Redis answered a call: it is up, unless it still refuses every write."""
-        if write:
-            self._writes_refused = ""
+    def _answered(self) -> None:
+        """Redis answered a call: it is up, unless it refuses writes. Only the health
+        probe ends that (`ping`): a write call can answer without having written (a
+        script that found a version conflict runs on a replica)."""
         if not self._writes_refused:
             self.stats.redis_up = True
 

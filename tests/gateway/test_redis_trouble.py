@@ -141,10 +141,13 @@ async def test_a_replica_answers_writes_unavailable_readonly(
             assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
             assert "READONLY" in (err.details() or "")
             assert "point --redis-url at the primary" in (err.details() or "")
-        # Reads work on a replica; the gateway still reports Redis unusable, and its probe
-        # (a PING answers fine on a replica) does not pretend otherwise.
+        # Reads work on a replica, and so does a Set script that ends in a version
+        # conflict before writing; the gateway still reports Redis unusable, and its
+        # probe (a PING answers fine on a replica) does not pretend otherwise.
         got = await gw.stub.Get(pb.GetRequest(key="k"), timeout=3)
         assert got.status == pb.STATUS_MISS
+        conflict = await gw.stub.Set(pb.SetRequest(key="k", value=b"v", if_version=7))
+        assert conflict.outcome == pb.SET_OUTCOME_VERSION_CONFLICT
         assert not await watch.probe()
         stats = await gw.stub.Stats(pb.StatsRequest())
         assert not stats.redis.up
