@@ -1,6 +1,7 @@
 cimport cython
 from libc.stdint cimport uint64_t
 
+from cachegw_native.l1index cimport GroupIndex, KeyOrder
 from cachegw_native.sketch cimport FrequencySketch
 from cachegw_native.table cimport Slot
 
@@ -39,6 +40,9 @@ cdef class L1Cache:
     cdef unsigned long long _evictions
     cdef unsigned long long _expirations
     cdef unsigned long long _refused
+    # Last, so that the fields a hit reads keep their offsets (and cache lines).
+    cdef KeyOrder _order          # every key, sorted (delete_prefix)
+    cdef GroupIndex _groups       # group memberships by slot (delete_group)
 
     cdef int _allocate(self, Py_ssize_t cap) except -1
     cdef int _grow(self) except -1
@@ -52,6 +56,7 @@ cdef class L1Cache:
     cdef void _unlink(self, Py_ssize_t s) noexcept
     cdef void _touch(self, Py_ssize_t s) noexcept
     cdef int _remove(self, Py_ssize_t s) except -1
+    cdef int _unstore(self, Py_ssize_t s) except -1
     cdef int _drop(self, Py_ssize_t s, double now, bint refused) except -1
     cdef int _enforce_lru(self, double now) except -1
     cdef int _enforce_tinylfu(self, double now, Py_ssize_t skip) except -1

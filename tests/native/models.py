@@ -132,10 +132,14 @@ class _Entry:
     expires: float
     hits: int = 0
     seg: int = WINDOW
+    groups: frozenset[str] = frozenset()
 
 
 class L1Model:
-    """The L1's observable behaviour; each segment is an OrderedDict, MRU last."""
+    """The L1's observable behaviour; each segment is an OrderedDict, MRU last.
+
+    Groups and prefixes are found by scanning every entry: what the native indexes must
+    agree with, whatever way an entry left."""
 
     def __init__(
         self, max_entries: int, max_bytes: int, admission: str, clock: Callable[[], float]
@@ -278,7 +282,9 @@ class L1Model:
         left = entry.expires - self.clock()
         return left if left > 0 else None
 
-    def set(self, key: str, value: object, size: int, ttl: float) -> bool:
+    def set(
+        self, key: str, value: object, size: int, ttl: float, groups: tuple[str, ...] = ()
+    ) -> bool:
         now = self.clock()
         entry = self._find(key)
         if size > self.max_bytes:
@@ -289,9 +295,9 @@ class L1Model:
         if entry is not None:
             entry.size, entry.expires = size, now + ttl
             self._touch(key, entry)
-            entry.value = value
+            entry.value, entry.groups = value, frozenset(groups)
         else:
-            self.segs[WINDOW][key] = _Entry(value, size, now + ttl)
+            self.segs[WINDOW][key] = _Entry(value, size, now + ttl, groups=frozenset(groups))
         self._enforce(now, key)
         return self._find(key) is not None
 
@@ -306,6 +312,15 @@ class L1Model:
         for key in doomed:
             self._remove(key)
         return len(doomed)
+
+    def delete_group(self, name: str) -> int:
+        doomed = [k for seg in self.segs for k, e in seg.items() if name in e.groups]
+        for key in doomed:
+            self._remove(key)
+        return len(doomed)
+
+    def group_size(self, name: str) -> int:
+        return sum(name in e.groups for seg in self.segs for e in seg.values())
 
     def purge_expired(self) -> int:
         now = self.clock()
