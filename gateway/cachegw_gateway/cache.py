@@ -143,8 +143,9 @@ class Cache:
 
     async def drain(self, within: float = 5.0) -> None:
         """Let the writes in flight finish (at stop, before Redis is closed)."""
-        if self._in_flight:
-            await asyncio.wait(list(self._in_flight), timeout=within)
+        pending = self._in_flight | self._leases.cleanups
+        if pending:
+            await asyncio.wait(pending, timeout=within)
 
     def set(
         self,

@@ -35,7 +35,6 @@ from cachegw_native.hotkeys import HotKeys
 from cachegw_native.l1 import L1Cache
 
 log = logging.getLogger(__name__)
-_HAS_GROUPS = hasattr(L1Cache, "delete_group")
 
 # Bytes charged per L1 entry on top of key and encoded answer (object headers, links).
 L1_ENTRY_OVERHEAD = 96
@@ -102,7 +101,7 @@ class L1Tier:
         hit: L1Value | None = self._l1.get(key)  # type: ignore[assignment]
         if hit is None:
             return None
-        body, fresh_until, counters = hit[0], hit[1], hit[2]
+        body, fresh_until, counters = hit
         counters.hits_l1 += 1
         if self._hotkeys is not None:
             self._hotkeys.add(key)
@@ -113,7 +112,7 @@ class L1Tier:
         saved = self._fallback.get(key)
         if saved is None:
             return None
-        (body, fresh_until, counters, *_), until = saved
+        (body, fresh_until, counters), until = saved
         now = self._clock()
         if now >= until:
             del self._fallback[key]
@@ -162,10 +161,7 @@ class L1Tier:
         groups = (class_group(kc.name), *(tag_group(t) for t in env.tags))
         size = len(body) + len(key) + L1_ENTRY_OVERHEAD
         # The L1 counts its TTL from now; subtract what already passed since `since`.
-        if _HAS_GROUPS:
-            self._l1.set(key, value, size, l1_ttl - elapsed, groups)
-        else:  # TEMPORARY until the native group index lands
-            self._l1.set(key, (*value, env.tags), size, l1_ttl - elapsed)
+        self._l1.set(key, value, size, l1_ttl - elapsed, groups)
 
     # -- forgetting ------------------------------------------------------------------------
 
@@ -196,17 +192,6 @@ class L1Tier:
         self._fallback = {}
         for prefix in prefixes:
             removed += self._l1.delete_prefix(prefix)
-        if not _HAS_GROUPS:  # TEMPORARY until the native group index lands
-            wanted_tags = frozenset(tags)
-            doomed = [
-                k
-                for k, v in self._l1.items()
-                if any(v[2] is self._stats.for_class(c) for c in classes)  # type: ignore[index]
-                or not wanted_tags.isdisjoint(v[3])  # type: ignore[index]
-            ]
-            for k in doomed:
-                self._l1.delete(k)
-            return removed + len(doomed)
         for tag in tags:
             removed += self._l1.delete_group(tag_group(tag))
         for name in classes:

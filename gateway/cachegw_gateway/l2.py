@@ -44,7 +44,7 @@ from cachegw_gateway import envelope, redis_errors
 from cachegw_gateway.config import RedisConfig
 from cachegw_gateway.redis_errors import UNAVAILABLE_ERRORS as UNAVAILABLE_ERRORS
 from cachegw_gateway.redis_errors import L2Unavailable as L2Unavailable
-from cachegw_gateway.scripts import Script
+from cachegw_gateway.scripts import Script, load_all
 from cachegw_gateway.stats import GatewayStats
 
 log = logging.getLogger(__name__)
@@ -686,6 +686,12 @@ class RedisStore:
                 lambda: self._client.zrevrange(self.hotkeys_key, 0, n - 1)
             )
         return [m.decode(errors="surrogateescape") for m in members if isinstance(m, bytes)]
+
+    async def load_scripts(self) -> None:
+        """Load the Lua scripts up front, so that each one's first call is one round trip
+        (a Redis that loses them later is handled by `Script`)."""
+        with self._writing:
+            await load_all(self._client)
 
     async def ping(self) -> bool:
         """The health probe: PING, and while Redis refuses writes (a replica, ...) a

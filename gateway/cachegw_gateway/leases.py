@@ -15,6 +15,7 @@ poll Redis with backoff as a safety net.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import struct
 import time
@@ -215,6 +216,23 @@ class Leases:
         self._clock = clock
         self._wall_ms = wall_clock_ms
         self.table = LeaseTable(clock)
+        # Releases of leases whose grant may have landed with nobody to use it.
+        self.cleanups: set[asyncio.Task[None]] = set()
+
+    def _abandoned(self, key: str, token: LeaseToken) -> None:
+        """An attempt failed or was cancelled while in flight: Redis may have granted the
+        lease anyway, to a token nobody holds, and everyone would wait for it until it
+        expires. Release it (compare-and-delete: a no-op unless it was granted), in the
+        background, since the caller may be leaving because of a deadline."""
+
+        async def release() -> None:
+            with contextlib.suppress(L2Unavailable):
+                if await self._store.release(key, token.raw):
+                    self.table.wake(key)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self.cleanups.add(task)
+        task.add_done_callback(self.cleanups.discard)
 
     def busy(self, key: str) -> bool:
         """A lease of `key` is known to be held, or an attempt at it is in flight here."""
@@ -233,7 +251,11 @@ class Leases:
         try:
             got = await self._store.acquire(key, token.raw, kc.lease_timeout_ms, version)
         except L2Unavailable:
+            self._abandoned(key, token)
             return None
+        except BaseException:
+            self._abandoned(key, token)
+            raise
         finally:
             self.table.end_attempt(key)
         if got.granted:
@@ -285,6 +307,9 @@ class Leases:
                 self.table.begin_attempt(key)
                 try:
                     got = await self._store.acquire(key, token.raw, kc.lease_timeout_ms, unusable)
+                except BaseException:
+                    self._abandoned(key, token)
+                    raise
                 finally:
                     self.table.end_attempt(key)
                 if got.granted:

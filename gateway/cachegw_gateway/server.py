@@ -137,6 +137,10 @@ class GatewayServer:
         self.port = self._server.add_insecure_port(self.config.server.listen)
         if self.port == 0:
             raise OSError(f"could not listen on {self.config.server.listen}")
+        try:
+            await self.store.load_scripts()
+        except L2Unavailable as exc:
+            log.warning("could not load the Lua scripts at start (loaded on first use): %s", exc)
         if not await self.bus.start(wait=2.0):
             log.warning("invalidation subscription not live yet: serving without L1 fills")
         if self.config.l1.warm_keys and self.bus.live:

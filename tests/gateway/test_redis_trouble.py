@@ -396,3 +396,19 @@ async def test_a_read_whose_reply_was_lost_is_retried_once(
     got = await gw.stub.Get(pb.GetRequest(key="read-me"), timeout=5)
     assert dropper.dropped == 1
     assert (got.status, got.value) == (pb.STATUS_HIT, b"v")
+
+
+async def test_a_lease_grant_whose_reply_was_lost_is_handed_back(
+    gateway_factory: GatewayFactory, dropper: ReplyDropper
+) -> None:
+    gw = await gateway_factory(
+        "[default_class]\nlease_timeout_seconds = 30\n", redis_url=dropper.url
+    )
+    dropper.drop_reply_to(b"{grant}:lease")
+    err = await _failure(gw.stub.Get(pb.GetRequest(key="grant", lease=True), timeout=5))
+    assert dropper.dropped == 1
+    assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+    # Redis granted the lease to a token nobody holds; the gateway released it, so the
+    # next caller gets the lease now, not after the 30 s lease timeout.
+    got = await gw.stub.Get(pb.GetRequest(key="grant", lease=True, max_wait_ms=2000), timeout=5)
+    assert got.status == pb.STATUS_LEASED
