@@ -26,7 +26,7 @@ REFRESH = """
 [[classes]]
 name = "hot"
 patterns = ["hot:*"]
-ttl_seconds = 1.0
+ttl_seconds = 5.0
 jitter = 0
 early_refresh_beta = 50
 l1_ttl_seconds = 5
@@ -223,9 +223,13 @@ async def test_early_refresh_hands_out_one_refresh_lease_and_nobody_misses(
 ) -> None:
     gw = await gateway_factory(REFRESH)
     got = await gw.stub.Get(lease_get("hot:1"))
+    # The fill measures a load of at least 200 ms: with beta 50, XFetch picks a refresher
+    # with probability above e^-0.5 per Get from the start of the 5 s TTL (a slower
+    # machine measures a longer load and picks sooner), long before expiry.
+    await asyncio.sleep(0.2)
     await gw.stub.Set(pb.SetRequest(key="hot:1", value=b"v1", lease_token=got.lease_token))
     refreshers: list[pb.GetResponse] = []
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 4
     while not refreshers and time.monotonic() < deadline:
         replies = await asyncio.gather(*(gw.stub.Get(lease_get("hot:1")) for _ in range(20)))
         assert all(r.status == pb.STATUS_HIT and r.value == b"v1" for r in replies)
