@@ -228,11 +228,11 @@ class L1Model:
             self._move(key, PROBATION)
             self.candidates.append(key)
         while self._over():
-            victim = (
-                self._victim(PROBATION, skip)
-                or self._victim(PROTECTED, skip)
-                or self._victim(WINDOW, skip)
-            )
+            victim = self._victim(PROBATION, skip)  # not `or`: "" is a key too
+            if victim is None:
+                victim = self._victim(PROTECTED, skip)
+            if victim is None:
+                victim = self._victim(WINDOW, skip)
             if not self.candidates:
                 if victim is None:
                     break
