@@ -35,6 +35,8 @@ cdef class HotKeys:
         est = self._sketch.add_hash(<uint64_t>hash(key), <uint32_t>min(<uint64_t>count, CG_U32_MAX))
         if key in self._top or len(self._top) < self.capacity:
             self._top[key] = est
+            if est < self._floor:
+                self._floor = est  # the floor must never be above the smallest count
             return
         if est <= self._floor:
             return

@@ -46,6 +46,19 @@ class HotKeysMachine(RuleBasedStateMachine):
         assert len(self.native) == len(self.model) <= self.native.capacity
 
 
+def test_a_key_tracked_below_capacity_lowers_the_floor() -> None:
+    """Found by the machine above: after decay() set the floor from the only tracked key,
+    a colder key joined below capacity without lowering it, and from then on a key
+    warmer than that one could not take its place."""
+    for hk in (HotKeys(2, 4), HotKeysModel(2, 4)):
+        hk.add("hot0", 5)
+        hk.decay()
+        hk.add("hot0", 0)
+        hk.add("", 0)
+        hk.add("000", 1)
+        assert hk.top(5) == [("hot0", 2), ("000", 1)], type(hk).__name__
+
+
 HotKeysMachine.TestCase.settings = settings(
     max_examples=100,
     stateful_step_count=40,
