@@ -42,16 +42,17 @@ admission refusal, an oversize set, replacement by a set with other groups, clea
 The read path (_lookup on a hit) touches neither index. A set of a new key pays an
 O(log n) insert into the key order, and its eviction an O(log n) removal (about 0.2 µs
 each at 100 000 entries on the 2-core development machine), plus O(1) per group joined
-or left: set-with-eviction went from 0.14 to 0.55 µs without groups, 0.9 µs with three
-(benchmarks/bench_l1_index.py).
+or left: set-with-eviction went from 0.21 to 0.62 µs without groups, 0.96 µs with three;
+a refresh with the same groups did not change (benchmarks/bench_l1_index.py).
 
 Memory of the indexes, on top of the 64-byte slot and the hash index (``size`` charged
 per entry stays what the caller gives): the key order takes one 8-byte reference per key
 in chunks kept 25-100 % full, 16 bytes per entry measured; groups take 4 bytes per slot,
 20 bytes per membership, and per distinct group a 32-byte record and 16-32 bytes of name
 table (arrays grow by doubling, so up to twice that) plus a reference that keeps the
-group's name string alive while it has members: 190 bytes per entry measured with three
-groups each (one class shared by many, a tag of 100 entries, a tag of its own).
+group's name string alive while it has members: 189 bytes per entry measured with three
+groups each (one class shared by many, a tag of 100 entries, a tag of its own), against
+85 for the slot and hash index.
 """
 
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Realloc
