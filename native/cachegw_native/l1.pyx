@@ -9,8 +9,9 @@ re-enter the cache from a finalizer, and the cache must not be shared between th
 
 Storage (table.pxd): entries live in an array of 64-byte slots with an open-addressing
 index, so a hit touches one index word and one slot besides the LRU neighbours, and a set
-allocates nothing. Keys must be str; a lookup with any other key is a miss. Values are
-held by the slots, out of the cyclic GC's sight: a value must not refer back to the cache.
+allocates no Python object (the indexes below grow C arrays now and then). Keys must be
+str; a lookup with any other key is a miss. Values are held by the slots, out of the
+cyclic GC's sight: a value must not refer back to the cache.
 
 Clock: with ``clock=None`` expiry reads the kernel's CLOCK_MONOTONIC_COARSE (about 7 ns
 here against 30 ns for CLOCK_MONOTONIC). The coarse clock never runs ahead of the precise
