@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +108,15 @@ async def gateway(gateway_factory: GatewayFactory) -> RunningGateway:
     return gw
 
 
-def wait_serving(address: str, timeout: float = 20.0) -> None:
-    """Poll standard gRPC health until SERVING (bounded)."""
+def wait_serving(
+    address: str, timeout: float = 20.0, alive: Callable[[], bool] = lambda: True
+) -> None:
+    """Poll standard gRPC health until SERVING (bounded; over at once when not `alive()`)."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and alive():
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -121,6 +124,8 @@ def wait_serving(address: str, timeout: float = 20.0) -> None:
             except grpc.RpcError as exc:
                 last = exc
             time.sleep(0.05)
+    if not alive():
+        raise TimeoutError(f"gateway at {address} exited before SERVING: {last}")
     raise TimeoutError(f"gateway at {address} not SERVING after {timeout}s: {last}")
 
 
@@ -144,30 +149,42 @@ class GatewayProcess:
         return self.log.read_text(errors="replace")
 
 
+PORT_ATTEMPTS = 5  # free ports tried by gateway_process when the one picked was taken
+
+
+def _running(proc: subprocess.Popen[bytes]) -> bool:
+    return proc.poll() is None
+
+
 @pytest.fixture
 def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     """start(*flags, env=None) -> a `cachegw serve` process on a free port, SERVING."""
     started: list[GatewayProcess] = []
 
     def start(*flags: str, env: dict[str, str] | None = None) -> GatewayProcess:
-        port = free_port()
-        address = f"127.0.0.1:{port}"
-        log = tmp_path / f"gateway-{len(started)}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [str(BIN / "cachegw"), "serve", "--listen", address, *flags],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-            )
-        gp = GatewayProcess(proc, address, log)
-        started.append(gp)
-        try:
-            wait_serving(address)
-        except TimeoutError as exc:
-            gp.stop(signal.SIGKILL)
-            raise AssertionError(f"{exc}\n--- gateway output ---\n{gp.output()}") from exc
-        return gp
+        for attempt in range(PORT_ATTEMPTS):
+            address = f"127.0.0.1:{free_port()}"
+            log = tmp_path / f"gateway-{len(started)}.log"
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    [str(BIN / "cachegw"), "serve", "--listen", address, *flags],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **(env or {})},
+                )
+            gp = GatewayProcess(proc, address, log)
+            started.append(gp)
+            try:
+                wait_serving(address, alive=partial(_running, proc))
+            except TimeoutError as exc:
+                gp.stop(signal.SIGKILL)
+                # The port was free when picked; another process (a parallel test run)
+                # may have bound it before the gateway did: pick another.
+                if "cannot listen on" in gp.output() and attempt + 1 < PORT_ATTEMPTS:
+                    continue
+                raise AssertionError(f"{exc}\n--- gateway output ---\n{gp.output()}") from exc
+            return gp
+        raise AssertionError("unreachable")
 
     yield start
     for gp in started:

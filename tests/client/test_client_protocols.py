@@ -13,7 +13,7 @@ import pytest
 
 from cachegw import AsyncClient, Client, EventKind, NearCache, Status
 from cachegw_gateway.managed_redis import free_port
-from tests.conftest import GatewayFactory, RunningGateway
+from tests.conftest import GatewayFactory, RunningGateway, eventually
 
 
 async def until_live(near: NearCache, within: float = 5.0) -> None:
@@ -72,8 +72,10 @@ async def test_sync_get_or_load_from_many_threads(gateway: RunningGateway) -> No
 
 async def test_a_failing_loader_releases_the_lease_at_once(gateway: RunningGateway) -> None:
     async with AsyncClient(gateway.address) as client:
+        loading = asyncio.Event()
 
         async def broken() -> bytes:
+            loading.set()  # called only once its caller holds the lease
             await asyncio.sleep(0.05)
             raise RuntimeError("database down")
 
@@ -81,13 +83,15 @@ async def test_a_failing_loader_releases_the_lease_at_once(gateway: RunningGatew
             return b"ok"
 
         first = asyncio.ensure_future(client.get_or_load("flaky", broken))
-        await asyncio.sleep(0.01)
+        # Not a fixed sleep: under load the second call could reach the gateway first,
+        # take the lease and fill, and the broken loader would never run.
+        await asyncio.wait_for(loading.wait(), 5)
         started = time.monotonic()
         second = asyncio.ensure_future(client.get_or_load("flaky", works))
         with pytest.raises(RuntimeError, match="database down"):
             await first
         assert await second == b"ok"
-        assert time.monotonic() - started < 2  # not the 10 s lease timeout
+        assert time.monotonic() - started < 2  # not the lease timeout
 
 
 async def test_get_or_load_without_a_gateway_calls_the_loader(
@@ -193,7 +197,8 @@ async def test_subscribe_from_the_client(gateway: RunningGateway) -> None:
     async with AsyncClient(gateway.address) as client:
         events = client.subscribe(prefixes=["a"])
         first = asyncio.ensure_future(anext(events))
-        await asyncio.sleep(0.2)
+        # The stream must be open at the gateway before the event, or it is not for it.
+        await eventually(lambda: gateway.server.stats.subscribers == 1)
         result = await client.invalidate(["b1", "a1"])
         event = await asyncio.wait_for(first, 3)
         assert (event.id, event.kind, event.keys) == (result.event_id, EventKind.KEYS, ("a1",))

@@ -14,7 +14,7 @@ import redis
 
 from cachegw import AsyncClient, Client, Status
 from cachegw.v1 import cache_pb2 as pb
-from tests.conftest import GatewayFactory, RunningGateway
+from tests.conftest import GatewayFactory, RunningGateway, eventually
 
 SHORT_LEASE = """
 [default_class]
@@ -195,7 +195,9 @@ async def test_waiters_in_one_gateway_share_their_redis_calls(
     holder = await gateway.stub.Get(lease_get("shared"))
     redis_client.config_resetstat()
     waiters = [asyncio.ensure_future(gateway.stub.Get(lease_get("shared"))) for _ in range(100)]
-    await asyncio.sleep(0.3)
+    # All of them waiting before the fill (under load some arrived after it, each batch
+    # of latecomers with a Redis call of its own).
+    await eventually(lambda: gateway.server.stats.classes["default"].lease_waits == 100, 10)
     fill = pb.SetRequest(key="shared", value=b"v", lease_token=holder.lease_token)
     await gateway.stub.Set(fill)
     answers = await asyncio.wait_for(asyncio.gather(*waiters), 5)

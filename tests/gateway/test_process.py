@@ -188,7 +188,15 @@ def test_cli_invalidate_and_watch(gateway_process: Start) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        time.sleep(1.0)  # the stream registers
+        # The watcher's stream must be open before the events (a fixed sleep raced the
+        # start of a Python process under load).
+        deadline = time.monotonic() + 20
+        with grpc.insecure_channel(gw.address) as channel:
+            stub = cache_pb2_grpc.CacheServiceStub(channel)
+            while stub.Stats(pb.StatsRequest(), timeout=5).subscribers < 1:
+                assert watcher.poll() is None, watcher.communicate(timeout=5)
+                assert time.monotonic() < deadline, "the watcher never subscribed"
+                time.sleep(0.02)
         out = cli("invalidate", "inv:1", "other", "--target", gw.address)
         assert out.returncode == 0 and out.stdout.startswith(b"removed=1 event="), out
         out = cli("invalidate", "--tag", "sku", "--target", gw.address)

@@ -14,6 +14,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.telemetry import tracing
+from tests.conftest import eventually
 from tests.telemetry.conftest import GET, TracedFactory, TracedGateway, attrs
 
 CLASSES = '[[classes]]\nname = "catalog"\npatterns = ["catalog:*"]\n'
@@ -236,7 +237,10 @@ async def test_lease_spans_say_granted_waited_and_timed_out(traced_factory: Trac
     # A waiter answered by the holder's fill.
     gw.clear()
     waiter = asyncio.ensure_future(gw.stub.Get(pb.GetRequest(key="cold", lease=True)))
-    await asyncio.sleep(0.1)
+    # Waiting at the gateway (not merely sent: under load it could arrive after the
+    # fill), and for long enough to show in lease_wait_ms.
+    await eventually(lambda: gw.server.stats.classes["default"].lease_waits == 1)
+    await asyncio.sleep(0.06)
     fill = pb.SetRequest(key="cold", value=b"v", lease_token=holder.lease_token)
     await gw.stub.Set(fill)
     assert (await waiter).value == b"v"
