@@ -587,7 +587,7 @@ def bulk(
 def bulk_report(rows: dict[str, BulkRow], s: Settings, fill_seconds: float) -> str:
     n = len(rows["none"].busy_ms[0])
     headers = ["invalidate", "removed", "call ms"]
-    headers += [f"gw{i} stall" for i in range(n)] + ["max stall"]
+    headers += [f"gw{i} stall" for i in range(n)] + ["worst gw"]
     headers += [f"gw{i} lag" for i in range(n)] + [f"gw{i} Get" for i in range(n)]
     table = []
     for kind, row in rows.items():
@@ -614,7 +614,8 @@ def bulk_report(rows: dict[str, BulkRow], s: Settings, fill_seconds: float) -> s
         f"start to {s.window:g} s after it returned, as the loop thread's CPU time (the part of "
         "the gateway's own making); lag: the same tick's wall-clock lateness (includes the "
         "machine not running the gateway); Get: the slowest Get of an unrelated L1 key "
-        "meanwhile, seen from this process. 0.0 = no tick was 1 ms late."
+        "meanwhile, seen from this process. Per gateway: the median over rounds; worst gw: "
+        "the median over rounds of the worst gateway's stall (the aim)."
     )
 
 

@@ -15,10 +15,13 @@ tracer provider built like `[telemetry]` builds it), and an OTLP/gRPC trace rece
   on-1-otlp    1 % of calls traced, exported to the receiver
 
 bench_gateway.py's Get case (a hot key answered from L1, grpc.aio stubs on one channel)
-runs against each, at concurrency 1 and 64, in interleaved rounds. Reported: throughput
+runs against each, at concurrency 1 and 64, and driven by h2load (4 connections x 16
+streams, every answer checked: the server's own cost, without a Python client on the
+same cores), in interleaved rounds (the order rotated each round). Reported: throughput
 and server CPU per call (medians over rounds), the median per-round ratio to `off`, and
 how many spans the receiver got against the Get calls each OTLP gateway served. The
-aims are in AIMS below (a missed aim makes the script exit 1). Then, in this process and
+aims, judged on the h2load runs, are in AIMS below (a missed aim makes the script exit
+1). Then, in this process and
 without gRPC, the per-call cost of each piece on its own: the no-op `annotate()` the
 cache code calls, the latency wrapper, the span wrapper.
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import platform
 import shutil
@@ -58,6 +62,15 @@ from benchmarks.bench_gateway import (
     check_get,
     make_value,
     redis_server_version,
+)
+from benchmarks.h2load_grpc import (
+    H2LoadFailed,
+    H2LoadMissing,
+    check_run,
+    grpc_frame,
+    h2load_binary,
+    nghttp_call,
+    run_h2load,
 )
 from benchmarks.harness import (
     Aim,
@@ -84,15 +97,19 @@ from cachegw_gateway.telemetry.latency import RpcLatency
 LAUNCHER = Path(__file__).resolve().parent / "traced_gateway.py"
 RECEIVER = Path(__file__).resolve().parent / "otlp_receiver.py"
 
-# 1 % sampling must cost at most 5 % of the throughput with tracing off (median
-# per-round ratio), whether spans are dropped in process or exported over OTLP.
+# 1 % sampling must cost at most 5 % of the gateway's throughput with tracing off
+# (median per-round ratio), whether spans are dropped in process or exported over OTLP.
+# Judged on the h2load-driven runs: the gateway's own ceiling. The same ratios with a
+# Python client (c=1, c=64) are printed without an aim: that client shares the two cores
+# with the gateway, and there the off-b/off control alone moves by up to 30 % between
+# runs on the development machine.
 AIM_ON_1 = 0.95
 AIMS = [
-    Aim("on-1 c=1", "Get calls/s, 1 % sampled, spans dropped / off", ">=", AIM_ON_1),
-    Aim("on-1 c=64", "the same at 64 in flight", ">=", AIM_ON_1),
-    Aim("on-1-otlp c=1", "Get calls/s, 1 % sampled, OTLP to loopback / off", ">=", AIM_ON_1),
-    Aim("on-1-otlp c=64", "the same at 64 in flight", ">=", AIM_ON_1),
+    Aim("on-1 h2load", "Get calls/s, 1 % sampled, spans dropped / off", ">=", AIM_ON_1),
+    Aim("on-1-otlp h2load", "Get calls/s, 1 % sampled, OTLP to loopback / off", ">=", AIM_ON_1),
 ]
+GET_PATH = "/cachegw.v1.CacheService/Get"
+H2_CLIENTS, H2_STREAMS = 4, 16  # as bench_gateway.py's h2load cases
 
 OTLP = "{otlp}"  # replaced by the receiver's endpoint
 # name -> launcher flags
@@ -139,14 +156,58 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
 # -- end to end -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class H2Plan:
+    """The framed Get body, each gateway's framed answer length, calls per run."""
+
+    body: Path
+    answer_len: dict[str, int]
+    requests: int
+
+
+def prepare_h2load(s: Settings, work: Path, addresses: dict[str, str], value: bytes) -> H2Plan:
+    """Spot-check the h2load body on every gateway through nghttp (grpc-status 0, an L1
+    HIT of the value) and size a run to about --seconds at the `off` gateway's rate."""
+    body = work / "get.grpc"
+    body.write_bytes(grpc_frame(pb.GetRequest(key=HOT_KEY).SerializeToString()))
+    answer_len = {}
+    for name, address in addresses.items():
+        status, message = nghttp_call(address, GET_PATH, body)
+        reply = pb.GetResponse.FromString(message)
+        if status != "0" or reply.status != pb.STATUS_HIT or reply.tier != pb.TIER_L1:
+            raise H2LoadFailed(f"{name}: grpc-status {status}, {reply.status}/{reply.tier}")
+        if reply.value != value:
+            raise H2LoadFailed(f"{name}: wrong value through nghttp")
+        answer_len[name] = 5 + len(message)
+    first = run_h2load(addresses["off"], GET_PATH, body, 2000, H2_CLIENTS, H2_STREAMS)
+    check_run(first, answer_len["off"], "off (warm-up)")
+    return H2Plan(body, answer_len, max(200, round(first.calls_per_s * s.budget.seconds)))
+
+
 def build_cases(
     stubs: dict[str, cache_pb2_grpc.CacheServiceAsyncStub],
     pids: dict[str, int],
     s: Settings,
     runner: asyncio.Runner,
+    addresses: dict[str, str],
+    h2: H2Plan,
 ) -> list[Case]:
     request = pb.GetRequest(key=HOT_KEY)
     cases = []
+    for name in stubs:
+
+        def make_h2(name: str = name) -> Callable[[], Sample]:
+            def run() -> Sample:
+                runner.run(check_get(stubs[name], None, name))  # still an L1 hit
+                result = run_h2load(addresses[name], GET_PATH, h2.body, h2.requests,
+                                    H2_CLIENTS, H2_STREAMS, pids[name])  # fmt: skip
+                check_run(result, h2.answer_len[name], f"{name} via h2load")
+                return Sample(result.succeeded, result.seconds, [], 1, math.nan,
+                              result.server_cpu_s)  # fmt: skip
+
+            return run
+
+        cases.append(Case(f"h2.{name}", make_h2()))
     for concurrency in (1, s.concurrency):
         for name, stub in stubs.items():
 
@@ -173,18 +234,20 @@ def report(results: Results, s: Settings) -> str:
     headers = ["case", "tracing", "ops/s", "p50 us", "p99 us", "srv cpu us", "ops ratio",
                "cpu ratio", "aim"]  # fmt: skip
     rows: list[list[str]] = []
-    for concurrency in (1, s.concurrency):
-        base = f"c{concurrency}.off"
+    modes = [("c1", "c=1"), (f"c{s.concurrency}", f"c={s.concurrency}"),
+             ("h2", f"h2load {H2_CLIENTS}x{H2_STREAMS}")]  # fmt: skip
+    for mode, label in modes:
+        base = f"{mode}.off"
         for name in TARGETS:
-            case = f"c{concurrency}.{name}"
+            case = f"{mode}.{name}"
             m = results.summary(case)
             b = results.summary(base)
             ratio = results.ratio(case, base)
             aim = ""
-            if name in ("on-1", "on-1-otlp"):
+            if name in ("on-1", "on-1-otlp") and mode == "h2":
                 aim = f">={AIM_ON_1:.2f} {'met' if ratio >= AIM_ON_1 else 'NOT met'}"
             rows.append([
-                f"Get L1 hit, c={concurrency}", name,
+                f"Get L1 hit, {label}", name,
                 fmt_number(m.ops_per_s), fmt_number(m.p50_us, 1), fmt_number(m.p99_us, 1),
                 fmt_number(m.server_cpu_us_per_op, 1),
                 "1.00 (base)" if name == "off" else fmt_ratio(ratio),
@@ -274,6 +337,11 @@ def micro(calls: int) -> str:
 
 
 def run(s: Settings) -> int:
+    try:
+        h2load_binary()
+    except H2LoadMissing as exc:
+        print(f"bench_tracing: {exc}", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="cachegw-bench-tracing-"))
     config = work / "gateway.toml"
     config.write_text(GATEWAY_CONFIG)
@@ -317,15 +385,21 @@ def run(s: Settings) -> int:
                 await check_get(stub, value, name)
 
         runner.run(populate())
-        cases = build_cases(stubs, {n: p.pid for n, p in procs.items()}, s, runner)
+        addresses = {n: p.address for n, p in procs.items()}
+        h2 = prepare_h2load(s, work, addresses, make_value(s.value_size, 0))
+        cases = build_cases(stubs, {n: p.pid for n, p in procs.items()}, s, runner, addresses, h2)
         started = time.monotonic()
 
+        done = [0]
+
         def progress(r: int, case: Case, sample: Sample) -> None:
-            if case is cases[-1]:
+            done[0] += 1
+            if done[0] % len(cases) == 0:
                 elapsed = time.monotonic() - started
                 print(f"round {r + 1}/{s.rounds} done ({elapsed:.0f} s)", file=sys.stderr)
 
-        results = run_interleaved(cases, s.rounds, progress)
+        # Rotated: the gateway exporting 100 % of its spans keeps working after its turn.
+        results = run_interleaved(cases, s.rounds, progress, rotate=True)
         calls = runner.run(get_calls(stubs))
         receiver_cpu = process_cpu_seconds(receiver.pid)
         for proc in procs.values():
@@ -364,13 +438,13 @@ def run(s: Settings) -> int:
     )
     print()
     print(micro(s.micro_calls))
-    measured = {}
-    for concurrency, label in ((1, "c=1"), (s.concurrency, "c=64")):
-        for name in ("on-1", "on-1-otlp"):
-            measured[f"{name} {label}"] = results.ratio(
-                f"c{concurrency}.{name}", f"c{concurrency}.off"
-            )
-    met = check_aims(AIMS, measured)
+    measured, notes = {}, {}
+    # The control: what noise alone does to the same ratio.
+    control = f"off-b/off {results.ratio('h2.off-b', 'h2.off'):.2f}"
+    for name in ("on-1", "on-1-otlp"):
+        measured[f"{name} h2load"] = results.ratio(f"h2.{name}", "h2.off")
+        notes[f"{name} h2load"] = f"{results.spread(f'h2.{name}', 'h2.off')}; {control}"
+    met = check_aims(AIMS, measured, notes)
     print(f"total wall time {time.monotonic() - t0:.0f} s")
     return 0 if met else 1
 

@@ -116,17 +116,21 @@ def summarize(samples: Sequence[Sample]) -> Summary:
     )
 
 
+def round_ratios(numerator: Sequence[Sample], denominator: Sequence[Sample]) -> list[float]:
+    """The throughput ratio numerator/denominator of each round, paired by round."""
+    return [
+        a.ops_per_s * a.items_per_op / (b.ops_per_s * b.items_per_op)
+        for a, b in zip(numerator, denominator, strict=True)
+        if b.ops_per_s > 0
+    ]
+
+
 def median_ratio(numerator: Sequence[Sample], denominator: Sequence[Sample]) -> float:
     """Median over rounds of the throughput ratio numerator/denominator, paired by round.
 
     Pairing by round cancels slow drifts of the machine that hit both cases alike.
     """
-    ratios = [
-        a.ops_per_s * a.items_per_op / (b.ops_per_s * b.items_per_op)
-        for a, b in zip(numerator, denominator, strict=True)
-        if b.ops_per_s > 0
-    ]
-    return median(ratios)
+    return median(round_ratios(numerator, denominator))
 
 
 # -- CPU accounting -------------------------------------------------------------------
@@ -296,19 +300,30 @@ class Results:
     def ratio(self, numerator: str, denominator: str) -> float:
         return median_ratio(self.samples[numerator], self.samples[denominator])
 
+    def spread(self, numerator: str, denominator: str) -> str:
+        """The lowest and highest per-round ratio, e.g. "rounds 0.81-1.07"."""
+        ratios = round_ratios(self.samples[numerator], self.samples[denominator])
+        return f"rounds {min(ratios):.2f}-{max(ratios):.2f}" if ratios else ""
+
 
 def run_interleaved(
     cases: Sequence[Case],
     rounds: int,
     progress: Callable[[int, Case, Sample], None] | None = None,
+    rotate: bool = False,
 ) -> Results:
-    """Each round runs every case once, in the given order: A, B, C, A, B, C, ..."""
+    """Each round runs every case once, in the given order: A, B, C, A, B, C, ...
+
+    With `rotate`, round r starts at case r: A, B, C, B, C, A, C, A, B, ..., so that no
+    case always runs right after the same one (a case can leave work behind, e.g. a
+    batch of spans still being exported). `progress` is called after every case."""
     names = [c.name for c in cases]
     if len(set(names)) != len(names):
         raise ValueError(f"case names must be unique: {names}")
     results = Results({c.name: [] for c in cases})
     for r in range(rounds):
-        for case in cases:
+        shift = r % len(cases) if rotate and cases else 0
+        for case in [*cases[shift:], *cases[:shift]]:
             sample = case.run()
             results.samples[case.name].append(sample)
             if progress is not None:
