@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 PING_AFTER = 2.0
 DEAD_AFTER = 6.0
 _POLL = 0.5
+STOP_WAIT = 5.0  # longest stop() waits for the subscription task to end
 
 
 class SubscriptionLost(Exception):
@@ -62,6 +63,7 @@ class EventBus:
         self._on_live = on_live
         self._max_backoff = max_backoff
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._live = asyncio.Event()
         self.connections = 0  # times the bus went live
 
@@ -71,6 +73,7 @@ class EventBus:
 
     async def start(self, wait: float = 5.0) -> bool:
         """Start subscribing; wait up to `wait` seconds for the first confirmation."""
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="cachegw-event-bus")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
@@ -78,11 +81,23 @@ class EventBus:
         return self.live
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """End the subscription: within one poll (0.5 s), at most STOP_WAIT seconds.
+
+        A flag as well as cancel(): redis-py can swallow a cancellation that lands inside
+        a command (get_message then answers None), and awaiting the task after a single
+        cancel() then hung for good (a gateway that never finished stopping). The loops
+        check the flag on every poll, and cancel() is repeated until the task is done."""
+        task, self._task = self._task, None
+        if task is not None:
+            self._stopping = True
+            deadline = time.monotonic() + STOP_WAIT
+            while not task.done() and time.monotonic() < deadline:
+                task.cancel()
+                await asyncio.wait({task}, timeout=_POLL)
+            if not task.done():
+                log.warning("invalidation subscription still running %.0fs after stop", STOP_WAIT)
+            elif not task.cancelled() and task.exception() is not None:
+                log.warning("invalidation subscription ended with %r", task.exception())
         self._live.clear()
 
     def _lose(self, reason: str) -> None:
@@ -93,7 +108,7 @@ class EventBus:
 
     async def _run(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._stopping:
             sessions = self.connections
             try:
                 await self._session()
@@ -104,6 +119,8 @@ class EventBus:
             except Exception as exc:  # a bug here must not end invalidation for good
                 log.exception("invalidation subscription failed")
                 self._lose(f"unexpected {type(exc).__name__}")
+            if self._stopping:
+                return
             if self.connections != sessions:  # it was live: start the backoff over
                 backoff = 0.05
             await asyncio.sleep(backoff * (0.5 + random.random()))
@@ -117,7 +134,7 @@ class EventBus:
             confirmed: set[str] = set()
             last_rx = time.monotonic()
             pinged = False
-            while True:
+            while not self._stopping:
                 msg = await pubsub.get_message(timeout=_POLL)
                 now = time.monotonic()
                 if msg is None:
