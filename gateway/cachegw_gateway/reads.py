@@ -111,25 +111,25 @@ class ReadPath:
 
     async def get_many(self, keys: Sequence[str], *, allow_stale: bool = False) -> bytes:
         """An encoded GetManyResponse, in key order; one Redis round trip for the L1 misses."""
-        answers: list[bytes | None] = [self._tier.answer(k) for k in keys]
-        missing = [k for k, a in zip(keys, answers, strict=True) if a is None]
-        tracing.annotate(l1_hits=len(keys) - len(missing))
-        if missing:
+        pieces, at = self._tier.answer_many(keys)
+        tracing.annotate(l1_hits=len(keys) - len(at))
+        if at:
+            missing = [keys[i] for i in at]
             try:
                 found = await self._tier.reads.run_many(missing, self.read_many)
             except L2Unavailable:
                 saved = [self._tier.fallback_answer(k) for k in missing]
                 if any(a is None for a in saved):
                     raise
-                found_answers = iter(saved)
-                answers = [a if a is not None else next(found_answers) for a in answers]
-                return wire.get_many(a for a in answers if a is not None)
-            entries = iter(found)
-            answers = [
-                a if a is not None else self._batch_answer(k, next(entries), allow_stale)
-                for k, a in zip(keys, answers, strict=True)
-            ]
-        return wire.get_many(a for a in answers if a is not None)
+                answers: list[bytes] = saved  # type: ignore[assignment]
+            else:
+                answers = [
+                    self._batch_answer(key, entry, allow_stale)
+                    for key, entry in zip(missing, found, strict=True)
+                ]
+            for i, answer in zip(at, answers, strict=True):
+                pieces[5 * i] = wire.result(answer)
+        return b"".join(pieces)
 
     def _batch_answer(self, key: str, entry: L2Entry | None, allow_stale: bool) -> bytes:
         kc = self._policy.classify(key)
