@@ -30,6 +30,7 @@ from cachegw_gateway.freshness import l1_horizon_ms
 from cachegw_gateway.l2 import L2Entry
 from cachegw_gateway.policy import KeyClass
 from cachegw_gateway.stats import ClassCounters, GatewayStats
+from cachegw_native.batch import l1_results
 from cachegw_native.coalescer import Coalescer
 from cachegw_native.hotkeys import HotKeys
 from cachegw_native.l1 import L1Cache
@@ -108,29 +109,12 @@ class L1Tier:
             self._hotkeys.add(key)
         return body + wire.ttl_field(int((fresh_until - self._clock()) * 1000))
 
-    def answer_many(self, keys: Sequence[str]) -> tuple[list[bytes], list[int]]:
+    def answer_many(self, keys: list[str]) -> tuple[list[bytes], list[int]]:
         """GetMany's L1 part, as pieces of the encoded GetManyResponse for bytes.join:
         five per key (framing, answer, a fixed-width TTL in three), and the positions of
-        the keys L1 did not answer (their pieces are empty, to be filled in). One clock
-        read for the batch, no encoding beyond table lookups."""
-        get = self._l1.get
-        hotkeys = self._hotkeys
-        ttl_pieces = wire.ttl_pieces
-        now = self._clock()
-        pieces: list[bytes] = [b""] * (5 * len(keys))
-        missing: list[int] = []
-        for i, key in enumerate(keys):
-            hit: L1Value | None = get(key)  # type: ignore[assignment]
-            if hit is None:
-                missing.append(i)
-                continue
-            body, fresh_until, counters, framing = hit
-            counters.hits_l1 += 1
-            if hotkeys is not None:
-                hotkeys.add(key)
-            j = 5 * i
-            pieces[j : j + 5] = (framing, body, *ttl_pieces(int((fresh_until - now) * 1000)))
-        return pieces, missing
+        the keys L1 did not answer (their pieces are empty, to be filled in). The loop
+        is native (cachegw_native.batch): one clock read per batch, no encoding."""
+        return l1_results(self._l1, keys, self._clock(), self._hotkeys, wire.TTL_TABLES)
 
     def fallback_answer(self, key: str) -> bytes | None:
         """A copy set aside when the subscription dropped, while Redis cannot be reached."""

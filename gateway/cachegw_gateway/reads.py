@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 
 from cachegw.v1 import cache_pb2 as pb
@@ -109,7 +109,7 @@ class ReadPath:
             return freshness.miss(kc)
         return await leases.obtain(key, kc, unusable, max_wait_ms, deadline, allow_stale)
 
-    async def get_many(self, keys: Sequence[str], *, allow_stale: bool = False) -> bytes:
+    async def get_many(self, keys: list[str], *, allow_stale: bool = False) -> bytes:
         """An encoded GetManyResponse, in key order; one Redis round trip for the L1 misses."""
         pieces, at = self._tier.answer_many(keys)
         tracing.annotate(l1_hits=len(keys) - len(at))

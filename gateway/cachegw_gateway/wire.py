@@ -34,6 +34,7 @@ _TTL_LOW = [bytes([_TTL_TAG, (n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80]) for n
 _TTL_MID = [bytes([(n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80]) for n in range(1 << 14)]
 _TTL_HIGH = [bytes([n]) for n in range(0x80)]
 _TTL_MAX = (1 << 35) - 1
+TTL_TABLES = (_TTL_LOW, _TTL_MID, _TTL_HIGH)
 
 
 def varint(n: int) -> bytes:

@@ -487,3 +487,35 @@ class CoalescerModel(Generic[T]):
         if pending:
             await asyncio.wait(pending)
         return [self._outcome(key, fut) for key, fut in zip(keys, futs, strict=True)]
+
+
+def l1_results_model(
+    l1: L1Model,
+    keys: list[str],
+    now: float,
+    hotkeys: object | None,
+    tables: tuple[list[bytes], list[bytes], list[bytes]],
+) -> tuple[list[bytes], list[int]]:
+    """cachegw_native.batch.l1_results in plain Python: GetMany's L1 part over the
+    gateway's value layout (answer, fresh_until, counters, framing)."""
+    low, mid, high = tables
+    pieces: list[bytes] = [b""] * (5 * len(keys))
+    missing: list[int] = []
+    for i, key in enumerate(keys):
+        hit: tuple[bytes, float, Any, bytes] | None = l1.get(key)  # type: ignore[assignment]
+        if hit is None:
+            missing.append(i)
+            continue
+        body, fresh_until, counters, framing = hit
+        counters.hits_l1 += 1
+        if hotkeys is not None:
+            hotkeys.add(key)  # type: ignore[attr-defined]
+        ms = max(int((fresh_until - now) * 1000), 0)
+        pieces[5 * i : 5 * i + 5] = (
+            framing,
+            body,
+            low[ms & 0x3FFF],
+            mid[(ms >> 14) & 0x3FFF],
+            high[(ms >> 28) & 0x7F],
+        )
+    return pieces, missing
