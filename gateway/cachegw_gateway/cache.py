@@ -106,7 +106,8 @@ class Cache:
         # The hot path, bound once: an L1 hit is one call into the tier.
         self.l1_answer = self._tier.answer
         self.fetch = reads.fetch
-        self.get_many = reads.get_many
+        self.l1_many = self._tier.answer_many
+        self.complete_many = reads.complete_many
         # The bus's callbacks.
         self.on_event = self._invalidation.apply_event
         self.subscription_lost = self._invalidation.subscription_lost

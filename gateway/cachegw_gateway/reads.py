@@ -109,10 +109,11 @@ class ReadPath:
             return freshness.miss(kc)
         return await leases.obtain(key, kc, unusable, max_wait_ms, deadline, allow_stale)
 
-    async def get_many(self, keys: list[str], *, allow_stale: bool = False) -> bytes:
-        """An encoded GetManyResponse, in key order; one Redis round trip for the L1 misses."""
-        pieces, at = self._tier.answer_many(keys)
-        tracing.annotate(l1_hits=len(keys) - len(at))
+    async def complete_many(
+        self, keys: list[str], pieces: list[bytes], at: list[int], *, allow_stale: bool = False
+    ) -> bytes:
+        """The encoded GetManyResponse, in key order, from the L1 part (`L1Tier.answer_many`:
+        its pieces and the positions L1 did not answer): one Redis round trip for those."""
         if at:
             missing = [keys[i] for i in at]
             try:

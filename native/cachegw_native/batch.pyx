@@ -30,6 +30,8 @@ def l1_results(L1Cache l1, list keys, double now, HotKeys hotkeys, tuple tables)
     cdef tuple entry
     cdef object key
     cdef object counters
+    cdef object counted = None  # the class counters of the run of hits being counted
+    cdef Py_ssize_t run = 0
     cdef long long ms
     for i in range(n):
         key = keys[i]
@@ -39,7 +41,11 @@ def l1_results(L1Cache l1, list keys, double now, HotKeys hotkeys, tuple tables)
             continue
         entry = <tuple>l1._slots[s].value
         counters = entry[2]
-        counters.hits_l1 += 1
+        if counters is not counted:  # keys of a batch are mostly of one class: count runs
+            if run:
+                counted.hits_l1 += run
+            counted, run = counters, 0
+        run += 1
         if hotkeys is not None:
             hotkeys.add(key)
         ms = <long long>((<double>entry[1] - now) * 1000.0)
@@ -52,4 +58,6 @@ def l1_results(L1Cache l1, list keys, double now, HotKeys hotkeys, tuple tables)
         pieces[j + 2] = low[ms & 0x3FFF]
         pieces[j + 3] = mid[(ms >> 14) & 0x3FFF]
         pieces[j + 4] = high[(ms >> 28) & 0x7F]
+    if run:
+        counted.hits_l1 += run
     return pieces, missing

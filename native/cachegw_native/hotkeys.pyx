@@ -26,7 +26,7 @@ cdef class HotKeys:
         self.capacity = capacity
         self._floor = 0
 
-    def add(self, str key, Py_ssize_t count=1):
+    cpdef add(self, str key, Py_ssize_t count=1):
         """Count `count` (>= 0) more reads of `key`."""
         cdef unsigned long long est
         cdef object low_key

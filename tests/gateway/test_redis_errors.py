@@ -192,7 +192,7 @@ async def test_a_redis_error_that_bypassed_the_store_is_not_unknown(
     async def broken(*args: Any, **kwargs: Any) -> bytes:
         raise redis.ResponseError("BUSY Redis is busy running a script.")
 
-    monkeypatch.setattr(gateway.server.cache, "get_many", broken)
+    monkeypatch.setattr(gateway.server.cache, "complete_many", broken)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await gateway.stub.GetMany(pb.GetManyRequest(keys=["a"]), timeout=3)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
