@@ -70,6 +70,16 @@ class Invalidation:
         This gateway's own L1 is cleared before and after the Redis part (a read racing
         the deletes must not refill it); the others clear theirs when the event lands."""
         self.evict(keys, prefixes, tags, classes)
+        if keys and not (prefixes or tags or classes):
+            # Keys alone: removed and published by one script, in one round trip.
+            try:
+                removed, event_id = await self._store.delete(
+                    keys, event=self._event(keys), max_events=self._config.stream_max_len
+                )
+            finally:
+                self.evict(keys)
+            self._stats.invalidations_published += 1
+            return removed, event_id
         removed = 0
         try:
             if keys:
@@ -103,6 +113,17 @@ class Invalidation:
         event_id = await self._store.publish(event.SerializeToString(), self._config.stream_max_len)
         self._stats.invalidations_published += 1
         return event_id
+
+    def _event(
+        self,
+        keys: Sequence[str] = (),
+        prefixes: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        classes: Sequence[str] = (),
+    ) -> bytes:
+        return events.make(
+            origin=self._origin, keys=keys, prefixes=prefixes, tags=tags, classes=classes
+        ).SerializeToString()
 
     async def _publish_after_failure(
         self,
