@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway import freshness
 from cachegw_gateway.freshness import FRESH, STALE, Generations
-from cachegw_gateway.l2 import L2Entry, L2Unavailable, RedisStore
+from cachegw_gateway.l2 import Acquired, L2Entry, L2Unavailable, RedisStore
 from cachegw_gateway.policy import KeyClass
 from cachegw_gateway.stats import GatewayStats
 from cachegw_gateway.telemetry import tracing
@@ -246,18 +246,10 @@ class Leases:
         holds one; never fails the read it rides on."""
         if self.busy(key):
             return None
-        token = self.token_for(kc)
-        self.table.begin_attempt(key)
         try:
-            got = await self._store.acquire(key, token.raw, kc.lease_timeout_ms, version)
+            token, got = await self._attempt(key, kc, version)
         except L2Unavailable:
-            self._abandoned(key, token)
             return None
-        except BaseException:
-            self._abandoned(key, token)
-            raise
-        finally:
-            self.table.end_attempt(key)
         if got.granted:
             self.table.note_held(key, kc.lease_timeout_ms / 1000)
             counters = self._stats.for_class(kc.name)
@@ -268,6 +260,20 @@ class Leases:
         if got.holder_pttl_ms:
             self.table.note_held(key, got.holder_pttl_ms / 1000)
         return None
+
+    async def _attempt(
+        self, key: str, kc: KeyClass, unusable: int | None
+    ) -> tuple[LeaseToken, Acquired]:
+        """One lease attempt in Redis, the only one in flight for `key` here."""
+        token = self.token_for(kc)
+        self.table.begin_attempt(key)
+        try:
+            return token, await self._store.acquire(key, token.raw, kc.lease_timeout_ms, unusable)
+        except BaseException:
+            self._abandoned(key, token)
+            raise
+        finally:
+            self.table.end_attempt(key)
 
     async def obtain(
         self,
@@ -303,15 +309,7 @@ class Leases:
         waited = saw_holder = False
         while True:
             if not self.busy(key):
-                token = self.token_for(kc)
-                self.table.begin_attempt(key)
-                try:
-                    got = await self._store.acquire(key, token.raw, kc.lease_timeout_ms, unusable)
-                except BaseException:
-                    self._abandoned(key, token)
-                    raise
-                finally:
-                    self.table.end_attempt(key)
+                token, got = await self._attempt(key, kc, unusable)
                 if got.granted:
                     self.table.note_held(key, kc.lease_timeout_ms / 1000)
                     counters.misses += 1
