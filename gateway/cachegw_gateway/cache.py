@@ -95,7 +95,6 @@ class Cache:
             self._leases,
             origin=origin,
             invalidation=config,
-            clock=clock,
             wall_clock_ms=wall_clock_ms,
         )
         self._invalidation = Invalidation(

@@ -45,7 +45,6 @@ class WritePath:
         *,
         origin: str,
         invalidation: InvalidationConfig,
-        clock: Callable[[], float] = time.monotonic,
         wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self._store = store
@@ -56,7 +55,6 @@ class WritePath:
         self._leases = leases
         self._origin = origin
         self._events = invalidation
-        self._clock = clock
         self._wall_ms = wall_clock_ms
 
     def event(self, keys: Sequence[str]) -> bytes:
