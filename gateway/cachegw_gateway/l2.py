@@ -11,9 +11,11 @@ Layout (``<p>`` is the deployment prefix, ``redis.prefix``):
     channel <p>:events  every invalidation event, as published
     channel <p>:fills   the key of every value that landed where a lease was held
 
-The braces are a Redis Cluster hash tag: a key's value and lease share a slot, so one
-script touches both. Scripts never touch keys of another slot; where a write must know
-the class generation, the gateway reads it in the same pipeline and checks the reply.
+The braces are a Redis Cluster hash tag: a key's value and lease share a slot whatever
+the key's characters (see `hash_tag`). A write is one script (Set: lease, generation,
+value, tag indexes and event; Delete: values, leases and event), so that a write applied
+is a write published: atomic on a standalone or Sentinel-managed Redis. Those scripts
+touch several slots; the Cluster layout has to split them (docs/consistency.md).
 
 Reads pipeline GET and PTTL (one round trip however many keys) because an L1 copy must
 never outlive the Redis entry: Redis's own remaining TTL bounds it, not a clock here.
@@ -65,10 +67,10 @@ end
 # The generation's offset inside the tail the Set script receives (after the prefix).
 _GEN_IN_TAIL = envelope.GENERATION_OFFSET - envelope.PREFIX_SIZE
 
-# Appends ARGV[i] (an encoded InvalidationEvent without id, '' = none) to the audit stream
-# KEYS[k] and publishes it on channel ARGV[i+1] with its id prepended as field 1
-# (protobuf accepts fields in any order), so every receiver sees the stream's id.
-# ARGV[i+2] is the stream's MAXLEN.
+# publish(stream, payload, channel, maxlen): appends `payload` (an encoded
+# InvalidationEvent without id; '' = no event) to the audit stream and publishes it on
+# `channel` with its id prepended as field 1 (protobuf accepts fields in any order), so
+# every receiver sees the stream's id. Returns the id ('' without an event).
 _PUBLISH_FN = """
 local function publish(stream, payload, channel, maxlen)
   if payload == '' then return '' end
