@@ -326,6 +326,17 @@ class RedisStore:
         self.hotkeys_key = f"{prefix}:hotkeys"
 
     @property
+    def reading(self) -> _Calls:
+        """``with store.reading:`` around a read of Redis made outside this class (a
+        module with scripts of its own): failures become `L2Unavailable`, counted."""
+        return self._reading
+
+    @property
+    def writing(self) -> _Calls:
+        """The same for a write: never sent again, its lost reply said so."""
+        return self._writing
+
+    @property
     def client(self) -> aioredis.Redis:
         """The Redis client (telemetry instruments it when tracing is on)."""
         return self._client

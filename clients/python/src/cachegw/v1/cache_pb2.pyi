@@ -120,6 +120,10 @@ class _SetOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SetOutcome
     """
     SET_OUTCOME_VERSION_CONFLICT: _SetOutcome.ValueType  # 3
     """`if_version` did not match the stored version. Nothing was written."""
+    SET_OUTCOME_CONDITION_FAILED: _SetOutcome.ValueType  # 4
+    """`condition` did not hold (IF_ABSENT: a value exists; IF_PRESENT: none does).
+    Nothing was written; `version` is the stored version (0 = absent).
+    """
 
 class SetOutcome(_SetOutcome, metaclass=_SetOutcomeEnumTypeWrapper):
     """Why a Set did or did not store."""
@@ -132,7 +136,28 @@ lease was granted. Nothing was written.
 """
 SET_OUTCOME_VERSION_CONFLICT: SetOutcome.ValueType  # 3
 """`if_version` did not match the stored version. Nothing was written."""
+SET_OUTCOME_CONDITION_FAILED: SetOutcome.ValueType  # 4
+"""`condition` did not hold (IF_ABSENT: a value exists; IF_PRESENT: none does).
+Nothing was written; `version` is the stored version (0 = absent).
+"""
 Global___SetOutcome: _TypeAlias = SetOutcome  # noqa: Y015
+
+class _SetCondition:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SetConditionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SetCondition.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SET_CONDITION_ANY: _SetCondition.ValueType  # 0
+    SET_CONDITION_IF_ABSENT: _SetCondition.ValueType  # 1
+    SET_CONDITION_IF_PRESENT: _SetCondition.ValueType  # 2
+
+class SetCondition(_SetCondition, metaclass=_SetConditionEnumTypeWrapper): ...
+
+SET_CONDITION_ANY: SetCondition.ValueType  # 0
+SET_CONDITION_IF_ABSENT: SetCondition.ValueType  # 1
+SET_CONDITION_IF_PRESENT: SetCondition.ValueType  # 2
+Global___SetCondition: _TypeAlias = SetCondition  # noqa: Y015
 
 class _EventKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -158,6 +183,37 @@ EVENT_KIND_CLASSES: EventKind.ValueType  # 4
 EVENT_KIND_RESET: EventKind.ValueType  # 5
 """The gateway may have missed events: drop everything cached."""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
+
+class _RateAlgorithm:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RateAlgorithmEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RateAlgorithm.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RATE_ALGORITHM_UNSPECIFIED: _RateAlgorithm.ValueType  # 0
+    """The default: GCRA."""
+    RATE_ALGORITHM_GCRA: _RateAlgorithm.ValueType  # 1
+    """Generic cell rate algorithm (a token bucket without a refill job): `rate` per
+    `period_ms`, bursts of up to `burst`.
+    """
+    RATE_ALGORITHM_SLIDING_WINDOW: _RateAlgorithm.ValueType  # 2
+    """Sliding-window counter: at most `rate` per any `period_ms` window, estimated from
+    the current and previous fixed windows (`burst` is not used).
+    """
+
+class RateAlgorithm(_RateAlgorithm, metaclass=_RateAlgorithmEnumTypeWrapper): ...
+
+RATE_ALGORITHM_UNSPECIFIED: RateAlgorithm.ValueType  # 0
+"""The default: GCRA."""
+RATE_ALGORITHM_GCRA: RateAlgorithm.ValueType  # 1
+"""Generic cell rate algorithm (a token bucket without a refill job): `rate` per
+`period_ms`, bursts of up to `burst`.
+"""
+RATE_ALGORITHM_SLIDING_WINDOW: RateAlgorithm.ValueType  # 2
+"""Sliding-window counter: at most `rate` per any `period_ms` window, estimated from
+the current and previous fixed windows (`burst` is not used).
+"""
+Global___RateAlgorithm: _TypeAlias = RateAlgorithm  # noqa: Y015
 
 @_typing.final
 class GetRequest(_message.Message):
@@ -301,6 +357,7 @@ class SetRequest(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     IF_VERSION_FIELD_NUMBER: _builtins.int
+    CONDITION_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     value: _builtins.bytes
     ttl_ms: _builtins.int
@@ -311,6 +368,8 @@ class SetRequest(_message.Message):
     """The token from a LEASED (or refresh) Get: fill under the lease."""
     if_version: _builtins.int
     """Compare-and-set: store only if the current version equals this (0 = absent key)."""
+    condition: Global___SetCondition.ValueType
+    """Store only if no value exists, or only if one does (ANY = either)."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tags for Invalidate(tags); each a non-empty UTF-8 string."""
@@ -324,10 +383,11 @@ class SetRequest(_message.Message):
         tags: _abc.Iterable[_builtins.str] | None = ...,
         lease_token: _builtins.bytes = ...,
         if_version: _builtins.int | None = ...,
+        condition: Global___SetCondition.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_if_version", b"_if_version", "_ttl_ms", b"_ttl_ms", "if_version", b"if_version", "ttl_ms", b"ttl_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_if_version", b"_if_version", "_ttl_ms", b"_ttl_ms", "if_version", b"if_version", "key", b"key", "lease_token", b"lease_token", "tags", b"tags", "ttl_ms", b"ttl_ms", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_if_version", b"_if_version", "_ttl_ms", b"_ttl_ms", "condition", b"condition", "if_version", b"if_version", "key", b"key", "lease_token", b"lease_token", "tags", b"tags", "ttl_ms", b"ttl_ms", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__if_version: _TypeAlias = _typing.Literal["if_version"]  # noqa: Y015
     _WhichOneofArgType__if_version: _TypeAlias = _typing.Literal["_if_version", b"_if_version"]  # noqa: Y015
@@ -1032,3 +1092,382 @@ class RpcStats(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RpcStats: _TypeAlias = RpcStats  # noqa: Y015
+
+@_typing.final
+class IncrRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    TTL_MS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    delta: _builtins.int
+    """May be negative. The counter stays within a signed 64-bit integer."""
+    ttl_ms: _builtins.int
+    """TTL of a counter this call creates; absent = the class TTL. An existing counter
+    keeps its TTL.
+    """
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        delta: _builtins.int = ...,
+        ttl_ms: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ttl_ms", b"_ttl_ms", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ttl_ms", b"_ttl_ms", "delta", b"delta", "key", b"key", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ttl_ms: _TypeAlias = _typing.Literal["ttl_ms"]  # noqa: Y015
+    _WhichOneofArgType__ttl_ms: _TypeAlias = _typing.Literal["_ttl_ms", b"_ttl_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ttl_ms) -> _WhichOneofReturnType__ttl_ms | None: ...
+
+Global___IncrRequest: _TypeAlias = IncrRequest  # noqa: Y015
+
+@_typing.final
+class IncrResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FIELD_NUMBER: _builtins.int
+    TTL_MS_FIELD_NUMBER: _builtins.int
+    KEY_CLASS_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    value: _builtins.int
+    ttl_ms: _builtins.int
+    """Time left before the counter expires."""
+    key_class: _builtins.str
+    created: _builtins.bool
+    """This call created the counter."""
+    def __init__(
+        self,
+        *,
+        value: _builtins.int = ...,
+        ttl_ms: _builtins.int = ...,
+        key_class: _builtins.str = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "key_class", b"key_class", "ttl_ms", b"ttl_ms", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncrResponse: _TypeAlias = IncrResponse  # noqa: Y015
+
+@_typing.final
+class RateLimit(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATE_FIELD_NUMBER: _builtins.int
+    PERIOD_MS_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    rate: _builtins.int
+    period_ms: _builtins.int
+    burst: _builtins.int
+    """GCRA: requests allowed at once (0 = `rate`)."""
+    algorithm: Global___RateAlgorithm.ValueType
+    def __init__(
+        self,
+        *,
+        rate: _builtins.int = ...,
+        period_ms: _builtins.int = ...,
+        burst: _builtins.int = ...,
+        algorithm: Global___RateAlgorithm.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "burst", b"burst", "period_ms", b"period_ms", "rate", b"rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
+
+@_typing.final
+class AllowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    cost: _builtins.int
+    """What this request costs (0 = 1); at most the burst (GCRA) or the rate."""
+    @_builtins.property
+    def limit(self) -> Global___RateLimit:
+        """Absent: the limit named by the key's class in the gateway's configuration."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        limit: Global___RateLimit | None = ...,
+        cost: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "key", b"key", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllowRequest: _TypeAlias = AllowRequest  # noqa: Y015
+
+@_typing.final
+class AllowResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
+    RESET_AFTER_MS_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    KEY_CLASS_FIELD_NUMBER: _builtins.int
+    allowed: _builtins.bool
+    remaining: _builtins.int
+    """Requests of cost 1 still allowed right now."""
+    retry_after_ms: _builtins.int
+    """When refused: wait this long before the same request can be allowed; 0 when allowed."""
+    reset_after_ms: _builtins.int
+    """Time until the limit is back to full."""
+    key_class: _builtins.str
+    @_builtins.property
+    def limit(self) -> Global___RateLimit:
+        """The limit that applied."""
+
+    def __init__(
+        self,
+        *,
+        allowed: _builtins.bool = ...,
+        remaining: _builtins.int = ...,
+        retry_after_ms: _builtins.int = ...,
+        reset_after_ms: _builtins.int = ...,
+        limit: Global___RateLimit | None = ...,
+        key_class: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "key_class", b"key_class", "limit", b"limit", "remaining", b"remaining", "reset_after_ms", b"reset_after_ms", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllowResponse: _TypeAlias = AllowResponse  # noqa: Y015
+
+@_typing.final
+class SetManyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___SetRequest]:
+        """Each entry as a Set; every entry is checked before any is written."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___SetRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetManyRequest: _TypeAlias = SetManyRequest  # noqa: Y015
+
+@_typing.final
+class SetManyResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """Otherwise the gRPC status code (e.g. 14 UNAVAILABLE, 8 RESOURCE_EXHAUSTED) and
+    message of this entry's failure; 0 when `response` holds.
+    """
+    error: _builtins.str
+    @_builtins.property
+    def response(self) -> Global___SetResponse:
+        """The entry's Set answer, when Redis ran it (STORED or why not)."""
+
+    def __init__(
+        self,
+        *,
+        response: Global___SetResponse | None = ...,
+        code: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "error", b"error", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetManyResult: _TypeAlias = SetManyResult  # noqa: Y015
+
+@_typing.final
+class SetManyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SetManyResult]:
+        """One result per entry, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SetManyResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetManyResponse: _TypeAlias = SetManyResponse  # noqa: Y015
+
+@_typing.final
+class DeleteManyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteManyRequest: _TypeAlias = DeleteManyRequest  # noqa: Y015
+
+@_typing.final
+class DeleteManyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The published event's id."""
+    @_builtins.property
+    def deleted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Per key, in request order: whether a value existed."""
+
+    def __init__(
+        self,
+        *,
+        deleted: _abc.Iterable[_builtins.bool] | None = ...,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "event_id", b"event_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteManyResponse: _TypeAlias = DeleteManyResponse  # noqa: Y015
+
+@_typing.final
+class TouchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    TTL_MS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    ttl_ms: _builtins.int
+    """The new TTL; absent = the class TTL (jittered as a write's)."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        ttl_ms: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ttl_ms", b"_ttl_ms", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ttl_ms", b"_ttl_ms", "key", b"key", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ttl_ms: _TypeAlias = _typing.Literal["ttl_ms"]  # noqa: Y015
+    _WhichOneofArgType__ttl_ms: _TypeAlias = _typing.Literal["_ttl_ms", b"_ttl_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ttl_ms) -> _WhichOneofReturnType__ttl_ms | None: ...
+
+Global___TouchRequest: _TypeAlias = TouchRequest  # noqa: Y015
+
+@_typing.final
+class TouchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOUCHED_FIELD_NUMBER: _builtins.int
+    TTL_MS_FIELD_NUMBER: _builtins.int
+    KEY_CLASS_FIELD_NUMBER: _builtins.int
+    touched: _builtins.bool
+    """A value or counter existed and got the new TTL."""
+    ttl_ms: _builtins.int
+    key_class: _builtins.str
+    def __init__(
+        self,
+        *,
+        touched: _builtins.bool = ...,
+        ttl_ms: _builtins.int = ...,
+        key_class: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_class", b"key_class", "touched", b"touched", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TouchResponse: _TypeAlias = TouchResponse  # noqa: Y015
+
+@_typing.final
+class TtlRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TtlRequest: _TypeAlias = TtlRequest  # noqa: Y015
+
+@_typing.final
+class TtlResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXISTS_FIELD_NUMBER: _builtins.int
+    TTL_REMAINING_MS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    KEY_CLASS_FIELD_NUMBER: _builtins.int
+    exists: _builtins.bool
+    ttl_remaining_ms: _builtins.int
+    """Fresh time left (the class's stale window not counted); 0 when absent."""
+    version: _builtins.int
+    key_class: _builtins.str
+    def __init__(
+        self,
+        *,
+        exists: _builtins.bool = ...,
+        ttl_remaining_ms: _builtins.int = ...,
+        version: _builtins.int = ...,
+        key_class: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exists", b"exists", "key_class", b"key_class", "ttl_remaining_ms", b"ttl_remaining_ms", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TtlResponse: _TypeAlias = TtlResponse  # noqa: Y015

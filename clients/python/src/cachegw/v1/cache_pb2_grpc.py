@@ -81,6 +81,36 @@ class CacheServiceStub:
                 request_serializer=cachegw_dot_v1_dot_cache__pb2.ReleaseLeaseRequest.SerializeToString,
                 response_deserializer=cachegw_dot_v1_dot_cache__pb2.ReleaseLeaseResponse.FromString,
                 _registered_method=True)
+        self.Incr = channel.unary_unary(
+                '/cachegw.v1.CacheService/Incr',
+                request_serializer=cachegw_dot_v1_dot_cache__pb2.IncrRequest.SerializeToString,
+                response_deserializer=cachegw_dot_v1_dot_cache__pb2.IncrResponse.FromString,
+                _registered_method=True)
+        self.Allow = channel.unary_unary(
+                '/cachegw.v1.CacheService/Allow',
+                request_serializer=cachegw_dot_v1_dot_cache__pb2.AllowRequest.SerializeToString,
+                response_deserializer=cachegw_dot_v1_dot_cache__pb2.AllowResponse.FromString,
+                _registered_method=True)
+        self.SetMany = channel.unary_unary(
+                '/cachegw.v1.CacheService/SetMany',
+                request_serializer=cachegw_dot_v1_dot_cache__pb2.SetManyRequest.SerializeToString,
+                response_deserializer=cachegw_dot_v1_dot_cache__pb2.SetManyResponse.FromString,
+                _registered_method=True)
+        self.DeleteMany = channel.unary_unary(
+                '/cachegw.v1.CacheService/DeleteMany',
+                request_serializer=cachegw_dot_v1_dot_cache__pb2.DeleteManyRequest.SerializeToString,
+                response_deserializer=cachegw_dot_v1_dot_cache__pb2.DeleteManyResponse.FromString,
+                _registered_method=True)
+        self.Touch = channel.unary_unary(
+                '/cachegw.v1.CacheService/Touch',
+                request_serializer=cachegw_dot_v1_dot_cache__pb2.TouchRequest.SerializeToString,
+                response_deserializer=cachegw_dot_v1_dot_cache__pb2.TouchResponse.FromString,
+                _registered_method=True)
+        self.Ttl = channel.unary_unary(
+                '/cachegw.v1.CacheService/Ttl',
+                request_serializer=cachegw_dot_v1_dot_cache__pb2.TtlRequest.SerializeToString,
+                response_deserializer=cachegw_dot_v1_dot_cache__pb2.TtlResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -155,6 +185,51 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Incr(self, request, context):
+        """Add `delta` to the integer counter `key`, atomically across every gateway; a
+        missing counter is created at `delta` with the class TTL (or `ttl_ms`). Counters
+        live beside values (a key may have both) and are never copied into L1.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Allow(self, request, context):
+        """Rate limiting on one key: is a request of `cost` allowed under `limit` (or the
+        key class's named limit)? One script, one key, atomic across every gateway.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMany(self, request, context):
+        """Many Sets in one call, each with its own outcome, in one Redis round trip.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteMany(self, request, context):
+        """Remove many keys in one call; says per key whether it existed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Touch(self, request, context):
+        """Give a stored value (and its counter) a new TTL without rewriting it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ttl(self, request, context):
+        """The remaining TTL and version of a stored value, without reading the value.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +277,36 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.ReleaseLease,
                     request_deserializer=cachegw_dot_v1_dot_cache__pb2.ReleaseLeaseRequest.FromString,
                     response_serializer=cachegw_dot_v1_dot_cache__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'Incr': grpc.unary_unary_rpc_method_handler(
+                    servicer.Incr,
+                    request_deserializer=cachegw_dot_v1_dot_cache__pb2.IncrRequest.FromString,
+                    response_serializer=cachegw_dot_v1_dot_cache__pb2.IncrResponse.SerializeToString,
+            ),
+            'Allow': grpc.unary_unary_rpc_method_handler(
+                    servicer.Allow,
+                    request_deserializer=cachegw_dot_v1_dot_cache__pb2.AllowRequest.FromString,
+                    response_serializer=cachegw_dot_v1_dot_cache__pb2.AllowResponse.SerializeToString,
+            ),
+            'SetMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMany,
+                    request_deserializer=cachegw_dot_v1_dot_cache__pb2.SetManyRequest.FromString,
+                    response_serializer=cachegw_dot_v1_dot_cache__pb2.SetManyResponse.SerializeToString,
+            ),
+            'DeleteMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteMany,
+                    request_deserializer=cachegw_dot_v1_dot_cache__pb2.DeleteManyRequest.FromString,
+                    response_serializer=cachegw_dot_v1_dot_cache__pb2.DeleteManyResponse.SerializeToString,
+            ),
+            'Touch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Touch,
+                    request_deserializer=cachegw_dot_v1_dot_cache__pb2.TouchRequest.FromString,
+                    response_serializer=cachegw_dot_v1_dot_cache__pb2.TouchResponse.SerializeToString,
+            ),
+            'Ttl': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ttl,
+                    request_deserializer=cachegw_dot_v1_dot_cache__pb2.TtlRequest.FromString,
+                    response_serializer=cachegw_dot_v1_dot_cache__pb2.TtlResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -449,6 +554,168 @@ class CacheService:
             '/cachegw.v1.CacheService/ReleaseLease',
             cachegw_dot_v1_dot_cache__pb2.ReleaseLeaseRequest.SerializeToString,
             cachegw_dot_v1_dot_cache__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Incr(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachegw.v1.CacheService/Incr',
+            cachegw_dot_v1_dot_cache__pb2.IncrRequest.SerializeToString,
+            cachegw_dot_v1_dot_cache__pb2.IncrResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Allow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachegw.v1.CacheService/Allow',
+            cachegw_dot_v1_dot_cache__pb2.AllowRequest.SerializeToString,
+            cachegw_dot_v1_dot_cache__pb2.AllowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachegw.v1.CacheService/SetMany',
+            cachegw_dot_v1_dot_cache__pb2.SetManyRequest.SerializeToString,
+            cachegw_dot_v1_dot_cache__pb2.SetManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachegw.v1.CacheService/DeleteMany',
+            cachegw_dot_v1_dot_cache__pb2.DeleteManyRequest.SerializeToString,
+            cachegw_dot_v1_dot_cache__pb2.DeleteManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Touch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachegw.v1.CacheService/Touch',
+            cachegw_dot_v1_dot_cache__pb2.TouchRequest.SerializeToString,
+            cachegw_dot_v1_dot_cache__pb2.TouchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ttl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachegw.v1.CacheService/Ttl',
+            cachegw_dot_v1_dot_cache__pb2.TtlRequest.SerializeToString,
+            cachegw_dot_v1_dot_cache__pb2.TtlResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -83,6 +83,23 @@ class CacheServiceStub:
     removes the lease only if `lease_token` still holds it, never the stored value,
     and wakes the callers waiting for it so that one of them loads at once.
     """
+    Incr: _grpc.UnaryUnaryMultiCallable[_cache_pb2.IncrRequest, _cache_pb2.IncrResponse]
+    """Add `delta` to the integer counter `key`, atomically across every gateway; a
+    missing counter is created at `delta` with the class TTL (or `ttl_ms`). Counters
+    live beside values (a key may have both) and are never copied into L1.
+    """
+    Allow: _grpc.UnaryUnaryMultiCallable[_cache_pb2.AllowRequest, _cache_pb2.AllowResponse]
+    """Rate limiting on one key: is a request of `cost` allowed under `limit` (or the
+    key class's named limit)? One script, one key, atomic across every gateway.
+    """
+    SetMany: _grpc.UnaryUnaryMultiCallable[_cache_pb2.SetManyRequest, _cache_pb2.SetManyResponse]
+    """Many Sets in one call, each with its own outcome, in one Redis round trip."""
+    DeleteMany: _grpc.UnaryUnaryMultiCallable[_cache_pb2.DeleteManyRequest, _cache_pb2.DeleteManyResponse]
+    """Remove many keys in one call; says per key whether it existed."""
+    Touch: _grpc.UnaryUnaryMultiCallable[_cache_pb2.TouchRequest, _cache_pb2.TouchResponse]
+    """Give a stored value (and its counter) a new TTL without rewriting it."""
+    Ttl: _grpc.UnaryUnaryMultiCallable[_cache_pb2.TtlRequest, _cache_pb2.TtlResponse]
+    """The remaining TTL and version of a stored value, without reading the value."""
 
 @_typing.type_check_only
 class CacheServiceAsyncStub(CacheServiceStub):
@@ -116,6 +133,23 @@ class CacheServiceAsyncStub(CacheServiceStub):
     removes the lease only if `lease_token` still holds it, never the stored value,
     and wakes the callers waiting for it so that one of them loads at once.
     """
+    Incr: _aio.UnaryUnaryMultiCallable[_cache_pb2.IncrRequest, _cache_pb2.IncrResponse]  # type: ignore[assignment]
+    """Add `delta` to the integer counter `key`, atomically across every gateway; a
+    missing counter is created at `delta` with the class TTL (or `ttl_ms`). Counters
+    live beside values (a key may have both) and are never copied into L1.
+    """
+    Allow: _aio.UnaryUnaryMultiCallable[_cache_pb2.AllowRequest, _cache_pb2.AllowResponse]  # type: ignore[assignment]
+    """Rate limiting on one key: is a request of `cost` allowed under `limit` (or the
+    key class's named limit)? One script, one key, atomic across every gateway.
+    """
+    SetMany: _aio.UnaryUnaryMultiCallable[_cache_pb2.SetManyRequest, _cache_pb2.SetManyResponse]  # type: ignore[assignment]
+    """Many Sets in one call, each with its own outcome, in one Redis round trip."""
+    DeleteMany: _aio.UnaryUnaryMultiCallable[_cache_pb2.DeleteManyRequest, _cache_pb2.DeleteManyResponse]  # type: ignore[assignment]
+    """Remove many keys in one call; says per key whether it existed."""
+    Touch: _aio.UnaryUnaryMultiCallable[_cache_pb2.TouchRequest, _cache_pb2.TouchResponse]  # type: ignore[assignment]
+    """Give a stored value (and its counter) a new TTL without rewriting it."""
+    Ttl: _aio.UnaryUnaryMultiCallable[_cache_pb2.TtlRequest, _cache_pb2.TtlResponse]  # type: ignore[assignment]
+    """The remaining TTL and version of a stored value, without reading the value."""
 
 class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     """The cache gateway. One instance per host or pod; every instance sharing a Redis
@@ -200,5 +234,58 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         removes the lease only if `lease_token` still holds it, never the stored value,
         and wakes the callers waiting for it so that one of them loads at once.
         """
+
+    @_abc_1.abstractmethod
+    def Incr(
+        self,
+        request: _cache_pb2.IncrRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_pb2.IncrResponse, _abc.Awaitable[_cache_pb2.IncrResponse]]:
+        """Add `delta` to the integer counter `key`, atomically across every gateway; a
+        missing counter is created at `delta` with the class TTL (or `ttl_ms`). Counters
+        live beside values (a key may have both) and are never copied into L1.
+        """
+
+    @_abc_1.abstractmethod
+    def Allow(
+        self,
+        request: _cache_pb2.AllowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_pb2.AllowResponse, _abc.Awaitable[_cache_pb2.AllowResponse]]:
+        """Rate limiting on one key: is a request of `cost` allowed under `limit` (or the
+        key class's named limit)? One script, one key, atomic across every gateway.
+        """
+
+    @_abc_1.abstractmethod
+    def SetMany(
+        self,
+        request: _cache_pb2.SetManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_pb2.SetManyResponse, _abc.Awaitable[_cache_pb2.SetManyResponse]]:
+        """Many Sets in one call, each with its own outcome, in one Redis round trip."""
+
+    @_abc_1.abstractmethod
+    def DeleteMany(
+        self,
+        request: _cache_pb2.DeleteManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_pb2.DeleteManyResponse, _abc.Awaitable[_cache_pb2.DeleteManyResponse]]:
+        """Remove many keys in one call; says per key whether it existed."""
+
+    @_abc_1.abstractmethod
+    def Touch(
+        self,
+        request: _cache_pb2.TouchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_pb2.TouchResponse, _abc.Awaitable[_cache_pb2.TouchResponse]]:
+        """Give a stored value (and its counter) a new TTL without rewriting it."""
+
+    @_abc_1.abstractmethod
+    def Ttl(
+        self,
+        request: _cache_pb2.TtlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_pb2.TtlResponse, _abc.Awaitable[_cache_pb2.TtlResponse]]:
+        """The remaining TTL and version of a stored value, without reading the value."""
 
 def add_CacheServiceServicer_to_server(servicer: CacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
