@@ -4,6 +4,8 @@ Layout (``<p>`` is the deployment prefix, ``redis.prefix``):
 
     <p>:{K}          the value of cache key K, in an envelope (envelope.py)
     <p>:{K}:lease    the lease token of K while a caller holds the right to fill it
+    <p>:{K}:n        K's counter (Incr): a plain Redis integer
+    <p>:{K}:rl       K's rate-limiter state (Allow)
     <p>:gen:<class>  the class generation; Invalidate(class) increments it
     <p>:tag:<T>      sorted set: keys written with tag T, scored by their expiry (ms)
     <p>:events       stream: recent invalidation events (Subscribe(since=...) replays it)
@@ -141,18 +143,21 @@ end
 return {{1, ver, replaced, gen, id}}
 """
 
-# Delete: KEYS[1] events stream, then value and lease of each key. ARGV[1] event ('' =
-# none), ARGV[2] events channel, ARGV[3] stream MAXLEN. Removes all, then publishes, in
-# one step. Returns {values removed, event id}. Ending a lease refuses a fill whose load
+# Delete: KEYS[1] events stream, then value, lease, counter and limiter of each key. ARGV[1] event
+# ('' = none), ARGV[2] events channel, ARGV[3] stream MAXLEN. Removes all, then
+# publishes, in one step. Returns {values removed, event id, per key 1 or 0}. Ending a lease refuses a fill whose load
 # started before the delete.
 _DELETE_SCRIPT = f"""
 {_PUBLISH_FN}
 local n = 0
-for i = 2, #KEYS, 2 do
-  n = n + redis.call('UNLINK', KEYS[i])
-  redis.call('UNLINK', KEYS[i + 1])
+local each = {{}}
+for i = 2, #KEYS, 4 do
+  local gone = redis.call('UNLINK', KEYS[i])
+  redis.call('UNLINK', KEYS[i + 1], KEYS[i + 2], KEYS[i + 3])
+  n = n + gone
+  each[#each + 1] = gone
 end
-return {{n, publish(KEYS[1], ARGV[1], ARGV[2], ARGV[3])}}
+return {{n, publish(KEYS[1], ARGV[1], ARGV[2], ARGV[3]), each}}
 """
 
 # Tag invalidation, one chunk: KEYS[1] the tag index, then value and lease of each
@@ -419,6 +424,14 @@ class RedisStore:
     def lease_key(self, key: str) -> str:
         return f"{self.prefix}:{{{hash_tag(key)}}}:lease"
 
+    def counter_key(self, key: str) -> str:
+        """K's counter (Incr), beside its value in the same slot."""
+        return f"{self.prefix}:{{{hash_tag(key)}}}:n"
+
+    def limiter_key(self, key: str) -> str:
+        """K's rate-limiter state (Allow), beside its value in the same slot."""
+        return f"{self.prefix}:{{{hash_tag(key)}}}:rl"
+
     def gen_key(self, key_class: str) -> str:
         return f"{self.prefix}:gen:{key_class}"
 
@@ -555,17 +568,30 @@ class RedisStore:
     async def delete(
         self, keys: Sequence[str], *, event: bytes = b"", max_events: int = 10_000
     ) -> tuple[int, str]:
-        """Remove each key's value and lease and publish `event`, in one script; returns
-        (values removed, event id). Ending a lease refuses a fill whose load started
-        before the delete."""
+        """Remove each key's value, lease, counter and limiter state and publish `event`,
+        in one script;
+        returns (values removed, event id). Ending a lease refuses a fill whose load
+        started before the delete."""
+        removed, event_id, _ = await self.delete_each(keys, event=event, max_events=max_events)
+        return removed, event_id
+
+    async def delete_each(
+        self, keys: Sequence[str], *, event: bytes = b"", max_events: int = 10_000
+    ) -> tuple[int, str, list[bool]]:
+        """`delete`, also saying per key whether a value existed."""
         rkeys = [self.events_key]
         for key in keys:
-            rkeys += (self.redis_key(key), self.lease_key(key))
+            rkeys += (
+                self.redis_key(key),
+                self.lease_key(key),
+                self.counter_key(key),
+                self.limiter_key(key),
+            )
         with self._writing:
-            removed, event_id = await self._delete_script(
+            removed, event_id, each = await self._delete_script(
                 keys=rkeys, args=[event, self.events_channel, max_events]
             )
-        return int(removed), _text(event_id)
+        return int(removed), _text(event_id), [bool(int(x)) for x in each]
 
     async def unlink(self, keys: Sequence[str]) -> int:
         """`delete` without an event (Invalidate publishes one event for all it names)."""
