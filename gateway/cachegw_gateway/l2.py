@@ -143,10 +143,10 @@ end
 return {{1, ver, replaced, gen, id}}
 """
 
-# Delete: KEYS[1] events stream, then value, lease, counter and limiter of each key. ARGV[1] event
-# ('' = none), ARGV[2] events channel, ARGV[3] stream MAXLEN. Removes all, then
-# publishes, in one step. Returns {values removed, event id, per key 1 or 0}. Ending a lease refuses a fill whose load
-# started before the delete.
+# Delete: KEYS[1] events stream, then value, lease, counter and limiter of each key.
+# ARGV[1] event ('' = none), ARGV[2] events channel, ARGV[3] stream MAXLEN. Removes all,
+# then publishes, in one step. Returns {values removed, event id, per key 1 or 0}.
+# Ending a lease refuses a fill whose load started before the delete.
 _DELETE_SCRIPT = f"""
 {_PUBLISH_FN}
 local n = 0
