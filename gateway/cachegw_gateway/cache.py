@@ -5,6 +5,7 @@ each live in a module of their own.
     reads.py         the read path after an L1 miss (coalesced Redis reads)
     leases.py        the lease protocol (grant, wait, refresh, release)
     writes.py        Set and Delete
+    counters.py      Incr, Touch and Ttl (counters never enter L1)
     invalidation.py  Invalidate, the events of other gateways, the subscription's health
     warmup.py        Warmup and the recorded hot keys
     freshness.py     judging a stored entry, and the answers built from it
@@ -26,21 +27,22 @@ from typing import Any, TypeVar
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.config import InvalidationConfig
+from cachegw_gateway.counters import Counters, Incremented, KeyTtl, Touched
 from cachegw_gateway.events import StreamId
 from cachegw_gateway.freshness import Generations
 from cachegw_gateway.invalidation import Invalidation
 from cachegw_gateway.l1tier import L1Tier
-from cachegw_gateway.l2 import L2Entry, RedisStore
+from cachegw_gateway.l2 import L2Entry, L2Unavailable, RedisStore
 from cachegw_gateway.leases import Leases, LeaseTable, LeaseToken
 from cachegw_gateway.policy import KeyClass, PolicyTable
 from cachegw_gateway.reads import ReadPath
 from cachegw_gateway.warmup import Warmup
-from cachegw_gateway.writes import WriteOutcome, WritePath
+from cachegw_gateway.writes import SetItem, WriteOutcome, WritePath
 from cachegw_native.coalescer import Coalescer
 from cachegw_native.hotkeys import HotKeys
 from cachegw_native.l1 import L1Cache
 
-__all__ = ["Cache", "WriteOutcome"]
+__all__ = ["Cache", "SetItem", "WriteOutcome"]
 
 T = TypeVar("T")
 
@@ -101,6 +103,7 @@ class Cache:
             store, self._tier, policy, stats, gens, self._leases, origin=origin, invalidation=config
         )
         self._warmup = Warmup(store, reads, self._writes, hotkeys)
+        self._counters = Counters(store, wall_clock_ms=wall_clock_ms)
         self._in_flight: set[asyncio.Task[Any]] = set()
         # The hot path, bound once: an L1 hit is one call into the tier.
         self.l1_answer = self._tier.answer
@@ -147,25 +150,32 @@ class Cache:
         if pending:
             await asyncio.wait(pending, timeout=within)
 
-    def set(
-        self,
-        key: str,
-        value: bytes,
-        kc: KeyClass,
-        ttl_ms: int | None,
-        if_version: int | None,
-        *,
-        tags: Sequence[str] = (),
-        lease_token: LeaseToken | None = None,
-    ) -> Awaitable[WriteOutcome]:
-        work = self._writes.set(
-            key, value, kc, ttl_ms, if_version, tags=tags, lease_token=lease_token
-        )
-        return self._shielded(work)
+    def set(self, item: SetItem) -> Awaitable[WriteOutcome]:
+        return self._shielded(self._writes.set(item))
+
+    def set_many(self, items: Sequence[SetItem]) -> Awaitable[list[WriteOutcome | L2Unavailable]]:
+        return self._shielded(self._writes.set_many(items))
+
+    def delete_each(self, keys: Sequence[str]) -> Awaitable[tuple[list[bool], str]]:
+        return self._shielded(self._writes.delete_each(keys))
 
     async def delete(self, keys: Sequence[str]) -> int:
         deleted, _ = await self._shielded(self._writes.delete(keys))
         return deleted
+
+    def incr(
+        self, key: str, delta: int, kc: KeyClass, ttl_ms: int | None
+    ) -> Awaitable[Incremented]:
+        """Add `delta` to K's counter (never L1); see counters.py."""
+        return self._shielded(self._counters.incr(key, delta, kc, ttl_ms))
+
+    def touch(self, key: str, kc: KeyClass, ttl_ms: int | None) -> Awaitable[Touched]:
+        """A new TTL for K's value and counter; L1 copies keep their shorter deadlines."""
+        return self._shielded(self._counters.touch(key, kc, ttl_ms))
+
+    def ttl(self, key: str, kc: KeyClass) -> Awaitable[KeyTtl]:
+        """K's fresh time left and version in Redis, without reading the value."""
+        return self._counters.ttl(key, kc)
 
     def release(self, key: str, token: LeaseToken) -> Awaitable[bool]:
         return self._shielded(self._leases.release(key, token))

@@ -43,6 +43,7 @@ from typing import Any, Literal, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 
 from cachegw_gateway import envelope, redis_errors
 from cachegw_gateway.config import RedisConfig
@@ -91,9 +92,10 @@ end
 # ARGV[3] required current version ('' = any), ARGV[4] lease token ('' = a plain
 # write), ARGV[5] fills channel, ARGV[6] the cache key, ARGV[7] the lease's class
 # generation, ARGV[8] event ('' = none), ARGV[9] events channel, ARGV[10] stream MAXLEN,
-# ARGV[11] expiry (ms since the epoch; the tag index score), ARGV[12] now (ms).
-# Returns {outcome, version, replaced, generation, event id}: outcome 1 stored, 0
-# version conflict, -1 lease invalid. A fill whose lease predates Invalidate(class) is
+# ARGV[11] expiry (ms since the epoch; the tag index score), ARGV[12] now (ms), ARGV[13]
+# condition ('' = none, 'absent', 'present'). Returns {outcome, version, replaced,
+# generation, event id}: outcome 1 stored, 0 version conflict, -1 lease invalid, 2
+# condition failed. A fill whose lease predates Invalidate(class) is
 # refused and ends the lease. A write ends any lease on the key (the holder's load may
 # predate it) and wakes the gateways waiting for that lease. A plain write is stamped
 # with the generation Redis holds; the event goes out only when a value was replaced
@@ -114,6 +116,16 @@ if ARGV[4] ~= '' then
 end
 local old = redis.call('GET', KEYS[1])
 {_VERSION_OF_OLD}
+if ARGV[13] ~= '' then
+  -- A value of an older class generation is dead: absent for a condition.
+  local alive = old ~= false
+  if alive and ver > 0 and string.len(old) >= {envelope.GENERATION_OFFSET + 4} then
+    alive = struct.unpack('>I4', old, {envelope.GENERATION_OFFSET + 1}) == gen
+  end
+  if (ARGV[13] == 'absent') == alive then
+    return {{2, ver, 0, gen, ''}}
+  end
+end
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= ver then
   return {{0, ver, 0, gen, ''}}
 end
@@ -227,6 +239,24 @@ class L2Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class SetCall:
+    """One Set, as the Set script takes it (see _SET_SCRIPT)."""
+
+    key: str
+    tail: bytes  # the envelope after the entry version
+    px_ms: int
+    if_version: int | None = None
+    lease_token: bytes = b""
+    key_class: str = ""
+    lease_generation: int = 0
+    tags: Sequence[str] = ()
+    expires_at_ms: int = 0
+    event: bytes = b""
+    max_events: int = 10_000
+    condition: str = ""  # '', 'absent' or 'present'
+
+
+@dataclass(frozen=True, slots=True)
 class SetResult:
     stored: bool
     version: int
@@ -234,6 +264,20 @@ class SetResult:
     lease_invalid: bool = False
     generation: int = 0  # the class generation Redis held when the write ran
     event_id: str = ""  # the invalidation event the write published, if any
+    condition_failed: bool = False
+
+    @classmethod
+    def from_reply(cls, reply: Any) -> SetResult:
+        outcome, version, replaced, generation, event_id = reply
+        return cls(
+            stored=outcome == 1,
+            version=int(version),
+            replaced=bool(replaced),
+            lease_invalid=outcome == -1,
+            generation=int(generation),
+            event_id=_text(event_id),
+            condition_failed=outcome == 2,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,56 +533,72 @@ class RedisStore:
 
     # -- writes -------------------------------------------------------------------------
 
-    async def set(
-        self,
-        key: str,
-        tail: bytes,
-        px_ms: int,
-        if_version: int | None = None,
-        *,
-        lease_token: bytes = b"",
-        key_class: str = "",
-        lease_generation: int = 0,
-        tags: Sequence[str] = (),
-        expires_at_ms: int = 0,
-        event: bytes = b"",
-        max_events: int = 10_000,
-    ) -> SetResult:
-        """Write one value, index its tags and publish `event` when it replaced a value:
+    def _set_keys_args(self, call: SetCall, now_ms: int) -> tuple[list[str], list[Any]]:
+        keys = [
+            self.redis_key(call.key),
+            self.lease_key(call.key),
+            self.gen_key(call.key_class),
+            self.events_key,
+            *(self.tag_key(t) for t in call.tags),
+        ]
+        args: list[Any] = [
+            call.tail,
+            call.px_ms,
+            "" if call.if_version is None else call.if_version,
+            call.lease_token,
+            self.fills_channel,
+            call.key,
+            call.lease_generation,
+            call.event,
+            self.events_channel,
+            call.max_events,
+            call.expires_at_ms,
+            now_ms,
+            call.condition,
+        ]
+        return keys, args
+
+    async def set(self, call: SetCall) -> SetResult:
+        """Write one value, index its tags and publish its event when it replaced a value:
         one script, one round trip (see _SET_SCRIPT)."""
+        keys, args = self._set_keys_args(call, time.time_ns() // 1_000_000)
         with self._writing:
-            reply = await self._set_script(
-                keys=[
-                    self.redis_key(key),
-                    self.lease_key(key),
-                    self.gen_key(key_class),
-                    self.events_key,
-                    *(self.tag_key(t) for t in tags),
-                ],
-                args=[
-                    tail,
-                    px_ms,
-                    "" if if_version is None else if_version,
-                    lease_token,
-                    self.fills_channel,
-                    key,
-                    lease_generation,
-                    event,
-                    self.events_channel,
-                    max_events,
-                    expires_at_ms,
-                    time.time_ns() // 1_000_000,
-                ],
-            )
-        outcome, version, replaced, generation, event_id = reply
-        return SetResult(
-            stored=outcome == 1,
-            version=int(version),
-            replaced=bool(replaced),
-            lease_invalid=outcome == -1,
-            generation=int(generation),
-            event_id=_text(event_id),
-        )
+            reply = await self._set_script(keys=keys, args=args)
+        return SetResult.from_reply(reply)
+
+    async def set_many(self, calls: Sequence[SetCall]) -> list[SetResult | L2Unavailable]:
+        """Many Sets in one pipeline (one round trip), each its own script: per call its
+        result or its failure (an error reply: OOM, READONLY...). Calls that found the
+        script missing (NOSCRIPT: they did not run) are sent again once, after loading it.
+        A failure of the whole round trip (the connection) raises."""
+        now_ms = time.time_ns() // 1_000_000
+        prepared = [self._set_keys_args(call, now_ms) for call in calls]
+        sha = self._set_script.sha
+        out: list[SetResult | L2Unavailable | None] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            with self._writing:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for i in todo:
+                        keys, args = prepared[i]
+                        pipe.evalsha(sha, len(keys), *keys, *args)
+                    replies = await pipe.execute(raise_on_error=False)
+                if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                    await load_all(self._client)
+            missing: list[int] = []
+            for i, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, NoScriptError) and attempt == 0:
+                    missing.append(i)
+                elif isinstance(reply, Exception):
+                    out[i] = self._down(reply, write=True)
+                else:
+                    out[i] = SetResult.from_reply(reply)
+            todo = missing
+            if not todo:
+                break
+        return [
+            r if r is not None else self._down(NoScriptError("NOSCRIPT"), write=True) for r in out
+        ]
 
     async def acquire(
         self, key: str, token: bytes, lease_ms: int, unusable_version: int | None

@@ -16,8 +16,9 @@ import grpc
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway import events
-from cachegw_gateway.cache import Cache
+from cachegw_gateway.cache import Cache, SetItem, WriteOutcome
 from cachegw_gateway.config import ServerConfig
+from cachegw_gateway.counters import CounterOverflow, NotACounter
 from cachegw_gateway.events import StreamId
 from cachegw_gateway.l2 import L2Unavailable
 from cachegw_gateway.leases import LeaseToken
@@ -51,6 +52,34 @@ async def _abort_unimplemented(context: Context, what: str, issue: str) -> NoRet
         grpc.StatusCode.UNIMPLEMENTED,
         f"{what} is not served by this gateway yet (it arrives with {issue})",
     )
+
+
+_CONDITIONS = {
+    pb.SET_CONDITION_ANY: "",
+    pb.SET_CONDITION_IF_ABSENT: "absent",
+    pb.SET_CONDITION_IF_PRESENT: "present",
+}
+
+
+def _set_response(out: WriteOutcome) -> pb.SetResponse:
+    if out.stored:
+        outcome = pb.SET_OUTCOME_STORED
+    elif out.lease_invalid:
+        outcome = pb.SET_OUTCOME_LEASE_INVALID
+    elif out.condition_failed:
+        outcome = pb.SET_OUTCOME_CONDITION_FAILED
+    else:
+        outcome = pb.SET_OUTCOME_VERSION_CONFLICT
+    return pb.SetResponse(
+        outcome=outcome, version=out.version, ttl_ms=out.ttl_ms, key_class=out.key_class
+    )
+
+
+def _status_of(err: L2Unavailable) -> grpc.StatusCode:
+    """The status a Redis failure maps to (docs/errors.md)."""
+    if isinstance(err, L2OutOfMemory):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.UNAVAILABLE
 
 
 StatsSource = Callable[[pb.StatsRequest], pb.StatsResponse]
@@ -165,38 +194,59 @@ class CacheServicer:
             check_ttl_ms(ttl_ms, self._max_ttl_ms)
         return kc
 
+    def _set_item(self, request: pb.SetRequest, where: str = "") -> SetItem:
+        """A Set request checked against every rule (InvalidRequest names the field)."""
+        ttl_ms = request.ttl_ms if request.HasField("ttl_ms") else None
+        tags = list(request.tags)
+        kc = self._checked_write(request.key, request.value, ttl_ms, where)
+        check_tags(tags, self._max_key)
+        token: LeaseToken | None = None
+        if request.lease_token:
+            try:
+                token = LeaseToken.parse(request.lease_token)
+            except ValueError as exc:
+                raise InvalidRequest(f"{where}{exc}") from None
+        condition = _CONDITIONS.get(request.condition)
+        if condition is None:
+            raise InvalidRequest(f"{where}condition {request.condition} is not a SetCondition")
+        if_version = request.if_version if request.HasField("if_version") else None
+        return SetItem(request.key, request.value, kc, ttl_ms, if_version, tags, token, condition)
+
     async def set(self, request: pb.SetRequest | BadMessage, context: Context) -> pb.SetResponse:
         if isinstance(request, BadMessage):
             await self._reject(context, request)
-        ttl_ms = request.ttl_ms if request.HasField("ttl_ms") else None
-        tags = list(request.tags)
-        token: LeaseToken | None = None
         try:
-            kc = self._checked_write(request.key, request.value, ttl_ms)
-            check_tags(tags, self._max_key)
-            if request.lease_token:
-                try:
-                    token = LeaseToken.parse(request.lease_token)
-                except ValueError as exc:
-                    raise InvalidRequest(str(exc)) from None
+            item = self._set_item(request)
         except InvalidRequest as exc:
             await self._invalid(context, exc)
-        if_version = request.if_version if request.HasField("if_version") else None
-        out = await self._guard(
-            context,
-            self._cache.set(
-                request.key, request.value, kc, ttl_ms, if_version, tags=tags, lease_token=token
-            ),
-        )
-        if out.stored:
-            outcome = pb.SET_OUTCOME_STORED
-        elif out.lease_invalid:
-            outcome = pb.SET_OUTCOME_LEASE_INVALID
-        else:
-            outcome = pb.SET_OUTCOME_VERSION_CONFLICT
-        return pb.SetResponse(
-            outcome=outcome, version=out.version, ttl_ms=out.ttl_ms, key_class=out.key_class
-        )
+        return _set_response(await self._guard(context, self._cache.set(item)))
+
+    async def set_many(
+        self, request: pb.SetManyRequest | BadMessage, context: Context
+    ) -> pb.SetManyResponse:
+        if isinstance(request, BadMessage):
+            await self._reject(context, request)
+        try:
+            if len(request.entries) > self._max_batch:
+                raise InvalidRequest(
+                    f"entries has {len(request.entries)} entries; at most {self._max_batch} "
+                    "per call (split the batch)"
+                )
+            # Every entry is checked before any is written: bad input never half-applies.
+            items = [self._set_item(e, f"entries[{i}].") for i, e in enumerate(request.entries)]
+        except InvalidRequest as exc:
+            await self._invalid(context, exc)
+        if not items:
+            return pb.SetManyResponse()
+        outcomes = await self._guard(context, self._cache.set_many(items))
+        results: list[pb.SetManyResult] = []
+        for out in outcomes:
+            if isinstance(out, L2Unavailable):
+                code = _status_of(out)
+                results.append(pb.SetManyResult(code=code.value[0], error=str(out)))
+            else:
+                results.append(pb.SetManyResult(response=_set_response(out)))
+        return pb.SetManyResponse(results=results)
 
     async def delete(
         self, request: pb.DeleteRequest | BadMessage, context: Context
@@ -211,6 +261,21 @@ class CacheServicer:
         if not keys:
             return pb.DeleteResponse(deleted=0)
         return pb.DeleteResponse(deleted=await self._guard(context, self._cache.delete(keys)))
+
+    async def delete_many(
+        self, request: pb.DeleteManyRequest | BadMessage, context: Context
+    ) -> pb.DeleteManyResponse:
+        if isinstance(request, BadMessage):
+            await self._reject(context, request)
+        keys = list(request.keys)
+        try:
+            check_keys(keys, self._max_key, self._max_batch)
+        except InvalidRequest as exc:
+            await self._invalid(context, exc)
+        if not keys:
+            return pb.DeleteManyResponse()
+        each, event_id = await self._guard(context, self._cache.delete_each(keys))
+        return pb.DeleteManyResponse(deleted=each, event_id=event_id)
 
     async def release_lease(
         self, request: pb.ReleaseLeaseRequest | BadMessage, context: Context
@@ -339,6 +404,64 @@ class CacheServicer:
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
+    # -- counters, Touch, Ttl ------------------------------------------------------------
+
+    def _checked_key_ttl(self, key: str, ttl_ms: int | None) -> KeyClass:
+        check_key(key, self._max_key)
+        if ttl_ms is not None:
+            check_ttl_ms(ttl_ms, self._max_ttl_ms)
+        return self._policy.classify(key)
+
+    async def incr(self, request: pb.IncrRequest | BadMessage, context: Context) -> pb.IncrResponse:
+        """Any int64 delta is accepted (INT64_MIN too: INCRBY takes it); a sum leaving
+        int64 is OUT_OF_RANGE, a counter key holding no integer FAILED_PRECONDITION."""
+        if isinstance(request, BadMessage):
+            await self._reject(context, request)
+        ttl_ms = request.ttl_ms if request.HasField("ttl_ms") else None
+        try:
+            kc = self._checked_key_ttl(request.key, ttl_ms)
+        except InvalidRequest as exc:
+            await self._invalid(context, exc)
+        try:
+            out = await self._guard(
+                context, self._cache.incr(request.key, request.delta, kc, ttl_ms)
+            )
+        except CounterOverflow as exc:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+        except NotACounter as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return pb.IncrResponse(
+            value=out.value, ttl_ms=out.ttl_ms, key_class=out.key_class, created=out.created
+        )
+
+    async def touch(
+        self, request: pb.TouchRequest | BadMessage, context: Context
+    ) -> pb.TouchResponse:
+        if isinstance(request, BadMessage):
+            await self._reject(context, request)
+        ttl_ms = request.ttl_ms if request.HasField("ttl_ms") else None
+        try:
+            kc = self._checked_key_ttl(request.key, ttl_ms)
+        except InvalidRequest as exc:
+            await self._invalid(context, exc)
+        out = await self._guard(context, self._cache.touch(request.key, kc, ttl_ms))
+        return pb.TouchResponse(touched=out.touched, ttl_ms=out.ttl_ms, key_class=out.key_class)
+
+    async def ttl(self, request: pb.TtlRequest | BadMessage, context: Context) -> pb.TtlResponse:
+        if isinstance(request, BadMessage):
+            await self._reject(context, request)
+        try:
+            kc = self._checked_key_ttl(request.key, None)
+        except InvalidRequest as exc:
+            await self._invalid(context, exc)
+        out = await self._guard(context, self._cache.ttl(request.key, kc))
+        return pb.TtlResponse(
+            exists=out.exists,
+            ttl_remaining_ms=out.ttl_remaining_ms,
+            version=out.version,
+            key_class=out.key_class,
+        )
+
     # -- registration --------------------------------------------------------------
 
     def handler(self, wrap: HandlerWrap | None = None) -> grpc.GenericRpcHandler[Any, Any]:
@@ -358,10 +481,15 @@ class CacheServicer:
             "Get": unary(self.get, pb.GetRequest, None),
             "GetMany": unary(self.get_many, pb.GetManyRequest, None),
             "Set": unary(self.set, pb.SetRequest, pb.SetResponse),
+            "SetMany": unary(self.set_many, pb.SetManyRequest, pb.SetManyResponse),
+            "DeleteMany": unary(self.delete_many, pb.DeleteManyRequest, pb.DeleteManyResponse),
             "Delete": unary(self.delete, pb.DeleteRequest, pb.DeleteResponse),
             "Invalidate": unary(self.invalidate, pb.InvalidateRequest, pb.InvalidateResponse),
             "Warmup": unary(self.warmup, pb.WarmupRequest, pb.WarmupResponse),
             "Stats": unary(self.stats, pb.StatsRequest, pb.StatsResponse),
+            "Incr": unary(self.incr, pb.IncrRequest, pb.IncrResponse),
+            "Touch": unary(self.touch, pb.TouchRequest, pb.TouchResponse),
+            "Ttl": unary(self.ttl, pb.TtlRequest, pb.TtlResponse),
             "ReleaseLease": unary(
                 self.release_lease, pb.ReleaseLeaseRequest, pb.ReleaseLeaseResponse
             ),

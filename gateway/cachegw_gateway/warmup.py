@@ -11,7 +11,7 @@ from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.l2 import L2Unavailable, RedisStore
 from cachegw_gateway.policy import KeyClass
 from cachegw_gateway.reads import ReadPath
-from cachegw_gateway.writes import WritePath
+from cachegw_gateway.writes import SetItem, WritePath
 from cachegw_native.hotkeys import HotKeys
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class Warmup:
         stored = 0
         for entry, kc in entries:
             ttl = entry.ttl_ms if entry.HasField("ttl_ms") else None
-            out = await self._writes.set(entry.key, entry.value, kc, ttl, None)
+            out = await self._writes.set(SetItem(entry.key, entry.value, kc, ttl))
             stored += out.stored
         wanted = list(keys)
         if hot_keys:

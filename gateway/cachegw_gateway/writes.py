@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from cachegw_gateway import envelope, events
 from cachegw_gateway.config import InvalidationConfig
 from cachegw_gateway.freshness import Generations
-from cachegw_gateway.l1tier import L1Tier
-from cachegw_gateway.l2 import RedisStore
+from cachegw_gateway.l1tier import FillTicket, L1Tier
+from cachegw_gateway.l2 import L2Unavailable, RedisStore, SetCall, SetResult
 from cachegw_gateway.leases import Leases, LeaseToken
 from cachegw_gateway.policy import KeyClass, PolicyTable
 from cachegw_gateway.stats import GatewayStats
@@ -31,6 +31,32 @@ class WriteOutcome:
     ttl_ms: int
     key_class: str
     lease_invalid: bool = False
+    condition_failed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SetItem:
+    """One Set as the servicer checked it."""
+
+    key: str
+    value: bytes
+    kc: KeyClass
+    ttl_ms: int | None = None
+    if_version: int | None = None
+    tags: Sequence[str] = ()
+    lease_token: LeaseToken | None = None
+    condition: str = ""  # '', 'absent' or 'present'
+
+
+@dataclass(slots=True)
+class _Pending:
+    item: SetItem
+    call: SetCall
+    ticket: FillTicket
+    now_ms: int
+    fresh_ttl: int
+    cost: int
+    fillable: bool = False
 
 
 class WritePath:
@@ -61,87 +87,113 @@ class WritePath:
         """The encoded KEYS event a write of `keys` publishes."""
         return events.make(origin=self._origin, keys=keys).SerializeToString()
 
-    async def set(
-        self,
-        key: str,
-        value: bytes,
-        kc: KeyClass,
-        ttl_ms: int | None,
-        if_version: int | None,
-        *,
-        tags: Sequence[str] = (),
-        lease_token: LeaseToken | None = None,
-    ) -> WriteOutcome:
+    async def set(self, item: SetItem) -> WriteOutcome:
+        pending = self._begin(item)
+        try:
+            result = await self._store.set(pending.call)
+        finally:
+            self._settle(pending)
+        return self._outcome(pending, result)
+
+    async def set_many(self, items: Sequence[SetItem]) -> list[WriteOutcome | L2Unavailable]:
+        """Many Sets in one Redis round trip; per item its outcome or its failure."""
+        pending = [self._begin(item) for item in items]
+        try:
+            results = await self._store.set_many([p.call for p in pending])
+        finally:
+            for p in pending:
+                self._settle(p)
+        return [
+            r if isinstance(r, L2Unavailable) else self._outcome(p, r)
+            for p, r in zip(pending, results, strict=True)
+        ]
+
+    def _begin(self, item: SetItem) -> _Pending:
+        """The Set script's call for `item`, with the key detached from L1 and a fill
+        ticket taken before it is sent."""
+        kc, token = item.kc, item.lease_token
         now_ms = self._wall_ms()
-        fresh_ttl = kc.ttl_for_write(key, ttl_ms, now_ms)
+        fresh_ttl = kc.ttl_for_write(item.key, item.ttl_ms, now_ms)
         px = fresh_ttl + kc.stale_ms
-        cost = max(0, now_ms - lease_token.granted_ms) if lease_token is not None else 0
+        cost = max(0, now_ms - token.granted_ms) if token is not None else 0
         # A fill carries the generation its lease was granted under (Redis refuses it if
         # the class was invalidated since); a plain write is stamped with Redis's own.
-        gen = lease_token.generation if lease_token is not None else self._gens[kc.name]
+        gen = token.generation if token is not None else self._gens[kc.name]
         tail = envelope.encode_tail(
-            value,
+            item.value,
             created_ms=now_ms,
             cost_ms=cost,
             soft_expiry_ms=now_ms + fresh_ttl,
             generation=gen,
-            tags=tags,
+            tags=item.tags,
         )
+        call = SetCall(
+            item.key,
+            tail,
+            px,
+            item.if_version,
+            lease_token=b"" if token is None else token.raw,
+            key_class=kc.name,
+            lease_generation=gen,
+            tags=item.tags,
+            expires_at_ms=now_ms + px,
+            event=self.event([item.key]) if kc.events else b"",
+            max_events=self._events.stream_max_len,
+            condition=item.condition,
+        )
+        self._tier.detach(item.key)
+        return _Pending(item, call, self._tier.ticket([item.key]), now_ms, fresh_ttl, cost)
+
+    def _settle(self, pending: _Pending) -> None:
+        key = pending.item.key
+        pending.fillable = self._tier.settle(pending.ticket)[0]
+        # Reads that started while the write was in flight may carry either value.
         self._tier.detach(key)
-        ticket = self._tier.ticket([key])
-        try:
-            result = await self._store.set(
-                key,
-                tail,
-                px,
-                if_version,
-                lease_token=b"" if lease_token is None else lease_token.raw,
-                key_class=kc.name,
-                lease_generation=gen,
-                tags=tags,
-                expires_at_ms=now_ms + px,
-                event=self.event([key]) if kc.events else b"",
-                max_events=self._events.stream_max_len,
-            )
-        finally:
-            fillable = self._tier.settle(ticket)[0]
-            # Reads that started while the write was in flight may carry either value.
-            self._tier.detach(key)
-            if lease_token is not None:
-                self._leases.table.wake(key)
+        if pending.item.lease_token is not None:
+            self._leases.table.wake(key)
+
+    def _outcome(self, pending: _Pending, result: SetResult) -> WriteOutcome:
+        item, kc, fresh_ttl = pending.item, pending.item.kc, pending.fresh_ttl
         self._gens.update({kc.name: result.generation})
         counters = self._stats.for_class(kc.name)
         if result.lease_invalid:
             counters.lease_fills_refused += 1
             return WriteOutcome(False, 0, fresh_ttl, kc.name, lease_invalid=True)
+        if result.condition_failed:
+            return WriteOutcome(False, result.version, fresh_ttl, kc.name, condition_failed=True)
         if not result.stored:
             return WriteOutcome(False, result.version, fresh_ttl, kc.name)
         counters.sets += 1
         if result.event_id:
             self._stats.invalidations_published += 1
-        if lease_token is not None:
+        if item.lease_token is not None:
             counters.lease_fills += 1
-        if fillable:
+        if pending.fillable:
             env = envelope.Envelope(
                 result.version,
-                now_ms,
-                cost,
-                now_ms + fresh_ttl,
+                pending.now_ms,
+                pending.cost,
+                pending.now_ms + fresh_ttl,
                 result.generation,
-                tuple(tags),
-                value,
+                tuple(item.tags),
+                item.value,
             )
-            self._tier.fill(key, kc, env, fresh_ttl, ticket.sent_at)
+            self._tier.fill(item.key, kc, env, fresh_ttl, pending.ticket.sent_at)
         return WriteOutcome(True, result.version, fresh_ttl, kc.name)
 
     async def delete(self, keys: Sequence[str]) -> tuple[int, str]:
-        """Remove `keys` (values and leases) and publish one event, in one script;
-        returns (how many existed, the event id)."""
+        """Remove `keys` (values, leases, counters, limiters) and publish one event, in
+        one script; returns (how many values existed, the event id)."""
+        each, event_id = await self.delete_each(keys)
+        return sum(each), event_id
+
+    async def delete_each(self, keys: Sequence[str]) -> tuple[list[bool], str]:
+        """`delete`, saying per key whether a value existed."""
         for key in keys:
             self._tier.detach(key)
             self._stats.for_class(self._policy.classify(key).name).deletes += 1
         try:
-            deleted, event_id = await self._store.delete(
+            _, event_id, each = await self._store.delete_each(
                 keys, event=self.event(keys), max_events=self._events.stream_max_len
             )
         finally:
@@ -149,4 +201,4 @@ class WritePath:
                 self._tier.detach(key)
                 self._leases.table.wake(key)
         self._stats.invalidations_published += 1
-        return deleted, event_id
+        return each, event_id

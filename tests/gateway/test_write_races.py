@@ -69,7 +69,7 @@ async def test_a_deadline_after_the_redis_write_still_publishes(
     assert "inv:1" in b.server.l1
     method = {
         "set": "set",
-        "delete": "delete",
+        "delete": "delete_each",
         "invalidate_prefix": "delete_prefixes",
         "invalidate_tag": "delete_tag",
     }[rpc]
