@@ -153,6 +153,23 @@ class FakeGateway(cache_pb2_grpc.CacheServiceServicer):
     ) -> pb.StatsResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the test double")
 
+    # Counters, Touch and Ttl are tested against the real gateway (test_client_counters.py).
+
+    async def Incr(
+        self, request: pb.IncrRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.IncrResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the test double")
+
+    async def Touch(
+        self, request: pb.TouchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.TouchResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the test double")
+
+    async def Ttl(
+        self, request: pb.TtlRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.TtlResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the test double")
+
 
 class ServerThread:
     """A grpc.aio server on 127.0.0.1:0 in a thread with its own event loop."""

@@ -35,6 +35,7 @@ OutT = TypeVar("OutT")
 
 _UINT32_MAX: Final = 2**32 - 1
 _INT64_MAX: Final = 2**63 - 1
+_INT64_MIN: Final = -(2**63)
 _UINT64_MAX: Final = 2**64 - 1
 
 
@@ -174,6 +175,27 @@ def warmup(
     return Call(request, _warmed)
 
 
+# --- counters and TTLs ------------------------------------------------------------------
+
+
+def incr(key: str, delta: int, ttl: float | None) -> Call[pb.IncrRequest, pb.IncrResponse, int]:
+    request = pb.IncrRequest(key=_key(key), delta=_delta(delta))
+    if ttl is not None:
+        request.ttl_ms = _ttl_ms(ttl)
+    return Call(request, _incremented)
+
+
+def touch(key: str, ttl: float | None) -> Call[pb.TouchRequest, pb.TouchResponse, bool]:
+    request = pb.TouchRequest(key=_key(key))
+    if ttl is not None:
+        request.ttl_ms = _ttl_ms(ttl)
+    return Call(request, _touched)
+
+
+def ttl_left(key: str) -> Call[pb.TtlRequest, pb.TtlResponse, float | None]:
+    return Call(pb.TtlRequest(key=_key(key)), _ttl_left)
+
+
 # --- responses ---------------------------------------------------------------------------
 
 _STATUS: Final = {
@@ -245,6 +267,18 @@ def _deleted(response: pb.DeleteResponse) -> int:
 
 def _invalidated(response: pb.InvalidateResponse) -> InvalidateResult:
     return InvalidateResult(removed=response.removed, event_id=response.event_id)
+
+
+def _incremented(response: pb.IncrResponse) -> int:
+    return response.value
+
+
+def _touched(response: pb.TouchResponse) -> bool:
+    return response.touched
+
+
+def _ttl_left(response: pb.TtlResponse) -> float | None:
+    return response.ttl_remaining_ms / 1000 if response.exists else None
 
 
 def _warmed(response: pb.WarmupResponse) -> tuple[int, int, int]:
@@ -370,6 +404,14 @@ def _ttl_ms(ttl: float) -> int:
     if ms > _INT64_MAX:
         raise InvalidArgument(f"ttl is out of range (got {ttl!r} seconds)")
     return ms
+
+
+def _delta(delta: int) -> int:
+    if isinstance(delta, bool) or not isinstance(delta, int):
+        raise TypeError(f"delta must be an int, not {type(delta).__name__}")
+    if not _INT64_MIN <= delta <= _INT64_MAX:
+        raise InvalidArgument(f"delta must fit a signed 64-bit integer (got {delta})")
+    return delta
 
 
 def _max_wait_ms(max_wait: float) -> int:

@@ -179,6 +179,32 @@ class AsyncClient:
             self.near_cache.apply(_calls.event_of(call.request))
         return await self._call(self._stub.Invalidate, call, timeout)
 
+    async def incr(
+        self,
+        key: str,
+        delta: int = 1,
+        *,
+        ttl: float | None = None,
+        timeout: Timeout = DEFAULT,  # noqa: ASYNC109
+    ) -> int:
+        """Add `delta` to the counter `key` atomically and return the new value (see
+        `Client.incr`)."""
+        return await self._call(self._stub.Incr, _calls.incr(key, delta, ttl), timeout)
+
+    async def touch(
+        self,
+        key: str,
+        *,
+        ttl: float | None = None,
+        timeout: Timeout = DEFAULT,  # noqa: ASYNC109
+    ) -> bool:
+        """A new TTL for the value and counter of `key`; False when neither exists."""
+        return await self._call(self._stub.Touch, _calls.touch(key, ttl), timeout)
+
+    async def ttl(self, key: str, *, timeout: Timeout = DEFAULT) -> float | None:  # noqa: ASYNC109
+        """Seconds of fresh time left for the value of `key`; None when there is none."""
+        return await self._call(self._stub.Ttl, _calls.ttl_left(key), timeout)
+
     async def warmup(
         self,
         keys: Iterable[str] = (),

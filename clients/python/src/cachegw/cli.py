@@ -4,6 +4,9 @@
     cachegw get KEY [--verbose]             # the value on stdout; a miss exits 1
     cachegw set KEY VALUE [--ttl S] [--tag T ...]   # VALUE "-" reads stdin
     cachegw del KEY [KEY ...]               # prints how many existed
+    cachegw incr KEY [DELTA] [--ttl S]      # prints the counter's new value
+    cachegw touch KEY [--ttl S]             # a new TTL; a missing key exits 1
+    cachegw ttl KEY                         # fresh seconds left; a missing key exits 1
     cachegw invalidate [KEY ...] [--prefix P] [--tag T] [--class C]   # everywhere
     cachegw watch [--prefix P] [--class C] [--since ID] [--count N]   # invalidation events
     cachegw top [TARGET ...] [--interval S] [--count N]  # live view (needs cachegw[top])
@@ -102,6 +105,25 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("keys", nargs="+", metavar="KEY")
     delete.set_defaults(run=_del)
 
+    incr = commands.add_parser(
+        "incr", parents=[common], help="add DELTA (default 1) to a counter, print its value"
+    )
+    incr.add_argument("key")
+    incr.add_argument("delta", type=int, nargs="?", default=1, help="may be negative")
+    incr.add_argument(
+        "--ttl", type=float, metavar="SECONDS", help="of a counter this creates (default: class)"
+    )
+    incr.set_defaults(run=_incr)
+
+    touch = commands.add_parser("touch", parents=[common], help="give a key a new TTL")
+    touch.add_argument("key")
+    touch.add_argument("--ttl", type=float, metavar="SECONDS", help="default: the class TTL")
+    touch.set_defaults(run=_touch)
+
+    ttl = commands.add_parser("ttl", parents=[common], help="print a value's fresh seconds left")
+    ttl.add_argument("key")
+    ttl.set_defaults(run=_ttl)
+
     inv = commands.add_parser(
         "invalidate", parents=[common], help="remove keys by key, prefix, tag or class"
     )
@@ -176,6 +198,28 @@ def _set(client: Client, ns: argparse.Namespace) -> int:
 
 def _del(client: Client, ns: argparse.Namespace) -> int:
     print(client.delete(*ns.keys))
+    return 0
+
+
+def _incr(client: Client, ns: argparse.Namespace) -> int:
+    print(client.incr(ns.key, ns.delta, ttl=ns.ttl))
+    return 0
+
+
+def _touch(client: Client, ns: argparse.Namespace) -> int:
+    if not client.touch(ns.key, ttl=ns.ttl):
+        print("missing", file=sys.stderr)
+        return 1
+    print("touched")
+    return 0
+
+
+def _ttl(client: Client, ns: argparse.Namespace) -> int:
+    left = client.ttl(ns.key)
+    if left is None:
+        print("missing", file=sys.stderr)
+        return 1
+    print(f"{left:g}")
     return 0
 
 

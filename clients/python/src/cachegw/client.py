@@ -158,6 +158,27 @@ class Client:
             self.near_cache.apply(_calls.event_of(call.request))
         return self._call(self._stub.Invalidate, call, timeout)
 
+    def incr(
+        self, key: str, delta: int = 1, *, ttl: float | None = None, timeout: Timeout = DEFAULT
+    ) -> int:
+        """Add `delta` (may be negative) to the counter `key`, atomically across every
+        gateway, and return the new value. A missing counter is created at `delta` with
+        `ttl` seconds (None = the class TTL); an existing one keeps its TTL. `incr(key, 0)`
+        reads it (0 when missing, and creates nothing). Counters live beside values: `get`
+        never returns one. Raises `OutOfRange` when the sum would leave a signed 64-bit
+        integer, `FailedPrecondition` when the counter key holds no integer."""
+        return self._call(self._stub.Incr, _calls.incr(key, delta, ttl), timeout)
+
+    def touch(self, key: str, *, ttl: float | None = None, timeout: Timeout = DEFAULT) -> bool:
+        """Give the value and counter of `key` a new TTL (`ttl` seconds; None = the class
+        TTL) without rewriting them; False when neither exists."""
+        return self._call(self._stub.Touch, _calls.touch(key, ttl), timeout)
+
+    def ttl(self, key: str, *, timeout: Timeout = DEFAULT) -> float | None:
+        """Seconds of fresh time left for the value of `key` (0.0 inside the class's stale
+        window), read without the value; None when there is no value."""
+        return self._call(self._stub.Ttl, _calls.ttl_left(key), timeout)
+
     def warmup(
         self,
         keys: Iterable[str] = (),

@@ -17,6 +17,7 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "NotFound",
+    "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
     "Unauthenticated",
@@ -74,6 +75,13 @@ class FailedPrecondition(CacheError):
     default_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class OutOfRange(CacheError):
+    """A result would leave its range, e.g. `incr` past a signed 64-bit integer (nothing
+    changed)."""
+
+    default_code = grpc.StatusCode.OUT_OF_RANGE
+
+
 class ResourceExhausted(CacheError):
     """A limit on concurrency or size was reached."""
 
@@ -112,6 +120,7 @@ _BY_CODE: dict[grpc.StatusCode, type[CacheError]] = {
         InvalidArgument,
         NotFound,
         FailedPrecondition,
+        OutOfRange,
         ResourceExhausted,
         Unavailable,
         DeadlineExceeded,
