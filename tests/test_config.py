@@ -27,6 +27,7 @@ from cachegw_gateway.config import (
     config_warnings,
     load_config,
 )
+from cachegw_gateway.policy import PolicyTable, RateLimit
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "cachegw.example.toml"
@@ -497,3 +498,52 @@ def test_docs_list_every_env_var() -> None:
     text = DOCS.read_text()
     for var in [*ENV_VARS, "CACHEGW_CONFIG"]:
         assert f"`{var}`" in text
+
+
+def test_a_class_rate_limit(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[[classes]]
+name = "ratelimit"
+patterns = ["rate:*"]
+rate_limit = { rate = 100, period_seconds = 60, burst = 20 }
+
+[default_class.rate_limit]
+rate = 5
+period_seconds = 0.5
+algorithm = "sliding_window"
+""",
+    )
+    config = load_config(path, env={})
+    policy = PolicyTable.from_config(config)
+    assert policy.classify("rate:x").rate_limit == RateLimit(100, 60_000, 20, "gcra")
+    assert policy.default.rate_limit == RateLimit(5, 500, 0, "sliding_window")
+
+
+@pytest.mark.parametrize(
+    ("table", "says"),
+    [
+        ("{ rate = 0, period_seconds = 60 }", "rate_limit.rate must be in [1, 1000000000]"),
+        ("{ rate = 10, period_seconds = 0 }", "rate_limit.period_seconds must be in [0.001"),
+        ("{ rate = 10, period_seconds = 86401 }", "rate_limit.period_seconds must be in"),
+        ("{ rate = 10 }", "rate_limit.period_seconds is required"),
+        (
+            "{ rate = 10, period_seconds = 1, brust = 2 }",
+            "did you mean classes[0].rate_limit.burst",
+        ),
+        ("{ rate = 10, period_seconds = 1, algorithm = 'token' }", "must be 'gcra' or"),
+        ("{ rate = 10, period_seconds = 1, burst = -1 }", "rate_limit.burst must be in [0,"),
+        ("{ rate = 2000, period_seconds = 0.001 }", "one request per microsecond"),
+        ("{ rate = 1, period_seconds = 86400, burst = 31 }", "within 30 days"),
+        (
+            "{ rate = 10, period_seconds = 1, burst = 5, algorithm = 'sliding_window' }",
+            "burst is not used by algorithm 'sliding_window'",
+        ),
+        ("{ rate = '10', period_seconds = 1 }", "rate_limit.rate must be an integer"),
+        ("5", "rate_limit must be a table"),
+    ],
+)
+def test_bad_rate_limits_are_refused(tmp_path: Path, table: str, says: str) -> None:
+    text = f'[[classes]]\nname = "r"\npatterns = ["r:*"]\nrate_limit = {table}\n'
+    assert says in error_of(tmp_path, text)

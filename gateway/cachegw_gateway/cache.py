@@ -6,6 +6,7 @@ each live in a module of their own.
     leases.py        the lease protocol (grant, wait, refresh, release)
     writes.py        Set and Delete
     counters.py      Incr, Touch and Ttl (counters never enter L1)
+    ratelimit.py     Allow: GCRA and sliding-window limits, one script per decision
     invalidation.py  Invalidate, the events of other gateways, the subscription's health
     warmup.py        Warmup and the recorded hot keys
     freshness.py     judging a stored entry, and the answers built from it
@@ -35,6 +36,7 @@ from cachegw_gateway.l1tier import L1Tier
 from cachegw_gateway.l2 import L2Entry, L2Unavailable, RedisStore
 from cachegw_gateway.leases import Leases, LeaseTable, LeaseToken
 from cachegw_gateway.policy import KeyClass, PolicyTable
+from cachegw_gateway.ratelimit import Decision, RateLimit, RateLimiter
 from cachegw_gateway.reads import ReadPath
 from cachegw_gateway.warmup import Warmup
 from cachegw_gateway.writes import SetItem, WriteOutcome, WritePath
@@ -103,6 +105,7 @@ class Cache:
             store, self._tier, policy, stats, gens, self._leases, origin=origin, invalidation=config
         )
         self._warmup = Warmup(store, reads, self._writes, hotkeys)
+        self._limiter = RateLimiter(store)
         self._counters = Counters(store, wall_clock_ms=wall_clock_ms)
         self._in_flight: set[asyncio.Task[Any]] = set()
         # The hot path, bound once: an L1 hit is one call into the tier.
@@ -188,6 +191,10 @@ class Cache:
         classes: Sequence[str] = (),
     ) -> Awaitable[tuple[int, str]]:
         return self._shielded(self._invalidation.invalidate(keys, prefixes, tags, classes))
+
+    def allow(self, key: str, limit: RateLimit, cost: int) -> Awaitable[Decision]:
+        """Is a request of `cost` on `key` allowed under `limit`? See ratelimit.py."""
+        return self._shielded(self._limiter.allow(key, limit, cost))
 
     def warmup(
         self,

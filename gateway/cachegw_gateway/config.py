@@ -79,6 +79,28 @@ DEFAULT_LEASE_TIMEOUT_SECONDS = 3.0
 DEFAULT_MAX_WAIT_SECONDS = 4.0
 
 
+# Rate limits (Allow): the bounds a limit must keep, in the config and in a request.
+RATE_ALGORITHMS = ("gcra", "sliding_window")
+MAX_RATE = 1_000_000_000  # requests (or cost units) per period, and the largest burst
+MAX_RATE_PERIOD_SECONDS = 86_400.0  # one day
+MIN_RATE_PERIOD_SECONDS = 0.001  # one millisecond, the resolution of period_ms
+# A GCRA limit's emission interval (period / rate) must be at least this: one request
+# per microsecond per key, so the script's microsecond arithmetic stays exact.
+MIN_EMISSION_INTERVAL_US = 1
+# The longest a full GCRA burst takes to come back (burst * period / rate).
+MAX_BURST_REFILL_SECONDS = 30 * 86_400.0
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """A named rate limit of a key class: `rate` per `period_seconds`, bursts of `burst`."""
+
+    rate: int
+    period_seconds: float
+    burst: int = 0  # GCRA: requests allowed at once; 0 = `rate`
+    algorithm: str = "gcra"  # "gcra" | "sliding_window"
+
+
 @dataclass(frozen=True)
 class KeyClassConfig:
     name: str
@@ -94,6 +116,7 @@ class KeyClassConfig:
     max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS  # 0 = never wait
     early_refresh_beta: float = 0.0  # XFetch; 0 = off
     stale_seconds: float = 0.0  # stale-while-revalidate window; 0 = off
+    rate_limit: RateLimitConfig | None = None  # Allow's limit for keys of this class
 
 
 @dataclass(frozen=True)
@@ -184,7 +207,9 @@ _KIND_NAMES = {
     "float": "a number",
     "str": "a string",
     "tuple[str, ...]": "a list of strings",
+    "RateLimitConfig | None": "a table, e.g. { rate = 100, period_seconds = 60 }",
 }
+_RATE_LIMIT_KEYS = {"rate": "int", "period_seconds": "float", "burst": "int", "algorithm": "str"}
 
 
 def _coerce(where: str, value: object, kind: str, text_ok: bool) -> object:
@@ -219,6 +244,9 @@ def _coerce(where: str, value: object, kind: str, text_ok: bool) -> object:
     elif kind == "tuple[str, ...]":
         if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             return tuple(value)
+    elif kind == "RateLimitConfig | None":
+        if isinstance(value, dict):
+            return _rate_limit(where, value)
     else:  # pragma: no cover - a new field type needs a rule here
         raise AssertionError(f"no coercion for {kind}")
     if isinstance(value, bool):
@@ -226,6 +254,20 @@ def _coerce(where: str, value: object, kind: str, text_ok: bool) -> object:
     else:
         shown = _num(value) if isinstance(value, int | float) else repr(value)
     raise ConfigError(f"{where} must be {_KIND_NAMES[kind]} (got {shown})")
+
+
+def _rate_limit(where: str, table: Mapping[str, object]) -> RateLimitConfig:
+    """A rate_limit table, key by key (its rules are checked with the class's)."""
+    values: dict[str, Any] = {}
+    for key, item in table.items():
+        if key not in _RATE_LIMIT_KEYS:
+            src, _, at = where.rpartition(": ")
+            raise _unknown(src, f"{at}.{key}", [f"{at}.{k}" for k in _RATE_LIMIT_KEYS])
+        values[key] = _coerce(f"{where}.{key}", item, _RATE_LIMIT_KEYS[key], text_ok=False)
+    for key in ("rate", "period_seconds"):
+        if key not in values:
+            raise ConfigError(f"{where}.{key} is required")
+    return RateLimitConfig(**values)
 
 
 _BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
@@ -390,6 +432,45 @@ def _check_class(where: Callable[[str], str], kc: KeyClassConfig, max_ttl: float
         raise ConfigError(
             f"{where('stale_seconds')} must be in [0, server.max_ttl_seconds], 0 = off "
             f"(got {_num(kc.stale_seconds)})"
+        )
+    if kc.rate_limit is not None:
+        _check_rate_limit(lambda key: where(f"rate_limit.{key}"), kc.rate_limit)
+
+
+def _check_rate_limit(where: Callable[[str], str], rl: RateLimitConfig) -> None:
+    if rl.algorithm not in RATE_ALGORITHMS:
+        raise ConfigError(
+            f"{where('algorithm')} must be 'gcra' or 'sliding_window' (got {rl.algorithm!r})"
+        )
+    if not 1 <= rl.rate <= MAX_RATE:
+        raise ConfigError(f"{where('rate')} must be in [1, {MAX_RATE}] (got {rl.rate})")
+    if not MIN_RATE_PERIOD_SECONDS <= rl.period_seconds <= MAX_RATE_PERIOD_SECONDS:
+        raise ConfigError(
+            f"{where('period_seconds')} must be in [{MIN_RATE_PERIOD_SECONDS}, "
+            f"{_num(MAX_RATE_PERIOD_SECONDS)}] (1 ms to 1 day) (got {_num(rl.period_seconds)})"
+        )
+    period_ms = round(rl.period_seconds * 1000)
+    if rl.algorithm == "gcra":
+        if rl.rate > period_ms * 1000 // MIN_EMISSION_INTERVAL_US:
+            raise ConfigError(
+                f"{where('rate')}: at most one request per microsecond per key, so rate must "
+                f"be <= period_seconds * 1000000 ({period_ms * 1000}) (got {rl.rate})"
+            )
+        if not 0 <= rl.burst <= MAX_RATE:
+            raise ConfigError(
+                f"{where('burst')} must be in [0, {MAX_RATE}], 0 = rate (got {rl.burst})"
+            )
+        burst = rl.burst or rl.rate
+        if burst * rl.period_seconds / rl.rate > MAX_BURST_REFILL_SECONDS:
+            raise ConfigError(
+                f"{where('burst')}: a full burst must come back within 30 days "
+                f"(burst * period_seconds / rate <= {_num(MAX_BURST_REFILL_SECONDS)}) "
+                f"(got {burst})"
+            )
+    elif rl.burst:
+        raise ConfigError(
+            f"{where('burst')} is not used by algorithm 'sliding_window' (at most `rate` per "
+            f"any period): leave it out (got {rl.burst})"
         )
 
 

@@ -14,11 +14,32 @@ from cachegw_gateway.config import (
     DEFAULT_MAX_WAIT_SECONDS,
     GatewayConfig,
     KeyClassConfig,
+    RateLimitConfig,
 )
 
 # classify() runs per request; this many recent answers are remembered (~1 MB at 100 B keys).
 MEMO_SIZE = 10_000
 _WILDCARDS = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A rate limit as Allow applies it (ratelimit.py): `rate` per `period_ms`."""
+
+    rate: int
+    period_ms: int
+    burst: int  # GCRA: requests allowed at once (resolved: never 0); sliding window: 0
+    algorithm: str  # "gcra" | "sliding_window"
+
+    @classmethod
+    def from_config(cls, c: RateLimitConfig) -> RateLimit:
+        gcra = c.algorithm == "gcra"
+        return cls(
+            rate=c.rate,
+            period_ms=max(1, round(c.period_seconds * 1000)),
+            burst=(c.burst or c.rate) if gcra else 0,
+            algorithm=c.algorithm,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +59,7 @@ class KeyClass:
     max_wait_ms: int = round(DEFAULT_MAX_WAIT_SECONDS * 1000)
     early_refresh_beta: float = 0.0
     stale_ms: int = 0
+    rate_limit: RateLimit | None = None  # Allow's limit when a request names none
 
     @classmethod
     def from_config(cls, c: KeyClassConfig) -> KeyClass:
@@ -54,6 +76,7 @@ class KeyClass:
             max_wait_ms=round(c.max_wait_seconds * 1000),
             early_refresh_beta=c.early_refresh_beta,
             stale_ms=round(c.stale_seconds * 1000),
+            rate_limit=None if c.rate_limit is None else RateLimit.from_config(c.rate_limit),
         )
 
     def ttl_for_write(self, key: str, ttl_ms: int | None, now_ms: int) -> int:

@@ -23,6 +23,7 @@ from cachegw_gateway.events import StreamId
 from cachegw_gateway.l2 import L2Unavailable
 from cachegw_gateway.leases import LeaseToken
 from cachegw_gateway.policy import KeyClass, PolicyTable
+from cachegw_gateway.ratelimit import RateLimit, resolve, to_proto
 from cachegw_gateway.redis_errors import FAILURES, L2OutOfMemory, classify
 from cachegw_gateway.subscriptions import SubscriberHub
 from cachegw_gateway.telemetry import tracing
@@ -462,6 +463,30 @@ class CacheServicer:
             key_class=out.key_class,
         )
 
+    async def allow(
+        self, request: pb.AllowRequest | BadMessage, context: Context
+    ) -> pb.AllowResponse:
+        if isinstance(request, BadMessage):
+            await self._reject(context, request)
+        key = request.key
+        limit: RateLimit
+        try:
+            check_key(key, self._max_key)
+            kc = self._policy.classify(key)
+            given = request.limit if request.HasField("limit") else None
+            limit, cost = resolve(given, kc, request.cost)
+        except InvalidRequest as exc:
+            await self._invalid(context, exc)
+        decision = await self._guard(context, self._cache.allow(key, limit, cost))
+        return pb.AllowResponse(
+            allowed=decision.allowed,
+            remaining=decision.remaining,
+            retry_after_ms=decision.retry_after_ms,
+            reset_after_ms=decision.reset_after_ms,
+            limit=to_proto(limit),
+            key_class=kc.name,
+        )
+
     # -- registration --------------------------------------------------------------
 
     def handler(self, wrap: HandlerWrap | None = None) -> grpc.GenericRpcHandler[Any, Any]:
@@ -487,6 +512,7 @@ class CacheServicer:
             "Invalidate": unary(self.invalidate, pb.InvalidateRequest, pb.InvalidateResponse),
             "Warmup": unary(self.warmup, pb.WarmupRequest, pb.WarmupResponse),
             "Stats": unary(self.stats, pb.StatsRequest, pb.StatsResponse),
+            "Allow": unary(self.allow, pb.AllowRequest, pb.AllowResponse),
             "Incr": unary(self.incr, pb.IncrRequest, pb.IncrResponse),
             "Touch": unary(self.touch, pb.TouchRequest, pb.TouchResponse),
             "Ttl": unary(self.ttl, pb.TtlRequest, pb.TtlResponse),
