@@ -36,7 +36,8 @@ __all__ = [
 # KEYS[1] counter. ARGV[1] delta (decimal), ARGV[2] PX of a counter this call creates.
 # Returns {0, value, pttl, created} applied; {1, value} the sum would overflow int64
 # (nothing changed); {2, error} the key holds no integer (nothing changed); {3} the
-# counter is missing and the delta is 0 (a read: nothing created).
+# counter is missing and the delta is 0 (a read: nothing created). Any other error
+# (OOM, READONLY, ...) is passed on as the error reply, classified like any other.
 _INCR_SCRIPT = """
 local existed = redis.call('EXISTS', KEYS[1])
 if existed == 0 and ARGV[1] == '0' then
@@ -47,7 +48,10 @@ if type(v) == 'table' and v.err then
   if string.find(v.err, 'overflow', 1, true) then
     return {1, redis.call('GET', KEYS[1])}
   end
-  return {2, v.err}
+  if string.find(v.err, 'not an integer', 1, true) or string.sub(v.err, 1, 9) == 'WRONGTYPE' then
+    return {2, v.err}
+  end
+  return redis.error_reply(v.err)
 end
 if existed == 0 then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])

@@ -277,3 +277,21 @@ async def test_bad_input_is_invalid_argument(gateway_factory: GatewayFactory) ->
     # Bytes that are not the request message.
     raw = gw.channel.unary_unary("/cachegw.v1.CacheService/Incr", None, None)
     assert await _code(raw(b"\x0a\x05\xff\xfe\xfd\xfc\xfb")) == bad
+
+
+async def test_redis_refusing_the_write_is_not_mistaken_for_a_bad_counter(
+    gateway_factory: GatewayFactory, redis_client: redis.Redis
+) -> None:
+    gw = await _gw(gateway_factory)
+    await gw.stub.Incr(pb.IncrRequest(key="hits:oom", delta=1))
+    redis_client.config_set("maxmemory-policy", "noeviction")
+    redis_client.config_set("maxmemory", 1)  # every write is refused: OOM
+    try:
+        for key in ("hits:oom", "hits:fresh"):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await gw.stub.Incr(pb.IncrRequest(key=key, delta=1))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+            assert "OOM" in (info.value.details() or "")
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    assert (await gw.stub.Incr(pb.IncrRequest(key="hits:oom", delta=1))).value == 2
