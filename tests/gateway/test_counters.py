@@ -64,8 +64,9 @@ async def test_1000_concurrent_incr_over_three_gateways_sum_exactly(
             values += await asyncio.gather(*batch)
         assert redis_client.get("cg:{hits:total}:n") == str(sum(deltas)).encode()
         assert await clients[1].incr("hits:total", 0) == sum(deltas)
-        # Each call saw its own step: the answers of the positive deltas are distinct.
-        assert len(values) == 1000
+        assert len(values) == 1000  # every call answered
+        # The last answer of all is the total: no step was lost or applied twice.
+        assert sum(deltas) in values
     finally:
         for c in clients:
             await c.close()
