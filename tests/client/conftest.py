@@ -170,6 +170,21 @@ class FakeGateway(cache_pb2_grpc.CacheServiceServicer):
     ) -> pb.TtlResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the test double")
 
+    async def Allow(
+        self, request: pb.AllowRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.AllowResponse:
+        await self._enter(request, context)
+        # Allowed while the cost fits a burst of 3, whatever was asked before.
+        allowed = (request.cost or 1) <= 3
+        return pb.AllowResponse(
+            allowed=allowed,
+            remaining=3 - (request.cost or 1) if allowed else 0,
+            retry_after_ms=0 if allowed else 1500,
+            reset_after_ms=250,
+            limit=request.limit,
+            key_class="default",
+        )
+
 
 class ServerThread:
     """A grpc.aio server on 127.0.0.1:0 in a thread with its own event loop."""

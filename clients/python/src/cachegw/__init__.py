@@ -26,6 +26,7 @@ from cachegw.errors import (
     Unimplemented,
 )
 from cachegw.models import (
+    AllowResult,
     Entry,
     Event,
     EventKind,
@@ -40,6 +41,7 @@ from cachegw.near import NearCache
 __all__ = [
     "DEFAULT",
     "DEFAULT_TARGET",
+    "AllowResult",
     "AsyncClient",
     "CacheError",
     "Client",

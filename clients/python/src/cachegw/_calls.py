@@ -18,6 +18,7 @@ import grpc
 
 from cachegw.errors import CacheError, InvalidArgument
 from cachegw.models import (
+    AllowResult,
     Entry,
     Event,
     EventKind,
@@ -194,6 +195,63 @@ def touch(key: str, ttl: float | None) -> Call[pb.TouchRequest, pb.TouchResponse
 
 def ttl_left(key: str) -> Call[pb.TtlRequest, pb.TtlResponse, float | None]:
     return Call(pb.TtlRequest(key=_key(key)), _ttl_left)
+
+
+_ALGORITHMS: Final = {
+    "gcra": pb.RATE_ALGORITHM_GCRA,
+    "sliding_window": pb.RATE_ALGORITHM_SLIDING_WINDOW,
+}
+
+
+def allow(
+    key: str,
+    *,
+    rate: int | None,
+    period: float | None,
+    burst: int | None,
+    cost: int,
+    algorithm: str | None,
+) -> Call[pb.AllowRequest, pb.AllowResponse, AllowResult]:
+    request = pb.AllowRequest(key=_key(key), cost=_count(cost, "cost"))
+    if rate is None and period is None:
+        if burst is not None or algorithm is not None:
+            raise InvalidArgument(
+                "burst and algorithm need rate and period; give none of them for the limit "
+                "named by the key's class"
+            )
+        return Call(request, decode_allow)
+    if rate is None or period is None:
+        raise InvalidArgument("rate and period go together (or neither: the class's limit)")
+    limit = request.limit
+    limit.rate = _count(rate, "rate")
+    limit.period_ms = _seconds_to_ms(period, "period", _UINT64_MAX)
+    if burst is not None:
+        limit.burst = _count(burst, "burst")
+    if algorithm is not None:
+        if algorithm not in _ALGORITHMS:
+            raise InvalidArgument(
+                f"algorithm must be 'gcra' or 'sliding_window' (got {algorithm!r})"
+            )
+        limit.algorithm = _ALGORITHMS[algorithm]
+    return Call(request, decode_allow)
+
+
+def decode_allow(response: pb.AllowResponse) -> AllowResult:
+    return AllowResult(
+        allowed=response.allowed,
+        remaining=response.remaining,
+        retry_after=response.retry_after_ms / 1000,
+        reset_after=response.reset_after_ms / 1000,
+        key_class=response.key_class,
+    )
+
+
+def _count(value: int, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{field} must be an int, not {type(value).__name__}")
+    if not 1 <= value <= _UINT64_MAX:
+        raise InvalidArgument(f"{field} must be a positive integer (got {value})")
+    return value
 
 
 # --- responses ---------------------------------------------------------------------------

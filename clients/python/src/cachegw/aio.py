@@ -23,7 +23,7 @@ from cachegw._calls import DEFAULT, Call, Timeout
 from cachegw._protocol import Load, NearCacheKeeper, Rpc, Step, Steps
 from cachegw.client import DEFAULT_TARGET
 from cachegw.errors import error_from_rpc
-from cachegw.models import Entry, Event, InvalidateResult, SetResult
+from cachegw.models import AllowResult, Entry, Event, InvalidateResult, SetResult
 from cachegw.near import NearCache
 from cachegw.v1 import cache_pb2_grpc
 
@@ -200,6 +200,23 @@ class AsyncClient:
     ) -> bool:
         """A new TTL for the value and counter of `key`; False when neither exists."""
         return await self._call(self._stub.Touch, _calls.touch(key, ttl), timeout)
+
+    async def allow(
+        self,
+        key: str,
+        *,
+        rate: int | None = None,
+        period: float | None = None,
+        burst: int | None = None,
+        cost: int = 1,
+        algorithm: str | None = None,
+        timeout: Timeout = DEFAULT,  # noqa: ASYNC109
+    ) -> AllowResult:
+        """May a request of `cost` on `key` go ahead? See `Client.allow`."""
+        call = _calls.allow(
+            key, rate=rate, period=period, burst=burst, cost=cost, algorithm=algorithm
+        )
+        return await self._call(self._stub.Allow, call, timeout)
 
     async def ttl(self, key: str, *, timeout: Timeout = DEFAULT) -> float | None:  # noqa: ASYNC109
         """Seconds of fresh time left for the value of `key`; None when there is none."""

@@ -6,6 +6,8 @@
     cachegw del KEY [KEY ...]               # prints how many existed
     cachegw incr KEY [DELTA] [--ttl S]      # prints the counter's new value
     cachegw touch KEY [--ttl S]             # a new TTL; a missing key exits 1
+    cachegw allow KEY [--rate N --period S [--burst N] [--sliding]] [--cost N]
+                                            # allowed (exit 0) or refused (exit 1)
     cachegw ttl KEY                         # fresh seconds left; a missing key exits 1
     cachegw invalidate [KEY ...] [--prefix P] [--tag T] [--class C]   # everywhere
     cachegw watch [--prefix P] [--class C] [--since ID] [--count N]   # invalidation events
@@ -120,6 +122,19 @@ def _parser() -> argparse.ArgumentParser:
     touch.add_argument("--ttl", type=float, metavar="SECONDS", help="default: the class TTL")
     touch.set_defaults(run=_touch)
 
+    allow = commands.add_parser(
+        "allow", parents=[common], help="ask a rate limit; exit 1 when refused"
+    )
+    allow.add_argument("key")
+    allow.add_argument("--rate", type=int, help="requests per period (default: the class's)")
+    allow.add_argument("--period", type=float, metavar="SECONDS", help="with --rate")
+    allow.add_argument("--burst", type=int, help="GCRA: requests at once (default: rate)")
+    allow.add_argument("--cost", type=int, default=1, help="what this request costs")
+    allow.add_argument(
+        "--sliding", action="store_true", help="a sliding-window counter instead of GCRA"
+    )
+    allow.set_defaults(run=_allow)
+
     ttl = commands.add_parser("ttl", parents=[common], help="print a value's fresh seconds left")
     ttl.add_argument("key")
     ttl.set_defaults(run=_ttl)
@@ -212,6 +227,19 @@ def _touch(client: Client, ns: argparse.Namespace) -> int:
         return 1
     print("touched")
     return 0
+
+
+def _allow(client: Client, ns: argparse.Namespace) -> int:
+    algorithm = "sliding_window" if ns.sliding else None
+    result = client.allow(
+        ns.key, rate=ns.rate, period=ns.period, burst=ns.burst, cost=ns.cost, algorithm=algorithm
+    )
+    word = "allowed" if result.allowed else "refused"
+    print(
+        f"{word} remaining={result.remaining} retry-after={result.retry_after:g}s "
+        f"reset-after={result.reset_after:g}s"
+    )
+    return 0 if result.allowed else 1
 
 
 def _ttl(client: Client, ns: argparse.Namespace) -> int:

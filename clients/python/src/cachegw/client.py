@@ -15,7 +15,7 @@ from cachegw import _calls, _protocol, _tracing
 from cachegw._calls import DEFAULT, Call, Timeout
 from cachegw._protocol import InBackground, Load, NearCacheKeeper, Rpc, Step, Steps
 from cachegw.errors import error_from_rpc
-from cachegw.models import Entry, Event, InvalidateResult, SetResult
+from cachegw.models import AllowResult, Entry, Event, InvalidateResult, SetResult
 from cachegw.near import NearCache
 from cachegw.v1 import cache_pb2_grpc
 
@@ -173,6 +173,26 @@ class Client:
         """Give the value and counter of `key` a new TTL (`ttl` seconds; None = the class
         TTL) without rewriting them; False when neither exists."""
         return self._call(self._stub.Touch, _calls.touch(key, ttl), timeout)
+
+    def allow(
+        self,
+        key: str,
+        *,
+        rate: int | None = None,
+        period: float | None = None,
+        burst: int | None = None,
+        cost: int = 1,
+        algorithm: str | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> AllowResult:
+        """May a request of `cost` on `key` go ahead under `rate` per `period` seconds
+        (bursts of `burst`, default `rate`; algorithm "gcra" by default, or
+        "sliding_window")? With none of them, the limit named by the key's class applies.
+        One atomic decision shared by every gateway; a refusal says `retry_after`."""
+        call = _calls.allow(
+            key, rate=rate, period=period, burst=burst, cost=cost, algorithm=algorithm
+        )
+        return self._call(self._stub.Allow, call, timeout)
 
     def ttl(self, key: str, *, timeout: Timeout = DEFAULT) -> float | None:
         """Seconds of fresh time left for the value of `key` (0.0 inside the class's stale

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 
 __all__ = [
+    "AllowResult",
     "Entry",
     "Event",
     "EventKind",
@@ -94,6 +95,24 @@ class SetResult:
     @property
     def stored(self) -> bool:
         return self.outcome is SetOutcome.STORED
+
+
+@dataclass(frozen=True, slots=True)
+class AllowResult:
+    """The answer of `allow`: may this request go ahead under the key's rate limit?"""
+
+    allowed: bool
+    remaining: int
+    """Requests of cost 1 still allowed right now."""
+    retry_after: float
+    """When refused: seconds to wait before the same request can be allowed; 0 when allowed."""
+    reset_after: float
+    """Seconds until the limit is back to full."""
+    key_class: str = ""
+    """The key class (whose named limit applied when the call gave none)."""
+
+    def __bool__(self) -> bool:
+        return self.allowed
 
 
 @dataclass(frozen=True, slots=True)
