@@ -170,6 +170,16 @@ class FakeGateway(cache_pb2_grpc.CacheServiceServicer):
     ) -> pb.TtlResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the test double")
 
+    async def SetMany(
+        self, request: pb.SetManyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SetManyResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the test double")
+
+    async def DeleteMany(
+        self, request: pb.DeleteManyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DeleteManyResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the test double")
+
     async def Allow(
         self, request: pb.AllowRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.AllowResponse:

@@ -16,7 +16,7 @@ from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 import grpc
 
-from cachegw.errors import CacheError, InvalidArgument
+from cachegw.errors import CacheError, InvalidArgument, error_from_status
 from cachegw.models import (
     AllowResult,
     Entry,
@@ -119,7 +119,27 @@ def set_(
     tags: Iterable[str],
     lease_token: bytes,
     if_version: int | None,
+    if_absent: bool = False,
+    if_present: bool = False,
 ) -> Call[pb.SetRequest, pb.SetResponse, SetResult]:
+    return Call(
+        _set_request(key, value, ttl, tags, lease_token, if_version, if_absent, if_present),
+        decode_set,
+    )
+
+
+def _set_request(
+    key: str,
+    value: bytes | str,
+    ttl: float | None,
+    tags: Iterable[str],
+    lease_token: bytes,
+    if_version: int | None,
+    if_absent: bool,
+    if_present: bool,
+) -> pb.SetRequest:
+    if if_absent and if_present:
+        raise InvalidArgument("if_absent and if_present cannot both hold")
     request = pb.SetRequest(
         key=_key(key),
         value=_value_bytes(value),
@@ -130,7 +150,40 @@ def set_(
         request.ttl_ms = _ttl_ms(ttl)
     if if_version is not None:
         request.if_version = _if_version(if_version)
-    return Call(request, decode_set)
+    if if_absent:
+        request.condition = pb.SET_CONDITION_IF_ABSENT
+    elif if_present:
+        request.condition = pb.SET_CONDITION_IF_PRESENT
+    return request
+
+
+SetManyEntry: TypeAlias = tuple[str, bytes | str] | tuple[str, bytes | str, float | None]
+"""(key, value) or (key, value, ttl in seconds) for `set_many`."""
+
+
+def set_many(
+    entries: Iterable[SetManyEntry], *, tags: Iterable[str] = (), if_absent: bool = False
+) -> Call[pb.SetManyRequest, pb.SetManyResponse, list[SetResult | CacheError]]:
+    tag_list = list(tags)
+    requests: list[pb.SetRequest] = []
+    for entry in entries:
+        key, value = entry[0], entry[1]
+        ttl = entry[2] if len(entry) > 2 else None
+        requests.append(_set_request(key, value, ttl, tag_list, b"", None, if_absent, False))
+    return Call(pb.SetManyRequest(entries=requests), _set_many_results)
+
+
+def _set_many_results(response: pb.SetManyResponse) -> list[SetResult | CacheError]:
+    return [
+        error_from_status(r.code, r.error) if r.code else decode_set(r.response)
+        for r in response.results
+    ]
+
+
+def delete_many(
+    keys: Iterable[str],
+) -> Call[pb.DeleteManyRequest, pb.DeleteManyResponse, list[bool]]:
+    return Call(pb.DeleteManyRequest(keys=_keys(keys, "keys")), lambda r: list(r.deleted))
 
 
 def release_lease(
@@ -267,6 +320,7 @@ _OUTCOME: Final = {
     pb.SET_OUTCOME_STORED: SetOutcome.STORED,
     pb.SET_OUTCOME_LEASE_INVALID: SetOutcome.LEASE_INVALID,
     pb.SET_OUTCOME_VERSION_CONFLICT: SetOutcome.VERSION_CONFLICT,
+    pb.SET_OUTCOME_CONDITION_FAILED: SetOutcome.CONDITION_FAILED,
 }
 
 

@@ -14,7 +14,7 @@ import grpc
 from cachegw import _calls, _protocol, _tracing
 from cachegw._calls import DEFAULT, Call, Timeout
 from cachegw._protocol import InBackground, Load, NearCacheKeeper, Rpc, Step, Steps
-from cachegw.errors import error_from_rpc
+from cachegw.errors import CacheError, error_from_rpc
 from cachegw.models import AllowResult, Entry, Event, InvalidateResult, SetResult
 from cachegw.near import NearCache
 from cachegw.v1 import cache_pb2_grpc
@@ -119,15 +119,50 @@ class Client:
         tags: Iterable[str] = (),
         lease_token: bytes = b"",
         if_version: int | None = None,
+        if_absent: bool = False,
+        if_present: bool = False,
         timeout: Timeout = DEFAULT,
     ) -> SetResult:
-        """Store `value` (a str is UTF-8 encoded) for `ttl` seconds (None = the class TTL)."""
+        """Store `value` (a str is UTF-8 encoded) for `ttl` seconds (None = the class TTL);
+        with `if_absent` only when no value is stored, with `if_present` only when one is
+        (else the outcome is CONDITION_FAILED and nothing is written)."""
         call = _calls.set_(
-            key, value, ttl=ttl, tags=tags, lease_token=lease_token, if_version=if_version
+            key,
+            value,
+            ttl=ttl,
+            tags=tags,
+            lease_token=lease_token,
+            if_version=if_version,
+            if_absent=if_absent,
+            if_present=if_present,
         )
         if self.near_cache is not None:
             self.near_cache.forget([key])
         return self._call(self._stub.Set, call, timeout)
+
+    def set_many(
+        self,
+        entries: Iterable[_calls.SetManyEntry],
+        *,
+        tags: Iterable[str] = (),
+        if_absent: bool = False,
+        timeout: Timeout = DEFAULT,
+    ) -> list[SetResult | CacheError]:
+        """Store many values in one call (one Redis round trip): `entries` of (key, value)
+        or (key, value, ttl seconds). Per entry, in order, its `SetResult`, or the
+        `CacheError` of that entry alone (e.g. `ResourceExhausted` when Redis ran out of
+        memory part-way). Bad input in any entry refuses the whole call before Redis."""
+        call = _calls.set_many(entries, tags=tags, if_absent=if_absent)
+        if self.near_cache is not None:
+            self.near_cache.forget([e.key for e in call.request.entries])
+        return self._call(self._stub.SetMany, call, timeout)
+
+    def delete_many(self, keys: Iterable[str], *, timeout: Timeout = DEFAULT) -> list[bool]:
+        """Remove `keys` in one call; per key, in order, whether a value existed."""
+        call = _calls.delete_many(keys)
+        if self.near_cache is not None:
+            self.near_cache.forget(list(call.request.keys))
+        return self._call(self._stub.DeleteMany, call, timeout)
 
     def release_lease(self, key: str, lease_token: bytes, *, timeout: Timeout = DEFAULT) -> bool:
         """End the lease `lease_token` (of a LEASED or refresh lookup) without storing:

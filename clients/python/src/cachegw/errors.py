@@ -131,6 +131,12 @@ _BY_CODE: dict[grpc.StatusCode, type[CacheError]] = {
 }
 
 
+def error_from_status(code_number: int, details: str) -> CacheError:
+    """The error for a status carried in a message (e.g. one SetMany entry's failure)."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == code_number), grpc.StatusCode.UNKNOWN)
+    return _BY_CODE.get(code, CacheError)(details, code=code)
+
+
 def error_from_rpc(error: grpc.RpcError) -> CacheError:
     """The `CacheError` for a failed call of a sync or asyncio channel."""
     # A bare RpcError (raised by some interceptors) has neither method.

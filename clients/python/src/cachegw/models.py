@@ -52,6 +52,8 @@ class SetOutcome(enum.Enum):
     """The lease token is unknown, expired, or the key was invalidated since it was granted."""
     VERSION_CONFLICT = "VERSION_CONFLICT"
     """`if_version` did not match the stored version."""
+    CONDITION_FAILED = "CONDITION_FAILED"
+    """`if_absent` found a value, or `if_present` found none."""
 
 
 @dataclass(frozen=True, slots=True)
