@@ -189,24 +189,21 @@ class L1Tier:
         prefixes: Sequence[str] = (),
         tags: Sequence[str] = (),
         classes: Sequence[str] = (),
-    ) -> int:
-        """Forget everything an invalidation names; returns the L1 entries removed.
-        Costs what it removes (plus the calls in flight), whatever the L1 holds."""
-        removed = 0
+    ) -> None:
+        """Forget everything an invalidation names. Costs what it removes (plus the
+        calls in flight), whatever the L1 holds."""
         for key in keys:
-            removed += key in self._l1
             self.detach(key)
         if not (prefixes or tags or classes):
-            return removed
+            return
         self.new_epoch()
         self._fallback = {}
         for prefix in prefixes:
-            removed += self._l1.delete_prefix(prefix)
+            self._l1.delete_prefix(prefix)
         for tag in tags:
-            removed += self._l1.delete_group(tag_group(tag))
+            self._l1.delete_group(tag_group(tag))
         for name in classes:
-            removed += self._l1.delete_group(class_group(name))
-        return removed
+            self._l1.delete_group(class_group(name))
 
     def new_epoch(self) -> None:
         """No Redis call in flight now may fill L1 when it lands."""

@@ -115,10 +115,8 @@ class CacheServicer:
                 return await work
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except L2OutOfMemory as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except L2Unavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(_status_of(exc), str(exc))
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -130,10 +128,7 @@ class CacheServicer:
             # caller can act on, never UNKNOWN.
             log.warning("redis failure outside RedisStore: %r", exc)
             err = classify(exc)
-            code = grpc.StatusCode.UNAVAILABLE
-            if isinstance(err, L2OutOfMemory):
-                code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            await context.abort(code, str(err))
+            await context.abort(_status_of(err), str(err))
 
     @staticmethod
     async def _reject(context: Context, bad: BadMessage) -> NoReturn:
