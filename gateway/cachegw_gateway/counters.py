@@ -66,16 +66,19 @@ _TOUCH_SCRIPT = """
 return {redis.call('PEXPIRE', KEYS[1], ARGV[1]), redis.call('PEXPIRE', KEYS[2], ARGV[2])}
 """
 
-# KEYS[1] value, KEYS[2] class generation. Returns {pttl, the envelope's first bytes
-# (marker, format, entry version, ..., class generation), the class generation}: the
-# value itself is never read.
+# KEYS[1] value, KEYS[2] class generation (absent on a Cluster: the gateway holds the
+# generations). Returns {pttl, the envelope's first bytes (marker, format, entry version,
+# ..., class generation), the class generation}: the value itself is never read.
 _TTL_SCRIPT = f"""
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl == -2 then
   return {{-2, '', '0'}}
 end
-return {{pttl, redis.call('GETRANGE', KEYS[1], 0, {envelope.GENERATION_OFFSET + 3}),
-  redis.call('GET', KEYS[2]) or '0'}}
+local gen = '0'
+if #KEYS > 1 then
+  gen = redis.call('GET', KEYS[2]) or '0'
+end
+return {{pttl, redis.call('GETRANGE', KEYS[1], 0, {envelope.GENERATION_OFFSET + 3}), gen}}
 """
 
 _HEAD_SIZE = envelope.GENERATION_OFFSET + 4
@@ -179,10 +182,13 @@ class Counters:
         this gateway's format, or one of an older class generation (Invalidate(class)).
         A value in its stale window exists with 0 fresh time left; one without an expiry
         (not written by a gateway) exists with 0."""
-        with self._store.reading:
+        store = self._store
+        with store.reading:
             pttl, head, gen = await self._ttl_script(
-                keys=[self._store.redis_key(key), self._store.gen_key(kc.name)]
+                keys=[store.redis_key(key), *store.generation_keys(kc.name)]
             )
+        if store.in_memory_generations:
+            gen = await store.generation(kc.name)
         absent = KeyTtl(False, 0, 0, kc.name)
         pttl = int(pttl)
         if pttl == -2 or not isinstance(head, bytes) or len(head) < _HEAD_SIZE:

@@ -170,8 +170,11 @@ class Invalidation:
         """An event from the bus. This gateway's own events were applied when made."""
         self._stats.invalidations_received += 1
         if events.is_reset(event):
+            self._store.on_class_event()
             self.flush("a RESET event")
         elif event.origin != self._origin:
+            if event.classes:
+                self._store.on_class_event()
             self.evict(event.keys, event.prefixes, event.tags, event.classes)
 
     def flush(self, reason: str, *, keep_fallback: bool = False) -> None:
@@ -179,6 +182,7 @@ class Invalidation:
         self._leases.table.wake_all()
 
     def subscription_lost(self, reason: str) -> None:
+        self._store.on_subscription(False)
         self._tier.suspend_fills()
         self.flush(f"invalidation subscription lost ({reason})", keep_fallback=True)
 
@@ -186,6 +190,7 @@ class Invalidation:
         if again:
             self._stats.redis_reconnects += 1
             log.info("invalidation subscription re-established")
+        self._store.on_subscription(True)
         self._tier.resume_fills()
         self._leases.table.wake_all()
 

@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_NOT_RUN = object()  # run_each: a call whose script never ran
+
 # A read that lost its connection or timed out is sent once more after this long.
 READ_RETRY_DELAY = 0.01
 
@@ -83,6 +85,19 @@ local function publish(stream, payload, channel, maxlen)
 end
 """
 
+# One tag index entry: the member scored by its value's expiry (GT: an entry never
+# shrinks, so two racing writes cannot leave it expiring before the value it names),
+# expired members pruned, and the index kept alive as long as its longest member.
+_INDEX_STEP = """redis.call('ZADD', {index}, 'GT', {score}, {member})
+  redis.call('ZREMRANGEBYSCORE', {index}, '-inf', {now})
+  if redis.call('PTTL', {index}) < tonumber({px}) then
+    redis.call('PEXPIRE', {index}, {px})
+  end"""
+
+_INDEX_IN_SET = _INDEX_STEP.format(
+    index="KEYS[i]", score="ARGV[11]", member="ARGV[6]", now="ARGV[12]", px="ARGV[2]"
+)
+
 # One Set, one script, one round trip: the lease check, the class generation, the
 # compare-and-set, the write, its tag index entries and its invalidation event are one
 # atomic step, so that a write applied is a write indexed and published (never one
@@ -100,10 +115,10 @@ end
 # predate it) and wakes the gateways waiting for that lease. A plain write is stamped
 # with the generation Redis holds; the event goes out only when a value was replaced
 # (only then can another gateway hold a copy).
-_SET_SCRIPT = f"""
+_SET_SCRIPT_TEMPLATE = f"""
 {_PUBLISH_FN}
 local lease = redis.call('GET', KEYS[2])
-local gen = tonumber(redis.call('GET', KEYS[3]) or '0')
+local gen = GENERATION
 if ARGV[4] ~= '' then
   if lease ~= ARGV[4] then
     return {{-1, 0, 0, gen, ''}}
@@ -136,11 +151,7 @@ redis.call('SET', KEYS[1],
   string.char({envelope.MAGIC}, {envelope.FORMAT_VERSION}) .. struct.pack('>I8', ver) .. tail,
   'PX', ARGV[2])
 for i = 5, #KEYS do
-  redis.call('ZADD', KEYS[i], ARGV[11], ARGV[6])
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[12])
-  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[2]) then
-    redis.call('PEXPIRE', KEYS[i], ARGV[2])
-  end
+  {_INDEX_IN_SET}
 end
 if lease then
   redis.call('DEL', KEYS[2])
@@ -150,10 +161,13 @@ local id = ''
 local replaced = 0
 if old then
   replaced = 1
-  id = publish(KEYS[4], ARGV[8], ARGV[9], ARGV[10])
+  PUBLISH_EVENT
 end
 return {{1, ver, replaced, gen, id}}
 """
+_SET_SCRIPT = _SET_SCRIPT_TEMPLATE.replace(
+    "GENERATION", "tonumber(redis.call('GET', KEYS[3]) or '0')"
+).replace("PUBLISH_EVENT", "id = publish(KEYS[4], ARGV[8], ARGV[9], ARGV[10])")
 
 # Delete: KEYS[1] events stream, then value, lease, counter and limiter of each key.
 # ARGV[1] event ('' = none), ARGV[2] events channel, ARGV[3] stream MAXLEN. Removes all,
@@ -345,6 +359,10 @@ class _Calls:
 
 
 class RedisStore:
+    # False: the scripts read class generations from Redis beside the values (one Redis
+    # holds every key). A Cluster store holds them in memory instead (l2_cluster.py).
+    in_memory_generations = False
+
     def __init__(
         self,
         client: aioredis.Redis,
@@ -399,6 +417,10 @@ class RedisStore:
     def from_config(
         cls, config: RedisConfig, url: str, stats: GatewayStats | None = None
     ) -> RedisStore:
+        if url.startswith("redis+cluster://"):
+            from cachegw_gateway.l2_cluster import ClusterStore  # imports this module
+
+            return ClusterStore.from_url(config, url, stats)
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"redis url {url!r}: only standalone Redis is supported so far")
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -481,6 +503,20 @@ class RedisStore:
 
     def tag_key(self, tag: str) -> str:
         return f"{self.prefix}:tag:{tag}"
+
+    def generation_keys(self, key_class: str) -> list[str]:
+        """The keys a script reads `key_class`'s generation from (none: in memory)."""
+        return [self.gen_key(key_class)]
+
+    async def generation(self, key_class: str) -> int:
+        """`key_class`'s generation, for a store that holds them in memory."""
+        raise NotImplementedError("one Redis: the scripts read the generation themselves")
+
+    def on_subscription(self, live: bool) -> None:
+        """The invalidation subscription went live or was lost (see l2_cluster.py)."""
+
+    def on_class_event(self) -> None:
+        """Another gateway published a class invalidation (see l2_cluster.py)."""
 
     def _decode(self, key: str, raw: bytes, pttl: int) -> L2Entry | None:
         try:
@@ -568,20 +604,30 @@ class RedisStore:
 
     async def set_many(self, calls: Sequence[SetCall]) -> list[SetResult | L2Unavailable]:
         """Many Sets in one pipeline (one round trip), each its own script: per call its
-        result or its failure (an error reply: OOM, READONLY...). Calls that found the
-        script missing (NOSCRIPT: they did not run) are sent again once, after loading it.
-        A failure of the whole round trip (the connection) raises."""
+        result or its failure (an error reply: OOM, READONLY...). A failure of the whole
+        round trip (the connection) raises."""
         now_ms = time.time_ns() // 1_000_000
-        prepared = [self._set_keys_args(call, now_ms) for call in calls]
-        sha = self._set_script.sha
-        out: list[SetResult | L2Unavailable | None] = [None] * len(calls)
+        replies = await self.run_each(
+            self._set_script, [self._set_keys_args(call, now_ms) for call in calls]
+        )
+        return [r if isinstance(r, L2Unavailable) else SetResult.from_reply(r) for r in replies]
+
+    async def run_each(
+        self, script: Script, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+    ) -> list[Any | L2Unavailable]:
+        """`script` once per (keys, args), in one pipeline: per call its reply or its
+        failure. Calls that found the script missing (NOSCRIPT: they did not run) are sent
+        again once, after loading it. (EVALSHA through ``execute_command``: redis-py
+        refuses its ``evalsha`` method in a Cluster pipeline, but routes the command by
+        its keys like any other.)"""
+        out: list[Any] = [_NOT_RUN] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
             with self._writing:
                 async with self._client.pipeline(transaction=False) as pipe:
                     for i in todo:
-                        keys, args = prepared[i]
-                        pipe.evalsha(sha, len(keys), *keys, *args)
+                        keys, args = calls[i]
+                        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                     replies = await pipe.execute(raise_on_error=False)
                 if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                     await load_all(self._client)
@@ -592,12 +638,12 @@ class RedisStore:
                 elif isinstance(reply, Exception):
                     out[i] = self._down(reply, write=True)
                 else:
-                    out[i] = SetResult.from_reply(reply)
+                    out[i] = reply
             todo = missing
             if not todo:
                 break
         return [
-            r if r is not None else self._down(NoScriptError("NOSCRIPT"), write=True) for r in out
+            self._down(NoScriptError("NOSCRIPT"), write=True) if r is _NOT_RUN else r for r in out
         ]
 
     async def acquire(
@@ -678,7 +724,9 @@ class RedisStore:
     async def _unlink_counting_values(self, rkeys: list[bytes]) -> int:
         async with self._client.pipeline(transaction=False) as pipe:
             for rkey in rkeys:
-                pipe.unlink(rkey)
+                # Not pipe.unlink(): on a cluster pipeline redis-py makes it a coroutine
+                # (it splits keys by slot), which never queues the command.
+                pipe.execute_command("UNLINK", rkey)
             replies = redis_errors.raise_first(await pipe.execute(raise_on_error=False))
         # Values end with the closing brace of their hash tag; leases end with ":lease".
         return sum(int(r) for k, r in zip(rkeys, replies, strict=True) if k.endswith(b"}"))

@@ -1,0 +1,466 @@
+"""Redis Cluster as L2: `ClusterStore`, a `RedisStore` whose every script touches one slot.
+
+A key's value, lease, counter and limiter share the slot of ``{K}`` (see l2.py), so the
+scripts on one key run as they do on one Redis: lease checks, compare-and-set, fills.
+What crosses slots on a standalone Redis is split here:
+
+    <p>:{meta}:events   the audit stream       (one slot: Subscribe's total order)
+    <p>:{meta}:gens     hash: class -> generation  (same slot: a class bump and its
+                        event could be one script; they are two calls, bump first)
+    <p>:tag:<T>         tag index, in T's own slot
+    channel <p>:events, <p>:fills   classic pub/sub (a cluster forwards every PUBLISH
+                        to every node; the bus listens on any one node)
+
+**Generations live in memory.** A read cannot fetch the class generation beside the
+value (another slot, often another node), and every read of a deployment asking one
+node would make it the hot spot of the whole cluster. So each gateway holds the
+generations: loaded in bulk (HGETALL) when its subscription goes live, raised by its own
+Invalidate(class), and re-read when another gateway's class event arrives. Between that
+event and the re-read, and whenever the subscription is not live, the generations are
+*untrusted*: each read then fetches the ones it needs beside its values (one more
+command in the same pipeline). The cost: the generation bump reaches another gateway's
+L2 reads when its event does (the propagation delay, as for L1), instead of at once.
+
+**A write and its event are two calls.** The Set script writes the value (one slot);
+the event is then appended and published by the publish script (the meta slot). When
+that second call fails the write stands and the event is sent again in the background
+(a few times): until it lands, other gateways may serve their L1 copy, within their
+class's ``l1_ttl`` (the bound docs/consistency.md gives for a lost event). Tag index
+entries are added *before* the value is written, so a tag invalidation never misses a
+written value; an entry whose write then failed only costs a needless eviction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from cachegw_gateway import redis_errors
+from cachegw_gateway.cluster_url import parse_seeds
+from cachegw_gateway.config import RedisConfig
+from cachegw_gateway.l2 import (
+    _INDEX_STEP,
+    _SET_SCRIPT_TEMPLATE,
+    L2Entry,
+    L2Unavailable,
+    RedisStore,
+    SetCall,
+    SetResult,
+)
+from cachegw_gateway.scripts import Script
+from cachegw_gateway.stats import GatewayStats
+
+log = logging.getLogger(__name__)
+
+# The Set script with the generation given by the gateway (ARGV[14]) instead of read
+# from Redis, and without the tag indexes and the event (other slots: see above).
+_CLUSTER_SET_SCRIPT = _SET_SCRIPT_TEMPLATE.replace("GENERATION", "tonumber(ARGV[14])").replace(
+    "PUBLISH_EVENT", ""
+)
+
+# KEYS[1] a tag index. ARGV[1] member (the cache key), ARGV[2] score (the value's expiry,
+# ms since the epoch), ARGV[3] now (ms), ARGV[4] the value's PX.
+_INDEX_SCRIPT = _INDEX_STEP.format(
+    index="KEYS[1]", score="ARGV[2]", member="ARGV[1]", now="ARGV[3]", px="ARGV[4]"
+)
+
+# KEYS value, lease, counter, limiter of one key (one slot). Returns 1 if a value was
+# removed. The lease goes in the same step: a fill whose load predates the delete is
+# refused.
+_DELETE_KEY_SCRIPT = """
+local gone = redis.call('UNLINK', KEYS[1])
+redis.call('UNLINK', KEYS[2], KEYS[3], KEYS[4])
+return gone
+"""
+
+# KEYS[1] a tag index; ARGV pairs (member, score as read). Removes the members whose
+# score is unchanged (one re-indexed meanwhile stays, for the next Invalidate(tag)).
+_TAG_PRUNE_SCRIPT = """
+local m = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    m = m + 1
+  end
+end
+return m
+"""
+
+# KEYS[1] the generations hash; ARGV the classes. Returns their new generations.
+_BUMP_SCRIPT = """
+local out = {}
+for i = 1, #ARGV do
+  out[i] = redis.call('HINCRBY', KEYS[1], ARGV[i], 1)
+end
+return out
+"""
+
+PUBLISH_ATTEMPTS = 5  # an event that could not be published is sent again this often
+PUBLISH_RETRY_DELAY = 0.2  # seconds before the first resend; doubled each time
+
+
+class ClusterStore(RedisStore):
+    """See the module's docstring: the same interface as `RedisStore`, one slot a script."""
+
+    in_memory_generations = True
+
+    def __init__(
+        self,
+        client: RedisCluster,
+        prefix: str,
+        stats: GatewayStats | None = None,
+        seeds: Sequence[tuple[str, int]] = (),
+        node_client: Any = None,
+    ) -> None:
+        # RedisCluster speaks the same commands as Redis (not a subclass, hence the cast).
+        super().__init__(cast(aioredis.Redis, client), prefix, stats, self._pubsub_client)
+        self._cluster = client
+        self._seeds = list(seeds)
+        self._node_client = node_client  # (host, port) -> aioredis.Redis, for the bus
+        self._bus_turn = 0
+        meta = f"{prefix}:{{meta}}"
+        self.events_key = f"{meta}:events"
+        self.gens_key = f"{meta}:gens"
+        self._cset_script = Script(self._client, _CLUSTER_SET_SCRIPT)
+        self._index_script = Script(self._client, _INDEX_SCRIPT)
+        self._delete_key_script = Script(self._client, _DELETE_KEY_SCRIPT)
+        self._prune_script = Script(self._client, _TAG_PRUNE_SCRIPT)
+        self._bump_script = Script(self._client, _BUMP_SCRIPT)
+        self._gens: dict[str, int] = {}
+        self._gens_trusted = False
+        self._gens_epoch = 0  # raised by every class event: an older re-read is not used
+        self._bus_live = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def from_url(
+        cls, config: RedisConfig, url: str, stats: GatewayStats | None = None
+    ) -> ClusterStore:
+        seeds, username, password = parse_seeds(url)
+        common: dict[str, Any] = {
+            "username": username,
+            "password": password,
+            "socket_timeout": config.socket_timeout,
+            "socket_connect_timeout": config.connect_timeout,
+        }
+        client = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+            max_connections=config.max_connections,
+            # No automatic resend after a lost reply (see RedisStore.from_config); MOVED
+            # and ASK redirections are followed all the same (the command did not run).
+            retry=Retry(NoBackoff(), 0),
+            require_full_coverage=False,
+            **common,
+        )
+
+        def node_client(host: str, port: int) -> aioredis.Redis:
+            return aioredis.Redis(
+                host=host,
+                port=port,
+                retry=Retry(NoBackoff(), 0),
+                **{**common, "socket_timeout": max(config.socket_timeout, 5.0)},
+            )
+
+        return cls(client, config.prefix, stats, seeds, node_client)
+
+    # -- the bus's connection -----------------------------------------------------------
+
+    def _pubsub_client(self) -> aioredis.Redis:
+        """A connection to one node for the bus: classic pub/sub reaches every node, so
+        any one will do; each new session tries the next known node (a dead one is
+        skipped by the bus's backoff and the next call)."""
+        known = [(n.host, n.port) for n in self._cluster.get_nodes()] or self._seeds
+        host, port = known[self._bus_turn % len(known)]
+        self._bus_turn += 1
+        return cast(aioredis.Redis, self._node_client(host, port))
+
+    # -- generations --------------------------------------------------------------------
+
+    def _raise_generations(self, seen: dict[str, int]) -> None:
+        for name, gen in seen.items():
+            if gen > self._gens.get(name, 0):
+                self._gens[name] = gen
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload_generations(self, *, replace_all: bool) -> None:
+        epoch = self._gens_epoch
+        try:
+            with self._reading:
+                raw = await self._retrying(lambda: self._client.hgetall(self.gens_key))
+        except L2Unavailable as exc:
+            log.info("could not read the class generations (reads fetch them): %s", exc)
+            return
+        seen = {_text(k): int(v) for k, v in (raw or {}).items()}
+        if epoch != self._gens_epoch or not self._bus_live:
+            return  # an event came meanwhile (or the bus dropped): stay untrusted
+        if replace_all:
+            self._gens = seen
+        else:
+            self._raise_generations(seen)
+        self._gens_trusted = True
+
+    def on_subscription(self, live: bool) -> None:
+        self._bus_live = live
+        self._gens_epoch += 1
+        self._gens_trusted = False
+        if live:
+            # Whatever this gateway missed while not subscribed is in the hash.
+            self._spawn(self._reload_generations(replace_all=True))
+
+    def on_class_event(self) -> None:
+        self._gens_epoch += 1
+        self._gens_trusted = False
+        self._spawn(self._reload_generations(replace_all=False))
+
+    async def generation(self, key_class: str) -> int:
+        if not self._gens_trusted:
+            with self._reading:
+                raw = await self._retrying(lambda: self._client.hget(self.gens_key, key_class))
+            self._raise_generations({key_class: int(raw or 0)})
+        return self._gens.get(key_class, 0)
+
+    def generation_keys(self, key_class: str) -> list[str]:
+        return []
+
+    # -- reads --------------------------------------------------------------------------
+
+    async def read(
+        self, keys: Sequence[str], classes: Iterable[str]
+    ) -> tuple[list[L2Entry | None], dict[str, int]]:
+        """GET and PTTL of every key, one pipeline split by node and sent to the nodes
+        concurrently (redis-py's cluster pipeline); the generations from memory, or
+        fetched beside the values while untrusted."""
+        class_names = list(classes)
+        fetch = bool(class_names) and not self._gens_trusted
+
+        async def once() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    rkey = self.redis_key(key)
+                    pipe.get(rkey)
+                    pipe.pttl(rkey)
+                if fetch:
+                    pipe.hmget(self.gens_key, class_names)
+                return redis_errors.raise_first(await pipe.execute(raise_on_error=False))
+
+        with self._reading:
+            replies = await self._retrying(once)
+        if fetch:
+            fetched = replies[-1]
+            self._raise_generations(
+                {n: int(g or 0) for n, g in zip(class_names, fetched, strict=True)}
+            )
+        out: list[L2Entry | None] = []
+        for i, key in enumerate(keys):
+            raw, pttl = replies[2 * i], replies[2 * i + 1]
+            out.append(None if raw is None or pttl == -2 else self._decode(key, raw, pttl))
+        return out, {n: self._gens.get(n, 0) for n in class_names}
+
+    # -- writes -------------------------------------------------------------------------
+
+    def _cluster_set_args(self, call: SetCall, now_ms: int, gen: int) -> list[Any]:
+        _, args = self._set_keys_args(call, now_ms)
+        return [*args, gen]
+
+    def _index_calls(self, call: SetCall, now_ms: int) -> list[tuple[list[str], list[Any]]]:
+        return [
+            ([self.tag_key(tag)], [call.key, call.expires_at_ms, now_ms, call.px_ms])
+            for tag in call.tags
+        ]
+
+    async def set(self, call: SetCall) -> SetResult:
+        """Index the tags, write the value (one script, the key's slot), then publish the
+        event if a value was replaced (see the module's docstring)."""
+        now_ms = time.time_ns() // 1_000_000
+        gen = await self.generation(call.key_class)
+        if call.tags:
+            for reply in await self.run_each(self._index_script, self._index_calls(call, now_ms)):
+                if isinstance(reply, L2Unavailable):
+                    raise reply
+        with self._writing:
+            reply = await self._cset_script(
+                keys=[self.redis_key(call.key), self.lease_key(call.key)],
+                args=self._cluster_set_args(call, now_ms, gen),
+            )
+        result = SetResult.from_reply(reply)
+        if result.stored and result.replaced and call.event:
+            event_id = await self._publish_event(call.event, call.max_events)
+            result = replace(result, event_id=event_id)
+        return result
+
+    async def set_many(self, calls: Sequence[SetCall]) -> list[SetResult | L2Unavailable]:
+        now_ms = time.time_ns() // 1_000_000
+        gens = {name: await self.generation(name) for name in {c.key_class for c in calls}}
+        out: list[SetResult | L2Unavailable | None] = [None] * len(calls)
+        # Tag indexes first: an item whose indexing failed is not written.
+        index_calls: list[tuple[list[str], list[Any]]] = []
+        owners: list[int] = []
+        for i, call in enumerate(calls):
+            for one in self._index_calls(call, now_ms):
+                index_calls.append(one)
+                owners.append(i)
+        if index_calls:
+            indexed = await self.run_each(self._index_script, index_calls)
+            for i, reply in zip(owners, indexed, strict=True):
+                if isinstance(reply, L2Unavailable) and out[i] is None:
+                    out[i] = reply
+        todo = [i for i in range(len(calls)) if out[i] is None]
+        replies = await self.run_each(
+            self._cset_script,
+            [
+                (
+                    [self.redis_key(calls[i].key), self.lease_key(calls[i].key)],
+                    self._cluster_set_args(calls[i], now_ms, gens[calls[i].key_class]),
+                )
+                for i in todo
+            ],
+        )
+        for i, reply in zip(todo, replies, strict=True):
+            out[i] = reply if isinstance(reply, L2Unavailable) else SetResult.from_reply(reply)
+        # The events of the writes that replaced a value, in one pipeline.
+        eventful = [
+            i
+            for i in todo
+            if isinstance(r := out[i], SetResult) and r.stored and r.replaced and calls[i].event
+        ]
+        if eventful:
+            ids = await self._publish_events(
+                [(calls[i].event, calls[i].max_events) for i in eventful]
+            )
+            for i, event_id in zip(eventful, ids, strict=True):
+                out[i] = replace(cast(SetResult, out[i]), event_id=event_id)
+        return [cast(SetResult | L2Unavailable, r) for r in out]
+
+    async def _publish_event(self, payload: bytes, max_len: int) -> str:
+        return (await self._publish_events([(payload, max_len)]))[0]
+
+    async def _publish_events(self, events: Sequence[tuple[bytes, int]]) -> list[str]:
+        """Publish the events of applied writes; one that fails is sent again later."""
+        calls = [
+            ([self.events_key], [max_len, payload, self.events_channel])
+            for payload, max_len in events
+        ]
+        try:
+            replies = await self.run_each(self._publish_script, calls)
+        except L2Unavailable as exc:
+            replies = [exc] * len(calls)
+        ids: list[str] = []
+        for (payload, max_len), reply in zip(events, replies, strict=True):
+            if isinstance(reply, L2Unavailable):
+                self._spawn(self._publish_later(payload, max_len, reply))
+                ids.append("")
+            else:
+                self.stats.invalidations_published += 1
+                ids.append(_text(reply))
+        return ids
+
+    async def _publish_later(self, payload: bytes, max_len: int, first: L2Unavailable) -> None:
+        delay = PUBLISH_RETRY_DELAY
+        log.warning("a write's invalidation event was not published (%s): sending it again", first)
+        for _ in range(PUBLISH_ATTEMPTS):
+            await asyncio.sleep(delay)
+            try:
+                await self.publish(payload, max_len)
+                return
+            except L2Unavailable:
+                delay *= 2
+        log.error(
+            "gave up publishing a write's invalidation event: other gateways may serve their "
+            "L1 copy until it expires (the class's l1_ttl)"
+        )
+
+    async def delete_each(
+        self, keys: Sequence[str], *, event: bytes = b"", max_events: int = 10_000
+    ) -> tuple[int, str, list[bool]]:
+        """Each key's value, lease, counter and limiter removed by one script in its slot
+        (one pipeline over the nodes), then the event published. When some key failed,
+        the event still goes out (what was removed must be evicted elsewhere) and the
+        first failure is raised."""
+        replies = await self.run_each(
+            self._delete_key_script,
+            [
+                (
+                    [
+                        self.redis_key(key),
+                        self.lease_key(key),
+                        self.counter_key(key),
+                        self.limiter_key(key),
+                    ],
+                    [],
+                )
+                for key in keys
+            ],
+        )
+        failure = next((r for r in replies if isinstance(r, L2Unavailable)), None)
+        event_id = ""
+        if event:
+            if failure is None:
+                event_id = await self.publish(event, max_events)
+            else:
+                with contextlib.suppress(L2Unavailable):
+                    await self.publish(event, max_events)
+        if failure is not None:
+            raise failure
+        each = [bool(int(cast(int, r))) for r in replies]
+        return sum(each), event_id, each
+
+    async def delete_tag(self, tag: str, chunk: int = 1000) -> int:
+        """As on one Redis, in three steps a chunk: read the members, remove their values
+        and leases (each in its slot), then remove the index entries whose score is
+        unchanged (a member re-indexed meanwhile stays indexed)."""
+        index = self.tag_key(tag)
+        removed = skipped = 0
+        with self._writing:
+            rounds = int(await self._client.zcard(index)) // chunk + 2
+            for _ in range(rounds):
+                members = await self._client.zrange(
+                    index, skipped, skipped + chunk - 1, withscores=True, score_cast_func=bytes
+                )
+                if not members:
+                    break
+                pairs: list[tuple[bytes, bytes]] = list(members)  # type: ignore[arg-type]
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for member, _score in pairs:
+                        key = _text(member)
+                        pipe.execute_command("UNLINK", self.lease_key(key))
+                        pipe.execute_command("UNLINK", self.redis_key(key))
+                    replies = redis_errors.raise_first(await pipe.execute(raise_on_error=False))
+                removed += sum(int(r) for r in replies[1::2])
+                args: list[bytes] = []
+                for member, score in pairs:
+                    args += (member, score)
+                pruned = int(await self._prune_script(keys=[index], args=args))
+                skipped += len(pairs) - pruned
+                if len(pairs) < chunk:
+                    break
+        return removed
+
+    async def bump_generations(self, classes: Sequence[str]) -> dict[str, int]:
+        with self._writing:
+            replies = await self._bump_script(keys=[self.gens_key], args=list(classes))
+        gens = {name: int(g) for name, g in zip(classes, replies, strict=True)}
+        self._raise_generations(gens)
+        return gens
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self._cluster.aclose()
+
+
+def _text(raw: object) -> str:
+    return raw.decode(errors="surrogateescape") if isinstance(raw, bytes) else str(raw)

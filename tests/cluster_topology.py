@@ -1,0 +1,236 @@
+"""A real Redis Cluster for the tests and benchmarks: redis-server processes started with
+``--cluster-enabled yes`` on free loopback ports and joined by ``redis-cli --cluster
+create``, the way an operator builds one. Everything it starts, it stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from types import TracebackType
+
+import redis
+
+from cachegw_gateway.managed_redis import ManagedRedis
+
+NODE_TIMEOUT_MS = 1500  # how long a silent primary takes to be failed over
+
+
+def _cli() -> str:
+    path = shutil.which("redis-cli")
+    if path is None:
+        raise RuntimeError("redis-cli not found (Debian: apt-get install redis-tools)")
+    return path
+
+
+class ClusterTopology:
+    """`primaries` primaries with `replicas` replicas each, all on 127.0.0.1."""
+
+    def __init__(self, primaries: int = 3, replicas: int = 1) -> None:
+        flags = [
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+            # A replica takes over however long its link was down (loopback: it is
+            # never far behind), so a failover never waits for a human.
+            "--cluster-replica-validity-factor", "0",
+            "--cluster-require-full-coverage", "no",
+        ]  # fmt: skip
+        self.nodes = [ManagedRedis(extra_args=flags) for _ in range(primaries * (1 + replicas))]
+        self._primaries = primaries
+        self._replicas = replicas
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> None:
+        for node in self.nodes:
+            node.start()
+        addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        replicas = ["--cluster-replicas", str(self._replicas)]
+        done = subprocess.run(
+            [_cli(), "--cluster", "create", *addrs, *replicas, "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")
+        self.wait_healthy(timeout)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(node.pid, signal.SIGCONT)  # a stopped process ignores SIGTERM
+            node.stop()
+
+    def __enter__(self) -> ClusterTopology:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- views --------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The gateway's URL: every node as a seed."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def client(self, node: ManagedRedis) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=2.0)
+
+    def _info(self, node: ManagedRedis, section: str) -> dict[str, object]:
+        with self.client(node) as c:
+            return dict(c.info(section))
+
+    def running_nodes(self) -> list[ManagedRedis]:
+        return [n for n in self.nodes if n.running]
+
+    def primaries(self) -> list[ManagedRedis]:
+        return [n for n in self.running_nodes() if self._info(n, "replication")["role"] == "master"]
+
+    def cluster_client(self) -> redis.RedisCluster:
+        node = self.running_nodes()[0]
+        return redis.RedisCluster(host="127.0.0.1", port=node.port, socket_timeout=2.0)
+
+    def primary_of_slot(self, slot: int) -> ManagedRedis:
+        for node in self.running_nodes():
+            with self.client(node) as c:
+                for start, end, owner, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                    if int(start) <= slot <= int(end):
+                        port = int(owner[1])
+                        return next(n for n in self.nodes if n.port == port)
+        raise LookupError(f"no node serves slot {slot}")
+
+    def node_of_key(self, name: str) -> ManagedRedis:
+        """The primary serving Redis key `name` now."""
+        with self.client(self.running_nodes()[0]) as c:
+            slot = int(c.execute_command("CLUSTER", "KEYSLOT", name))
+        return self.primary_of_slot(slot)
+
+    # -- health -------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """Every running node sees the cluster ok, every slot covered by a running
+        primary, and every primary's replicas attached."""
+        try:
+            nodes = self.running_nodes()
+            for node in nodes:
+                with self.client(node) as c:
+                    info = c.execute_command("CLUSTER", "INFO")
+                    text = info.decode() if isinstance(info, bytes) else str(info)
+                    if "cluster_state:ok" not in text:
+                        return False
+            primaries = self.primaries()
+            if len(primaries) < self._primaries:
+                return False
+            for node in nodes:
+                rep = self._info(node, "replication")
+                if rep["role"] == "slave" and rep.get("master_link_status") != "up":
+                    return False
+            return True
+        except redis.RedisError:
+            return False
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the cluster was not healthy within {timeout:g}s")
+            time.sleep(0.1)
+
+    # -- faults -------------------------------------------------------------------------
+
+    def kill(self, node: ManagedRedis) -> None:
+        node.kill()
+
+    def pause(self, node: ManagedRedis) -> None:
+        assert node.pid is not None
+        os.kill(node.pid, signal.SIGSTOP)
+
+    def resume(self, node: ManagedRedis) -> None:
+        assert node.pid is not None
+        os.kill(node.pid, signal.SIGCONT)
+
+    def wait_failover(self, old: ManagedRedis, timeout: float = 20.0) -> ManagedRedis:
+        """Wait until the slots `old` served are served by another running primary."""
+        with self.client(next(n for n in self.running_nodes() if n is not old)) as c:
+            slots = [
+                (int(s), int(e))
+                for s, e, owner, *_ in c.execute_command("CLUSTER", "SLOTS")
+                if int(owner[1]) == old.port
+            ]
+        slot = slots[0][0] if slots else 0
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                new = self.primary_of_slot(slot)
+                if new is not old and new.running and self.healthy_except(old):
+                    return new
+            except (redis.RedisError, LookupError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no failover of {old} within {timeout:g}s")
+            time.sleep(0.1)
+
+    def healthy_except(self, gone: ManagedRedis) -> bool:
+        for node in self.running_nodes():
+            if node is gone:
+                continue
+            try:
+                with self.client(node) as c:
+                    info = c.execute_command("CLUSTER", "INFO")
+            except redis.RedisError:
+                return False
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            if "cluster_state:ok" not in text:
+                return False
+        return True
+
+    def move_slots(self, source: ManagedRedis, target: ManagedRedis, count: int) -> None:
+        """Move `count` slots from `source` to `target` with their keys, the way an
+        operator does (redis-cli --cluster reshard)."""
+        with self.client(source) as c:
+            src_id = c.execute_command("CLUSTER", "MYID")
+        with self.client(target) as c:
+            dst_id = c.execute_command("CLUSTER", "MYID")
+        args = [
+            _cli(), "--cluster", "reshard", f"127.0.0.1:{source.port}",
+            "--cluster-from", _s(src_id), "--cluster-to", _s(dst_id),
+            "--cluster-slots", str(count), "--cluster-yes",
+            "--cluster-pipeline", "100",
+        ]  # fmt: skip
+        done = subprocess.run(
+            args,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"reshard failed:\n{done.stdout[-2000:]}{done.stderr}")
+
+
+def _s(raw: object) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def seeds(topology: ClusterTopology) -> Sequence[tuple[str, int]]:
+    return [("127.0.0.1", n.port) for n in topology.nodes]
