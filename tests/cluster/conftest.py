@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.cluster_topology import ClusterTopology
-from tests.conftest import GatewayFactory, RunningGateway
+from tests.conftest import GatewayCluster, GatewayFactory, GatewayProcess, RunningGateway
 
 _prefixes = itertools.count()
 
@@ -40,5 +41,30 @@ def cluster_gateway(
             toml, redis_url=cluster.url, redis__prefix=prefix, **overrides
         )
         return gw
+
+    return start
+
+
+@pytest.fixture
+def gateway_cluster(
+    tmp_path: Path,
+    cluster: ClusterTopology,
+    gateway_process: Callable[..., GatewayProcess],
+    prefix: str,
+) -> GatewayCluster:
+    """As tests/conftest.py's `gateway_cluster`, on the Redis Cluster: the fan-out and
+    stampede tests run unchanged over it (tests/cluster/test_cluster_storms.py)."""
+    started = 0
+
+    def start(n: int, toml: str = "") -> list[GatewayProcess]:
+        nonlocal started
+        config = tmp_path / f"cluster{started}.toml"
+        started += 1
+        config.write_text(toml)
+        flags = ["--config", str(config), "--redis-url", cluster.url, "--redis-prefix", prefix]
+        return [
+            gateway_process(*flags, "--gateway-id", f"gw{i}", "--log-level", "WARNING")
+            for i in range(n)
+        ]
 
     return start
