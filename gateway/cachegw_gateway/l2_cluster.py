@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -127,7 +128,9 @@ class ClusterStore(RedisStore):
         self._cluster = client
         self._seeds = list(seeds)
         self._node_client = node_client  # (host, port) -> aioredis.Redis, for the bus
-        self._bus_turn = 0
+        # Gateways start their bus on different nodes: losing one node then flushes the
+        # L1 of only the gateways that listened there.
+        self._bus_turn = random.randrange(1 << 16)
         meta = f"{prefix}:{{meta}}"
         self.events_key = f"{meta}:events"
         self.gens_key = f"{meta}:gens"

@@ -295,10 +295,11 @@ def retryable(exc: BaseException) -> bool:
     return isinstance(exc, UNAVAILABLE_ERRORS) and not _is_reply(exc)
 
 
-def first_error(replies: Sequence[Any]) -> ResponseError | None:
-    """The first error reply among a pipeline's results (execute(raise_on_error=False))."""
+def first_error(replies: Sequence[Any]) -> Exception | None:
+    """The first error among a pipeline's results (execute(raise_on_error=False)): an
+    error reply, or on a Cluster pipeline the connection error of one node's share."""
     for reply in replies:
-        if isinstance(reply, ResponseError):
+        if isinstance(reply, Exception):
             return reply
     return None
 

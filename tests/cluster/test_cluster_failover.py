@@ -1,0 +1,95 @@
+"""A primary of the cluster SIGKILLed under continuous load from three gateway processes:
+Redis promotes its replica (a few seconds here), and the gateways ride it out.
+
+Its own module: the killed node stays dead, so this module's cluster is not shared."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from cachegw import AsyncClient
+from cachegw.errors import CacheError
+from tests.cluster.load import DEADLINE, Load
+from tests.cluster_topology import ClusterTopology
+from tests.conftest import GatewayCluster
+
+CLASSES = """
+[[classes]]
+name = "product"
+patterns = ["product:*"]
+ttl_seconds = 120
+l1_ttl_seconds = 60
+"""
+
+KEYS = [f"product:{i}" for i in range(60)]
+WRITES_RESUME_WITHIN = 15.0  # seconds after the promotion (generous: a loaded CI host)
+PROPAGATION = 1.0
+
+
+async def test_a_primary_killed_under_load(
+    cluster: ClusterTopology, gateway_cluster: GatewayCluster, prefix: str
+) -> None:
+    gateways = gateway_cluster(3, CLASSES)
+    clients = [AsyncClient(gw.address) for gw in gateways]
+    try:
+        await clients[0].set_many([(k, b"v0") for k in KEYS])
+        for client in clients:  # L1-hot on every gateway
+            await client.get_many(KEYS)
+        victim = cluster.node_of_key(f"{prefix}:{{{KEYS[0]}}}")
+        on_victim = [k for k in KEYS if cluster.node_of_key(f"{prefix}:{{{k}}}") is victim]
+
+        load = Load(clients, KEYS)
+        load.start()
+        await asyncio.sleep(1.0)
+        killed_at = time.monotonic()
+        cluster.kill(victim)
+        await asyncio.to_thread(cluster.wait_failover, victim)
+        promoted_at = time.monotonic()
+
+        # Writes to the lost primary's slots resume soon after the promotion.
+        first_write: float | None = None
+        while time.monotonic() - promoted_at < WRITES_RESUME_WITHIN:
+            try:
+                await clients[1].set(on_victim[0], b"after", timeout=DEADLINE)
+                first_write = time.monotonic()
+                break
+            except CacheError:
+                await asyncio.sleep(0.1)
+        assert first_write is not None, "no write to the promoted replica's slots"
+        await asyncio.sleep(1.0)
+        await load.stop()
+
+        assert not load.late(), load.late()[:5]
+        assert not load.undocumented(), load.undocumented()[:5]
+        assert all(gw.proc.poll() is None for gw in gateways), "a gateway exited"
+        # Keys held in L1 kept being answered through the blackout, the lost primary's
+        # included.
+        blackout = [
+            o
+            for o in load.outcomes
+            if o.op == "get" and killed_at <= o.started <= promoted_at and o.key in on_victim
+        ]
+        assert any(o.code == "OK" and o.value is not None for o in blackout), blackout[:5]
+        others = [
+            o
+            for o in load.outcomes
+            if o.started >= killed_at and o.key not in on_victim and o.op == "get"
+        ]
+        assert others and all(o.code == "OK" for o in others), [
+            o for o in others if o.code != "OK"
+        ][:5]
+
+        # After recovery no gateway serves anything older than the last write.
+        for i, key in enumerate(KEYS):
+            await clients[i % 3].set(key, b"final", timeout=5.0)
+        await asyncio.sleep(PROPAGATION)
+        for client in clients:
+            assert await client.get_many(KEYS, timeout=5.0) == [b"final"] * len(KEYS)
+        print(
+            f"\nfailover: promoted {promoted_at - killed_at:.1f}s after the kill, first write "
+            f"{first_write - killed_at:.1f}s; outcomes {dict(load.codes())}"
+        )
+    finally:
+        for client in clients:
+            await client.close()
