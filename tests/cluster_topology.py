@@ -110,6 +110,15 @@ class ClusterTopology:
         node = self.running_nodes()[0]
         return redis.RedisCluster(host="127.0.0.1", port=node.port, socket_timeout=2.0)
 
+    def slots_of(self, node: ManagedRedis) -> list[tuple[int, int]]:
+        """The slot ranges `node` serves now."""
+        with self.client(node) as c:
+            return [
+                (int(s), int(e))
+                for s, e, owner, *_ in c.execute_command("CLUSTER", "SLOTS")
+                if int(owner[1]) == node.port
+            ]
+
     def primary_of_slot(self, slot: int) -> ManagedRedis:
         for node in self.running_nodes():
             with self.client(node) as c:
