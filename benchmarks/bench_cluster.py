@@ -36,7 +36,9 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -90,15 +92,16 @@ async def pubsub_delays(
     publisher = RedisCluster(startup_nodes=seeds)
     await publisher.initialize()
     channel = "bench:{events}"
-    listener_node: ClusterNode | None = None
+    pubsub: Any
     if sharded:
         pubsub = publisher.pubsub()
         await pubsub.ssubscribe(channel)
     else:
         # Any node but the one the publisher's PUBLISH goes to: what a gateway sees.
         owner = publisher.get_node_from_key(channel)
-        listener_node = next(n for n in publisher.get_nodes() if n.name != owner.name)
-        single = aioredis.Redis(host=listener_node.host, port=listener_node.port)
+        assert owner is not None
+        node = next(n for n in publisher.get_nodes() if n.name != owner.name)
+        single = aioredis.Redis(host=node.host, port=int(node.port))
         pubsub = single.pubsub()
         await pubsub.subscribe(channel)
     received: list[tuple[float, bytes]] = []
@@ -136,7 +139,7 @@ async def pubsub_delays(
         await send(n, 0)
         await listener
         burst = n / (time.perf_counter() - t0)
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await pubsub.aclose()
     await publisher.aclose()
     return delays, burst
 
@@ -180,9 +183,9 @@ def main() -> int:
         cases = []
         for topo, client in clients.items():
             cases += [
-                case(f"get.{topo}", lambda client=client: client.get("d:7"), 1),
-                case(f"getmany.{topo}", lambda client=client: client.get_many(direct), BATCH),
-                case(f"l1.{topo}", lambda client=client: client.get("hot"), 1),
+                case(f"get.{topo}", partial(client.get, "d:7"), 1),
+                case(f"getmany.{topo}", partial(client.get_many, direct), BATCH),
+                case(f"l1.{topo}", partial(client.get, "hot"), 1),
             ]
         results = run_interleaved(cases, rounds, rotate=True)
         n = 300 if args.quick else 2000
