@@ -372,6 +372,8 @@ class ClusterStore(RedisStore):
         return ids
 
     async def _publish_later(self, payload: bytes, max_len: int, first: L2Unavailable) -> None:
+        """Send an applied write's event again. One whose reply was lost may have gone
+        out already: then it goes out twice, which is harmless (an event only evicts)."""
         delay = PUBLISH_RETRY_DELAY
         log.warning("a write's invalidation event was not published (%s): sending it again", first)
         for _ in range(PUBLISH_ATTEMPTS):

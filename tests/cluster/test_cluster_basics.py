@@ -233,3 +233,37 @@ def test_generations_and_events_share_one_slot(cluster: ClusterTopology) -> None
         }
     assert len(slots) == 1
     assert isinstance(redis.__version__, str)
+
+
+async def test_an_event_that_could_not_be_published_is_sent_again(
+    cluster: ClusterTopology, cluster_gateway: ClusterGateways, prefix: str
+) -> None:
+    """A Set's value and its event are two calls on a cluster: when the node holding the
+    audit stream refuses the event (OOM: nothing ran), the write still stands and its
+    event goes out once the node takes writes again, evicting the other gateway's copy
+    (docs/consistency.md)."""
+    a, b = await cluster_gateway(CLASSES), await cluster_gateway(CLASSES)
+    ca, cb = AsyncClient(a.address), AsyncClient(b.address)
+    meta = cluster.node_of_key(f"{prefix}:{{meta}}:events")
+    key = next(k for k in KEYS if cluster.node_of_key(f"{prefix}:{{{k}}}") is not meta)
+    try:
+        await ca.set(key, b"old")
+        await cb.get(key)
+        assert (await cb.lookup(key)).tier is Tier.L1
+        with cluster.client(meta) as admin:
+            admin.config_set("maxmemory", "1")
+            try:
+                assert (await ca.set(key, b"new")).stored
+                await asyncio.sleep(0.3)
+                assert (await cb.lookup(key)).value == b"old"  # no event yet
+            finally:
+                admin.config_set("maxmemory", "0")
+        # The event is sent again: b drops its copy and reads the new value.
+        for _ in range(300):
+            if await cb.get(key) == b"new":
+                break
+            await asyncio.sleep(0.02)
+        assert await cb.get(key) == b"new"
+    finally:
+        await ca.close()
+        await cb.close()
