@@ -849,7 +849,7 @@ class RedisStore:
         async def once() -> bool:
             if refused:
                 await self._client.unlink(self.probe_key)
-            return bool(await self._client.ping())
+            return await self._ping_all()
 
         try:
             up = await self._retrying(once)
@@ -864,6 +864,9 @@ class RedisStore:
         up = up and not self._writes_refused
         self.stats.redis_up = up
         return up
+
+    async def _ping_all(self) -> bool:
+        return bool(await self._client.ping())
 
     async def close(self) -> None:
         await self._client.aclose(close_connection_pool=True)

@@ -461,6 +461,11 @@ class ClusterStore(RedisStore):
         self._raise_generations(gens)
         return gens
 
+    async def _ping_all(self) -> bool:
+        """Every primary answers: with one down, part of the keyspace is (redis_up false
+        until its replica takes over)."""
+        return bool(await self._cluster.ping(target_nodes=RedisCluster.PRIMARIES))
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()

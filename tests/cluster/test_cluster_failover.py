@@ -8,8 +8,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
+
 from cachegw import AsyncClient
 from cachegw.errors import CacheError
+from cachegw.v1 import cache_pb2 as pb
+from cachegw.v1 import cache_pb2_grpc
 from tests.cluster.load import DEADLINE, Load
 from tests.cluster_topology import ClusterTopology
 from tests.conftest import GatewayCluster
@@ -79,6 +83,17 @@ async def test_a_primary_killed_under_load(
         assert others and all(o.code == "OK" for o in others), [
             o for o in others if o.code != "OK"
         ][:5]
+
+        # Every gateway sees the cluster whole again (its probe pings every primary).
+        for gw in gateways:
+            async with grpc.aio.insecure_channel(gw.address) as channel:
+                stub = cache_pb2_grpc.CacheServiceStub(channel)
+                for _ in range(100):
+                    stats = await stub.Stats(pb.StatsRequest(), timeout=5.0)
+                    if stats.redis.up:
+                        break
+                    await asyncio.sleep(0.1)
+                assert stats.redis.up
 
         # After recovery no gateway serves anything older than the last write.
         for i, key in enumerate(KEYS):
