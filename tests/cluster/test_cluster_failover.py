@@ -27,6 +27,7 @@ l1_ttl_seconds = 60
 """
 
 KEYS = [f"product:{i}" for i in range(60)]
+UNTOUCHED = [f"product:u{i}" for i in range(30)]  # not in the load: invalidated mid-failover
 WRITES_RESUME_WITHIN = 15.0  # seconds after the promotion (generous: a loaded CI host)
 PROPAGATION = 1.0
 
@@ -37,9 +38,9 @@ async def test_a_primary_killed_under_load(
     gateways = gateway_cluster(3, CLASSES)
     clients = [AsyncClient(gw.address) for gw in gateways]
     try:
-        await clients[0].set_many([(k, b"v0") for k in KEYS])
+        await clients[0].set_many([(k, b"v0") for k in [*KEYS, *UNTOUCHED]])
         for client in clients:  # L1-hot on every gateway
-            await client.get_many(KEYS)
+            await client.get_many([*KEYS, *UNTOUCHED])
         victim = cluster.node_of_key(f"{prefix}:{{{KEYS[0]}}}")
         on_victim = [k for k in KEYS if cluster.node_of_key(f"{prefix}:{{{k}}}") is victim]
 
@@ -48,6 +49,15 @@ async def test_a_primary_killed_under_load(
         await asyncio.sleep(1.0)
         killed_at = time.monotonic()
         cluster.kill(victim)
+        # An invalidation issued during the failover (sent again until it is applied).
+        invalidated = False
+        while not invalidated and time.monotonic() - killed_at < WRITES_RESUME_WITHIN + 10:
+            try:
+                await clients[0].invalidate(keys=UNTOUCHED, timeout=DEADLINE)
+                invalidated = True
+            except CacheError:
+                await asyncio.sleep(0.1)
+        assert invalidated
         await asyncio.to_thread(cluster.wait_failover, victim)
         promoted_at = time.monotonic()
 
@@ -94,6 +104,10 @@ async def test_a_primary_killed_under_load(
                         break
                     await asyncio.sleep(0.1)
                 assert stats.redis.up
+
+        # The invalidation issued during the failover reached every gateway.
+        for client in clients:
+            assert await client.get_many(UNTOUCHED, timeout=5.0) == [None] * len(UNTOUCHED)
 
         # After recovery no gateway serves anything older than the last write.
         for i, key in enumerate(KEYS):
