@@ -106,6 +106,7 @@ end
 return out
 """
 
+RELOAD_EVERY = 1.0  # seconds between two re-reads of the generations after a failed one
 PUBLISH_ATTEMPTS = 5  # an event that could not be published is sent again this often
 PUBLISH_RETRY_DELAY = 0.2  # seconds before the first resend; doubled each time
 
@@ -143,6 +144,8 @@ class ClusterStore(RedisStore):
         self._gens_trusted = False
         self._gens_epoch = 0  # raised by every class event: an older re-read is not used
         self._bus_live = False
+        self._reloading = False
+        self._last_reload = -RELOAD_EVERY
         self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -199,14 +202,21 @@ class ClusterStore(RedisStore):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _reload(self, *, replace_all: bool) -> None:
+        self._last_reload = time.monotonic()
+        self._spawn(self._reload_generations(replace_all=replace_all))
+
     async def _reload_generations(self, *, replace_all: bool) -> None:
         epoch = self._gens_epoch
+        self._reloading = True
         try:
             with self._reading:
                 raw = await self._retrying(lambda: self._client.hgetall(self.gens_key))
         except L2Unavailable as exc:
             log.info("could not read the class generations (reads fetch them): %s", exc)
             return
+        finally:
+            self._reloading = False
         seen = {_text(k): int(v) for k, v in (raw or {}).items()}
         if epoch != self._gens_epoch or not self._bus_live:
             return  # an event came meanwhile (or the bus dropped): stay untrusted
@@ -222,12 +232,12 @@ class ClusterStore(RedisStore):
         self._gens_trusted = False
         if live:
             # Whatever this gateway missed while not subscribed is in the hash.
-            self._spawn(self._reload_generations(replace_all=True))
+            self._reload(replace_all=True)
 
     def on_class_event(self) -> None:
         self._gens_epoch += 1
         self._gens_trusted = False
-        self._spawn(self._reload_generations(replace_all=False))
+        self._reload(replace_all=False)
 
     async def generation(self, key_class: str) -> int:
         if not self._gens_trusted:
@@ -249,6 +259,10 @@ class ClusterStore(RedisStore):
         fetched beside the values while untrusted."""
         class_names = list(classes)
         fetch = bool(class_names) and not self._gens_trusted
+        reload_due = time.monotonic() - self._last_reload >= RELOAD_EVERY
+        if fetch and self._bus_live and not self._reloading and reload_due:
+            # A re-read failed (Redis was down): try again, at most once a second.
+            self._reload(replace_all=False)
 
         async def once() -> list[Any]:
             async with self._client.pipeline(transaction=False) as pipe:
