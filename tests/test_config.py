@@ -321,16 +321,21 @@ def test_listen_port_range(port: int) -> None:
         "redis://127.0.0.1:6379/0",
         "rediss://cache:6380/1",
         "unix:///run/redis.sock",
+        "redis+cluster://c1:7000,c2:7000",
+        "redis+cluster://user:pw@[::1]:7000",
     ],
 )
 def test_valid_redis_urls(url: str) -> None:
     assert load_config(env={}, overrides={"redis.url": url}).redis.url == url
 
 
-@pytest.mark.parametrize("url", ["redis+sentinel://s1:26379/mymaster", "redis+cluster://c:7000"])
-def test_sentinel_and_cluster_urls_are_refused_clearly(url: str) -> None:
-    with pytest.raises(ConfigError, match="Sentinel and Cluster are not supported yet"):
+@pytest.mark.parametrize(
+    "url", ["redis+cluster://c:7000/0", "redis+cluster://c", "redis+cluster://:pw@c:x"]
+)
+def test_bad_cluster_urls_are_refused_without_the_password(url: str) -> None:
+    with pytest.raises(ConfigError, match="redis.url: ") as info:
         load_config(env={}, overrides={"redis.url": url})
+    assert "pw" not in str(info.value)
 
 
 def test_env_errors_name_the_variable() -> None:
