@@ -333,7 +333,7 @@ def test_valid_redis_urls(url: str) -> None:
     "url", ["redis+cluster://c:7000/0", "redis+cluster://c", "redis+cluster://:pw@c:x"]
 )
 def test_bad_cluster_urls_are_refused_without_the_password(url: str) -> None:
-    with pytest.raises(ConfigError, match="redis.url: ") as info:
+    with pytest.raises(ConfigError, match=r"redis\.url: ") as info:
         load_config(env={}, overrides={"redis.url": url})
     assert "pw" not in str(info.value)
 
