@@ -114,6 +114,7 @@ class Link:
     async def load_checkpoint(self) -> None:
         """Resume from the destination's checkpoint; without one, start at the source
         stream's current end (what happened before the link existed is not carried)."""
+        await self._dst.load_scripts()  # so that each script's first call is one round trip
         with self._dst.reading:
             raw = await self._dst.client.get(self.checkpoint_key)
         if raw is not None:
@@ -236,7 +237,8 @@ class Link:
             self.stats.up = True
             return 0
         for entry_id, payload in batch:
-            await self._apply(entry_id, payload)
+            if not await self._apply(entry_id, payload):
+                return len(batch)  # a fallback: it covered the rest, and moved the cursor
         self.cursor = parse_id(batch[-1][0])
         self._position += len(batch)
         await self._save_checkpoint()
@@ -256,19 +258,20 @@ class Link:
 
     # -- applying -------------------------------------------------------------------------
 
-    async def _apply(self, entry_id: str, payload: bytes) -> None:
+    async def _apply(self, entry_id: str, payload: bytes) -> bool:
+        """Apply one source event; False when that took the fallback instead."""
         try:
             event = pb.InvalidationEvent.FromString(payload)
         except DecodeError:
             # It may have named anything: the destination can keep nothing it holds.
             await self.fallback(f"unreadable event {entry_id} in {self.source.name}'s stream")
-            return
+            return False
         if event.relayed_from:
             self.stats.skipped += 1
-            return
+            return True
         if event.kind == pb.EVENT_KIND_RESET:
             await self.fallback(f"RESET event {entry_id} in {self.source.name}'s stream")
-            return
+            return False
         copy = pb.InvalidationEvent(
             kind=event.kind,
             keys=event.keys,
@@ -286,6 +289,7 @@ class Link:
         self.stats.last_applied_id = entry_id
         self.stats.last_applied_ms = source_ms
         self.stats.last_delay_ms = max(0, copy.timestamp_ms - source_ms)
+        return True
 
     async def invalidate(self, event: pb.InvalidationEvent) -> None:
         """What Invalidate does in Redis (l2.py's calls, same layout), then publish
