@@ -42,6 +42,7 @@ from cachegw_gateway.l2 import RedisStore, glob_escape
 log = logging.getLogger("cachegw.relay")
 
 BATCH = 500  # source events read per round trip
+CONCURRENCY = 32  # copies of one batch applied at once (each its own Redis call)
 FLUSH_SCAN = 1000  # keys per SCAN step of the fallback
 ZERO: StreamId = (0, 0)
 
@@ -236,9 +237,16 @@ class Link:
             self.stats.behind = max(0, state.entries_added - self._position)
             self.stats.up = True
             return 0
+        copies: list[pb.InvalidationEvent] = []
         for entry_id, payload in batch:
-            if not await self._apply(entry_id, payload):
-                return len(batch)  # a fallback: it covered the rest, and moved the cursor
+            copy, trouble = self._copy_of(entry_id, payload)
+            if trouble:
+                # The fallback covers every event up to the source's end, this batch's too.
+                await self.fallback(trouble)
+                return len(batch)
+            if copy is not None:
+                copies.append(copy)
+        await self._apply_all(copies)
         self.cursor = parse_id(batch[-1][0])
         self._position += len(batch)
         await self._save_checkpoint()
@@ -258,38 +266,53 @@ class Link:
 
     # -- applying -------------------------------------------------------------------------
 
-    async def _apply(self, entry_id: str, payload: bytes) -> bool:
-        """Apply one source event; False when that took the fallback instead."""
+    def _copy_of(self, entry_id: str, payload: bytes) -> tuple[pb.InvalidationEvent | None, str]:
+        """(the copy to apply, or None for a relayed copy; why to fall back instead)."""
         try:
             event = pb.InvalidationEvent.FromString(payload)
         except DecodeError:
             # It may have named anything: the destination can keep nothing it holds.
-            await self.fallback(f"unreadable event {entry_id} in {self.source.name}'s stream")
-            return False
+            return None, f"unreadable event {entry_id} in {self.source.name}'s stream"
         if event.relayed_from:
             self.stats.skipped += 1
-            return True
+            return None, ""
         if event.kind == pb.EVENT_KIND_RESET:
-            await self.fallback(f"RESET event {entry_id} in {self.source.name}'s stream")
-            return False
+            return None, f"RESET event {entry_id} in {self.source.name}'s stream"
         copy = pb.InvalidationEvent(
             kind=event.kind,
             keys=event.keys,
             prefixes=event.prefixes,
             tags=event.tags,
             classes=event.classes,
-            timestamp_ms=time.time_ns() // 1_000_000,
             origin=self.origin,
             relayed_from=self.source.name,
             relayed_id=entry_id,
         )
-        await self.invalidate(copy)
-        source_ms = parse_id(entry_id)[0]
-        self.stats.applied += 1
-        self.stats.last_applied_id = entry_id
-        self.stats.last_applied_ms = source_ms
-        self.stats.last_delay_ms = max(0, copy.timestamp_ms - source_ms)
-        return True
+        return copy, ""
+
+    async def _apply_all(self, copies: Sequence[pb.InvalidationEvent]) -> None:
+        """Apply a batch's copies, up to CONCURRENCY at once: invalidations only remove,
+        so they commute (their copies may reach the destination's stream in another
+        order). Every one is awaited; the first failure is raised (the batch is not
+        checkpointed and is applied again)."""
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(copy: pb.InvalidationEvent) -> None:
+            async with gate:
+                copy.timestamp_ms = time.time_ns() // 1_000_000
+                await self.invalidate(copy)
+
+        outcomes = await asyncio.gather(*(one(c) for c in copies), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        if copies:
+            newest = copies[-1]
+            source_ms = parse_id(newest.relayed_id)[0]
+            self.stats.applied += len(copies)
+            self.stats.last_applied_id = newest.relayed_id
+            self.stats.last_applied_ms = source_ms
+            self.stats.last_delay_ms = max(0, newest.timestamp_ms - source_ms)
 
     async def invalidate(self, event: pb.InvalidationEvent) -> None:
         """What Invalidate does in Redis (l2.py's calls, same layout), then publish

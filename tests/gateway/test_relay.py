@@ -90,19 +90,25 @@ async def test_each_kind_of_event_is_applied_in_the_destination(pair: Pair) -> N
     await link.load_checkpoint()
     pair.cache("k1", "k2", "p:1", "p:2", "q:1", "t:1", "mixed", "m:1")
     pair.dst_r.zadd("cg:tag:T", {"t:1": 2**50})
-    await pair.emit(keys=["k1", "k2"])
-    await pair.emit(prefixes=["p:"])
-    await pair.emit(tags=["T"])
-    await pair.emit(classes=["prod"])
-    await pair.emit(keys=["mixed"], prefixes=["m:"])
+    ids = [
+        await pair.emit(keys=["k1", "k2"]),
+        await pair.emit(prefixes=["p:"]),
+        await pair.emit(tags=["T"]),
+        await pair.emit(classes=["prod"]),
+        await pair.emit(keys=["mixed"], prefixes=["m:"]),
+    ]
     assert await link.catch_up() == 5
     assert not any(pair.cached(k) for k in ("k1", "k2", "p:1", "p:2", "t:1", "mixed", "m:1"))
     assert pair.cached("q:1")
     assert pair.dst_r.get("cg:gen:prod") == b"1"
-    copies = pair.dst_events()
+    # One copy each (a batch's copies are applied concurrently: in any order).
+    by_id = {c.relayed_id: c for c in pair.dst_events()}
+    copies = [by_id[eid] for eid in ids]
+    assert len(by_id) == len(pair.dst_events()) == 5
     assert [list(c.keys) for c in copies] == [["k1", "k2"], [], [], [], ["mixed"]]
     assert [c.relayed_from for c in copies] == ["a"] * 5
-    assert copies[4].prefixes == ["m:"] and copies[2].tags == ["T"]
+    assert copies[1].prefixes == ["p:"] and copies[2].tags == ["T"]
+    assert copies[3].classes == ["prod"] and copies[4].prefixes == ["m:"]
     assert link.stats.applied == 5 and link.stats.behind == 0
 
 
