@@ -251,7 +251,11 @@ async def _forever(args: argparse.Namespace, links: Sequence[Link]) -> int:
     listen = args.metrics_listen or (
         f"127.0.0.1:{args.metrics_port}" if args.metrics_port is not None else None
     )
-    metrics = MetricsEndpoint(listen, links) if listen else None
+    try:
+        metrics = MetricsEndpoint(listen, links) if listen else None
+    except (OSError, ValueError) as exc:
+        log.error("cannot serve metrics on %s: %s", listen, exc, extra={"event": "listen_failed"})
+        return 1
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
