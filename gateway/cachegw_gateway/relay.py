@@ -408,8 +408,14 @@ async def drop_cached_values(store: RedisStore, scan_count: int = FLUSH_SCAN) ->
     doomed: list[bytes] = []
 
     async def unlink(rkeys: Sequence[bytes]) -> int:
-        await store.client.unlink(*rkeys)
-        return sum(1 for k in rkeys if k.endswith(b"}"))  # values (the rest are leases)
+        # One UNLINK per key (pipelined): keys of different slots in one command would
+        # be refused by a Redis Cluster.
+        async with store.client.pipeline(transaction=False) as pipe:
+            for rkey in rkeys:
+                pipe.unlink(rkey)
+            replies = redis_errors.raise_first(await pipe.execute(raise_on_error=False))
+        # Values end with their hash tag's brace; the rest are leases.
+        return sum(int(r) for k, r in zip(rkeys, replies, strict=True) if k.endswith(b"}"))
 
     with store.writing:
         async for rkey in store.client.scan_iter(match=match, count=scan_count):

@@ -284,6 +284,14 @@ async def test_drop_cached_values_keeps_counters_and_other_prefixes(pair: Pair) 
     assert left == ["cg:{k0}:n", "cg:{k0}:rl", "other:{k0}"]
 
 
+def test_a_filtered_copy_keeps_its_region() -> None:
+    copy = events.make(origin="relay:a", keys=["x:1", "y:1"])
+    copy.relayed_from, copy.relayed_id = "a", "1-0"
+    picked = events.EventFilter(["x:"], [], lambda key: "default").select(copy)
+    assert picked is not None and list(picked.keys) == ["x:1"]
+    assert (picked.relayed_from, picked.relayed_id) == ("a", "1-0")
+
+
 @pytest.mark.parametrize(
     ("regions", "prefixes", "message"),
     [
