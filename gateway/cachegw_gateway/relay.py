@@ -47,6 +47,10 @@ FLUSH_SCAN = 1000  # keys per SCAN step of the fallback
 ZERO: StreamId = (0, 0)
 
 
+class RelayError(Exception):
+    """A region the relay cannot work with."""
+
+
 @dataclass(frozen=True, slots=True)
 class Region:
     name: str
@@ -115,6 +119,13 @@ class Link:
     async def load_checkpoint(self) -> None:
         """Resume from the destination's checkpoint; without one, start at the source
         stream's current end (what happened before the link existed is not carried)."""
+        for region, store in ((self.source, self._src), (self.dest, self._dst)):
+            with store.reading:
+                info = await store.client.info("server")
+            version = str(info.get("redis_version", "0"))
+            if tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) < (7, 0):
+                # Loss detection reads XINFO STREAM's entries-added and max-deleted-entry-id.
+                raise RelayError(f"region {region.name}: Redis {version}; the relay needs 7.0+")
         await self._dst.load_scripts()  # so that each script's first call is one round trip
         with self._dst.reading:
             raw = await self._dst.client.get(self.checkpoint_key)

@@ -173,6 +173,56 @@ async def test_a_fault_at_the_checkpoint_applies_the_batch_again(
             await close(p)
 
 
+async def test_a_fault_after_a_prefix_was_applied_publishes_it_on_the_next_round(
+    servers: tuple[ManagedRedis, ManagedRedis],
+) -> None:
+    a, b = servers
+    async with ReplyDropper(b.host, b.port) as proxy:
+        p = await make_pair(a, proxy.url, b)
+        try:
+            link = p.link()
+            await link.load_checkpoint()
+            p.cache("pv:1", "pv:2")
+            eid = await p.emit(prefixes=["pv:"])
+            proxy.drop_reply_to(eid.encode())  # only the copy names it: its publication
+            with pytest.raises(L2Unavailable):
+                await link.step(block=False)
+            assert not p.cached("pv:1")  # the SCAN and UNLINK ran before the fault
+            assert await link.catch_up() == 1
+            assert [c.relayed_id for c in p.dst_events()] == [eid, eid]
+        finally:
+            await close(p)
+
+
+async def test_a_fault_inside_the_fallback_takes_it_again(
+    servers: tuple[ManagedRedis, ManagedRedis],
+) -> None:
+    a, b = servers
+    async with ReplyDropper(b.host, b.port) as proxy:
+        p = await make_pair(a, proxy.url, b)
+        try:
+            link = p.link()
+            await link.load_checkpoint()
+            for i in range(3):
+                await p.emit(keys=[f"k{i}"])
+            p.src_r.xtrim("cg:events", maxlen=1, approximate=False)
+            p.cache("unnamed")
+            proxy.drop_reply_to(b"relay:a")  # the RESET's publication (its origin)
+            with pytest.raises(L2Unavailable):
+                await link.step(block=False)
+            assert not p.cached("unnamed")  # flushed, RESET sent, not checkpointed
+            p.cache("again")
+            await link.catch_up()
+            assert link.stats.fallbacks == 1 and not p.cached("again")
+            kinds = [c.kind for c in p.dst_events()]
+            assert kinds == [pb.EVENT_KIND_RESET] * 2
+            last = p.src_r.xinfo_stream("cg:events")["last-generated-id"]
+            assert p.dst_r.get("cg:relay:a") == last + b" 3"
+            assert await link.catch_up() == 0 and link.stats.fallbacks == 1
+        finally:
+            await close(p)
+
+
 async def test_a_restart_resumes_from_the_checkpoint(pair: Pair) -> None:
     first = pair.link()
     await first.load_checkpoint()
