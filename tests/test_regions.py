@@ -8,22 +8,26 @@ fallback a value no event named survives in the destination."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 import redis
 
 from cachegw.client import Client
 from cachegw.models import Tier
 from cachegw.v1 import cache_pb2 as pb
+from cachegw.v1 import cache_pb2_grpc
 from cachegw_gateway.managed_redis import ManagedRedis, free_port
 from tests.conftest import BIN, GatewayProcess
 
@@ -195,9 +199,30 @@ def test_invalidations_cross_both_ways_once(regions: TwoRegions) -> None:
         cached_in_l1(b, key, f"b-{key}", tags=("T",) if key == "t:1" else ())
         cached_in_l1(a, key, f"a-{key}")
 
-    a.client.invalidate(["k"])  # by key
-    wait_until(gone(b, "k"), what="key event applied in b")
-    assert b.r.exists("cg:{k}") == 0
+    # A Subscribe stream in b gets the copy (near caches there evict too).
+    channel = grpc.insecure_channel(b.gateway.address)
+    stream = cache_pb2_grpc.CacheServiceStub(channel).Subscribe(pb.SubscribeRequest())
+    stream.initial_metadata()  # sent once the stream is registered
+    seen: list[pb.InvalidationEvent] = []
+
+    def read() -> None:
+        with contextlib.suppress(grpc.RpcError):  # CANCELLED when the test ends it
+            seen.extend(stream)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        a.client.invalidate(["k"])  # by key
+        wait_until(gone(b, "k"), what="key event applied in b")
+        assert b.r.exists("cg:{k}") == 0
+        wait_until(
+            lambda: any(list(e.keys) == ["k"] and e.relayed_from == "a" for e in seen),
+            what="the copy on b's Subscribe stream",
+        )
+    finally:
+        stream.cancel()  # type: ignore[no-untyped-call]
+        reader.join(5)
+        channel.close()
 
     a.client.set("set:k", "a-new")  # a Set that replaced a value publishes an event
     wait_until(gone(b, "set:k"), what="replacing Set applied in b")
