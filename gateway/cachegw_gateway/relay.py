@@ -130,9 +130,14 @@ class Link:
         with self._dst.reading:
             raw = await self._dst.client.get(self.checkpoint_key)
         if raw is not None:
-            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
             id_text, _, pos = text.partition(" ")
-            self.cursor, self._position = parse_id(id_text), int(pos or 0)
+            try:
+                self.cursor, self._position = parse_id(id_text), int(pos or 0)
+            except ValueError:
+                # Where it stopped is unknown: what it may have missed is unknown too.
+                await self.fallback(f"unreadable checkpoint {text[:80]!r}")
+                return
             log.info(
                 "relay %s: resuming after %s (checkpoint %s)",
                 self.name,
@@ -389,7 +394,7 @@ class Link:
         while not stopping.is_set():
             try:
                 await self.step()
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, RelayError):
                 raise
             except Exception as exc:
                 self.stats.errors += 1

@@ -239,7 +239,7 @@ async def _once(links: Sequence[Link]) -> int:
     for link in links:
         try:
             await link.catch_up()
-        except Exception as exc:
+        except Exception as exc:  # RelayError, or Redis trouble: --once does not retry
             link.stats.errors += 1
             log.error("relay %s: %s", link.name, exc, extra={"event": "relay_error"})
             status = 1
@@ -271,10 +271,18 @@ async def _forever(args: argparse.Namespace, links: Sequence[Link]) -> int:
         extra={"event": "relay_start", "metrics": metrics.address if metrics else None},
     )
     tasks = [asyncio.create_task(link.run(stopping), name=f"relay {link.name}") for link in links]
+    status = 0
     try:
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), args.report_every)
+            ended = [t for t in tasks if t.done()]
+            if ended and not stopping.is_set():  # a RelayError: retrying cannot help
+                for task in ended:
+                    why = None if task.cancelled() else task.exception()
+                    log.error("%s ended: %s", task.get_name(), why, extra={"event": "relay_failed"})
+                status = 1
+                break
             now_ms = time.time_ns() // 1_000_000
             for link in links:
                 log.info(
@@ -290,7 +298,7 @@ async def _forever(args: argparse.Namespace, links: Sequence[Link]) -> int:
         if metrics is not None:
             await asyncio.to_thread(metrics.stop)
     log.info("relay stopped", extra={"event": "relay_stop"})
-    return 0
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

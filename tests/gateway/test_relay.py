@@ -309,6 +309,17 @@ async def test_writes_lost_by_a_failover_are_a_loss(pair: Pair) -> None:
     assert ids[2].encode() not in [e for e, _ in kept]
 
 
+async def test_an_unreadable_checkpoint_is_a_loss(pair: Pair) -> None:
+    await pair.emit(keys=["k"])
+    pair.dst_r.set("cg:relay:a", b"garbage")
+    pair.cache("unnamed")
+    link = pair.link()
+    assert await link.catch_up() == 0
+    assert link.stats.fallbacks == 1 and not pair.cached("unnamed")
+    last = pair.src_r.xinfo_stream("cg:events")["last-generated-id"]
+    assert pair.dst_r.get("cg:relay:a") == last + b" 1"
+
+
 async def test_an_unreadable_event_flushes_the_destination(pair: Pair) -> None:
     link = pair.link()
     await link.load_checkpoint()
