@@ -4,6 +4,7 @@ stream counts as having lost events (tests/test_regions.py runs the real process
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from cachegw_gateway.l2 import L2Unavailable, RedisStore
 from cachegw_gateway.managed_redis import ManagedRedis
 from cachegw_gateway.relay import Link, Region, drop_cached_values
 from cachegw_gateway.relay_main import UsageError, main, parse_regions
+from tests.conftest import eventually
 from tests.faults import ReplyDropper
 
 
@@ -29,8 +31,9 @@ class Pair:
     src_server: ManagedRedis
     dst_url: str
 
-    def link(self) -> Link:
-        return Link(Region("a", self.src_server.url), self.src, Region("b", self.dst_url), self.dst)
+    def link(self, block_ms: int = 1000) -> Link:
+        a, b = Region("a", self.src_server.url), Region("b", self.dst_url)
+        return Link(a, self.src, b, self.dst, block_ms=block_ms)
 
     async def emit(self, **kw: list[str]) -> str:
         """An event published in the source the way a gateway does."""
@@ -221,6 +224,27 @@ async def test_a_fault_inside_the_fallback_takes_it_again(
             assert await link.catch_up() == 0 and link.stats.fallbacks == 1
         finally:
             await close(p)
+
+
+async def test_the_loop_outlives_a_destination_outage(
+    pair: Pair, servers: tuple[ManagedRedis, ManagedRedis]
+) -> None:
+    link = pair.link(block_ms=100)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(link.run(stopping, max_backoff=0.2))
+    try:
+        await eventually(lambda: link.stats.up and link.cursor is not None)
+        servers[1].stop()
+        await pair.emit(keys=["during"])
+        await eventually(lambda: link.stats.errors > 0 and not link.stats.up)
+        servers[1].start()  # same port, empty
+        pair.cache("after")
+        await pair.emit(keys=["after"])
+        await eventually(lambda: not pair.cached("after"), within=15)
+        assert link.stats.up and not task.done()
+    finally:
+        stopping.set()
+        await asyncio.wait_for(task, 5)
 
 
 async def test_a_restart_resumes_from_the_checkpoint(pair: Pair) -> None:
