@@ -125,4 +125,6 @@ class EventFilter:
             classes=classes,
             timestamp_ms=event.timestamp_ms,
             origin=event.origin,
+            relayed_from=event.relayed_from,
+            relayed_id=event.relayed_id,
         )

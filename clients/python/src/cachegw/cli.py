@@ -1,6 +1,7 @@
 """The `cachegw` command: `serve` starts a gateway, `get`/`set`/`del` are for quick use.
 
     cachegw serve [gateway flags...]        # needs the cachegw-gateway package
+    cachegw relay --region A=URL --region B=URL [...]  # link two regions (the same)
     cachegw get KEY [--verbose]             # the value on stdout; a miss exits 1
     cachegw set KEY VALUE [--ttl S] [--tag T ...]   # VALUE "-" reads stdin
     cachegw del KEY [KEY ...]               # prints how many existed
@@ -33,16 +34,17 @@ from cachegw.models import Entry
 __all__ = ["main"]
 
 TARGET_ENV = "CACHEGW_TARGET"
-_GATEWAY_MAIN = "cachegw_gateway.main"
+# Commands that belong to the gateway package: their flags go to its module's main().
+_GATEWAY_COMMANDS = {"serve": "cachegw_gateway.main", "relay": "cachegw_gateway.relay_main"}
 _COMMON_OPTIONS = ("--target", "--timeout")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
-    gateway_args = _serve_args(args)
-    if gateway_args is not None:
-        return _serve(gateway_args)
+    command = _gateway_command(args)
+    if command is not None:
+        return _serve(*command)
     parser = _parser()
     try:
         ns = parser.parse_args(args)
@@ -84,9 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    # Only for --help: `serve` never reaches argparse (see _serve_args).
+    # Only for --help: `serve` and `relay` never reach argparse (see _gateway_command).
     commands.add_parser(
         "serve", help="start a gateway (needs cachegw-gateway); `cachegw serve --help`"
+    )
+    commands.add_parser(
+        "relay",
+        help="carry invalidations between two regions (needs cachegw-gateway); "
+        "`cachegw relay --help`",
     )
 
     get = commands.add_parser("get", parents=[common], help="print a key's value")
@@ -170,8 +177,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve_args(args: list[str]) -> list[str] | None:
-    """The gateway's flags if `args` is a serve command, else None.
+def _gateway_command(args: list[str]) -> tuple[str, list[str]] | None:
+    """(module, its flags) if `args` is a serve or relay command, else None.
 
     Everything after `serve` belongs to the gateway, so argparse must not see it; only
     this command's own options may come first (and are of no use to serve).
@@ -179,8 +186,8 @@ def _serve_args(args: list[str]) -> list[str] | None:
     i = 0
     while i < len(args):
         arg = args[i]
-        if arg == "serve":
-            return args[i + 1 :]
+        if arg in _GATEWAY_COMMANDS:
+            return _GATEWAY_COMMANDS[arg], args[i + 1 :]
         if arg in _COMMON_OPTIONS:
             i += 2
         elif arg.split("=", 1)[0] in _COMMON_OPTIONS:
@@ -316,13 +323,14 @@ def _write_stdout(value: bytes) -> None:
     buffer.flush()
 
 
-def _serve(gateway_args: Sequence[str]) -> int:
+def _serve(module_name: str, gateway_args: Sequence[str]) -> int:
     try:
-        module = importlib.import_module(_GATEWAY_MAIN)
+        module = importlib.import_module(module_name)
     except ImportError as exc:
-        if exc.name in ("cachegw_gateway", _GATEWAY_MAIN):
+        if exc.name in ("cachegw_gateway", module_name):
             return _fail(
-                "serve needs the gateway, which is not installed: pip install cachegw-gateway",
+                "this command needs the gateway, which is not installed: "
+                "pip install cachegw-gateway",
                 status=2,
             )
         return _fail(f"cannot start the gateway: {exc}", status=2)

@@ -623,6 +623,8 @@ class InvalidationEvent(_message.Message):
     CLASSES_FIELD_NUMBER: _builtins.int
     TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
+    RELAYED_FROM_FIELD_NUMBER: _builtins.int
+    RELAYED_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The event's id in the gateway deployment's audit stream ("<ms>-<seq>"); ids
     increase. Empty on a RESET that a gateway generated itself.
@@ -631,7 +633,13 @@ class InvalidationEvent(_message.Message):
     timestamp_ms: _builtins.int
     """Wall-clock time the event was published, milliseconds since the Unix epoch."""
     origin: _builtins.str
-    """The gateway that published it."""
+    """The gateway that published it (for an event a relay applied, "relay:<region>")."""
+    relayed_from: _builtins.str
+    """Set by `cachegw relay` on the copy it publishes in another region: the region the
+    event was first published in. Relays never carry such an event further (no loops).
+    """
+    relayed_id: _builtins.str
+    """With relayed_from: the event's id in that region's stream."""
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -651,10 +659,12 @@ class InvalidationEvent(_message.Message):
         classes: _abc.Iterable[_builtins.str] | None = ...,
         timestamp_ms: _builtins.int = ...,
         origin: _builtins.str = ...,
+        relayed_from: _builtins.str = ...,
+        relayed_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "id", b"id", "keys", b"keys", "kind", b"kind", "origin", b"origin", "prefixes", b"prefixes", "tags", b"tags", "timestamp_ms", b"timestamp_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "id", b"id", "keys", b"keys", "kind", b"kind", "origin", b"origin", "prefixes", b"prefixes", "relayed_from", b"relayed_from", "relayed_id", b"relayed_id", "tags", b"tags", "timestamp_ms", b"timestamp_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
