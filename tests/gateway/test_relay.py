@@ -240,8 +240,9 @@ async def test_the_loop_outlives_a_destination_outage(
         servers[1].start()  # same port, empty
         pair.cache("after")
         await pair.emit(keys=["after"])
-        await eventually(lambda: not pair.cached("after"), within=15)
-        assert link.stats.up and not task.done()
+        # `up` is set once the batch is checkpointed, a moment after the apply itself.
+        await eventually(lambda: not pair.cached("after") and link.stats.up, within=15)
+        assert not task.done()
     finally:
         stopping.set()
         await asyncio.wait_for(task, 5)
