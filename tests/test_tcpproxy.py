@@ -22,7 +22,10 @@ def proxy(redis_server: ManagedRedis) -> Iterator[TcpProxy]:
 
 def _client(proxy: TcpProxy, timeout: float = 0.5) -> redis.Redis:
     return redis.Redis.from_url(
-        proxy.url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+        proxy.url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
     )
 
 
