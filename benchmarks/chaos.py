@@ -236,6 +236,7 @@ async def mass_invalidation(d: Deployment) -> list[Result]:
         r = Result(f"mass invalidation: {kind}")
         keys = [f"bulk:{kind}:{i}" for i in range(n)]
         load_s, failed, how = await _load_keys(d, keys, tags)
+        print(f"   {kind}: {n:,} keys loaded in {load_s:.1f} s; invalidating", flush=True)
         r.check(f"{n:,} keys loaded", failed == 0)
         started = time.monotonic()
         removed = -1
