@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-import redis
-
 from cachegw_gateway.managed_redis import ManagedRedis
 
 
@@ -32,9 +30,6 @@ class Topology(Protocol):
     @property
     def url(self) -> str:
         """What gateways get as --redis-url."""
-
-    def admin(self) -> redis.Redis:
-        """A client for checks (DBSIZE, INFO memory): the node that holds the data."""
 
     def kill_node(self) -> str:
         """SIGKILL the node that serves writes (standalone: the only one), as a crash;
@@ -71,9 +66,6 @@ class Standalone:
     @property
     def url(self) -> str:
         return self._redis.url
-
-    def admin(self) -> redis.Redis:
-        return redis.Redis.from_url(self._redis.url, socket_timeout=30)
 
     def kill_node(self) -> str:
         pid = self._redis.pid

@@ -24,6 +24,7 @@ import pytest
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw.v1 import cache_pb2_grpc
+from cachegw_gateway.bus import DEAD_AFTER
 from cachegw_gateway.managed_redis import ManagedRedis
 from tests.conftest import GatewayProcess
 from tests.tcpproxy import Mode, TcpProxy
@@ -245,3 +246,36 @@ async def test_one_gateway_partitioned_from_redis(
     for gw in (gw0, gw1):
         stats = await _stats(gw)
         assert stats.redis.up and stats.redis.reconnects == 0
+
+
+async def test_short_silent_partition_heals_before_the_gateway_notices(
+    gateways: list[Gw], proxy: TcpProxy
+) -> None:
+    """Healed before the bus declared its connection dead: gw2 may serve a copy gw0
+    invalidated meanwhile, but only until the bus notices (bus.DEAD_AFTER after the last
+    thing it heard), well inside the class's l1_ttl_seconds; then it flushes and reads
+    fresh data."""
+    gw0, _, gw2 = gateways
+    key = HOT[0]
+    await gw0.stub.Set(pb.SetRequest(key=key, value=b"before"), timeout=DEADLINE)
+    await _poll(partial(_in_l1, gw2, key), within=10)
+    proxy.set_mode("blackhole")
+    await gw0.stub.Set(pb.SetRequest(key=key, value=b"after"), timeout=DEADLINE)
+    await asyncio.sleep(1.0)  # shorter than the bus's ping (2 s): nothing noticed yet
+    proxy.set_mode("pass")
+    healed = time.monotonic()
+
+    async def fresh() -> bool:
+        got = await gw2.stub.Get(pb.GetRequest(key=key), timeout=DEADLINE)
+        assert got.value in (b"before", b"after"), got.value
+        return got.value == b"after"
+
+    await _poll(fresh, within=DEAD_AFTER + 2 * SLACK)
+    assert time.monotonic() - healed < 60.0  # the class's l1_ttl_seconds
+
+    # The connection it trusted was declared dead: L1 flushed, subscription back.
+    async def resubscribed() -> bool:
+        stats = await _stats(gw2)
+        return stats.redis.up and stats.redis.reconnects >= 1 and stats.l1_flushes >= 1
+
+    await _poll(resubscribed, within=10)
