@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw.v1 import cache_pb2_grpc
@@ -194,6 +195,12 @@ async def test_one_gateway_partitioned_from_redis(
             return not stats.redis.up and stats.l1_flushes > flushes_before
 
         await _poll(noticed, within=15)
+        # Health stays SERVING: it still answers what it holds and fails the rest by
+        # the deadline; Redis being down is for Stats and metrics to say.
+        health = await health_pb2_grpc.HealthStub(gw2.channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=DEADLINE
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
 
         # The keys it held are still served from the copies set aside at the flush.
         for key in UNTOUCHED:
