@@ -11,7 +11,7 @@ NATIVE_SRC := $(wildcard native/cachegw_native/*.pyx native/cachegw_native/*.pxd
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test setup redis promtool h2load lint typecheck pytest bench protos clean
+.PHONY: run test setup redis promtool h2load lint typecheck pytest bench chaos protos clean
 
 # --embedded-redis: with no Redis URL (ARGS, $CACHEGW_REDIS_URL, a config file), a private
 # redis-server; cachegw serve refuses to start without a URL unless asked for one.
@@ -94,6 +94,12 @@ bench: setup h2load
 	@failed=""; for b in benchmarks/bench_*.py; do echo "== $$b"; \
 	  $(PY) $$b || failed="$$failed $$b"; done; \
 	if [ -n "$$failed" ]; then echo "aims missed or errors in:$$failed" >&2; exit 1; fi
+
+# The chaos routines (node eviction, mass invalidation of 1M keys by prefix, tag and
+# class, partitions) against a real topology while serving; a table, and exit 1 when a
+# check failed. ARGS="--quick" for the CI size, "--only partition", "--topology ...".
+chaos: setup
+	$(PY) benchmarks/chaos.py $(ARGS)
 
 protos: $(VENV)/.deps
 	$(PY) protos/generate.py

@@ -1,0 +1,86 @@
+"""The Redis deployments the chaos routines run against, behind one small interface.
+
+A routine never starts Redis itself: it gets a `Topology` and asks it for the URL to
+give the gateways, to kill a node, to bring the node back, and where a partition proxy
+may stand. `Standalone` is one managed redis-server; a Sentinel or Cluster topology
+(tests/topology.py) plugs in by implementing the same few methods and being named in
+`TOPOLOGIES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from cachegw_gateway.managed_redis import ManagedRedis
+
+
+class Topology(Protocol):
+    """What a chaos routine needs of a Redis deployment. Every method blocks until done
+    (routines call them from a worker thread, so the load keeps running)."""
+
+    name: str
+
+    def start(self) -> None:
+        """Start every process and return once the deployment serves."""
+
+    def stop(self) -> None:
+        """Stop every process; idempotent."""
+
+    @property
+    def url(self) -> str:
+        """What gateways get as --redis-url."""
+
+    def kill_node(self) -> str:
+        """SIGKILL the node that serves writes (standalone: the only one), as a crash;
+        returns what was killed, for the table."""
+
+    def restore_node(self) -> None:
+        """Bring back what kill_node took: standalone restarts it on its port, empty
+        (it keeps nothing on disk: the data is lost); with replicas the old primary
+        rejoins. Returns once it answers."""
+
+    def proxy_target(self) -> tuple[str, int] | None:
+        """Where a partition proxy forwards to, or None when one proxied address cannot
+        cut a gateway off (a cluster's nodes send clients to each other's real
+        addresses): the partition routine is then skipped, and says so."""
+
+    def url_via(self, host: str, port: int) -> str:
+        """`url` with the proxy's address in place of `proxy_target()`'s."""
+
+
+class Standalone:
+    """One managed redis-server on a free loopback port."""
+
+    name = "standalone"
+
+    def __init__(self, extra_args: tuple[str, ...] = ()) -> None:
+        self._redis = ManagedRedis(extra_args=extra_args)
+
+    def start(self) -> None:
+        self._redis.start()
+
+    def stop(self) -> None:
+        self._redis.stop()
+
+    @property
+    def url(self) -> str:
+        return self._redis.url
+
+    def kill_node(self) -> str:
+        pid = self._redis.pid
+        self._redis.kill()
+        return f"redis-server pid {pid} (SIGKILL)"
+
+    def restore_node(self) -> None:
+        self._redis.start()  # same port, empty
+
+    def proxy_target(self) -> tuple[str, int] | None:
+        return self._redis.host, self._redis.port
+
+    def url_via(self, host: str, port: int) -> str:
+        return f"redis://{host}:{port}/0"
+
+
+# Topologies by the name `chaos.py --topology` takes.
+TOPOLOGIES: dict[str, Callable[[], Topology]] = {"standalone": Standalone}
