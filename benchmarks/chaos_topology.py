@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from cachegw_gateway.managed_redis import ManagedRedis
+from tests.cluster_topology import ClusterTopology
 
 
 class Topology(Protocol):
@@ -82,5 +83,45 @@ class Standalone:
         return f"redis://{host}:{port}/0"
 
 
+class Cluster:
+    """A 3-primary, 3-replica Redis Cluster (tests/cluster_topology.py). Eviction kills
+    the primary of the gateways' audit stream's slot: its replica is promoted, and the
+    dead node stays out (its replica is now a primary without one)."""
+
+    name = "cluster"
+
+    def __init__(self) -> None:
+        self._cluster = ClusterTopology(primaries=3, replicas=1)
+        self._killed: ManagedRedis | None = None
+
+    def start(self) -> None:
+        self._cluster.start()
+
+    def stop(self) -> None:
+        self._cluster.stop()
+
+    @property
+    def url(self) -> str:
+        return self._cluster.url
+
+    def kill_node(self) -> str:
+        victim = self._cluster.node_of_key("cg:{meta}:events")
+        self._cluster.kill(victim)
+        self._killed = victim
+        return f"the primary on port {victim.port} (SIGKILL; it held the audit stream)"
+
+    def restore_node(self) -> None:
+        """The cluster's own recovery: wait until the replica took the dead primary's
+        slots (the node itself is not brought back)."""
+        if self._killed is not None:
+            self._cluster.wait_failover(self._killed)
+
+    def proxy_target(self) -> tuple[str, int] | None:
+        return None  # nodes redirect clients to each other's real addresses
+
+    def url_via(self, host: str, port: int) -> str:
+        raise NotImplementedError("no single address to proxy on a cluster")
+
+
 # Topologies by the name `chaos.py --topology` takes.
-TOPOLOGIES: dict[str, Callable[[], Topology]] = {"standalone": Standalone}
+TOPOLOGIES: dict[str, Callable[[], Topology]] = {"standalone": Standalone, "cluster": Cluster}
