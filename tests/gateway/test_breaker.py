@@ -11,7 +11,7 @@ import os
 import signal
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
@@ -71,7 +71,7 @@ def _scrape(gw: RunningGateway) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _stopped(server: ManagedRedis):  # type: ignore[no-untyped-def]
+def _stopped(server: ManagedRedis) -> Iterator[None]:
     """redis-server hung (SIGSTOP) inside the block, resumed (SIGCONT) whatever happens."""
     assert server.pid is not None
     os.kill(server.pid, signal.SIGSTOP)
@@ -140,7 +140,7 @@ async def test_a_hung_redis_opens_the_breaker_calls_fail_fast_and_a_probe_closes
     async def closed() -> bool:
         return (await _stats(gw)).breaker_state == pb.BREAKER_STATE_CLOSED
 
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 15  # cool-down 5 s, then a PING within 2 s (+ slack)
     while not await closed():
         assert time.monotonic() < deadline, "the breaker did not close after Redis came back"
         await asyncio.sleep(0.1)
@@ -149,9 +149,7 @@ async def test_a_hung_redis_opens_the_breaker_calls_fail_fast_and_a_probe_closes
     assert (await asyncio.to_thread(_scrape, gw))["cachegw_breaker_state"] == 0
     logged = [r.getMessage() for r in caplog.records if r.name == "cachegw.redis"]
     assert any("closed -> open: 3 consecutive failures" in m for m in logged), logged
-    assert any(m.startswith("redis circuit breaker open -> closed") for m in logged) or any(
-        m.startswith("redis circuit breaker half-open -> closed") for m in logged
-    ), logged
+    assert any("-> closed: the health probe was answered" in m for m in logged), logged
 
 
 async def test_after_the_cooldown_the_next_call_is_the_probe(
