@@ -211,8 +211,9 @@ class Breaker:
         )
         return (
             f"redis (L2) is unavailable: the gateway's circuit breaker is open, so this call "
-            f"was not sent to redis (nothing was applied; retry later): {when}. It opened "
-            f"after {self.reason}"
+            f"was not sent to redis and not applied (an Invalidate of prefixes, tags or "
+            f"classes may have applied its first steps: repeat it); retry later: {when}. "
+            f"It opened after {self.reason}"
         )
 
     def _move(self, state: int, why: str) -> None:

@@ -110,7 +110,7 @@ def test_while_open_calls_are_refused_without_being_sent() -> None:
             breaker.admit()
         assert isinstance(err.value, L2Unavailable)
         assert "circuit breaker is open" in str(err.value)
-        assert "nothing was applied" in str(err.value)
+        assert "was not sent to redis and not applied" in str(err.value)
         assert "1 consecutive failures" in str(err.value)
     assert stats.breaker_refused == 3
     clock.now += 4.9
