@@ -11,7 +11,7 @@ import os
 import signal
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
@@ -105,14 +105,16 @@ async def test_a_hung_redis_opens_the_breaker_calls_fail_fast_and_a_probe_closes
         assert (redis.breaker_state, redis.breaker_trips) == (pb.BREAKER_STATE_OPEN, 1)
 
         # Now every call fails at once, saying why, without reaching Redis.
-        for call in (
-            gw.stub.Set(pb.SetRequest(key="x", value=b"v"), timeout=10),
-            gw.stub.Get(pb.GetRequest(key="cold"), timeout=10),
-            gw.stub.Get(pb.GetRequest(key="cold", lease=True), timeout=10),
-            gw.stub.Delete(pb.DeleteRequest(keys=["x"]), timeout=10),
-        ):
+        # (One call after the other: a gRPC call starts when it is created.)
+        calls: list[Callable[[], object]] = [
+            lambda: gw.stub.Set(pb.SetRequest(key="x", value=b"v"), timeout=10),
+            lambda: gw.stub.Get(pb.GetRequest(key="cold"), timeout=10),
+            lambda: gw.stub.Get(pb.GetRequest(key="cold2", lease=True), timeout=10),
+            lambda: gw.stub.Delete(pb.DeleteRequest(keys=["x"]), timeout=10),
+        ]
+        for call in calls:
             started = time.monotonic()
-            err = await _failure(call)
+            err = await _failure(call())
             assert time.monotonic() - started < FAST
             assert err.code() == grpc.StatusCode.UNAVAILABLE
             assert "circuit breaker is open" in (err.details() or ""), err.details()
