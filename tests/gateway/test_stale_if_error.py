@@ -12,6 +12,7 @@ import time
 import grpc
 import pytest
 
+from cachegw import AsyncClient, Status
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.envelope import Envelope
 from cachegw_gateway.lastknown import LastKnown
@@ -161,3 +162,31 @@ def test_last_known_copies_stay_within_their_byte_bound() -> None:
         assert last.copies.nbytes <= 10_000
     assert last.answer("k99") is not None
     assert last.answer("k0") is None  # evicted, least recently used
+
+
+async def test_the_python_client_takes_a_stale_if_error_answer(
+    gateway_factory: GatewayFactory, redis_server: ManagedRedis
+) -> None:
+    gw = await gateway_factory(CLASSES)
+    loads = 0
+
+    def loader() -> bytes:
+        nonlocal loads
+        loads += 1
+        return b"from-origin"
+
+    async with AsyncClient(gw.address, timeout=3) as client:
+        written = time.monotonic()
+        await client.set("sie:a", b"old")
+        await client.set("plain:a", b"p")
+        redis_server.kill()
+        await _until(written + TTL + 0.1)
+        entry = await client.lookup("sie:a")
+        assert (entry.status, entry.value, entry.hit) == (Status.STALE, b"old", True)
+        assert await client.get("sie:a") == b"old"
+        # get_or_load takes the copy and spares the origin...
+        assert await client.get_or_load("sie:a", loader) == b"old"
+        assert loads == 0
+        # ...and without one it loads by itself, as when the gateway is unreachable.
+        assert await client.get_or_load("plain:a", loader) == b"from-origin"
+        assert loads == 1
