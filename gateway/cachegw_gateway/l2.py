@@ -386,7 +386,7 @@ class RedisStore:
         self._writes_refused = ""
         self.probe_key = f"{prefix}:probe"
         self.stats = GatewayStats() if stats is None else stats
-        # None (no breaker) unless configured: RedisStore.from_config always gives one.
+        # None (no breaker) unless given; from_config passes redis.breaker.
         self.breaker = (
             Breaker(breaker, self.stats) if breaker is not None and breaker.enabled else None
         )
