@@ -57,9 +57,10 @@ async def test_stale_past_freshness_up_to_the_bound_never_hit(
     gateway_factory: GatewayFactory, redis_server: ManagedRedis
 ) -> None:
     gw = await gateway_factory(CLASSES)
-    written = time.monotonic()
+    before = time.monotonic()
     await gw.stub.Set(pb.SetRequest(key="sie:a", value=b"old"))
     await gw.stub.Set(pb.SetRequest(key="plain:a", value=b"p"))
+    written = time.monotonic()  # each fresh life (and L1 copy) ends before written + TTL
     redis_server.kill()
 
     await _until(written + TTL + 0.1)  # both are past their fresh life now
@@ -82,13 +83,13 @@ async def test_stale_past_freshness_up_to_the_bound_never_hit(
     # STALE until the bound, then UNAVAILABLE: never HIT, never past the bound.
     answers: list[int] = []
     gone_at = 0.0
-    deadline = written + TTL + BOUND + 5
+    deadline = before + TTL + BOUND + 5
     while time.monotonic() < deadline:
         try:
             got = await gw.stub.Get(pb.GetRequest(key="sie:a"), timeout=3)
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE
-            gone_at = time.monotonic() - written
+            gone_at = time.monotonic() - before
             break
         answers.append(got.status)
         assert got.value == b"old"
@@ -103,7 +104,6 @@ async def test_writes_and_invalidations_remove_the_last_known_copy(
     toml = CLASSES.replace(f"stale_if_error_seconds = {BOUND}", "stale_if_error_seconds = 600")
     gw = await gateway_factory(toml)
     other = await gateway_factory(toml)
-    written = time.monotonic()
     for key in ("sie:a", "sie:b", "sie:c", "sie:d", "sie:e", "sie:f"):
         await gw.stub.Set(pb.SetRequest(key=key, value=b"old", tags=[f"t-{key}"]))
     await gw.stub.Set(pb.SetRequest(key="sie:c", value=b"new"))
@@ -114,6 +114,7 @@ async def test_writes_and_invalidations_remove_the_last_known_copy(
     received = gw.server.stats.invalidations_received
     await other.stub.Invalidate(pb.InvalidateRequest(keys=["sie:f"]))
     await eventually(lambda: gw.server.stats.invalidations_received > received)
+    written = time.monotonic()
     redis_server.kill()
 
     await _until(written + TTL + 0.1)
@@ -134,7 +135,7 @@ async def test_a_class_invalidation_removes_its_copies_and_redis_back_drops_them
     await gw.stub.Set(pb.SetRequest(key="sie:a", value=b"old"))
     await gw.stub.Invalidate(pb.InvalidateRequest(classes=["sie"]))
     await gw.stub.Set(pb.SetRequest(key="sie:b", value=b"old"))
-    written = time.monotonic()
+    written = time.monotonic()  # after the last write: its L1 copy ends before written + TTL
     redis_server.kill()
     await _until(written + TTL + 0.1)
     assert await _code(gw.stub.Get(pb.GetRequest(key="sie:a"), timeout=3)) == (
@@ -176,9 +177,9 @@ async def test_the_python_client_takes_a_stale_if_error_answer(
         return b"from-origin"
 
     async with AsyncClient(gw.address, timeout=3) as client:
-        written = time.monotonic()
         await client.set("sie:a", b"old")
         await client.set("plain:a", b"p")
+        written = time.monotonic()
         redis_server.kill()
         await _until(written + TTL + 0.1)
         entry = await client.lookup("sie:a")
