@@ -15,11 +15,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.managed_redis import ManagedRedis
-from tests.conftest import GatewayFactory, RunningGateway
+from tests.conftest import GatewayFactory, RunningGateway, eventually
 from tests.faults import ReplyDropper
 
 SOCKET_TIMEOUT = 2.0
@@ -220,3 +221,38 @@ async def test_a_failure_rate_over_the_window_opens_it_without_consecutive_failu
     err = await _failure(gw.stub.Set(pb.SetRequest(key="refused", value=b"v"), timeout=5))
     assert "circuit breaker is open" in (err.details() or "")
     assert "calls failed within 600s (failure_rate 0.5" in (err.details() or ""), err.details()
+
+
+async def test_a_replica_refusing_writes_never_opens_it_one_without_its_primary_does(
+    gateway_factory: GatewayFactory, redis_server: ManagedRedis
+) -> None:
+    toml = "[redis.breaker]\nfailures = 2\nfailure_rate = 0\ncooldown_seconds = 600\n"
+    of_primary = ["--replicaof", "127.0.0.1", str(redis_server.port)]
+    with ManagedRedis(extra_args=[*of_primary, "--replica-serve-stale-data", "no"]) as replica:
+        await eventually(lambda: _link_status(replica) == "up", 15)
+        gw = await gateway_factory(toml, redis_url=replica.url)
+        # READONLY: Redis answers, reads work: the breaker stays closed.
+        for i in range(4):
+            err = await _failure(gw.stub.Set(pb.SetRequest(key=f"k{i}", value=b"v"), timeout=3))
+            assert "READONLY" in (err.details() or ""), err.details()
+            assert "circuit breaker" not in (err.details() or "")
+        got = await gw.stub.Get(pb.GetRequest(key="k"), timeout=3)
+        assert got.status == pb.STATUS_MISS
+        assert (await _stats(gw)).breaker_state == pb.BREAKER_STATE_CLOSED
+
+        # MASTERDOWN: the replica lost its primary and serves nothing: it opens.
+        redis_server.stop()
+        await eventually(lambda: _link_status(replica) == "down", 15)
+        for i in range(2):
+            err = await _failure(gw.stub.Get(pb.GetRequest(key=f"r{i}"), timeout=3))
+            assert "MASTERDOWN" in (err.details() or ""), err.details()
+            assert "circuit breaker" not in (err.details() or "")
+        err = await _failure(gw.stub.Get(pb.GetRequest(key="r"), timeout=3))
+        assert "circuit breaker is open" in (err.details() or "")
+        assert "MASTERDOWN" in (err.details() or "")  # why it opened
+
+
+def _link_status(server: ManagedRedis) -> str:
+    with redis.Redis.from_url(server.url) as client:
+        info = client.info("replication")
+    return str(info.get("master_link_status", ""))
