@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from cachegw_gateway.config import (
     ENV_VARS,
+    BreakerConfig,
     ConfigError,
     GatewayConfig,
     InvalidationConfig,
@@ -487,15 +488,18 @@ def _all_keys() -> list[str]:
         "telemetry": TelemetryConfig,
     }
     keys = [f"{t}.{f.name}" for t, cls in tables.items() for f in dataclasses.fields(cls)]
+    keys += [f"redis.breaker.{f.name}" for f in dataclasses.fields(BreakerConfig)]
     return keys + [f"classes.{f.name}" for f in dataclasses.fields(KeyClassConfig)]
 
 
 @pytest.mark.parametrize("dotted", _all_keys())
 def test_docs_describe_every_key(dotted: str) -> None:
-    table, key = dotted.split(".")
+    table, _, key = dotted.rpartition(".")
     text = DOCS.read_text()
     heading = {"classes": "## `[[classes]]`"}.get(table, f"## `[{table}]`")
-    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    if "." in table:
+        heading = "#" + heading  # a table inside a table: a ### section
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
     assert re.search(rf"^\| `{key}` \| ", section, re.MULTILINE), f"{dotted} not in docs"
 
 
@@ -552,3 +556,74 @@ algorithm = "sliding_window"
 def test_bad_rate_limits_are_refused(tmp_path: Path, table: str, says: str) -> None:
     text = f'[[classes]]\nname = "r"\npatterns = ["r:*"]\nrate_limit = {table}\n'
     assert says in error_of(tmp_path, text)
+
+
+# -- [redis.breaker] and stale-if-error ----------------------------------------------------
+
+
+def test_the_breaker_table_inside_redis(tmp_path: Path) -> None:
+    assert load_config(env={}).redis.breaker == BreakerConfig()
+    path = write(
+        tmp_path,
+        """
+[redis]
+url = "redis://127.0.0.1:7000/0"
+[redis.breaker]
+failures = 0
+failure_rate = 0.25
+window_seconds = 30
+min_calls = 50
+cooldown_seconds = 0.5
+""",
+    )
+    config = load_config(path, env={}, overrides={"redis.breaker.min_calls": "60"})
+    assert config.redis.url == "redis://127.0.0.1:7000/0"
+    assert config.redis.breaker == BreakerConfig(True, 0, 0.25, 30.0, 60, 0.5)
+    inline = write(tmp_path, "[redis]\nbreaker = { enabled = false }\n", "inline.toml")
+    assert load_config(inline, env={}).redis.breaker.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[redis.breaker]\nfailures = -1\n", "redis.breaker.failures must be >= 0"),
+        ("[redis.breaker]\nfailure_rate = 1.5\n", "redis.breaker.failure_rate must be in [0, 1]"),
+        (
+            "[redis.breaker]\nfailures = 0\nfailure_rate = 0\n",
+            "are both 0: nothing would open the breaker; set enabled = false",
+        ),
+        ("[redis.breaker]\nwindow_seconds = 0\n", "redis.breaker.window_seconds must be in (0"),
+        ("[redis.breaker]\nmin_calls = 0\n", "redis.breaker.min_calls must be >= 1"),
+        ("[redis.breaker]\ncooldown_seconds = -2\n", "cooldown_seconds must be in (0, 3600]"),
+        ("[redis.breaker]\nfailures = 2.5\n", "redis.breaker.failures must be an integer"),
+        (
+            "[redis.breaker]\ncooldown = 5\n",
+            "unknown key redis.breaker.cooldown; did you mean redis.breaker.cooldown_seconds?",
+        ),
+        ("[redis]\nbreaker = 5\n", "redis.breaker must be a table ([redis.breaker])"),
+        (
+            ONE_CLASS + "stale_if_error_seconds = -1\n",
+            "classes[0].stale_if_error_seconds must be in [0, server.max_ttl_seconds]",
+        ),
+        ("[l1]\nstale_if_error_max_bytes = 0\n", "l1.stale_if_error_max_bytes must be > 0"),
+    ],
+)
+def test_bad_breaker_and_stale_if_error_settings(tmp_path: Path, text: str, message: str) -> None:
+    error = error_of(tmp_path, text)
+    assert message in error
+    assert error.startswith(str(tmp_path / "cachegw.toml"))
+
+
+def test_breaker_overrides_name_the_command_line() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(env={}, overrides={"redis.breaker.failure_rate": "2"})
+    assert str(err.value).startswith("command line: redis.breaker.failure_rate must be in")
+    with pytest.raises(ConfigError, match=r"unknown key redis\.breaker\.nope"):
+        load_config(env={}, overrides={"redis.breaker.nope": "1"})
+
+
+def test_stale_if_error_reaches_the_key_class(tmp_path: Path) -> None:
+    path = write(tmp_path, ONE_CLASS + "stale_if_error_seconds = 2.5\n")
+    table = PolicyTable.from_config(load_config(path, env={}))
+    assert table.classify("catalog:1").stale_if_error_ms == 2500
+    assert table.default.stale_if_error_ms == 0

@@ -34,6 +34,7 @@ from cachegw_gateway.freshness import Generations
 from cachegw_gateway.invalidation import Invalidation
 from cachegw_gateway.l1tier import L1Tier
 from cachegw_gateway.l2 import L2Entry, L2Unavailable, RedisStore
+from cachegw_gateway.lastknown import LastKnown
 from cachegw_gateway.leases import Leases, LeaseTable, LeaseToken
 from cachegw_gateway.policy import KeyClass, PolicyTable
 from cachegw_gateway.ratelimit import Decision, RateLimit, RateLimiter
@@ -59,6 +60,7 @@ class Cache:
         *,
         origin: str = "",
         invalidation: InvalidationConfig | None = None,
+        last_known: LastKnown | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         rand: Callable[[], float] = random.random,
@@ -68,7 +70,7 @@ class Cache:
         gens = Generations()
         for kc in policy.classes:  # every class shows in Stats from the start
             stats.for_class(kc.name)
-        self._tier = L1Tier(l1, stats, hotkeys=hotkeys, clock=clock)
+        self._tier = L1Tier(l1, stats, hotkeys=hotkeys, last_known=last_known, clock=clock)
         reads: ReadPath
         self._leases = Leases(
             store,

@@ -39,6 +39,18 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class BreakerConfig:
+    """The circuit breaker in front of Redis (breaker.py): ``[redis.breaker]``."""
+
+    enabled: bool = True
+    failures: int = 5  # consecutive failures that open it; 0 = this rule off
+    failure_rate: float = 0.5  # share of failed calls over `window_seconds`; 0 = rule off
+    window_seconds: float = 10.0
+    min_calls: int = 20  # calls in the window before the rate counts
+    cooldown_seconds: float = 2.0  # open this long, then one probe (half-open)
+
+
+@dataclass(frozen=True)
 class RedisConfig:
     url: str = ""  # the shared Redis; "" = none given (serve refuses unless `embedded`)
     # With no url: start a private redis-server child ("managed"). Explicit, because
@@ -49,6 +61,7 @@ class RedisConfig:
     connect_timeout: float = 1.0
     max_connections: int = 64
     managed_port: int = 0  # 0 = a free port
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)  # [redis.breaker]
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,8 @@ class L1Config:
     max_bytes: int = 256 * 1024 * 1024
     admission: str = "lru"  # "lru" | "tinylfu"
     warm_keys: int = 1000  # hot keys loaded from Redis into L1 at start; 0 = none
+    # Bytes of the last known copies kept for classes with stale_if_error_seconds.
+    stale_if_error_max_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,9 @@ class KeyClassConfig:
     max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS  # 0 = never wait
     early_refresh_beta: float = 0.0  # XFetch; 0 = off
     stale_seconds: float = 0.0  # stale-while-revalidate window; 0 = off
+    # Stale-if-error: while Redis fails, the last copy read is answered STALE for this
+    # long past its fresh life; 0 = off.
+    stale_if_error_seconds: float = 0.0
     rate_limit: RateLimitConfig | None = None  # Allow's limit for keys of this class
 
 
@@ -172,9 +190,10 @@ _TABLES: dict[str, type[Any]] = {
     "invalidation": InvalidationConfig,
     "telemetry": TelemetryConfig,
     "default_class": KeyClassConfig,
+    "redis.breaker": BreakerConfig,  # a table inside a table: [redis.breaker]
 }
 _FIXED = {"default_class": ("name", "patterns")}
-_TOP_LEVEL = (*_TABLES, "classes")
+_TOP_LEVEL = (*(t for t in _TABLES if "." not in t), "classes")
 _CLASS_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _INT = re.compile(r"[+-]?[0-9][0-9_]*")
 _OTLP_ENDPOINT = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):[0-9]{1,5}/?")
@@ -183,7 +202,11 @@ _OTLP_ENDPOINT = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):[0-9]{1
 def _keys(cls: type[Any], table: str = "") -> dict[str, str]:
     """Field name -> annotation string (``from __future__`` keeps annotations as text)."""
     fixed = _FIXED.get(table, ())
-    return {f.name: str(f.type) for f in dataclasses.fields(cls) if f.name not in fixed}
+    return {
+        f.name: str(f.type)
+        for f in dataclasses.fields(cls)
+        if f.name not in fixed and f"{table}.{f.name}" not in _TABLES
+    }
 
 
 _CLASS_KEYS = _keys(KeyClassConfig)
@@ -318,6 +341,9 @@ def _layer_file(
         allowed = _keys(_TABLES[top], top)
         for key, item in value.items():
             dotted = f"{top}.{key}"
+            if dotted in _TABLES:
+                _layer_subtable(src, dotted, item, tables, sources)
+                continue
             if top == "default_class" and key in ("name", "patterns"):
                 raise ConfigError(
                     f"{src}: {dotted} is not allowed: the default class is named "
@@ -349,11 +375,26 @@ def _layer_file(
     return classes
 
 
+def _layer_subtable(
+    src: str, name: str, value: object, tables: dict[str, dict[str, object]], sources: _Sources
+) -> None:
+    """A table inside a table, e.g. [redis.breaker]: its keys into tables[name]."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{src}: {name} must be a table ([{name}]), got {value!r}")
+    allowed = _keys(_TABLES[name], name)
+    for key, item in value.items():
+        dotted = f"{name}.{key}"
+        if key not in allowed:
+            raise _unknown(src, dotted, [f"{name}.{k}" for k in allowed])
+        tables[name][key] = _coerce(f"{src}: {dotted}", item, allowed[key], text_ok=False)
+        sources.origin[dotted] = src
+
+
 def _layer_text(
     origin: str, dotted: str, value: object, tables: dict[str, dict[str, object]], s: _Sources
 ) -> None:
     """One env var or CLI override: a dotted key such as ``redis.url``."""
-    table, _, key = dotted.partition(".")
+    table, _, key = dotted.rpartition(".")
     allowed = _keys(_TABLES[table], table) if table in _TABLES else {}
     if key not in allowed:
         raise _unknown(origin, dotted, _DOTTED)
@@ -434,6 +475,11 @@ def _check_class(where: Callable[[str], str], kc: KeyClassConfig, max_ttl: float
         raise ConfigError(
             f"{where('stale_seconds')} must be in [0, server.max_ttl_seconds], 0 = off "
             f"(got {_num(kc.stale_seconds)})"
+        )
+    if not 0 <= kc.stale_if_error_seconds <= max_ttl:
+        raise ConfigError(
+            f"{where('stale_if_error_seconds')} must be in [0, server.max_ttl_seconds], "
+            f"0 = off (got {_num(kc.stale_if_error_seconds)})"
         )
     if kc.rate_limit is not None:
         _check_rate_limit(lambda key: where(f"rate_limit.{key}"), kc.rate_limit)
@@ -523,6 +569,7 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
             f"{w('redis.managed_port')} must be 0..65535, 0 for a free port "
             f"(got {c.redis.managed_port})"
         )
+    _check_breaker(w, c.redis.breaker)
 
     for key in ("stream_max_len", "subscriber_queue"):
         _positive(w(f"invalidation.{key}"), getattr(c.invalidation, key))
@@ -533,6 +580,7 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
 
     _positive(w("l1.max_entries"), c.l1.max_entries)
     _positive(w("l1.max_bytes"), c.l1.max_bytes)
+    _positive(w("l1.stale_if_error_max_bytes"), c.l1.stale_if_error_max_bytes)
     if c.l1.warm_keys < 0:
         raise ConfigError(f"{w('l1.warm_keys')} must be >= 0, 0 = off (got {c.l1.warm_keys})")
     if c.l1.admission not in ADMISSION_POLICIES:
@@ -555,6 +603,35 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
             raise ConfigError(f"{at}.name {kc.name!r} is already used by {seen[kc.name]}")
         seen[kc.name] = at.rpartition(": ")[2]
     _check_class(lambda key: w(f"default_class.{key}"), c.default_class, c.server.max_ttl_seconds)
+
+
+def _check_breaker(w: Callable[[str], str], b: BreakerConfig) -> None:
+    at = "redis.breaker."
+    if b.failures < 0:
+        raise ConfigError(
+            f"{w(at + 'failures')} must be >= 0, 0 = only the failure rate opens the breaker "
+            f"(got {b.failures})"
+        )
+    if not 0 <= b.failure_rate <= 1:
+        raise ConfigError(
+            f"{w(at + 'failure_rate')} must be in [0, 1], 0 = only consecutive failures open "
+            f"the breaker (got {_num(b.failure_rate)})"
+        )
+    if b.enabled and b.failures == 0 and b.failure_rate == 0:
+        raise ConfigError(
+            f"{w(at + 'failures')} and {at}failure_rate are both 0: nothing would open the "
+            "breaker; set enabled = false to turn it off"
+        )
+    if not 0 < b.window_seconds <= 3600:
+        raise ConfigError(
+            f"{w(at + 'window_seconds')} must be in (0, 3600] (got {_num(b.window_seconds)})"
+        )
+    if b.min_calls < 1:
+        raise ConfigError(f"{w(at + 'min_calls')} must be >= 1 (got {b.min_calls})")
+    if not 0 < b.cooldown_seconds <= 3600:
+        raise ConfigError(
+            f"{w(at + 'cooldown_seconds')} must be in (0, 3600] (got {_num(b.cooldown_seconds)})"
+        )
 
 
 def _check_telemetry(c: GatewayConfig, s: _Sources) -> None:
@@ -662,7 +739,10 @@ def load_config(
 
     config = GatewayConfig(
         server=_make(ServerConfig, tables["server"]),
-        redis=_make(RedisConfig, tables["redis"]),
+        redis=_make(
+            RedisConfig,
+            {**tables["redis"], "breaker": _make(BreakerConfig, tables["redis.breaker"])},
+        ),
         l1=_make(L1Config, tables["l1"]),
         invalidation=_make(InvalidationConfig, tables["invalidation"]),
         telemetry=_make(TelemetryConfig, tables["telemetry"]),

@@ -12,7 +12,9 @@ answers may be copied in, and that is this module's one job:
   since they may carry the value from before;
 - a write that starts detaches the key's in-flight read, so Gets that arrive after it
   read Redis anew instead of joining a read that may predate it;
-- L1 is only filled while this gateway's invalidation subscription is live.
+- L1 is only filled while this gateway's invalidation subscription is live;
+- classes with stale-if-error also keep their last copy aside (lastknown.py), under the
+  same rules, to answer STALE while Redis cannot be reached (`error_answer`).
 
 Broad invalidations cost what they evict: entries are indexed in the L1 by class and
 tag (groups) and by key order (prefixes), never found by walking the whole cache.
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from cachegw_gateway import envelope, wire
 from cachegw_gateway.freshness import l1_horizon_ms
 from cachegw_gateway.l2 import L2Entry
+from cachegw_gateway.lastknown import LastKnown
 from cachegw_gateway.policy import KeyClass
 from cachegw_gateway.stats import ClassCounters, GatewayStats
 from cachegw_native.batch import l1_results
@@ -72,9 +75,11 @@ class L1Tier:
         stats: GatewayStats,
         *,
         hotkeys: HotKeys | None = None,
+        last_known: LastKnown | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._l1 = l1
+        self._last_known = last_known
         self._stats = stats
         self._hotkeys = hotkeys
         self._clock = clock
@@ -129,6 +134,15 @@ class L1Tier:
         counters.hits_l1 += 1
         return body + wire.ttl_field(int((fresh_until - now) * 1000))
 
+    def error_answer(self, key: str) -> bytes | None:
+        """What a read may answer when Redis failed it: the copy set aside when the
+        subscription dropped (HIT, within its L1 deadline), else the class's last known
+        copy (STALE, within stale_if_error_seconds past its fresh life), else None."""
+        answer = self.fallback_answer(key)
+        if answer is None and self._last_known is not None:
+            answer = self._last_known.answer(key)
+        return answer
+
     # -- fills -----------------------------------------------------------------------------
 
     def ticket(self, keys: Sequence[str]) -> FillTicket:
@@ -159,7 +173,13 @@ class L1Tier:
     ) -> None:
         """Copy an entry into L1 for at most min(class L1 TTL, its fresh life left, the
         time before XFetch may pick a refresher), counted from `since`."""
-        if not kc.l1 or not self._fills_allowed or fresh_left_ms <= 0:
+        if not self._fills_allowed or fresh_left_ms <= 0:
+            return
+        groups = (class_group(kc.name), *(tag_group(t) for t in env.tags))
+        if kc.stale_if_error_ms and self._last_known is not None:
+            counters = self._stats.for_class(kc.name)
+            self._last_known.keep(key, kc, env, fresh_left_ms, since, counters, groups)
+        if not kc.l1:
             return
         l1_ttl = l1_horizon_ms(env, kc, fresh_left_ms) / 1000
         elapsed = self._clock() - since
@@ -168,7 +188,6 @@ class L1Tier:
         body = wire.hit_body(env.value, env.version, kc.name, env.tags) + wire.TIER_L1
         counters = self._stats.for_class(kc.name)
         value: L1Value = (body, since + fresh_left_ms / 1000, counters, wire.result_framing(body))
-        groups = (class_group(kc.name), *(tag_group(t) for t in env.tags))
         size = len(body) + len(key) + L1_ENTRY_OVERHEAD
         # The L1 counts its TTL from now; subtract what already passed since `since`.
         self._l1.set(key, value, size, l1_ttl - elapsed, groups)
@@ -179,6 +198,8 @@ class L1Tier:
         """A write or invalidation of `key` starts or ended: drop the copy, void the
         ticket of any call in flight for it, and let later Gets read Redis anew."""
         self._fallback.pop(key, None)
+        if self._last_known is not None:
+            self._last_known.forget(key)
         self._fill_tokens.pop(key, None)
         self.reads.forget(key)
         self._l1.delete(key)
@@ -204,6 +225,14 @@ class L1Tier:
             self._l1.delete_group(tag_group(tag))
         for name in classes:
             self._l1.delete_group(class_group(name))
+        last = self._last_known
+        if last is not None:
+            for prefix in prefixes:
+                last.forget_prefix(prefix)
+            for tag in tags:
+                last.forget_group(tag_group(tag))
+            for name in classes:
+                last.forget_group(class_group(name))
 
     def new_epoch(self) -> None:
         """No Redis call in flight now may fill L1 when it lands."""
@@ -218,8 +247,11 @@ class L1Tier:
         answered only while Redis cannot be reached: each within its own L1 deadline,
         which is inside the class's promise (an L1 copy is at most l1_ttl old even when
         an invalidation was missed), and better than UNAVAILABLE. Any later flush, and
-        the subscription coming back, drops them for good."""
+        the subscription coming back, drops them for good. The last known copies of
+        stale-if-error classes are kept too (only with `keep_fallback`)."""
         self._fallback = {}
+        if not keep_fallback and self._last_known is not None:
+            self._last_known.clear()
         if keep_fallback:
             now = self._clock()
             for key, value in self._l1.items():
@@ -239,4 +271,6 @@ class L1Tier:
         (a new epoch), and nothing kept aside for an outage may be served any more."""
         self.new_epoch()
         self._fallback = {}
+        if self._last_known is not None:
+            self._last_known.clear()
         self._fills_allowed = True

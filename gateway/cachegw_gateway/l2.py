@@ -24,7 +24,9 @@ never outlive the Redis entry: Redis's own remaining TTL bounds it, not a clock 
 
 Failures: every call runs inside `with self._reading:` or `with self._writing:`, which
 turns whatever Redis or the connection did into an `L2Unavailable` (redis_errors.py),
-counts it and marks Redis down where that is the truth. Reads are sent once more after a
+counts it and marks Redis down where that is the truth; the same place asks the circuit
+breaker (breaker.py) first, which refuses calls at once while Redis is known to be
+unreachable. Reads are sent once more after a
 dropped connection or a timeout; writes never are (see `from_config`). ``<p>:probe``
 never exists: while Redis refuses writes, the health probe UNLINKs it to learn when it
 takes them again.
@@ -46,7 +48,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
 from cachegw_gateway import envelope, redis_errors
-from cachegw_gateway.config import RedisConfig
+from cachegw_gateway.breaker import Breaker
+from cachegw_gateway.config import BreakerConfig, RedisConfig
 from cachegw_gateway.redis_errors import UNAVAILABLE_ERRORS as UNAVAILABLE_ERRORS
 from cachegw_gateway.redis_errors import L2Unavailable as L2Unavailable
 from cachegw_gateway.scripts import Script, load_all
@@ -332,18 +335,23 @@ def glob_escape(text: str) -> str:
 
 
 class _Calls:
-    """``with store._reading:`` / ``with store._writing:`` around Redis calls: the one
-    place where a failure becomes an `L2Unavailable` (classified by redis_errors, counted
-    and reported by `RedisStore._down`), and where an answer marks Redis up."""
+    """``with store._reading:`` / ``with store._writing:`` around Redis calls (a new one
+    per call): the one place where a failure becomes an `L2Unavailable` (classified by
+    redis_errors, counted and reported by `RedisStore._down`), where an answer marks
+    Redis up, and where the circuit breaker (breaker.py) admits the call or refuses it
+    before anything is sent, and learns how it ended."""
 
-    __slots__ = ("_store", "_write")
+    __slots__ = ("_store", "_ticket", "_write")
 
     def __init__(self, store: RedisStore, *, write: bool) -> None:
         self._store = store
         self._write = write
+        self._ticket = 0
 
     def __enter__(self) -> None:
-        return None
+        breaker = self._store.breaker
+        if breaker is not None:
+            self._ticket = breaker.admit()  # raises BreakerOpen: nothing is sent
 
     def __exit__(
         self,
@@ -351,10 +359,21 @@ class _Calls:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> Literal[False]:
+        breaker = self._store.breaker
         if exc is None:
             self._store._answered()
+            if breaker is not None:
+                breaker.done(self._ticket, None)
         elif isinstance(exc, redis_errors.FAILURES) and not isinstance(exc, L2Unavailable):
-            raise self._store._down(exc, write=self._write) from exc
+            err = self._store._down(exc, write=self._write)
+            if breaker is not None:
+                breaker.done(self._ticket, err)
+            raise err from exc
+        elif breaker is not None:
+            if isinstance(exc, L2Unavailable):
+                breaker.done(self._ticket, exc)
+            else:  # cancelled, or a bug here: no verdict on Redis
+                breaker.cancelled(self._ticket)
         return False
 
 
@@ -369,6 +388,7 @@ class RedisStore:
         prefix: str,
         stats: GatewayStats | None = None,
         pubsub_factory: Callable[[], aioredis.Redis] | None = None,
+        breaker: BreakerConfig | None = None,
     ) -> None:
         self._client = client
         self.pubsub_client: Callable[[], aioredis.Redis] = pubsub_factory or (lambda: client)
@@ -379,13 +399,15 @@ class RedisStore:
         self._acquire_script = Script(client, _ACQUIRE_SCRIPT)
         self._publish_script = Script(client, _PUBLISH_SCRIPT)
         self._release_script = Script(client, _RELEASE_SCRIPT)
-        self._reading = _Calls(self, write=False)
-        self._writing = _Calls(self, write=True)
         # The kind of error reply (READONLY, MASTERDOWN, ...) that said Redis refuses
         # every write, until a write goes through again; "" while writes are accepted.
         self._writes_refused = ""
         self.probe_key = f"{prefix}:probe"
         self.stats = GatewayStats() if stats is None else stats
+        # None (no breaker) unless given; from_config passes redis.breaker.
+        self.breaker = (
+            Breaker(breaker, self.stats) if breaker is not None and breaker.enabled else None
+        )
         self._mismatch_logged = -60.0
         self.events_key = f"{prefix}:events"
         self.events_channel = f"{prefix}:events"
@@ -393,15 +415,23 @@ class RedisStore:
         self.hotkeys_key = f"{prefix}:hotkeys"
 
     @property
+    def _reading(self) -> _Calls:
+        return _Calls(self, write=False)
+
+    @property
+    def _writing(self) -> _Calls:
+        return _Calls(self, write=True)
+
+    @property
     def reading(self) -> _Calls:
         """``with store.reading:`` around a read of Redis made outside this class (a
         module with scripts of its own): failures become `L2Unavailable`, counted."""
-        return self._reading
+        return _Calls(self, write=False)
 
     @property
     def writing(self) -> _Calls:
         """The same for a write: never sent again, its lost reply said so."""
-        return self._writing
+        return _Calls(self, write=True)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -449,7 +479,13 @@ class RedisStore:
                 single_connection_client=False,
             )
 
-        return cls(aioredis.Redis(connection_pool=pool), config.prefix, stats, pubsub_client)
+        return cls(
+            aioredis.Redis(connection_pool=pool),
+            config.prefix,
+            stats,
+            pubsub_client,
+            breaker=config.breaker,
+        )
 
     def _down(self, exc: BaseException, *, write: bool = False) -> L2Unavailable:
         """The failure of a call (a write if `write`), classified and counted."""
@@ -843,7 +879,8 @@ class RedisStore:
     async def ping(self) -> bool:
         """The health probe: PING, and while Redis refuses writes (a replica, ...) a
         write that changes nothing, to learn when it takes them again. Not counted as
-        calls; Redis counts as up only when it answers and takes writes."""
+        calls; Redis counts as up only when it answers and takes writes. Once the circuit
+        breaker's cool-down is over, the probe closes or reopens it."""
         refused = self._writes_refused
 
         async def once() -> bool:
@@ -851,6 +888,9 @@ class RedisStore:
                 await self._client.unlink(self.probe_key)
             return await self._ping_all()
 
+        # Past the breaker's cool-down the probe decides it (no call needs to be risked).
+        decides = self.breaker is not None and self.breaker.probe_due()
+        err: L2Unavailable | None = None
         try:
             up = await self._retrying(once)
         except redis_errors.FAILURES as exc:
@@ -861,6 +901,8 @@ class RedisStore:
         else:
             if refused and self._writes_refused == refused:
                 self._writes_refused = ""
+        if decides and self.breaker is not None:
+            self.breaker.probed(err)
         up = up and not self._writes_refused
         self.stats.redis_up = up
         return up

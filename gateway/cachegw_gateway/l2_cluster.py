@@ -125,6 +125,8 @@ class ClusterStore(RedisStore):
         node_client: Any = None,
     ) -> None:
         # RedisCluster speaks the same commands as Redis (not a subclass, hence the cast).
+        # No circuit breaker: it is one per store, and one dead primary would then refuse
+        # the calls to every healthy node too (a breaker per node is not built yet).
         super().__init__(cast(aioredis.Redis, client), prefix, stats, self._pubsub_client)
         self._cluster = client
         self._seeds = list(seeds)
@@ -153,6 +155,11 @@ class ClusterStore(RedisStore):
         cls, config: RedisConfig, url: str, stats: GatewayStats | None = None
     ) -> ClusterStore:
         seeds, username, password = parse_seeds(url)
+        if config.breaker.enabled:
+            log.info(
+                "redis.breaker is not applied on a Redis Cluster (one breaker for all nodes "
+                "would fail the healthy ones with the dead one)"
+            )
         common: dict[str, Any] = {
             "username": username,
             "password": password,

@@ -59,6 +59,7 @@ class KeyClass:
     max_wait_ms: int = round(DEFAULT_MAX_WAIT_SECONDS * 1000)
     early_refresh_beta: float = 0.0
     stale_ms: int = 0
+    stale_if_error_ms: int = 0  # see l1tier.LastKnown
     rate_limit: RateLimit | None = None  # Allow's limit when a request names none
 
     @classmethod
@@ -76,6 +77,7 @@ class KeyClass:
             max_wait_ms=round(c.max_wait_seconds * 1000),
             early_refresh_beta=c.early_refresh_beta,
             stale_ms=round(c.stale_seconds * 1000),
+            stale_if_error_ms=round(c.stale_if_error_seconds * 1000),
             rate_limit=None if c.rate_limit is None else RateLimit.from_config(c.rate_limit),
         )
 

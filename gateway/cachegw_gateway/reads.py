@@ -60,7 +60,25 @@ class ReadPath:
     ) -> bytes:
         """An encoded GetResponse for a key L1 did not answer: Redis (one coalesced read
         per key), else MISS, or with `lease` a lease or the value another holder filled
-        meanwhile."""
+        meanwhile. When Redis fails (or the circuit breaker refuses the call), a copy
+        kept for that (`L1Tier.error_answer`), else the L2Unavailable."""
+        try:
+            return await self._fetch(key, lease, max_wait_ms, allow_stale, time_remaining)
+        except L2Unavailable:
+            answer = self._tier.error_answer(key)
+            if answer is None:
+                raise
+            tracing.annotate(tier="l1", fallback=True)
+            return answer
+
+    async def _fetch(
+        self,
+        key: str,
+        lease: bool,
+        max_wait_ms: int,
+        allow_stale: bool,
+        time_remaining: float | None,
+    ) -> bytes:
         leases = self._leases
         deadline = None if time_remaining is None else self._clock() + time_remaining
         if self._hotkeys is not None:
@@ -71,14 +89,7 @@ class ReadPath:
             # Someone is filling it: join the waiters without a Redis read of our own.
             return await leases.obtain(key, kc, None, max_wait_ms, deadline, allow_stale)
         tracing.annotate(coalesced=key in self._tier.reads)  # in flight: run() joins it
-        try:
-            entry = await self.read_one(key)
-        except L2Unavailable:
-            answer = self._tier.fallback_answer(key)
-            if answer is None:
-                raise
-            tracing.annotate(tier="l1", fallback=True)
-            return answer
+        entry = await self.read_one(key)
         tracing.annotate(tier="miss" if entry is None else "l2")
         counters = self._stats.for_class(kc.name)
         unusable: int | None = None
@@ -119,7 +130,7 @@ class ReadPath:
             try:
                 found = await self._tier.reads.run_many(missing, self.read_many)
             except L2Unavailable:
-                saved = [self._tier.fallback_answer(k) for k in missing]
+                saved = [self._tier.error_answer(k) for k in missing]
                 if any(a is None for a in saved):
                     raise
                 answers: list[bytes] = saved  # type: ignore[assignment]

@@ -22,6 +22,7 @@ from cachegw_gateway.bus import EventBus
 from cachegw_gateway.cache import Cache
 from cachegw_gateway.config import GatewayConfig
 from cachegw_gateway.l2 import L2Unavailable, RedisStore
+from cachegw_gateway.lastknown import LastKnown
 from cachegw_gateway.policy import PolicyTable
 from cachegw_gateway.servicer import SERVICE_NAME, CacheServicer
 from cachegw_gateway.stats import GatewayStats
@@ -57,6 +58,12 @@ class GatewayServer:
         self.store = RedisStore.from_config(config.redis, redis_url, self.stats)
         self.l1 = L1Cache(config.l1.max_entries, config.l1.max_bytes, admission=config.l1.admission)
         self.hotkeys = HotKeys(HOT_KEYS_TRACKED)
+        # Stale-if-error's last known copies, only when a class asks for them.
+        self.last_known = (
+            LastKnown(config.l1.max_entries, config.l1.stale_if_error_max_bytes)
+            if any(kc.stale_if_error_ms for kc in self.policy.classes)
+            else None
+        )
         self.gateway_id = config.server.gateway_id
         # Events carry this as their origin; the random part tells this process's own
         # events apart even when two gateways were given the same id.
@@ -68,6 +75,7 @@ class GatewayServer:
             self.hotkeys,
             origin=self.origin,
             invalidation=config.invalidation,
+            last_known=self.last_known,
         )
         self.hub = SubscriberHub(self.origin, config.invalidation.subscriber_queue, self.stats)
         self.bus = EventBus(

@@ -19,7 +19,8 @@ class ClassCounters:
     hits_l1: int = 0
     hits_l2: int = 0
     misses: int = 0
-    stale: int = 0  # STALE answers (stale-while-revalidate)
+    stale: int = 0  # STALE answers (stale-while-revalidate and stale-if-error)
+    stale_if_error: int = 0  # STALE answers from a last known copy while Redis failed
     sets: int = 0
     deletes: int = 0
     leases_granted: int = 0  # LEASED answers, fills included
@@ -64,6 +65,11 @@ class GatewayStats:
     redis_reconnects: int = 0  # pub/sub connections re-established
     redis_up: bool = True  # the last Redis call or probe succeeded, writes taken (a gauge)
     envelope_mismatches: int = 0  # stored values in a format this gateway does not read
+    # The circuit breaker in front of Redis (breaker.py): its state (a gauge: 0 closed,
+    # 1 open, 2 half-open, -1 no breaker), times it opened, calls it refused.
+    breaker_state: int = -1
+    breaker_trips: int = 0
+    breaker_refused: int = 0
 
     def for_class(self, name: str) -> ClassCounters:
         counters = self.classes.get(name)

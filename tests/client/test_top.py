@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 from rich.console import Console
@@ -10,7 +11,7 @@ from rich.console import Console
 from cachegw import top
 from cachegw.v1 import cache_pb2 as pb
 from cachegw.v1 import cache_pb2_grpc
-from cachegw_gateway.managed_redis import free_port
+from cachegw_gateway.managed_redis import ManagedRedis, free_port
 from tests.conftest import BIN, GatewayFactory
 
 CLASSES = '[[classes]]\nname = "catalog"\npatterns = ["catalog:*"]\n'
@@ -79,3 +80,24 @@ def test_quantile_from_buckets() -> None:
     assert top.quantile(bounds, [0, 10, 0, 0], 0.99) == 1.0 + 0.99
     assert top.quantile(bounds, [0, 0, 0, 5], 0.5) == 4.0  # the open bucket: its floor
     assert str(top.quantile(bounds, [0, 0, 0, 0], 0.5)) == "nan"
+
+
+async def test_the_redis_cell_shows_an_open_breaker(
+    gateway_factory: GatewayFactory, redis_server: ManagedRedis
+) -> None:
+    gw = await gateway_factory("[redis.breaker]\nfailures = 1\ncooldown_seconds = 600\n")
+    await gw.stub.Set(pb.SetRequest(key="k", value=b"v"))
+    view = top.TopView([gw.address])
+
+    def row() -> str:
+        console = Console(record=True, width=250, color_system=None)
+        console.print(view.render())
+        return next(line for line in console.export_text().splitlines() if gw.address in line)
+
+    view.update(await asyncio.to_thread(_poll, [gw.address]))
+    assert "breaker" not in row()
+    redis_server.kill()
+    with contextlib.suppress(grpc.aio.AioRpcError):  # a refused connection: it opens
+        await gw.stub.Set(pb.SetRequest(key="k2", value=b"v"), timeout=5)
+    view.update(await asyncio.to_thread(_poll, [gw.address]))
+    assert "breaker OPEN" in row()

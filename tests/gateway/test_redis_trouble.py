@@ -7,7 +7,7 @@ import os
 import signal
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -25,6 +25,18 @@ async def _code_of(call: object) -> grpc.StatusCode:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await call  # type: ignore[misc]
     return err.value.code()
+
+
+async def _until_ok(call: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:
+    """`call()`'s answer once it stops failing UNAVAILABLE (bounded by `within`)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.05)
 
 
 async def test_redis_down(gateway: RunningGateway, redis_server: ManagedRedis) -> None:
@@ -51,9 +63,10 @@ async def test_redis_down(gateway: RunningGateway, redis_server: ManagedRedis) -
         await gateway.stub.GetMany(pb.GetManyRequest(keys=["cached", "k"]), timeout=3)
     assert "redis (L2) is unavailable" in (err.value.details() or "")
 
-    # Service comes back with Redis, on the same port.
+    # Service comes back with Redis, on the same port (once the circuit breaker, which
+    # these failures may have opened, lets a probe through: within its cool-down).
     redis_server.restart()
-    await gateway.stub.Set(pb.SetRequest(key="k", value=b"back"), timeout=5)
+    await _until_ok(lambda: gateway.stub.Set(pb.SetRequest(key="k", value=b"back"), timeout=5))
     assert (await gateway.stub.Get(pb.GetRequest(key="k"))).value == b"back"
     assert len(gateway.server.cache.reads) == 0
 
@@ -79,7 +92,7 @@ async def test_hung_redis_never_holds_a_caller_past_its_deadline(
             assert time.monotonic() - started < deadline + 0.5
     finally:
         os.kill(redis_server.pid, signal.SIGCONT)
-    await gateway.stub.Set(pb.SetRequest(key="k", value=b"v2"), timeout=5)
+    await _until_ok(lambda: gateway.stub.Set(pb.SetRequest(key="k", value=b"v2"), timeout=5))
     assert (await gateway.stub.Get(pb.GetRequest(key="k"))).value == b"v2"
 
 

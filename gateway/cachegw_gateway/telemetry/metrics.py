@@ -41,6 +41,7 @@ _CLASS_HELP = {
     "lease_fills": "Sets with a valid lease token, per class.",
     "lease_fills_refused": "Sets whose lease token was no longer valid, per class.",
     "refreshes": "Early-refresh leases handed out (XFetch or stale window), per class.",
+    "stale_if_error": "STALE answers from a last known copy while Redis failed, per class.",
 }
 _GATEWAY_HELP = {
     "invalidations_published": "Invalidation events this gateway published.",
@@ -52,6 +53,9 @@ _GATEWAY_HELP = {
     "redis_reconnects": "Redis pub/sub connections re-established.",
     "redis_up": "1 when the last Redis call or health probe succeeded and Redis takes writes.",
     "envelope_mismatches": "Stored values in a format this gateway does not read (misses).",
+    "breaker_state": "The Redis circuit breaker: 0 closed, 1 open, 2 half-open, -1 none.",
+    "breaker_trips": "Times the Redis circuit breaker opened.",
+    "breaker_refused": "Redis calls the open circuit breaker refused (failed fast, not sent).",
 }
 _L1_GAUGES = {
     "entries": "Entries in the L1 now.",

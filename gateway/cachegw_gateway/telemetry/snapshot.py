@@ -21,7 +21,13 @@ from cachegw_native.hotkeys import HotKeys
 from cachegw_native.l1 import L1Cache
 
 # GatewayStats fields that are gauges (a level now); every other int field is a count.
-GAUGE_FIELDS = frozenset({"subscribers", "redis_up"})
+GAUGE_FIELDS = frozenset({"subscribers", "redis_up", "breaker_state"})
+# GatewayStats.breaker_state (breaker.py: -1 none, 0 closed, 1 open, 2 half-open) on the wire.
+_BREAKER_STATES = {
+    0: pb.BREAKER_STATE_CLOSED,
+    1: pb.BREAKER_STATE_OPEN,
+    2: pb.BREAKER_STATE_HALF_OPEN,
+}
 _NOT_FIGURES = frozenset({"classes", "started_at", "error_replies"})
 MAX_TOP_KEYS = 1000
 
@@ -136,6 +142,11 @@ def stats_response(snap: Snapshot, classes: Sequence[str] = ()) -> pb.StatsRespo
             errors=g.get("redis_errors", 0),
             reconnects=g.get("redis_reconnects", 0),
             error_replies=snap.redis_error_replies,
+            breaker_state=_BREAKER_STATES.get(
+                g.get("breaker_state", -1), pb.BREAKER_STATE_UNSPECIFIED
+            ),
+            breaker_trips=g.get("breaker_trips", 0),
+            breaker_refused=g.get("breaker_refused", 0),
         ),
         l1=pb.L1Stats(**{k: v for k, v in l1.items() if k in pb.L1Stats.DESCRIPTOR.fields_by_name}),
         latency_bounds_ms=[b * 1000 for b in BOUNDS],

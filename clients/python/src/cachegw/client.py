@@ -275,7 +275,8 @@ class Client:
         """The value of `key`; on a miss, `loader()` runs in exactly one caller across all
         gateways (the lease holder) and the others get its value.
 
-        A STALE value (within the class's stale window) is returned at once; when this
+        A STALE value (within the class's stale window, or while Redis fails the last
+        copy of a class with stale_if_error_seconds) is returned at once; when this
         caller was picked to refresh (early refresh or stale), `loader` runs in a
         background thread. When the gateway cannot be reached, `loader` runs here and
         its value is returned (logged), so the service keeps working."""

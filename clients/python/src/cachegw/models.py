@@ -28,7 +28,9 @@ class Status(enum.Enum):
     LEASED = "LEASED"
     """Nothing is cached; this caller holds `Entry.lease_token` and should load and set."""
     STALE = "STALE"
-    """The value is past its soft expiry, inside the class's stale window."""
+    """The value is past its soft expiry, inside the class's stale window; or Redis
+    cannot be reached and this is the gateway's last copy, within the class's
+    stale_if_error_seconds past its freshness."""
 
 
 class Tier(enum.Enum):

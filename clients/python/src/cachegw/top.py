@@ -176,6 +176,10 @@ class TopView:
             if now.redis.up
             else Text("DOWN", style="bold red")
         )
+        if now.redis.breaker_state == pb.BREAKER_STATE_OPEN:
+            redis.append(" breaker OPEN", style="bold red")
+        elif now.redis.breaker_state == pb.BREAKER_STATE_HALF_OPEN:
+            redis.append(" breaker half-open", style="yellow")
         if now.redis.errors:
             redis.append(f" ({now.redis.errors:,} errors)")
         return [

@@ -59,7 +59,9 @@ class _StatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Status.ValueTy
     """
     STATUS_STALE: _Status.ValueType  # 4
     """`value` is past its soft expiry but inside the class's stale window; another
-    caller is refreshing it.
+    caller is refreshing it. Also (stale-if-error) the last copy this gateway read,
+    answered while Redis cannot be reached, at most the class's
+    stale_if_error_seconds past its fresh life.
     """
 
 class Status(_Status, metaclass=_StatusEnumTypeWrapper):
@@ -76,7 +78,9 @@ value and Set it with that token.
 """
 STATUS_STALE: Status.ValueType  # 4
 """`value` is past its soft expiry but inside the class's stale window; another
-caller is refreshing it.
+caller is refreshing it. Also (stale-if-error) the last copy this gateway read,
+answered while Redis cannot be reached, at most the class's
+stale_if_error_seconds past its fresh life.
 """
 Global___Status: _TypeAlias = Status  # noqa: Y015
 
@@ -183,6 +187,33 @@ EVENT_KIND_CLASSES: EventKind.ValueType  # 4
 EVENT_KIND_RESET: EventKind.ValueType  # 5
 """The gateway may have missed events: drop everything cached."""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
+
+class _BreakerState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BreakerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BreakerState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BREAKER_STATE_UNSPECIFIED: _BreakerState.ValueType  # 0
+    """No breaker (redis.breaker.enabled = false), or a gateway that has none."""
+    BREAKER_STATE_CLOSED: _BreakerState.ValueType  # 1
+    """Calls go to Redis."""
+    BREAKER_STATE_OPEN: _BreakerState.ValueType  # 2
+    """Redis was found unreachable: calls are refused at once until the cool-down ends."""
+    BREAKER_STATE_HALF_OPEN: _BreakerState.ValueType  # 3
+    """The cool-down ended: one probe call goes to Redis, the others are still refused."""
+
+class BreakerState(_BreakerState, metaclass=_BreakerStateEnumTypeWrapper): ...
+
+BREAKER_STATE_UNSPECIFIED: BreakerState.ValueType  # 0
+"""No breaker (redis.breaker.enabled = false), or a gateway that has none."""
+BREAKER_STATE_CLOSED: BreakerState.ValueType  # 1
+"""Calls go to Redis."""
+BREAKER_STATE_OPEN: BreakerState.ValueType  # 2
+"""Redis was found unreachable: calls are refused at once until the cool-down ends."""
+BREAKER_STATE_HALF_OPEN: BreakerState.ValueType  # 3
+"""The cool-down ended: one probe call goes to Redis, the others are still refused."""
+Global___BreakerState: _TypeAlias = BreakerState  # noqa: Y015
 
 class _RateAlgorithm:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -799,6 +830,7 @@ class ClassStats(_message.Message):
     LEASE_FILLS_FIELD_NUMBER: _builtins.int
     LEASE_FILLS_REFUSED_FIELD_NUMBER: _builtins.int
     REFRESHES_FIELD_NUMBER: _builtins.int
+    STALE_IF_ERROR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     hits_l1: _builtins.int
     hits_l2: _builtins.int
@@ -808,7 +840,7 @@ class ClassStats(_message.Message):
     hit_rate: _builtins.float
     """(hits_l1 + hits_l2 + stale) / (hits_l1 + hits_l2 + stale + misses); 0 with no reads."""
     stale: _builtins.int
-    """STALE answers (stale-while-revalidate)."""
+    """STALE answers (stale-while-revalidate, and stale-if-error: counted in both)."""
     leases_granted: _builtins.int
     """Stampede protection: LEASED answers, callers that waited server-side for another
     holder's fill, waiters whose wait ran out, leases granted after the previous
@@ -821,6 +853,10 @@ class ClassStats(_message.Message):
     lease_fills: _builtins.int
     lease_fills_refused: _builtins.int
     refreshes: _builtins.int
+    stale_if_error: _builtins.int
+    """STALE answers given from the last known copy because Redis failed the read or the
+    circuit breaker refused it (the class's stale_if_error_seconds).
+    """
     def __init__(
         self,
         *,
@@ -839,10 +875,11 @@ class ClassStats(_message.Message):
         lease_fills: _builtins.int = ...,
         lease_fills_refused: _builtins.int = ...,
         refreshes: _builtins.int = ...,
+        stale_if_error: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletes", b"deletes", "hit_rate", b"hit_rate", "hits_l1", b"hits_l1", "hits_l2", b"hits_l2", "lease_fills", b"lease_fills", "lease_fills_refused", b"lease_fills_refused", "lease_wait_timeouts", b"lease_wait_timeouts", "lease_waits", b"lease_waits", "leases_granted", b"leases_granted", "leases_taken_over", b"leases_taken_over", "misses", b"misses", "name", b"name", "refreshes", b"refreshes", "sets", b"sets", "stale", b"stale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletes", b"deletes", "hit_rate", b"hit_rate", "hits_l1", b"hits_l1", "hits_l2", b"hits_l2", "lease_fills", b"lease_fills", "lease_fills_refused", b"lease_fills_refused", "lease_wait_timeouts", b"lease_wait_timeouts", "lease_waits", b"lease_waits", "leases_granted", b"leases_granted", "leases_taken_over", b"leases_taken_over", "misses", b"misses", "name", b"name", "refreshes", b"refreshes", "sets", b"sets", "stale", b"stale", "stale_if_error", b"stale_if_error"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1034,6 +1071,9 @@ class RedisStats(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     RECONNECTS_FIELD_NUMBER: _builtins.int
     ERROR_REPLIES_FIELD_NUMBER: _builtins.int
+    BREAKER_STATE_FIELD_NUMBER: _builtins.int
+    BREAKER_TRIPS_FIELD_NUMBER: _builtins.int
+    BREAKER_REFUSED_FIELD_NUMBER: _builtins.int
     up: _builtins.bool
     """The last health probe (a PING every few seconds) or Redis call succeeded."""
     ping_ms: _builtins.float
@@ -1041,6 +1081,12 @@ class RedisStats(_message.Message):
     errors: _builtins.int
     """Redis calls that failed (timeouts, refused connections), and pub/sub reconnects."""
     reconnects: _builtins.int
+    breaker_state: Global___BreakerState.ValueType
+    """The circuit breaker in front of Redis (docs/errors.md): its state now, the times it
+    opened, and the calls it refused (answered UNAVAILABLE at once, nothing sent).
+    """
+    breaker_trips: _builtins.int
+    breaker_refused: _builtins.int
     @_builtins.property
     def error_replies(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Error replies from Redis by kind (READONLY, LOADING, BUSY, MASTERDOWN, OOM,
@@ -1055,10 +1101,13 @@ class RedisStats(_message.Message):
         errors: _builtins.int = ...,
         reconnects: _builtins.int = ...,
         error_replies: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        breaker_state: Global___BreakerState.ValueType = ...,
+        breaker_trips: _builtins.int = ...,
+        breaker_refused: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_replies", b"error_replies", "errors", b"errors", "ping_ms", b"ping_ms", "reconnects", b"reconnects", "up", b"up"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_refused", b"breaker_refused", "breaker_state", b"breaker_state", "breaker_trips", b"breaker_trips", "error_replies", b"error_replies", "errors", b"errors", "ping_ms", b"ping_ms", "reconnects", b"reconnects", "up", b"up"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
