@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cachegw_gateway import redis_url
+
 
 class ConfigError(ValueError):
     """The configuration breaks a rule; the message says which, and where it was set."""
@@ -155,9 +157,8 @@ ENV_VARS: Mapping[str, str] = {
 ADMISSION_POLICIES = ("lru", "tinylfu")
 JITTER_MODES = ("random", "deterministic")
 INVALIDATION_MODES = ("events", "ttl")
-URL_SCHEMES = ("redis://", "rediss://", "unix://")
-# Accepted by redis-py, not served by this gateway yet: refused with a clear message.
-UNSUPPORTED_SCHEMES = ("redis+sentinel://", "redis+cluster://")
+# Not served by this gateway yet: refused with a clear message.
+UNSUPPORTED_SCHEMES = ("redis+cluster://",)
 TRACE_EXPORTERS = ("none", "console", "otlp")
 LOG_FORMATS = ("text", "json")
 DEFAULT_CLASS_NAME = "default"
@@ -495,14 +496,14 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
 
     if c.redis.url.startswith(UNSUPPORTED_SCHEMES):
         raise ConfigError(
-            f"{w('redis.url')}: Redis Sentinel and Cluster are not supported yet; point the "
-            f"gateway at the primary with redis:// or rediss:// (got {c.redis.url!r})"
+            f"{w('redis.url')}: Redis Cluster is not supported yet; point the gateway at "
+            f"a standalone primary or at its Sentinels (got {redis_url.redact(c.redis.url)!r})"
         )
-    if c.redis.url and not c.redis.url.startswith(URL_SCHEMES):
-        raise ConfigError(
-            f"{w('redis.url')} must start with {', '.join(URL_SCHEMES)} or be empty "
-            f"(got {c.redis.url!r})"
-        )
+    if c.redis.url:
+        try:
+            redis_url.parse(c.redis.url)
+        except redis_url.RedisUrlError as exc:
+            raise ConfigError(f"{w('redis.url')} {exc}") from None
     prefix = c.redis.prefix
     if not prefix or any(ch in "{}" or ch.isspace() for ch in prefix):
         raise ConfigError(
