@@ -17,6 +17,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -55,19 +56,22 @@ def poll(check: Callable[[], bool], within: float, what: str, step: float = 0.05
         time.sleep(step)
 
 
-def client(address: Address, timeout: float = 1.0) -> redis.Redis:
+def client(address: Address, timeout: float = 1.0, password: str | None = None) -> redis.Redis:
     """A plain client for one node or Sentinel: short timeouts, no retries."""
     return redis.Redis(
         host=address[0],
         port=address[1],
+        password=password,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
     )
 
 
-def info(address: Address, section: str = "replication") -> dict[str, object]:
-    with client(address) as c:
+def info(
+    address: Address, section: str = "replication", password: str | None = None
+) -> dict[str, object]:
+    with client(address, password=password) as c:
         out: dict[str, object] = c.info(section)
         return out
 
@@ -84,8 +88,11 @@ class SentinelTopology:
         quorum: int = 2,
         down_after_ms: int = DOWN_AFTER_MS,
         failover_timeout_ms: int = FAILOVER_TIMEOUT_MS,
+        password: str | None = None,
     ) -> None:
         self.service = service
+        # The data nodes' requirepass (and masterauth); the Sentinels have none.
+        self.password = password
         self._replicas = replicas
         self._sentinel_count = sentinels
         self._quorum = quorum
@@ -106,9 +113,10 @@ class SentinelTopology:
 
     @property
     def url(self) -> str:
-        """The gateway's URL: ``redis+sentinel://h:p,h:p,h:p/SERVICE``."""
+        """The gateway's URL: ``redis+sentinel://[:password@]h:p,h:p,h:p/SERVICE``."""
         hosts = ",".join(f"{h}:{p}" for h, p in self.sentinel_addresses)
-        return f"redis+sentinel://{hosts}/{self.service}"
+        auth = "" if self.password is None else f":{quote(self.password, safe='')}@"
+        return f"redis+sentinel://{auth}{hosts}/{self.service}"
 
     def node_at(self, address: Address) -> ManagedRedis:
         for node in self.nodes:
@@ -145,12 +153,23 @@ class SentinelTopology:
 
     # -- life cycle -----------------------------------------------------------------------
 
+    def node_client(self, node: ManagedRedis | Address) -> redis.Redis:
+        """A client for a data node (with the topology's password)."""
+        address = node if isinstance(node, tuple) else self.address(node)
+        return client(address, password=self.password)
+
     def _start_node(self, port: int = 0, primary: Address | None = None) -> ManagedRedis:
         args = list(_NODE_ARGS)
+        if self.password is not None:
+            args += ["--masterauth", self.password]
         if primary is not None:
             args += ["--replicaof", primary[0], str(primary[1])]
         node = ManagedRedis(port=port, extra_args=args)
         node.start()
+        if self.password is not None:
+            # After the start: ManagedRedis knows its child by an INFO sent without AUTH.
+            with client(self.address(node)) as c:
+                c.config_set("requirepass", self.password)
         return node
 
     def _sentinel_config(self, primary: Address) -> str:
@@ -161,6 +180,7 @@ class SentinelTopology:
                 f"sentinel down-after-milliseconds {name} {self._down_after_ms}",
                 f"sentinel failover-timeout {name} {self._failover_timeout_ms}",
                 f"sentinel parallel-syncs {name} {max(1, self._replicas)}",
+                *([f"sentinel auth-pass {name} {self.password}"] if self.password else []),
                 "",
             ]
         )
@@ -208,7 +228,7 @@ class SentinelTopology:
 
     def _in_sync(self) -> bool:
         primary = self.address(self.primary_or_first())
-        rep = info(primary)
+        rep = info(primary, password=self.password)
         if rep.get("role") != "master":
             return False
         online = [
@@ -221,7 +241,7 @@ class SentinelTopology:
             return False
         offset = int(str(rep.get("master_repl_offset", 0)))
         for node in wanted:
-            r = info(self.address(node))
+            r = info(self.address(node), password=self.password)
             if r.get("master_link_status") != "up":
                 return False
             if int(str(r.get("slave_repl_offset", -1))) < offset:
@@ -300,7 +320,7 @@ class SentinelTopology:
                 return False
             for address in views - {None, old}:
                 assert address is not None
-                if info(address).get("role") == "master":
+                if info(address, password=self.password).get("role") == "master":
                     found[:] = [self.node_at(address)]
                     return True
             return False
