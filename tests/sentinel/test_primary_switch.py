@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
+from cachegw_gateway import redis_connect
 from cachegw_gateway.config import RedisConfig
 from cachegw_gateway.l2 import RedisStore, SetCall
 from cachegw_gateway.redis_errors import L2ErrorReply
@@ -65,3 +67,24 @@ async def test_readonly_from_a_demoted_primary_sends_the_pool_to_the_new_one(
             assert c.exists("t:{refused}") == 0
     finally:
         await store.close()
+
+
+async def test_concurrent_discoveries_keep_every_sentinel() -> None:
+    """redis-py's own discovery, run by many connections at once while the first
+    Sentinel is down, wrote one Sentinel over another (never asked again, never closed)."""
+    with SentinelTopology(replicas=1) as topo:
+        clients = redis_connect.connect(RedisConfig(prefix="t"), topo.url)
+        pool: Any = clients.client.connection_pool  # a SentinelConnectionPool
+        manager = pool.sentinel_manager
+        before = sorted(id(s) for s in manager.sentinels)
+        first = manager.sentinels[0].connection_pool.connection_kwargs["port"]
+        next(s for s in topo.sentinels if s.port == first).kill()
+        try:
+            found = await asyncio.gather(
+                *(manager.discover_master(topo.service) for _ in range(50))
+            )
+            assert set(found) == {topo.address(topo.nodes[0])}
+            assert sorted(id(s) for s in manager.sentinels) == before
+        finally:
+            await clients.client.aclose()
+            await clients.close()
