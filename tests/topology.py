@@ -332,7 +332,11 @@ class SentinelTopology:
         """Start a stopped or killed node or Sentinel again on its port. A data node comes
         back as a replica of the current primary (never as an empty primary its old
         replicas could sync from); a Sentinel comes back monitoring the current primary.
-        Returns the new handle, which replaces the old one in `nodes`/`sentinels`."""
+        Returns the new handle, which replaces the old one in `nodes`/`sentinels`.
+
+        It forks a redis-server child: in a process with live gRPC channels set
+        GRPC_ENABLE_FORK_SUPPORT=false before grpc is imported (benchmarks/
+        bench_failover.py does), or the child can abort between fork and exec."""
         port = proc.port
         proc.stop()
         if proc in self.sentinels:
