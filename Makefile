@@ -37,7 +37,8 @@ $(VENV)/.native: $(VENV)/.deps $(NATIVE_SRC)
 	$(PIP) install --no-build-isolation -e .
 	touch $@
 
-# A redis-server binary for the managed default and the tests.
+# A redis-server binary for the managed default and the tests. The same binary runs
+# Sentinel (`redis-server <conf> --sentinel`: tests/topology.py); no redis-sentinel needed.
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

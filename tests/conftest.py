@@ -225,3 +225,7 @@ def gateway_cluster(
         ]
 
     return start
+
+
+# Multi-process Redis topologies (tests/topology.py), as fixtures.
+from tests.topology import sentinel_topology  # noqa: E402, F401

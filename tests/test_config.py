@@ -334,9 +334,18 @@ def test_valid_redis_urls(url: str) -> None:
     "url", ["redis+cluster://c:7000/0", "redis+cluster://c", "redis+cluster://:pw@c:x"]
 )
 def test_bad_cluster_urls_are_refused_without_the_password(url: str) -> None:
-    with pytest.raises(ConfigError, match=r"redis\.url: ") as info:
+    with pytest.raises(ConfigError, match=r"redis\.url is not a valid Cluster URL") as info:
         load_config(env={}, overrides={"redis.url": url})
     assert "pw" not in str(info.value)
+
+
+def test_sentinel_urls_are_accepted_and_checked() -> None:
+    url = "redis+sentinel://s1:26379,s2:26380/mymaster?db=2"
+    assert load_config(env={}, overrides={"redis.url": url}).redis.url == url
+    with pytest.raises(ConfigError, match="no SERVICE") as info:
+        load_config(env={}, overrides={"redis.url": "redis+sentinel://u:secret@s1:26379"})
+    assert str(info.value).startswith("command line: redis.url is not a valid Sentinel URL")
+    assert "secret" not in str(info.value)
 
 
 def test_env_errors_name_the_variable() -> None:

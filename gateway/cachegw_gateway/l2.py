@@ -26,8 +26,8 @@ Failures: every call runs inside `with self._reading:` or `with self._writing:`,
 turns whatever Redis or the connection did into an `L2Unavailable` (redis_errors.py),
 counts it and marks Redis down where that is the truth; the same place asks the circuit
 breaker (breaker.py) first, which refuses calls at once while Redis is known to be
-unreachable. Reads are sent once more after a
-dropped connection or a timeout; writes never are (see `from_config`). ``<p>:probe``
+unreachable. Reads are sent once more after a dropped connection or a timeout; writes
+never are (see redis_connect.py). ``<p>:probe``
 never exists: while Redis refuses writes, the health probe UNLINKs it to learn when it
 takes them again.
 """
@@ -43,11 +43,9 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
-from cachegw_gateway import envelope, redis_errors
+from cachegw_gateway import envelope, redis_connect, redis_errors
 from cachegw_gateway.breaker import Breaker
 from cachegw_gateway.config import BreakerConfig, RedisConfig
 from cachegw_gateway.redis_errors import UNAVAILABLE_ERRORS as UNAVAILABLE_ERRORS
@@ -389,8 +387,11 @@ class RedisStore:
         stats: GatewayStats | None = None,
         pubsub_factory: Callable[[], aioredis.Redis] | None = None,
         breaker: BreakerConfig | None = None,
+        *,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._client = client
+        self._on_close = on_close
         self.pubsub_client: Callable[[], aioredis.Redis] = pubsub_factory or (lambda: client)
         self.prefix = prefix
         self._set_script = Script(client, _SET_SCRIPT)
@@ -447,44 +448,20 @@ class RedisStore:
     def from_config(
         cls, config: RedisConfig, url: str, stats: GatewayStats | None = None
     ) -> RedisStore:
+        """The store for `url`: standalone or Sentinel (redis_connect.py, which also says
+        why redis-py never retries a command here), or a Cluster (l2_cluster.py)."""
         if url.startswith("redis+cluster://"):
             from cachegw_gateway.l2_cluster import ClusterStore  # imports this module
 
             return ClusterStore.from_url(config, url, stats)
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"redis url {url!r}: only standalone Redis is supported so far")
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=config.max_connections,
-            socket_timeout=config.socket_timeout,
-            socket_connect_timeout=config.connect_timeout,
-            # No automatic retry: redis-py would send a command (or a whole pipeline,
-            # scripts included) again after a lost reply, and a write that already ran
-            # must not run twice (a compare-and-set would answer VERSION_CONFLICT, a
-            # lease fill LEASE_INVALID, an event would go out twice). Reads are sent
-            # once more by `_retrying`; a write whose reply was lost answers UNAVAILABLE
-            # saying it may have been applied. (Retry(..., 0) still drops the broken
-            # connection; the pool replaces connections found closed when handing out.)
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=30,
-        )
-
-        def pubsub_client() -> aioredis.Redis:
-            # Its own connection, and no retries: a silent reconnect would hide lost events.
-            return aioredis.Redis.from_url(
-                url,
-                socket_timeout=max(config.socket_timeout, 5.0),
-                socket_connect_timeout=config.connect_timeout,
-                retry=Retry(NoBackoff(), 0),
-                single_connection_client=False,
-            )
-
+        clients = redis_connect.connect(config, url)
         return cls(
-            aioredis.Redis(connection_pool=pool),
+            clients.client,
             config.prefix,
             stats,
-            pubsub_client,
+            clients.pubsub_client,
             breaker=config.breaker,
+            on_close=clients.close,
         )
 
     def _down(self, exc: BaseException, *, write: bool = False) -> L2Unavailable:
@@ -509,7 +486,7 @@ class RedisStore:
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """A read, sent once more after a dropped connection or a timeout (safe: a read
-        changes nothing). Never for writes: see `from_config`."""
+        changes nothing). Never for writes: see redis_connect.py."""
         try:
             return await call()
         except redis_errors.UNAVAILABLE_ERRORS as exc:
@@ -834,21 +811,38 @@ class RedisStore:
     async def events_lost_after(self, since: tuple[int, int]) -> bool:
         """Whether the audit stream may no longer hold every event after `since`.
 
-        Trimming removes the oldest entries, so events after `since` may be gone exactly
-        when `since` itself is older than the oldest entry kept (conservative: the event
-        right after `since` may be that oldest one). A stream that is gone (Redis lost
-        it, or nothing was ever published) holds nothing to replay either."""
+        Lost when `since` is older than the oldest entry kept (trimming removed the
+        oldest; conservative: the event right after `since` may be that oldest one), when
+        the stream is gone (Redis lost it, or nothing was ever published), and when this
+        stream never held `since` although it is not older than the oldest entry: a
+        failover promoted a replica that async replication had not yet given `since`
+        (it is then newer than the stream's last id, or missing between two entries), so
+        the events around it may be lost too. One round trip: XINFO STREAM and an XRANGE
+        of `since` alone."""
+        sid = f"{since[0]}-{since[1]}"
+
+        async def once() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.xinfo_stream(self.events_key)
+                pipe.xrange(self.events_key, min=sid, max=sid, count=1)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+
         with self._reading:
-            try:
-                info = await self._retrying(lambda: self._client.xinfo_stream(self.events_key))
-            except redis_errors.FAILURES as exc:
-                if redis_errors.no_such_key(exc):
+            info, found = await self._retrying(once)
+            if isinstance(info, Exception):
+                if redis_errors.no_such_key(info):
                     return True  # no such stream
-                raise
+                raise info
+            if isinstance(found, Exception):
+                raise found
         first = info.get("first-entry")
-        if first:
-            return _stream_id(first[0]) > since
-        return _stream_id(info.get("last-generated-id") or b"0-0") > since
+        last = _stream_id(info.get("last-generated-id") or b"0-0")
+        if since == last:
+            return False  # nothing after it (an empty, fully trimmed stream included)
+        if since > last or not first or _stream_id(first[0]) > since:
+            return True
+        return not found  # within the kept range: it must be an entry of this stream
 
     # -- hot keys -----------------------------------------------------------------------
 
@@ -912,3 +906,5 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._client.aclose(close_connection_pool=True)
+        if self._on_close is not None:
+            await self._on_close()

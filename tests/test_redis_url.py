@@ -1,0 +1,95 @@
+"""redis.url parsing: the Sentinel form, its mistakes, and credentials kept out of messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from cachegw_gateway.redis_url import RedisTarget, RedisUrlError, parse, redact
+
+
+@pytest.mark.parametrize(
+    ("url", "tls"),
+    [
+        ("redis://127.0.0.1:6379/0", False),
+        ("rediss://u:p@cache:6380/1", True),
+        ("unix:///run/redis.sock", False),
+    ],
+)
+def test_standalone_urls_are_passed_through(url: str, tls: bool) -> None:
+    target = parse(url)
+    assert (target.kind, target.url, target.tls) == ("standalone", url, tls)
+
+
+def test_a_full_sentinel_url() -> None:
+    t = parse("redis+sentinel://app:s%3Acret@10.0.0.1:26379,[::1]:26380,s3/orders.v1?db=5")
+    assert t == RedisTarget(
+        "sentinel",
+        t.url,
+        hosts=(("10.0.0.1", 26379), ("::1", 26380), ("s3", 26379)),
+        service="orders.v1",
+        db=5,
+        username="app",
+        password="s:cret",
+    )
+    assert "s:cret" not in repr(t) and "cret" not in t.redacted
+
+
+def test_a_password_without_a_user_and_the_defaults() -> None:
+    t = parse("redis+sentinel://:pw@127.0.0.1:5000/svc")
+    assert (t.username, t.password, t.db, t.tls) == (None, "pw", 0, False)
+    assert t.hosts == (("127.0.0.1", 5000),)
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("redis+sentinel://127.0.0.1:26379", "no SERVICE"),
+        ("redis+sentinel://127.0.0.1:26379/", "no SERVICE"),
+        ("redis+sentinel:///svc", "empty entry"),
+        ("redis+sentinel://a:1,,b:2/svc", "empty entry"),
+        ("redis+sentinel://a:0/svc", "1..65535"),
+        ("redis+sentinel://a:70000/svc", "1..65535"),
+        ("redis+sentinel://a:x/svc", "1..65535"),
+        ("redis+sentinel://::1:26379/svc", "IPv6 goes in brackets"),
+        ("redis+sentinel://[::1/svc", "bad IPv6"),
+        ("redis+sentinel://a:1,a:1/svc", "listed twice"),
+        ("redis+sentinel://a:1/svc/extra", "SERVICE"),
+        ("redis+sentinel://a:1/s v", "SERVICE"),
+        ("redis+sentinel://a:1/svc?db=-1", "non-negative integer"),
+        ("redis+sentinel://a:1/svc?db=x", "non-negative integer"),
+        ("redis+sentinel://a:1/svc?db=1&db=2", "db given twice"),
+        ("redis+sentinel://a:1/svc?timeout=3", "unknown parameter 'timeout'"),
+        ("redis+sentinel://a:1/svc#x", "fragment"),
+        ("redis+sentinel://@a:1/svc", "empty user:password"),
+        ("sentinel://a:1/svc", "must start with"),
+        ("redis+cluster://a:1", "must start with"),
+    ],
+)
+def test_bad_sentinel_urls_say_why(url: str, why: str) -> None:
+    with pytest.raises(RedisUrlError) as info:
+        parse(url)
+    assert why in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://user:hunter2@a:1/svc?db=x",
+        "redis+sentinel://user:hunter2@a:0/svc",
+        "redis+sentinel://user:hun/ter2@a:1/svc?db=x",
+        "redis+sentinel://user:hun@ter2@a:1/",
+        "http://user:hunter2@a:1/",
+    ],
+)
+def test_messages_never_carry_the_password(url: str) -> None:
+    with pytest.raises(RedisUrlError) as info:
+        parse(url)
+    assert "hunter2" not in str(info.value) and "ter2" not in str(info.value)
+    assert "user:***@" in str(info.value)
+
+
+def test_redact() -> None:
+    assert redact("redis://u:p@h:1/0") == "redis://u:***@h:1/0"
+    assert redact("redis://h:1/0") == "redis://h:1/0"
+    assert redact("redis://u@h:1/0") == "redis://u@h:1/0"  # a user alone is no secret
+    assert redact("redis+sentinel://:p@a:1,b:2/s?db=1") == "redis+sentinel://:***@a:1,b:2/s?db=1"
