@@ -17,6 +17,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+# Before grpc is imported: its fork handlers run in every child this process forks
+# (redis-server children start through fork + exec with a pre-exec hook), and with gRPC
+# threads alive a child was seen to abort before its exec (a redis-server restarted by
+# a failure test died with SIGABRT).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import grpc
 import pytest
 import redis
