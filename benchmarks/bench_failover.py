@@ -16,8 +16,10 @@ with a 1 s deadline):
 4. the dead node comes back as a replica; the topology settles before the next round.
 
 A topology is one function (`TOPOLOGIES`) returning a `Topology`: its URL, how to kill
-the primary, how to wait for the promotion and how to heal. Another (a Redis Cluster,
-`--topology cluster`) is added there.
+the primary, how to wait for the promotion and how to heal. `--topology cluster`: a
+3-primary, 3-replica Redis Cluster (tests/cluster_topology.py); each round kills another
+primary (3 rounds at most) and the Sets go to keys of that primary's slots (writes to
+the other primaries never stop).
 
 The aims are in AIMS below; a missed aim makes the script exit 1.
 
@@ -25,6 +27,7 @@ Run (from the repository root, after `make setup`):
 
     .venv/bin/python benchmarks/bench_failover.py             # 5 rounds, about 1 minute
     .venv/bin/python benchmarks/bench_failover.py --quick     # 2 rounds
+    .venv/bin/python benchmarks/bench_failover.py --topology cluster   # 3 rounds
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Healing forks redis-server children from this process, which runs gRPC clients: with
@@ -60,6 +64,7 @@ from benchmarks.harness import (
 )
 from cachegw.v1 import cache_pb2 as pb
 from cachegw.v1 import cache_pb2_grpc
+from tests.cluster_topology import ClusterTopology
 from tests.topology import SentinelTopology
 
 AIMS = [
@@ -101,6 +106,10 @@ class Topology:
     kill: Callable[[], object]  # SIGKILL the primary; returns a token for the others
     wait_promoted: Callable[[object], None]  # until a new primary serves
     heal: Callable[[object], None]  # the killed node back (as a replica); settled
+    # The keys gateway g writes in the next round (by default w:g:0..99). A cluster
+    # gives keys of the primary it will kill: the others' writes never stop.
+    write_keys: Callable[[int], list[str]] | None = None
+    max_rounds: int = 1_000
 
 
 def sentinel(stack: ExitStack) -> Topology:
@@ -121,7 +130,44 @@ def sentinel(stack: ExitStack) -> Topology:
     return Topology(topo.url, kill, wait_promoted, heal)
 
 
-TOPOLOGIES: dict[str, Callable[[ExitStack], Topology]] = {"sentinel": sentinel}
+def cluster(stack: ExitStack) -> Topology:
+    """3 primaries with a replica each. Each round kills another primary that still has
+    a replica (so 3 rounds at most); the dead node stays out."""
+    topo = stack.enter_context(ClusterTopology(primaries=3, replicas=1))
+    state: dict[str, Any] = {"done": set()}
+
+    def victim() -> Any:
+        if "victim" not in state:
+            for node in topo.primaries():
+                if node.port not in state["done"]:
+                    state["victim"] = node
+                    break
+        return state["victim"]
+
+    def write_keys(gateway: int) -> list[str]:
+        node = victim()
+        candidates = (f"w:{gateway}:{i}" for i in range(100_000))
+        return [k for k in candidates if topo.node_of_key(f"cg:{{{k}}}") is node][:20]
+
+    def kill() -> object:
+        node = victim()
+        topo.kill(node)
+        return node
+
+    def wait_promoted(token: object) -> None:
+        topo.wait_failover(token)  # type: ignore[arg-type]
+
+    def heal(token: object) -> None:
+        state["done"].add(token.port)  # type: ignore[attr-defined]
+        del state["victim"]
+
+    return Topology(topo.url, kill, wait_promoted, heal, write_keys, max_rounds=3)
+
+
+TOPOLOGIES: dict[str, Callable[[ExitStack], Topology]] = {
+    "sentinel": sentinel,
+    "cluster": cluster,
+}
 
 
 @dataclass
@@ -180,6 +226,7 @@ async def _load(
     stub: cache_pb2_grpc.CacheServiceAsyncStub,
     stop: asyncio.Event,
     log: list[Call],
+    writes: list[str],
 ) -> None:
     rng = random.Random(gateway)
     n = 0
@@ -189,7 +236,7 @@ async def _load(
         await _timed(log, gateway, "hot", stub.Get(hot, timeout=DEADLINE))
         l2 = pb.GetRequest(key=rng.choice(L2))
         await _timed(log, gateway, "l2", stub.Get(l2, timeout=DEADLINE))
-        put = pb.SetRequest(key=f"w:{gateway}:{n % 100}", value=b"x" * 100)
+        put = pb.SetRequest(key=writes[n % len(writes)], value=b"x" * 100)
         await _timed(log, gateway, "set", stub.Set(put, timeout=DEADLINE))
         await asyncio.sleep(0.002)
 
@@ -208,7 +255,13 @@ async def one_round(topo: Topology, stubs: Sequence[cache_pb2_grpc.CacheServiceA
                 raise RuntimeError(f"{key} did not reach gateway {i}'s L1")
     result = Round()
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(_load(i, s, stop, result.calls)) for i, s in enumerate(stubs)]
+    writes = [
+        topo.write_keys(i) if topo.write_keys else [f"w:{i}:{n}" for n in range(100)]
+        for i in range(len(stubs))
+    ]
+    tasks = [
+        asyncio.create_task(_load(i, s, stop, result.calls, writes[i])) for i, s in enumerate(stubs)
+    ]
     try:
         await asyncio.sleep(STEADY)
         token = await asyncio.to_thread(topo.kill)
@@ -313,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with sigterm_as_interrupt(), ExitStack() as stack:
             stack.callback(shutil.rmtree, work, ignore_errors=True)
             topo = TOPOLOGIES[s.topology](stack)
+            rounds = min(rounds, topo.max_rounds)  # a cluster: a primary a round
             gateways = start_gateways(stack, 3, topo.url, CONFIG, work)
             results = asyncio.run(run_rounds(topo, [g.address for g in gateways], rounds))
             for gw in gateways:

@@ -34,6 +34,16 @@ def test_a_full_sentinel_url() -> None:
     assert "s:cret" not in repr(t) and "cret" not in t.redacted
 
 
+def test_a_cluster_url_names_its_seeds() -> None:
+    t = parse("redis+cluster://app:s%40cret@10.0.0.1:7000,[::1]:7001")
+    assert t.kind == "cluster"
+    assert t.hosts == (("10.0.0.1", 7000), ("::1", 7001))
+    assert (t.username, t.password) == ("app", "s@cret")
+    with pytest.raises(RedisUrlError, match="not a valid Cluster URL") as info:
+        parse("redis+cluster://app:s%40cret@10.0.0.1:7000/0")
+    assert "cret" not in str(info.value)
+
+
 def test_a_password_without_a_user_and_the_defaults() -> None:
     t = parse("redis+sentinel://:pw@127.0.0.1:5000/svc")
     assert (t.username, t.password, t.db, t.tls) == (None, "pw", 0, False)
@@ -62,7 +72,7 @@ def test_a_password_without_a_user_and_the_defaults() -> None:
         ("redis+sentinel://a:1/svc#x", "fragment"),
         ("redis+sentinel://@a:1/svc", "empty user:password"),
         ("sentinel://a:1/svc", "must start with"),
-        ("redis+cluster://a:1", "must start with"),
+        ("redis+memcache://a:1", "must start with"),
     ],
 )
 def test_bad_sentinel_urls_say_why(url: str, why: str) -> None:

@@ -200,6 +200,15 @@ class Breaker:
         else:
             self._close("the health probe was answered")
 
+    def heard_from_redis(self, why: str) -> None:
+        """Redis answered on another connection (the invalidation subscription went live
+        again: after a failover, on the new primary): whatever the breaker feared is over,
+        so it closes now rather than after its cool-down and a probe. Without this, a
+        gateway whose subscription was back (which also ends the copies set aside for the
+        outage) refused every read for up to a cool-down more."""
+        if self._state != CLOSED:
+            self._close(why)
+
     # -- transitions --------------------------------------------------------------------
 
     def _refusal(self) -> str:

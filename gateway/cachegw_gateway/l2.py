@@ -526,7 +526,10 @@ class RedisStore:
         raise NotImplementedError("one Redis: the scripts read the generation themselves")
 
     def on_subscription(self, live: bool) -> None:
-        """The invalidation subscription went live or was lost (see l2_cluster.py)."""
+        """The invalidation subscription went live or was lost: live, Redis answers (see
+        `Breaker.heard_from_redis`); a Cluster store also reloads its generations."""
+        if live and self.breaker is not None:
+            self.breaker.heard_from_redis("the invalidation subscription is live again")
 
     def on_class_event(self) -> None:
         """Another gateway published a class invalidation (see l2_cluster.py)."""

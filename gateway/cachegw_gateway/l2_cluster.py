@@ -246,6 +246,7 @@ class ClusterStore(RedisStore):
         self._gens_trusted = True
 
     def on_subscription(self, live: bool) -> None:
+        super().on_subscription(live)
         self._bus_live = live
         if live:
             self._bus_attempts = 0

@@ -201,3 +201,18 @@ def test_the_health_probe_decides_only_after_the_cooldown() -> None:
     # A READONLY answer: Redis is reachable (reads work), the breaker closes.
     breaker.probed(classify(ReadOnlyError("You can't write against a read only replica.")))
     assert breaker.state == CLOSED
+
+
+def test_the_subscription_coming_back_closes_it_at_once() -> None:
+    """After a failover the bus is live on the new primary before the cool-down ends:
+    the breaker must not go on refusing reads (the outage copies end with the bus)."""
+    breaker, clock, stats = make(failures=2, failure_rate=0, cooldown_seconds=5)
+    call(breaker, TIMEOUT)
+    call(breaker, TIMEOUT)
+    assert breaker.state == OPEN
+    clock.now += 1  # well inside the cool-down
+    breaker.heard_from_redis("the invalidation subscription is live again")
+    assert breaker.state == CLOSED and stats.breaker_state == CLOSED
+    call(breaker)  # admitted
+    breaker.heard_from_redis("again")  # closed: nothing changes
+    assert breaker.state == CLOSED
