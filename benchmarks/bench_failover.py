@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc
+from redis.crc import key_slot
 
 from benchmarks.harness import (
     Aim,
@@ -145,9 +146,13 @@ def cluster(stack: ExitStack) -> Topology:
         return state["victim"]
 
     def write_keys(gateway: int) -> list[str]:
-        node = victim()
-        candidates = (f"w:{gateway}:{i}" for i in range(100_000))
-        return [k for k in candidates if topo.node_of_key(f"cg:{{{k}}}") is node][:20]
+        ranges = topo.slots_of(victim())  # a key's slot is its hash tag's: {key}
+        mine = (
+            k
+            for k in (f"w:{gateway}:{i}" for i in range(100_000))
+            if any(lo <= key_slot(k.encode()) <= hi for lo, hi in ranges)
+        )
+        return [next(mine) for _ in range(20)]
 
     def kill() -> object:
         node = victim()

@@ -47,7 +47,7 @@ class BreakerConfig:
     failure_rate: float = 0.5  # share of failed calls over `window_seconds`; 0 = rule off
     window_seconds: float = 10.0
     min_calls: int = 20  # calls in the window before the rate counts
-    cooldown_seconds: float = 2.0  # open this long, then one probe (half-open)
+    cooldown_seconds: float = 0.5  # open this long, then one probe (half-open)
 
 
 @dataclass(frozen=True)

@@ -268,9 +268,12 @@ class L1Tier:
 
     def resume_fills(self) -> None:
         """The subscription is (again) live: calls sent before may have missed an event
-        (a new epoch), and nothing kept aside for an outage may be served any more."""
+        (a new epoch). The copies set aside for an outage stay, still answered only when
+        a Redis read fails and each within its own L1 deadline (the bound a lost event
+        allows): the subscription can come back before reads do (a Cluster whose
+        generations' node is the one failing over, a breaker still open), and events
+        from now on evict them as they evict L1."""
         self.new_epoch()
-        self._fallback = {}
         if self._last_known is not None:
             self._last_known.clear()
         self._fills_allowed = True

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 
-from cachegw import AsyncClient
+from cachegw import AsyncClient, Tier
 from cachegw.errors import CacheError
 from cachegw.v1 import cache_pb2 as pb
 from cachegw.v1 import cache_pb2_grpc
 from tests.cluster.load import DEADLINE, Load
 from tests.cluster_topology import ClusterTopology
-from tests.conftest import GatewayCluster
+from tests.conftest import GatewayCluster, GatewayProcess
 
 CLASSES = """
 [[classes]]
@@ -122,3 +124,54 @@ async def test_a_primary_killed_under_load(
     finally:
         for client in clients:
             await client.close()
+
+
+async def test_the_generations_node_killed_l1_hot_keys_are_all_answered(
+    tmp_path: Path, gateway_process: Callable[..., GatewayProcess], prefix: str
+) -> None:
+    """The primary holding the audit stream and the class generations dies: every
+    gateway's subscription drops with it (they listen there), and until its replica
+    takes over, no gateway can learn a generation, so its Redis reads fail. Keys it held
+    in L1 are still answered, every one of them, from the copies set aside."""
+    with ClusterTopology() as cluster:
+        config = tmp_path / "gw.toml"
+        config.write_text(CLASSES)
+        flags = ["--config", str(config), "--redis-url", cluster.url, "--redis-prefix", prefix]
+        gateways = [
+            gateway_process(*flags, "--gateway-id", f"gw{i}", "--log-level", "WARNING")
+            for i in range(3)
+        ]
+        clients = [AsyncClient(gw.address) for gw in gateways]
+        try:
+            await clients[0].set_many([(k, b"v0") for k in KEYS])
+            for client in clients:
+                await client.get_many(KEYS)
+                assert all(e.tier is Tier.L1 for e in await client.lookup_many(KEYS))
+            meta = cluster.node_of_key(f"{prefix}:{{meta}}:events")
+            load = Load(clients, KEYS)
+            load.start(write_share=0.0)  # reads only: every key stays held
+            await asyncio.sleep(0.5)
+            killed_at = time.monotonic()
+            cluster.kill(meta)
+            await asyncio.to_thread(cluster.wait_failover, meta)
+            promoted_at = time.monotonic()
+            await asyncio.sleep(1.0)
+            await load.stop()
+            blackout = [o for o in load.outcomes if killed_at <= o.started <= promoted_at]
+            failed = [o for o in blackout if o.code != "OK" or o.value != b"v0"]
+            assert blackout and not failed, (len(failed), len(blackout), failed[:3])
+            assert not load.late(), load.late()[:5]
+            # After the promotion, writes and class invalidations work again.
+            await clients[1].set(KEYS[0], b"v1", timeout=5.0)
+            await clients[2].invalidate(classes=["product"], timeout=5.0)
+            for client in clients:
+                for _ in range(100):
+                    if await client.get(KEYS[0], timeout=5.0) is None:
+                        break
+                    await asyncio.sleep(0.05)
+                assert await client.get(KEYS[0], timeout=5.0) is None
+        finally:
+            for client in clients:
+                await client.close()
+            for gw in gateways:
+                gw.stop()
