@@ -9,7 +9,8 @@ What crosses slots on a standalone Redis is split here:
                         event could be one script; they are two calls, bump first)
     <p>:tag:<T>         tag index, in T's own slot
     channel <p>:events, <p>:fills   classic pub/sub (a cluster forwards every PUBLISH
-                        to every node; the bus listens on any one node)
+                        to every node; the bus listens on the meta slot's primary,
+                        where events are published: see `_pubsub_client`)
 
 **Generations live in memory.** A read cannot fetch the class generation beside the
 value (another slot, often another node), and every read of a deployment asking one
