@@ -246,8 +246,8 @@ class L1Tier:
         With `keep_fallback` (the subscription dropped), the copies are set aside and
         answered only while Redis cannot be reached: each within its own L1 deadline,
         which is inside the class's promise (an L1 copy is at most l1_ttl old even when
-        an invalidation was missed), and better than UNAVAILABLE. Any later flush, and
-        the subscription coming back, drops them for good. The last known copies of
+        an invalidation was missed), and better than UNAVAILABLE. Any later flush drops
+        them for good (events evict them meanwhile, as they evict L1). The last known copies of
         stale-if-error classes are kept too (only with `keep_fallback`)."""
         self._fallback = {}
         if not keep_fallback and self._last_known is not None:

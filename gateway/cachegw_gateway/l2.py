@@ -764,20 +764,28 @@ class RedisStore:
                 )
                 if not members:
                     break
-                keys: list[str] = []
-                args: list[bytes] = []
                 pairs: list[tuple[bytes, bytes]] = list(members)  # type: ignore[arg-type]
-                for member, score in pairs:
-                    key = _text(member)
-                    keys += (self.redis_key(key), self.lease_key(key))
-                    args += (member, score)
-                counts = await self._tag_chunk_script(keys=[index, *keys], args=args)
-                removed += int(counts[0])
+                gone, pruned = await self._remove_tag_chunk(index, pairs)
+                removed += gone
                 # Members left in place (re-indexed meanwhile) are stepped over next time.
-                skipped += len(members) - int(counts[1])
-                if len(members) < chunk:
+                skipped += len(pairs) - pruned
+                if len(pairs) < chunk:
                     break
         return removed
+
+    async def _remove_tag_chunk(
+        self, index: str, pairs: Sequence[tuple[bytes, bytes]]
+    ) -> tuple[int, int]:
+        """One chunk of `delete_tag` (members with their scores as read): (values
+        removed, index entries removed), in one script (see _TAG_CHUNK_SCRIPT)."""
+        keys: list[str] = []
+        args: list[bytes] = []
+        for member, score in pairs:
+            key = _text(member)
+            keys += (self.redis_key(key), self.lease_key(key))
+            args += (member, score)
+        counts = await self._tag_chunk_script(keys=[index, *keys], args=args)
+        return int(counts[0]), int(counts[1])
 
     async def bump_generations(self, classes: Sequence[str]) -> dict[str, int]:
         with self._writing:

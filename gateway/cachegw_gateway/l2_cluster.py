@@ -460,36 +460,23 @@ class ClusterStore(RedisStore):
         each = [bool(int(cast(int, r))) for r in replies]
         return sum(each), event_id, each
 
-    async def delete_tag(self, tag: str, chunk: int = 1000) -> int:
-        """As on one Redis, in three steps a chunk: read the members, remove their values
-        and leases (each in its slot), then remove the index entries whose score is
+    async def _remove_tag_chunk(
+        self, index: str, pairs: Sequence[tuple[bytes, bytes]]
+    ) -> tuple[int, int]:
+        """As on one Redis, in two steps (the members live in other slots): remove their
+        values and leases, each in its slot, then the index entries whose score is
         unchanged (a member re-indexed meanwhile stays indexed)."""
-        index = self.tag_key(tag)
-        removed = skipped = 0
-        with self._writing:
-            rounds = int(await self._client.zcard(index)) // chunk + 2
-            for _ in range(rounds):
-                members = await self._client.zrange(
-                    index, skipped, skipped + chunk - 1, withscores=True, score_cast_func=bytes
-                )
-                if not members:
-                    break
-                pairs: list[tuple[bytes, bytes]] = list(members)  # type: ignore[arg-type]
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for member, _score in pairs:
-                        key = _text(member)
-                        pipe.execute_command("UNLINK", self.lease_key(key))
-                        pipe.execute_command("UNLINK", self.redis_key(key))
-                    replies = redis_errors.raise_first(await pipe.execute(raise_on_error=False))
-                removed += sum(int(r) for r in replies[1::2])
-                args: list[bytes] = []
-                for member, score in pairs:
-                    args += (member, score)
-                pruned = int(await self._prune_script(keys=[index], args=args))
-                skipped += len(pairs) - pruned
-                if len(pairs) < chunk:
-                    break
-        return removed
+        async with self._client.pipeline(transaction=False) as pipe:
+            for member, _score in pairs:
+                key = _text(member)
+                pipe.execute_command("UNLINK", self.lease_key(key))
+                pipe.execute_command("UNLINK", self.redis_key(key))
+            replies = redis_errors.raise_first(await pipe.execute(raise_on_error=False))
+        args: list[bytes] = []
+        for member, score in pairs:
+            args += (member, score)
+        pruned = int(await self._prune_script(keys=[index], args=args))
+        return sum(int(r) for r in replies[1::2]), pruned
 
     async def bump_generations(self, classes: Sequence[str]) -> dict[str, int]:
         with self._writing:
