@@ -30,13 +30,18 @@ counted either way (a cancelled probe frees the probe's place).
 Calls in flight when the state changes (sent before the breaker opened, still waiting
 for a hung Redis) are not counted when they end: only calls admitted in the current
 state decide the next one.
+
+On a Redis Cluster each primary has a breaker of its own (`NodeBreakers`): a dead
+primary's calls fail fast while the other nodes' keys are served as usual. A call is
+admitted when every node it touches admits it; it counts for its node when it touched
+one (a call spread over nodes is split by node first, see l2_cluster.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from cachegw_gateway.config import BreakerConfig
 from cachegw_gateway.redis_errors import CONNECTION, PROTOCOL, TIMEOUT, L2Unavailable
@@ -67,6 +72,14 @@ class BreakerOpen(L2Unavailable):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, kind=BREAKER, mark_down=False)
+
+
+class Group:
+    """Where a breaker reports its state: the `breaker_state` gauge (one breaker), or a
+    `NodeBreakers` summing up its nodes' breakers."""
+
+    def changed(self, breaker: Breaker) -> None:
+        raise NotImplementedError
 
 
 class _Window:
@@ -102,7 +115,8 @@ class _Window:
 
 
 class Breaker:
-    """One per `RedisStore`; single-threaded (the gateway's event loop)."""
+    """One per `RedisStore` (or per Cluster node: `NodeBreakers`); single-threaded (the
+    gateway's event loop). `node` names the Cluster node it guards ("" for a store)."""
 
     def __init__(
         self,
@@ -110,9 +124,13 @@ class Breaker:
         stats: GatewayStats,
         *,
         clock: Callable[[], float] = time.monotonic,
+        node: str = "",
+        group: Group | None = None,
     ) -> None:
         self.config = config
+        self.node = node
         self._stats = stats
+        self._group = group
         self._clock = clock
         self._state = CLOSED
         self._epoch = 0  # bumped on every change of state: see `admit`
@@ -121,7 +139,8 @@ class Breaker:
         self._open_until = 0.0
         self._probing = False  # half-open: the probe is in flight
         self.reason = ""  # why it last opened
-        stats.breaker_state = CLOSED
+        if group is None:
+            stats.breaker_state = CLOSED
 
     @property
     def state(self) -> int:
@@ -218,8 +237,9 @@ class Breaker:
             if self._state == HALF_OPEN
             else f"a probe goes through in {left:.1f}s"
         )
+        whose = f"circuit breaker for redis node {self.node}" if self.node else "circuit breaker"
         return (
-            f"redis (L2) is unavailable: the gateway's circuit breaker is open, so this call "
+            f"redis (L2) is unavailable: the gateway's {whose} is open, so this call "
             f"was not sent to redis and not applied (an Invalidate of prefixes, tags or "
             f"classes may have applied its first steps: repeat it); retry later: {when}. "
             f"It opened after {self.reason}"
@@ -229,15 +249,23 @@ class Breaker:
         before = self.state_name
         self._state = state
         self._epoch += 1
-        self._stats.breaker_state = state
+        if self._group is None:
+            self._stats.breaker_state = state
+        else:
+            self._group.changed(self)
         level = logging.WARNING if state == OPEN else logging.INFO
         log.log(
             level,
-            "redis circuit breaker %s -> %s: %s",
+            "redis circuit breaker%s %s -> %s: %s",
+            f" for node {self.node}" if self.node else "",
             before,
             self.state_name,
             why,
-            extra={"event": f"breaker_{self.state_name.replace('-', '_')}", "breaker_from": before},
+            extra={
+                "event": f"breaker_{self.state_name.replace('-', '_')}",
+                "breaker_from": before,
+                "redis_node": self.node,
+            },
         )
 
     def _trip(self, reason: str) -> None:
@@ -255,3 +283,55 @@ class Breaker:
         self._window.clear()
         self._probing = False
         self._move(CLOSED, why)
+
+
+# The gauge's order of gravity: a store whose nodes disagree shows the worst of them.
+_GRAVITY = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+
+
+class NodeBreakers(Group):
+    """A breaker per Redis Cluster node ("host:port"), made on a node's first call.
+
+    `breaker_state` shows the worst of them and `breaker_nodes` every node whose breaker
+    is not closed; trips and refusals add up. `forget_all_but` drops the breakers of nodes
+    that are no longer primaries (a failed-over primary's stays open otherwise, and would
+    show in Stats forever)."""
+
+    def __init__(
+        self,
+        config: BreakerConfig,
+        stats: GatewayStats,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._stats = stats
+        self._clock = clock
+        self._nodes: dict[str, Breaker] = {}
+        stats.breaker_state = CLOSED
+        stats.breaker_nodes = {}
+
+    def __getitem__(self, node: str) -> Breaker:
+        breaker = self._nodes.get(node)
+        if breaker is None:
+            breaker = self._nodes[node] = Breaker(
+                self.config, self._stats, clock=self._clock, node=node, group=self
+            )
+        return breaker
+
+    def __iter__(self) -> Iterator[Breaker]:
+        return iter(list(self._nodes.values()))
+
+    def forget_all_but(self, nodes: Iterable[str]) -> None:
+        keep = set(nodes)
+        for name in [n for n in self._nodes if n not in keep]:
+            del self._nodes[name]
+        self._refresh()
+
+    def changed(self, breaker: Breaker) -> None:
+        self._refresh()
+
+    def _refresh(self) -> None:
+        states = {name: b.state for name, b in self._nodes.items() if b.state != CLOSED}
+        self._stats.breaker_nodes = states
+        self._stats.breaker_state = max(states.values(), key=_GRAVITY.__getitem__, default=CLOSED)

@@ -141,7 +141,7 @@ class Counters:
         `ttl_ms`, jittered as a write's; counters have no stale window) when missing.
         An existing counter keeps its TTL."""
         px = kc.ttl_for_write(key, ttl_ms, self._wall_ms())
-        with self._store.writing:
+        with self._store.calls([self._store.counter_key(key)], write=True):
             reply = await self._incr_script(
                 keys=[self._store.counter_key(key)], args=[str(delta), px]
             )
@@ -166,7 +166,7 @@ class Counters:
         counter (the fresh TTL) a new TTL, if they exist. L1 copies keep their own,
         shorter deadlines."""
         fresh = kc.ttl_for_write(key, ttl_ms, self._wall_ms())
-        with self._store.writing:
+        with self._store.calls([self._store.counter_key(key)], write=True):
             value, counter = await self._touch_script(
                 keys=[self._store.redis_key(key), self._store.counter_key(key)],
                 args=[fresh + kc.stale_ms, fresh],
@@ -183,7 +183,7 @@ class Counters:
         A value in its stale window exists with 0 fresh time left; one without an expiry
         (not written by a gateway) exists with 0."""
         store = self._store
-        with store.reading:
+        with store.calls([store.redis_key(key)], write=False):
             pttl, head, gen = await self._ttl_script(
                 keys=[store.redis_key(key), *store.generation_keys(kc.name)]
             )

@@ -46,7 +46,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from cachegw_gateway import envelope, redis_connect, redis_errors
-from cachegw_gateway.breaker import Breaker
+from cachegw_gateway.breaker import Breaker, BreakerOpen
 from cachegw_gateway.config import BreakerConfig, RedisConfig
 from cachegw_gateway.redis_errors import UNAVAILABLE_ERRORS as UNAVAILABLE_ERRORS
 from cachegw_gateway.redis_errors import L2Unavailable as L2Unavailable
@@ -336,20 +336,27 @@ class _Calls:
     """``with store._reading:`` / ``with store._writing:`` around Redis calls (a new one
     per call): the one place where a failure becomes an `L2Unavailable` (classified by
     redis_errors, counted and reported by `RedisStore._down`), where an answer marks
-    Redis up, and where the circuit breaker (breaker.py) admits the call or refuses it
-    before anything is sent, and learns how it ended."""
+    Redis up, and where the circuit breakers (breaker.py) of the nodes the call goes to
+    admit it or refuse it before anything is sent, and learn how it ended. A call that
+    touched several nodes (a Cluster store's multi-node calls) and failed is no verdict
+    on any of them: which one failed is not known."""
 
-    __slots__ = ("_store", "_ticket", "_write")
+    __slots__ = ("_breakers", "_store", "_tickets", "_write")
 
-    def __init__(self, store: RedisStore, *, write: bool) -> None:
+    def __init__(self, store: RedisStore, breakers: Sequence[Breaker], *, write: bool) -> None:
         self._store = store
+        self._breakers = breakers
         self._write = write
-        self._ticket = 0
+        self._tickets: list[int] = []
 
     def __enter__(self) -> None:
-        breaker = self._store.breaker
-        if breaker is not None:
-            self._ticket = breaker.admit()  # raises BreakerOpen: nothing is sent
+        tickets = self._tickets
+        try:
+            for breaker in self._breakers:
+                tickets.append(breaker.admit())  # raises BreakerOpen: nothing is sent
+        except BreakerOpen:
+            self._cancel()
+            raise
 
     def __exit__(
         self,
@@ -357,22 +364,29 @@ class _Calls:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> Literal[False]:
-        breaker = self._store.breaker
         if exc is None:
             self._store._answered()
-            if breaker is not None:
-                breaker.done(self._ticket, None)
+            for breaker, ticket in zip(self._breakers, self._tickets, strict=True):
+                breaker.done(ticket, None)
         elif isinstance(exc, redis_errors.FAILURES) and not isinstance(exc, L2Unavailable):
             err = self._store._down(exc, write=self._write)
-            if breaker is not None:
-                breaker.done(self._ticket, err)
+            self._failed(err)
             raise err from exc
-        elif breaker is not None:
-            if isinstance(exc, L2Unavailable):
-                breaker.done(self._ticket, exc)
-            else:  # cancelled, or a bug here: no verdict on Redis
-                breaker.cancelled(self._ticket)
+        elif isinstance(exc, L2Unavailable):
+            self._failed(exc)
+        else:  # cancelled, or a bug here: no verdict on Redis
+            self._cancel()
         return False
+
+    def _failed(self, err: L2Unavailable) -> None:
+        if len(self._tickets) == 1:
+            self._breakers[0].done(self._tickets[0], err)
+        else:
+            self._cancel()
+
+    def _cancel(self) -> None:
+        for breaker, ticket in zip(self._breakers, self._tickets, strict=False):
+            breaker.cancelled(ticket)
 
 
 class RedisStore:
@@ -409,30 +423,39 @@ class RedisStore:
         self.breaker = (
             Breaker(breaker, self.stats) if breaker is not None and breaker.enabled else None
         )
+        self._breakers: tuple[Breaker, ...] = () if self.breaker is None else (self.breaker,)
         self._mismatch_logged = -60.0
         self.events_key = f"{prefix}:events"
         self.events_channel = f"{prefix}:events"
         self.fills_channel = f"{prefix}:fills"
         self.hotkeys_key = f"{prefix}:hotkeys"
 
+    def calls(self, rkeys: Sequence[str] = (), *, write: bool) -> _Calls:
+        """``with store.calls([...], write=...):`` around a Redis call on `rkeys` (Redis
+        keys; none: the call may go to any node). Failures become `L2Unavailable`,
+        counted; the circuit breaker admits the call first (on a Cluster, the breakers
+        of the nodes holding `rkeys`). A write is never sent again: its lost reply says
+        so."""
+        return _Calls(self, self._breakers, write=write)
+
     @property
     def _reading(self) -> _Calls:
-        return _Calls(self, write=False)
+        return self.calls(write=False)
 
     @property
     def _writing(self) -> _Calls:
-        return _Calls(self, write=True)
+        return self.calls(write=True)
 
     @property
     def reading(self) -> _Calls:
         """``with store.reading:`` around a read of Redis made outside this class (a
-        module with scripts of its own): failures become `L2Unavailable`, counted."""
-        return _Calls(self, write=False)
+        module with scripts of its own) that may go to any node: see `calls`."""
+        return self.calls(write=False)
 
     @property
     def writing(self) -> _Calls:
-        """The same for a write: never sent again, its lost reply said so."""
-        return _Calls(self, write=True)
+        """The same for a write."""
+        return self.calls(write=True)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -632,19 +655,26 @@ class RedisStore:
         self, script: Script, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
     ) -> list[Any | L2Unavailable]:
         """`script` once per (keys, args), in one pipeline: per call its reply or its
-        failure. Calls that found the script missing (NOSCRIPT: they did not run) are sent
+        failure; a failure of the whole round trip (no reply: the connection) raises.
+        Calls that found the script missing (NOSCRIPT: they did not run) are sent
         again once, after loading it. (EVALSHA through ``execute_command``: redis-py
         refuses its ``evalsha`` method in a Cluster pipeline, but routes the command by
         its keys like any other.)"""
         out: list[Any] = [_NOT_RUN] * len(calls)
         todo = list(range(len(calls)))
+        first_keys = [keys[0] for keys, _ in calls if keys]
         for attempt in range(2):
-            with self._writing:
+            with self.calls(first_keys, write=True):
                 async with self._client.pipeline(transaction=False) as pipe:
                     for i in todo:
                         keys, args = calls[i]
                         pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                     replies = await pipe.execute(raise_on_error=False)
+                # No reply at all (a Cluster pipeline reports a node's timeout per
+                # command): the round trip failed, and the breaker must hear of it.
+                lost = next((r for r in replies if isinstance(r, UNAVAILABLE_ERRORS)), None)
+                if lost is not None:
+                    raise lost
                 if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                     await load_all(self._client)
             missing: list[int] = []
@@ -666,7 +696,7 @@ class RedisStore:
         self, key: str, token: bytes, lease_ms: int, unusable_version: int | None
     ) -> Acquired:
         """Take the lease of `key` unless a (new) value is stored or another caller holds it."""
-        with self._writing:
+        with self.calls([self.lease_key(key)], write=True):
             reply = await self._acquire_script(
                 keys=[self.redis_key(key), self.lease_key(key)],
                 args=[token, lease_ms, "" if unusable_version is None else unusable_version],
@@ -681,7 +711,7 @@ class RedisStore:
 
     async def release(self, key: str, token: bytes) -> bool:
         """End `key`'s lease if `token` still holds it; the stored value is left alone."""
-        with self._writing:
+        with self.calls([self.lease_key(key)], write=True):
             released = await self._release_script(
                 keys=[self.lease_key(key)], args=[token, self.fills_channel, key]
             )
@@ -756,21 +786,22 @@ class RedisStore:
         removed."""
         index = self.tag_key(tag)
         removed = skipped = 0
-        with self._writing:
+        with self.calls([index], write=False):
             rounds = int(await self._client.zcard(index)) // chunk + 2
-            for _ in range(rounds):
+        for _ in range(rounds):
+            with self.calls([index], write=False):
                 members = await self._client.zrange(
                     index, skipped, skipped + chunk - 1, withscores=True, score_cast_func=bytes
                 )
-                if not members:
-                    break
-                pairs: list[tuple[bytes, bytes]] = list(members)  # type: ignore[arg-type]
-                gone, pruned = await self._remove_tag_chunk(index, pairs)
-                removed += gone
-                # Members left in place (re-indexed meanwhile) are stepped over next time.
-                skipped += len(pairs) - pruned
-                if len(pairs) < chunk:
-                    break
+            if not members:
+                break
+            pairs: list[tuple[bytes, bytes]] = list(members)  # type: ignore[arg-type]
+            gone, pruned = await self._remove_tag_chunk(index, pairs)
+            removed += gone
+            # Members left in place (re-indexed meanwhile) are stepped over next time.
+            skipped += len(pairs) - pruned
+            if len(pairs) < chunk:
+                break
         return removed
 
     async def _remove_tag_chunk(
@@ -784,7 +815,8 @@ class RedisStore:
             key = _text(member)
             keys += (self.redis_key(key), self.lease_key(key))
             args += (member, score)
-        counts = await self._tag_chunk_script(keys=[index, *keys], args=args)
+        with self.calls([index], write=True):
+            counts = await self._tag_chunk_script(keys=[index, *keys], args=args)
         return int(counts[0]), int(counts[1])
 
     async def bump_generations(self, classes: Sequence[str]) -> dict[str, int]:
@@ -799,7 +831,7 @@ class RedisStore:
 
     async def publish(self, payload: bytes, max_len: int) -> str:
         """Append an event to the audit stream and publish it; returns its id."""
-        with self._writing:
+        with self.calls([self.events_key], write=True):
             event_id = await self._publish_script(
                 keys=[self.events_key], args=[max_len, payload, self.events_channel]
             )
@@ -808,7 +840,7 @@ class RedisStore:
 
     async def events_after(self, since: str, count: int) -> list[tuple[str, bytes]]:
         """Up to `count` events of the audit stream after id `since`, oldest first."""
-        with self._reading:
+        with self.calls([self.events_key], write=False):
             entries = await self._retrying(
                 lambda: self._client.xrange(self.events_key, min=f"({since}", count=count)
             )
@@ -839,7 +871,7 @@ class RedisStore:
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
             return replies
 
-        with self._reading:
+        with self.calls([self.events_key], write=False):
             info, found = await self._retrying(once)
             if isinstance(info, Exception):
                 if redis_errors.no_such_key(info):
@@ -861,7 +893,7 @@ class RedisStore:
         """Merge this gateway's hottest keys into the deployment's list (best effort)."""
         if not top:
             return
-        with self._writing:
+        with self.calls([self.hotkeys_key], write=True):
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.zadd(self.hotkeys_key, dict(top), gt=True)
                 pipe.zremrangebyrank(self.hotkeys_key, 0, -keep - 1)
@@ -869,7 +901,7 @@ class RedisStore:
                 redis_errors.raise_first(await pipe.execute(raise_on_error=False))
 
     async def hot_keys(self, n: int) -> list[str]:
-        with self._reading:
+        with self.calls([self.hotkeys_key], write=False):
             members = await self._retrying(
                 lambda: self._client.zrevrange(self.hotkeys_key, 0, n - 1)
             )

@@ -26,9 +26,20 @@ L2 reads when its event does (the propagation delay, as for L1), instead of at o
 the event is then appended and published by the publish script (the meta slot). When
 that second call fails the write stands and the event is sent again in the background
 (a few times): until it lands, other gateways may serve their L1 copy, within their
-class's ``l1_ttl`` (the bound docs/consistency.md gives for a lost event). Tag index
-entries are added *before* the value is written, so a tag invalidation never misses a
-written value; an entry whose write then failed only costs a needless eviction.
+class's ``l1_ttl`` (the bound docs/consistency.md gives for a lost event). A write whose
+reply never came (a timeout, a dropped connection) may have been applied: its event is
+published all the same (an event only evicts). Tag index entries are added *before*
+the value is written, so a tag invalidation never misses a written value; an entry
+whose write then failed only costs a needless eviction.
+
+**A circuit breaker per primary** (breaker.py's `NodeBreakers`): a call is split by the
+node its keys live on (by the client's slot map), and each node's share goes through
+that node's breaker. A dead primary's keys fail fast (or answer from L1) while the
+other nodes serve as usual; a call that must reach every primary (prefix invalidation)
+is refused while any of them is open. A refused call sends nothing, so redis-py would
+never learn that the slots moved to a promoted replica: while a node's breaker is not
+closed, the slot map is read again (at most every `MAP_REFRESH_EVERY`), and the keys
+then go to the new primary, whose breaker is closed.
 """
 
 from __future__ import annotations
@@ -48,8 +59,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from cachegw_gateway import redis_errors
+from cachegw_gateway.breaker import CLOSED, NodeBreakers
 from cachegw_gateway.cluster_url import parse_seeds
-from cachegw_gateway.config import RedisConfig
+from cachegw_gateway.config import BreakerConfig, RedisConfig
 from cachegw_gateway.l2 import (
     _INDEX_STEP,
     _SET_SCRIPT_TEMPLATE,
@@ -58,6 +70,7 @@ from cachegw_gateway.l2 import (
     RedisStore,
     SetCall,
     SetResult,
+    _Calls,
 )
 from cachegw_gateway.scripts import Script
 from cachegw_gateway.stats import GatewayStats
@@ -110,6 +123,7 @@ return out
 RELOAD_EVERY = 1.0  # seconds between two re-reads of the generations after a failed one
 PUBLISH_ATTEMPTS = 5  # an event that could not be published is sent again this often
 PUBLISH_RETRY_DELAY = 0.2  # seconds before the first resend; doubled each time
+MAP_REFRESH_EVERY = 0.5  # seconds between two slot-map reads while a node's breaker is open
 
 
 class ClusterStore(RedisStore):
@@ -124,11 +138,15 @@ class ClusterStore(RedisStore):
         stats: GatewayStats | None = None,
         seeds: Sequence[tuple[str, int]] = (),
         node_client: Any = None,
+        breaker: BreakerConfig | None = None,
     ) -> None:
         # RedisCluster speaks the same commands as Redis (not a subclass, hence the cast).
-        # No circuit breaker: it is one per store, and one dead primary would then refuse
-        # the calls to every healthy node too (a breaker per node is not built yet).
+        # No breaker for the whole store (one dead primary would refuse the calls to
+        # every healthy node too): one per node instead.
         super().__init__(cast(aioredis.Redis, client), prefix, stats, self._pubsub_client)
+        self.node_breakers = (
+            NodeBreakers(breaker, self.stats) if breaker is not None and breaker.enabled else None
+        )
         self._cluster = client
         self._seeds = list(seeds)
         self._node_client = node_client  # (host, port) -> aioredis.Redis, for the bus
@@ -151,17 +169,14 @@ class ClusterStore(RedisStore):
         self._reloading = False
         self._last_reload = -RELOAD_EVERY
         self._tasks: set[asyncio.Task[None]] = set()
+        self._map_refreshing = False
+        self._last_map_refresh = -MAP_REFRESH_EVERY
 
     @classmethod
     def from_url(
         cls, config: RedisConfig, url: str, stats: GatewayStats | None = None
     ) -> ClusterStore:
         seeds, username, password = parse_seeds(url)
-        if config.breaker.enabled:
-            log.info(
-                "redis.breaker is not applied on a Redis Cluster (one breaker for all nodes "
-                "would fail the healthy ones with the dead one)"
-            )
         common: dict[str, Any] = {
             "username": username,
             "password": password,
@@ -186,7 +201,56 @@ class ClusterStore(RedisStore):
                 **{**common, "socket_timeout": max(config.socket_timeout, 5.0)},
             )
 
-        return cls(client, config.prefix, stats, seeds, node_client)
+        return cls(client, config.prefix, stats, seeds, node_client, config.breaker)
+
+    # -- nodes and their breakers -------------------------------------------------------
+
+    def _node_of(self, rkey: str) -> str | None:
+        """The primary holding `rkey` by the client's slot map (None before it has one)."""
+        try:
+            node = self._cluster.nodes_manager.get_node_from_slot(self._cluster.keyslot(rkey))
+        except Exception:  # no slot map yet, or the slot is not covered: redis-py decides
+            return None
+        return None if node is None else str(node.name)
+
+    def _by_node(self, rkeys: Sequence[str]) -> dict[str | None, list[int]]:
+        """The positions of `rkeys`, grouped by the node holding them."""
+        groups: dict[str | None, list[int]] = {}
+        for i, rkey in enumerate(rkeys):
+            groups.setdefault(self._node_of(rkey), []).append(i)
+        return groups
+
+    def calls(self, rkeys: Sequence[str] = (), *, write: bool) -> _Calls:
+        """`RedisStore.calls` through the breakers of the nodes holding `rkeys` (with no
+        keys: of every primary)."""
+        nb = self.node_breakers
+        if nb is None:
+            return _Calls(self, (), write=write)
+        if rkeys:
+            names = {self._node_of(rkey) for rkey in rkeys}
+        else:
+            names = {str(node.name) for node in self._cluster.get_primaries()}
+        breakers = [nb[name] for name in sorted(n for n in names if n)]
+        if any(b.state != CLOSED for b in breakers):
+            self._refresh_map_soon()
+        return _Calls(self, breakers, write=write)
+
+    def _refresh_map_soon(self) -> None:
+        """Read the slot map again in the background (see the module's docstring)."""
+        now = time.monotonic()
+        if self._map_refreshing or now - self._last_map_refresh < MAP_REFRESH_EVERY:
+            return
+        self._last_map_refresh = now
+        self._map_refreshing = True
+        self._spawn(self._refresh_map())
+
+    async def _refresh_map(self) -> None:
+        try:
+            await self._cluster.nodes_manager.initialize()
+        except Exception as exc:  # no node answered: the next refusal tries again
+            log.info("could not read the cluster's slot map: %s", exc)
+        finally:
+            self._map_refreshing = False
 
     # -- the bus's connection -----------------------------------------------------------
 
@@ -230,7 +294,7 @@ class ClusterStore(RedisStore):
         epoch = self._gens_epoch
         self._reloading = True
         try:
-            with self._reading:
+            with self.calls([self.gens_key], write=False):
                 raw = await self._retrying(lambda: self._client.hgetall(self.gens_key))
         except L2Unavailable as exc:
             log.info("could not read the class generations (reads fetch them): %s", exc)
@@ -264,7 +328,7 @@ class ClusterStore(RedisStore):
 
     async def generation(self, key_class: str) -> int:
         if not self._gens_trusted:
-            with self._reading:
+            with self.calls([self.gens_key], write=False):
                 raw = await self._retrying(lambda: self._client.hget(self.gens_key, key_class))
             self._raise_generations({key_class: int(raw or 0)})
         return self._gens.get(key_class, 0)
@@ -277,36 +341,55 @@ class ClusterStore(RedisStore):
     async def read(
         self, keys: Sequence[str], classes: Iterable[str]
     ) -> tuple[list[L2Entry | None], dict[str, int]]:
-        """GET and PTTL of every key, one pipeline split by node and sent to the nodes
-        concurrently (redis-py's cluster pipeline); the generations from memory, or
-        fetched beside the values while untrusted."""
+        """GET and PTTL of every key, one pipeline per node, sent to the nodes
+        concurrently (each through its node's breaker); the generations from memory, or
+        fetched beside the values while untrusted. Any node's failure fails the read."""
         class_names = list(classes)
         fetch = bool(class_names) and not self._gens_trusted
         reload_due = time.monotonic() - self._last_reload >= RELOAD_EVERY
         if fetch and self._bus_live and not self._reloading and reload_due:
             # A re-read failed (Redis was down): try again, at most once a second.
             self._reload(replace_all=False)
+        rkeys = [self.redis_key(key) for key in keys]
+        groups = self._by_node(rkeys)
+        gens_node = self._node_of(self.gens_key) if fetch else None
+        if fetch and gens_node not in groups:
+            groups[gens_node] = []
 
-        async def once() -> list[Any]:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    rkey = self.redis_key(key)
-                    pipe.get(rkey)
-                    pipe.pttl(rkey)
-                if fetch:
-                    pipe.hmget(self.gens_key, class_names)
-                return redis_errors.raise_first(await pipe.execute(raise_on_error=False))
+        async def read_node(at: list[int], gens: bool) -> list[Any]:
+            async def once() -> list[Any]:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for i in at:
+                        pipe.get(rkeys[i])
+                        pipe.pttl(rkeys[i])
+                    if gens:
+                        pipe.hmget(self.gens_key, class_names)
+                    return redis_errors.raise_first(await pipe.execute(raise_on_error=False))
 
-        with self._reading:
-            replies = await self._retrying(once)
-        if fetch:
-            fetched = replies[-1]
-            self._raise_generations(
-                {n: int(g or 0) for n, g in zip(class_names, fetched, strict=True)}
-            )
+            touched = [rkeys[i] for i in at] + ([self.gens_key] if gens else [])
+            with self.calls(touched, write=False):
+                return await self._retrying(once)
+
+        parts = [(at, fetch and node == gens_node) for node, at in groups.items()]
+        if len(parts) == 1:
+            replies = [await read_node(*parts[0])]
+        else:
+            done = await asyncio.gather(*(read_node(*p) for p in parts), return_exceptions=True)
+            for reply in done:
+                if isinstance(reply, BaseException):
+                    raise reply
+            replies = cast(list[list[Any]], done)
+        found: list[Any] = [None] * (2 * len(keys))
+        for (at, gens), reply in zip(parts, replies, strict=True):
+            for n, i in enumerate(at):
+                found[2 * i], found[2 * i + 1] = reply[2 * n], reply[2 * n + 1]
+            if gens:
+                self._raise_generations(
+                    {n: int(g or 0) for n, g in zip(class_names, reply[-1], strict=True)}
+                )
         out: list[L2Entry | None] = []
         for i, key in enumerate(keys):
-            raw, pttl = replies[2 * i], replies[2 * i + 1]
+            raw, pttl = found[2 * i], found[2 * i + 1]
             out.append(None if raw is None or pttl == -2 else self._decode(key, raw, pttl))
         return out, {n: self._gens.get(n, 0) for n in class_names}
 
@@ -324,18 +407,24 @@ class ClusterStore(RedisStore):
 
     async def set(self, call: SetCall) -> SetResult:
         """Index the tags, write the value (one script, the key's slot), then publish the
-        event if a value was replaced (see the module's docstring)."""
+        event if a value was replaced, or may have been (see the module's docstring)."""
         now_ms = time.time_ns() // 1_000_000
         gen = await self.generation(call.key_class)
         if call.tags:
             for reply in await self.run_each(self._index_script, self._index_calls(call, now_ms)):
                 if isinstance(reply, L2Unavailable):
                     raise reply
-        with self._writing:
-            reply = await self._cset_script(
-                keys=[self.redis_key(call.key), self.lease_key(call.key)],
-                args=self._cluster_set_args(call, now_ms, gen),
-            )
+        rkey = self.redis_key(call.key)
+        try:
+            with self.calls([rkey], write=True):
+                reply = await self._cset_script(
+                    keys=[rkey, self.lease_key(call.key)],
+                    args=self._cluster_set_args(call, now_ms, gen),
+                )
+        except L2Unavailable as exc:
+            if call.event and _maybe_applied(exc):
+                await self._publish_events([(call.event, call.max_events)])
+            raise
         result = SetResult.from_reply(reply)
         if result.stored and result.replaced and call.event:
             event_id = await self._publish_event(call.event, call.max_events)
@@ -371,19 +460,50 @@ class ClusterStore(RedisStore):
         )
         for i, reply in zip(todo, replies, strict=True):
             out[i] = reply if isinstance(reply, L2Unavailable) else SetResult.from_reply(reply)
-        # The events of the writes that replaced a value, in one pipeline.
+        # The events of the writes that replaced a value (or may have: no reply), in one
+        # pipeline.
         eventful = [
             i
             for i in todo
-            if isinstance(r := out[i], SetResult) and r.stored and r.replaced and calls[i].event
+            if calls[i].event
+            and (
+                (isinstance(r := out[i], SetResult) and r.stored and r.replaced)
+                or (isinstance(r, L2Unavailable) and _maybe_applied(r))
+            )
         ]
         if eventful:
             ids = await self._publish_events(
                 [(calls[i].event, calls[i].max_events) for i in eventful]
             )
             for i, event_id in zip(eventful, ids, strict=True):
-                out[i] = replace(cast(SetResult, out[i]), event_id=event_id)
+                if isinstance(r := out[i], SetResult):
+                    out[i] = replace(r, event_id=event_id)
         return [cast(SetResult | L2Unavailable, r) for r in out]
+
+    async def run_each(
+        self, script: Script, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+    ) -> list[Any | L2Unavailable]:
+        """`RedisStore.run_each`, one pipeline per node (concurrently, each through its
+        node's breaker). A node's failed round trip is the failure of each of its calls:
+        the other nodes' replies stand."""
+        groups = self._by_node([keys[0] if keys else "" for keys, _ in calls])
+
+        async def on_node(at: list[int]) -> list[Any | L2Unavailable]:
+            try:
+                return await RedisStore.run_each(self, script, [calls[i] for i in at])
+            except L2Unavailable as exc:
+                return [exc] * len(at)
+
+        parts = list(groups.values())
+        if len(parts) == 1:
+            replies = [await on_node(parts[0])]
+        else:
+            replies = await asyncio.gather(*(on_node(at) for at in parts))
+        out: list[Any | L2Unavailable] = [None] * len(calls)
+        for at, reply in zip(parts, replies, strict=True):
+            for i, one in zip(at, reply, strict=True):
+                out[i] = one
+        return out
 
     async def _publish_event(self, payload: bytes, max_len: int) -> str:
         return (await self._publish_events([(payload, max_len)]))[0]
@@ -466,20 +586,23 @@ class ClusterStore(RedisStore):
         """As on one Redis, in two steps (the members live in other slots): remove their
         values and leases, each in its slot, then the index entries whose score is
         unchanged (a member re-indexed meanwhile stays indexed)."""
-        async with self._client.pipeline(transaction=False) as pipe:
-            for member, _score in pairs:
-                key = _text(member)
-                pipe.execute_command("UNLINK", self.lease_key(key))
-                pipe.execute_command("UNLINK", self.redis_key(key))
-            replies = redis_errors.raise_first(await pipe.execute(raise_on_error=False))
+        rkeys = [self.redis_key(_text(member)) for member, _score in pairs]
+        with self.calls(rkeys, write=True):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for member, _score in pairs:
+                    key = _text(member)
+                    pipe.execute_command("UNLINK", self.lease_key(key))
+                    pipe.execute_command("UNLINK", self.redis_key(key))
+                replies = redis_errors.raise_first(await pipe.execute(raise_on_error=False))
         args: list[bytes] = []
         for member, score in pairs:
             args += (member, score)
-        pruned = int(await self._prune_script(keys=[index], args=args))
+        with self.calls([index], write=True):
+            pruned = int(await self._prune_script(keys=[index], args=args))
         return sum(int(r) for r in replies[1::2]), pruned
 
     async def bump_generations(self, classes: Sequence[str]) -> dict[str, int]:
-        with self._writing:
+        with self.calls([self.gens_key], write=True):
             replies = await self._bump_script(keys=[self.gens_key], args=list(classes))
         gens = {name: int(g) for name, g in zip(classes, replies, strict=True)}
         self._raise_generations(gens)
@@ -487,8 +610,37 @@ class ClusterStore(RedisStore):
 
     async def _ping_all(self) -> bool:
         """Every primary answers: with one down, part of the keyspace is (redis_up false
-        until its replica takes over)."""
-        return bool(await self._cluster.ping(target_nodes=RedisCluster.PRIMARIES))
+        until its replica takes over). Each primary is pinged on its own: a node whose
+        breaker's cool-down is over is closed or reopened by its answer, and the breakers
+        of nodes that are no longer primaries are dropped."""
+        nb = self.node_breakers
+        if nb is None:
+            return bool(await self._cluster.ping(target_nodes=RedisCluster.PRIMARIES))
+        if any(b.state != CLOSED for b in nb) and not self._map_refreshing:
+            # Probe the primaries of now, not a failed-over one (see _refresh_map_soon).
+            self._last_map_refresh = time.monotonic()
+            self._map_refreshing = True
+            await self._refresh_map()
+        primaries = self._cluster.get_primaries()
+        nb.forget_all_but(str(node.name) for node in primaries)
+        deciding = {str(node.name) for node in primaries if nb[str(node.name)].probe_due()}
+        answers = await asyncio.gather(
+            *(self._cluster.ping(target_nodes=node) for node in primaries),
+            return_exceptions=True,
+        )
+        first: BaseException | None = None
+        for node, answer in zip(primaries, answers, strict=True):
+            err = None
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, redis_errors.FAILURES):
+                    raise answer
+                err = redis_errors.classify(answer, write=False)
+                first = first or answer
+            if str(node.name) in deciding:
+                nb[str(node.name)].probed(err)
+        if first is not None:
+            raise first
+        return bool(primaries)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -498,3 +650,10 @@ class ClusterStore(RedisStore):
 
 def _text(raw: object) -> str:
     return raw.decode(errors="surrogateescape") if isinstance(raw, bytes) else str(raw)
+
+
+def _maybe_applied(err: L2Unavailable) -> bool:
+    """Whether a write that failed with `err` may have been applied: no reply came (a
+    timeout, a dropped connection). Refused before sending (the breaker) or answered
+    with an error reply: it was not."""
+    return err.kind in (redis_errors.TIMEOUT, redis_errors.CONNECTION, redis_errors.PROTOCOL)

@@ -229,7 +229,7 @@ class RateLimiter:
         store = self._store
         period_us = limit.period_ms * 1000
         args: tuple[int, ...]
-        with store.writing:
+        with store.calls([store.limiter_key(key)], write=True):
             if limit.algorithm == GCRA:
                 args = (period_us, limit.rate, limit.burst, cost)
                 reply = await self._gcra(keys=[store.limiter_key(key)], args=args)

@@ -70,6 +70,9 @@ class GatewayStats:
     breaker_state: int = -1
     breaker_trips: int = 0
     breaker_refused: int = 0
+    # On a Redis Cluster (a breaker per node): the nodes whose breaker is not closed, and
+    # its state. Exported with a `node` label (snapshot.py, metrics.py).
+    breaker_nodes: dict[str, int] = field(default_factory=dict)
 
     def for_class(self, name: str) -> ClassCounters:
         counters = self.classes.get(name)

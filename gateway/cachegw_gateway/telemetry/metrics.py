@@ -125,6 +125,15 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     for kind in sorted(snap.redis_error_replies):
         replies.add_metric([kind], snap.redis_error_replies[kind])
     yield replies
+    nodes = GaugeMetricFamily(
+        f"{P}redis_breaker_node_state",
+        "Redis Cluster: the circuit breaker of each node that is not closed (1 open, "
+        "2 half-open); the worst of them is cachegw_breaker_state.",
+        labels=["node"],
+    )
+    for node in sorted(snap.breaker_nodes):
+        nodes.add_metric([node], snap.breaker_nodes[node])
+    yield nodes
     yield GaugeMetricFamily(
         f"{P}redis_ping_seconds",
         "Round trip of the last successful Redis health probe (PING).",

@@ -28,7 +28,7 @@ _BREAKER_STATES = {
     1: pb.BREAKER_STATE_OPEN,
     2: pb.BREAKER_STATE_HALF_OPEN,
 }
-_NOT_FIGURES = frozenset({"classes", "started_at", "error_replies"})
+_NOT_FIGURES = frozenset({"classes", "started_at", "error_replies", "breaker_nodes"})
 MAX_TOP_KEYS = 1000
 
 
@@ -58,6 +58,8 @@ class Snapshot:
     sample_ratio: float
     hot_keys: list[tuple[str, int]] = field(default_factory=list)
     redis_error_replies: dict[str, int] = field(default_factory=dict)  # kind -> count
+    # Redis Cluster: node -> breaker state (breaker.py), the nodes not closed.
+    breaker_nodes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class Sources:
             sample_ratio=self.sample_ratio,
             hot_keys=self.hotkeys.top(min(top_keys, MAX_TOP_KEYS)) if top_keys > 0 else [],
             redis_error_replies=dict(s.error_replies),
+            breaker_nodes=dict(s.breaker_nodes),
         )
 
 
@@ -147,6 +150,10 @@ def stats_response(snap: Snapshot, classes: Sequence[str] = ()) -> pb.StatsRespo
             ),
             breaker_trips=g.get("breaker_trips", 0),
             breaker_refused=g.get("breaker_refused", 0),
+            breaker_nodes={
+                node: _BREAKER_STATES.get(state, pb.BREAKER_STATE_UNSPECIFIED)
+                for node, state in snap.breaker_nodes.items()
+            },
         ),
         l1=pb.L1Stats(**{k: v for k, v in l1.items() if k in pb.L1Stats.DESCRIPTOR.fields_by_name}),
         latency_bounds_ms=[b * 1000 for b in BOUNDS],

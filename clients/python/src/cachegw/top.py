@@ -176,10 +176,13 @@ class TopView:
             if now.redis.up
             else Text("DOWN", style="bold red")
         )
+        # On a Redis Cluster: which nodes' breakers (the others are closed).
+        open_nodes = sorted(now.redis.breaker_nodes)
+        nodes = f" ({', '.join(open_nodes)})" if open_nodes else ""
         if now.redis.breaker_state == pb.BREAKER_STATE_OPEN:
-            redis.append(" breaker OPEN", style="bold red")
+            redis.append(f" breaker OPEN{nodes}", style="bold red")
         elif now.redis.breaker_state == pb.BREAKER_STATE_HALF_OPEN:
-            redis.append(" breaker half-open", style="yellow")
+            redis.append(f" breaker half-open{nodes}", style="yellow")
         if now.redis.errors:
             redis.append(f" ({now.redis.errors:,} errors)")
         return [

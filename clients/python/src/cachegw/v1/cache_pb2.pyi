@@ -1066,6 +1066,26 @@ class RedisStats(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class BreakerNodesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: Global___BreakerState.ValueType
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___BreakerState.ValueType = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     UP_FIELD_NUMBER: _builtins.int
     PING_MS_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
@@ -1074,6 +1094,7 @@ class RedisStats(_message.Message):
     BREAKER_STATE_FIELD_NUMBER: _builtins.int
     BREAKER_TRIPS_FIELD_NUMBER: _builtins.int
     BREAKER_REFUSED_FIELD_NUMBER: _builtins.int
+    BREAKER_NODES_FIELD_NUMBER: _builtins.int
     up: _builtins.bool
     """The last health probe (a PING every few seconds) or Redis call succeeded."""
     ping_ms: _builtins.float
@@ -1093,6 +1114,12 @@ class RedisStats(_message.Message):
         NOSCRIPT, CLUSTERDOWN, TRYAGAIN, ...), counted in `errors` too.
         """
 
+    @_builtins.property
+    def breaker_nodes(self) -> _containers.ScalarMap[_builtins.str, Global___BreakerState.ValueType]:
+        """On a Redis Cluster each primary has a breaker of its own: `breaker_state` is the
+        worst of them, and these are the nodes ("host:port") whose breaker is not closed.
+        """
+
     def __init__(
         self,
         *,
@@ -1104,10 +1131,11 @@ class RedisStats(_message.Message):
         breaker_state: Global___BreakerState.ValueType = ...,
         breaker_trips: _builtins.int = ...,
         breaker_refused: _builtins.int = ...,
+        breaker_nodes: _abc.Mapping[_builtins.str, Global___BreakerState.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_refused", b"breaker_refused", "breaker_state", b"breaker_state", "breaker_trips", b"breaker_trips", "error_replies", b"error_replies", "errors", b"errors", "ping_ms", b"ping_ms", "reconnects", b"reconnects", "up", b"up"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_nodes", b"breaker_nodes", "breaker_refused", b"breaker_refused", "breaker_state", b"breaker_state", "breaker_trips", b"breaker_trips", "error_replies", b"error_replies", "errors", b"errors", "ping_ms", b"ping_ms", "reconnects", b"reconnects", "up", b"up"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
