@@ -96,16 +96,22 @@ async def test_a_primary_killed_under_load(
             o for o in others if o.code != "OK"
         ][:5]
 
-        # Every gateway sees the cluster whole again (its probe pings every primary).
+        # Every gateway sees the cluster whole again (its probe pings every primary), and
+        # no breaker open: the dead node's is dropped once it is no longer a primary.
+        trips = 0
         for gw in gateways:
             async with grpc.aio.insecure_channel(gw.address) as channel:
                 stub = cache_pb2_grpc.CacheServiceStub(channel)
                 for _ in range(100):
                     stats = await stub.Stats(pb.StatsRequest(), timeout=5.0)
-                    if stats.redis.up:
+                    if stats.redis.up and not stats.redis.breaker_nodes:
                         break
                     await asyncio.sleep(0.1)
                 assert stats.redis.up
+                assert not stats.redis.breaker_nodes
+                assert stats.redis.breaker_state == pb.BREAKER_STATE_CLOSED
+                trips += stats.redis.breaker_trips
+        assert trips  # the dead primary's breaker did open (a breaker per node)
 
         # The invalidation issued during the failover reached every gateway.
         for client in clients:
