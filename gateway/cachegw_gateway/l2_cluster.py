@@ -123,7 +123,7 @@ return out
 RELOAD_EVERY = 1.0  # seconds between two re-reads of the generations after a failed one
 PUBLISH_ATTEMPTS = 5  # an event that could not be published is sent again this often
 PUBLISH_RETRY_DELAY = 0.2  # seconds before the first resend; doubled each time
-MAP_REFRESH_EVERY = 0.5  # seconds between two slot-map reads while a node's breaker is open
+MAP_REFRESH_EVERY = 0.25  # seconds between two slot-map reads while a node's breaker is open
 
 
 class ClusterStore(RedisStore):
