@@ -36,6 +36,11 @@ class ServerConfig:
     max_ttl_seconds: float = 30 * 86400.0
     max_batch_keys: int = 1000
     gateway_id: str = ""  # "" = hostname-pid (load_config fills it in)
+    # Close each client connection after this long (0 = never), so that long-lived
+    # channels spread again over workers and pods; in-flight calls get the grace period,
+    # then streams end with UNAVAILABLE and clients reconnect (Subscribe resumes).
+    max_connection_age_seconds: float = 0.0
+    max_connection_age_grace_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -532,6 +537,10 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
         )
     for key in ("max_key_bytes", "max_ttl_seconds", "max_batch_keys"):
         _positive(w(f"server.{key}"), getattr(c.server, key))
+    for key in ("max_connection_age_seconds", "max_connection_age_grace_seconds"):
+        value = getattr(c.server, key)
+        if not value >= 0:
+            raise ConfigError(f"{w(f'server.{key}')} must be >= 0 (got {_num(value)})")
     if any(not ch.isprintable() or ch.isspace() for ch in c.server.gateway_id):
         raise ConfigError(
             f"{w('server.gateway_id')} must not contain spaces or control characters "

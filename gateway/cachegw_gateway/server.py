@@ -20,7 +20,7 @@ from opentelemetry.trace import TracerProvider
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.bus import EventBus
 from cachegw_gateway.cache import Cache
-from cachegw_gateway.config import GatewayConfig
+from cachegw_gateway.config import GatewayConfig, ServerConfig
 from cachegw_gateway.l2 import L2Unavailable, RedisStore
 from cachegw_gateway.lastknown import LastKnown
 from cachegw_gateway.policy import PolicyTable
@@ -101,13 +101,7 @@ class GatewayServer:
             tracer_provider=tracer_provider,
         )
         self.health = health_aio.HealthServicer()
-        self._server = grpc.aio.server(
-            options=[
-                ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ]
-        )
+        self._server = grpc.aio.server(options=server_options(config.server))
         self.servicer = CacheServicer(
             self.cache,
             self.policy,
@@ -189,3 +183,31 @@ class GatewayServer:
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+# Keepalive: clients ping idle connections every 30 s (cachegw._channel); the gateway
+# accepts pings every 10 s without data (stricter, and gRPC would end the connection with
+# "too_many_pings"), and pings its own idle connections every minute, so that the
+# Subscribe streams of a client that vanished are noticed and closed.
+KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def server_options(c: ServerConfig) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        *KEEPALIVE_OPTIONS,
+    ]
+    if c.max_connection_age_seconds > 0:
+        options += [
+            ("grpc.max_connection_age_ms", max(1, round(c.max_connection_age_seconds * 1000))),
+            ("grpc.max_connection_age_grace_ms", round(c.max_connection_age_grace_seconds * 1000)),
+        ]
+    return options

@@ -337,8 +337,12 @@ class CacheServicer:
         # and whatever the replay below also returned is skipped by id.
         queue = self._hub.open(wanted)
         try:
-            # The stream is registered: a near cache may fill from this moment on.
-            await context.send_initial_metadata((("cachegw-subscribed", "1"),))
+            # The stream is registered: a near cache may fill from this moment on. Every
+            # event after `position` reaches it (a client resumes there: `since`).
+            position = request.since or self._hub.last_id
+            await context.send_initial_metadata(
+                (("cachegw-subscribed", "1"), ("cachegw-position", position))
+            )
             if not self._cache.fills_allowed:  # our own subscription is not live
                 queue.push(events.reset(self._hub.origin))
             last = since

@@ -78,6 +78,10 @@ class SubscriberHub:
 
     def __init__(self, origin: str, limit: int, stats: GatewayStats) -> None:
         self._queues: set[SubscriberQueue] = set()
+        # The id of the last event delivered ("" before the first): a stream opened now
+        # gets every event after it, so a client that loses the stream can resume there
+        # (Subscribe's `cachegw-position` metadata).
+        self.last_id = ""
         self.origin = origin
         self._limit = limit
         self._stats = stats
@@ -96,6 +100,8 @@ class SubscriberHub:
         return len(self._queues)
 
     def deliver(self, event: pb.InvalidationEvent) -> None:
+        if event.id:
+            self.last_id = event.id
         for queue in self._queues:
             queue.push(event)
 

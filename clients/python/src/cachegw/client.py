@@ -11,7 +11,7 @@ from typing import Any, Self, TypeVar
 
 import grpc
 
-from cachegw import _calls, _protocol, _tracing
+from cachegw import _calls, _channel, _protocol, _tracing
 from cachegw._calls import DEFAULT, Call, Timeout
 from cachegw._protocol import InBackground, Load, NearCacheKeeper, Rpc, Step, Steps
 from cachegw.errors import CacheError, error_from_rpc
@@ -43,10 +43,15 @@ class Client:
         timeout: float | None = 5.0,
         channel_options: Sequence[tuple[str, Any]] = (),
         near_cache: NearCache | None = None,
+        retries: bool = True,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=list(channel_options))
+        # Retries of idempotent calls and keepalive (see _channel.py); `channel_options`
+        # override them.
+        self._channel = grpc.insecure_channel(
+            target, options=_channel.channel_options(channel_options, retries=retries)
+        )
         # With the application's OpenTelemetry set up, calls carry its trace context.
         self._stub = cache_pb2_grpc.CacheServiceStub(_tracing.intercept(self._channel))
         self.near_cache = near_cache
@@ -247,19 +252,44 @@ class Client:
         return self._call(self._stub.Warmup, _calls.warmup(keys, entries, hot_keys), timeout)
 
     def subscribe(
-        self, *, prefixes: Iterable[str] = (), classes: Iterable[str] = (), since: str = ""
+        self,
+        *,
+        prefixes: Iterable[str] = (),
+        classes: Iterable[str] = (),
+        since: str = "",
+        resume: bool = True,
     ) -> Generator[Event, None, None]:
         """Invalidation events as they happen (after `since`, an event id, when given).
 
-        Runs until the caller stops iterating; a RESET means drop everything cached."""
-        stream = self._stub.Subscribe(_calls.subscribe(prefixes, classes, since))
-        try:
-            for event in stream:
-                yield _calls.decode_event(event)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
-        finally:
-            stream.cancel()  # type: ignore[no-untyped-call]
+        Runs until the caller stops iterating; a RESET means drop everything cached. With
+        `resume`, a stream the gateway ends or loses (UNAVAILABLE) is opened again by
+        itself, with backoff, from the last event delivered: nothing is missed (see
+        _channel.py); without, that raises `Unavailable`."""
+        request_prefixes, request_classes = list(prefixes), list(classes)
+        state = _channel.Resumption(since, resume=resume)
+        while True:
+            stream = self._stub.Subscribe(
+                _calls.subscribe(request_prefixes, request_classes, state.position)
+            )
+            error: grpc.RpcError | None = None
+            try:
+                reset = state.opened(stream.initial_metadata())
+                if reset is not None:
+                    yield reset
+                for message in stream:
+                    event = _calls.decode_event(message)
+                    state.delivered(event)
+                    yield event
+            except grpc.RpcError as exc:
+                error = exc
+            finally:
+                stream.cancel()  # type: ignore[no-untyped-call]
+            if self._closed.is_set() or not state.should_resume(error):
+                if error is not None:
+                    raise error_from_rpc(error) from error
+                return
+            if self._closed.wait(state.pause()):
+                return
 
     def get_or_load(
         self,
