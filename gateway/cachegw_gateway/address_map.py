@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 from urllib.parse import urlsplit
+
+from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
+from redis.exceptions import AskError, MovedError
 
 log = logging.getLogger(__name__)
 
@@ -140,34 +142,51 @@ class AddressMap:
         return self._pairs.get((_host(host), port), (host, port))
 
 
-def follow_redirections(client: Any, remap: AddressMap) -> None:
-    """Make `client` (a redis.asyncio RedisCluster) map MOVED and ASK addresses too.
+class _MappedNodesManager(NodesManager):
+    """redis-py's nodes manager, with MOVED and ASK addresses mapped (see
+    `follow_redirections`). No state of its own: an instance's class can be swapped."""
 
-    redis-py applies ``address_remap`` to CLUSTER SLOTS only; a MOVED (a failover, a
-    resharded slot) sends it to the announced address, and an ASK (a slot being moved)
-    looks the announced address up among nodes it knows by their mapped ones (and finds
-    none: https://github.com/redis/redis-py/issues/3382). Both go through its nodes
-    manager's ``get_node`` and ``move_slot``: those are wrapped to map the address first."""
-    nodes = client.nodes_manager
-    get_node: Callable[..., Any] = nodes.get_node
-    move_slot: Callable[[Any], Awaitable[None]] = nodes.move_slot
+    __slots__ = ()
 
-    def mapped_get_node(
-        host: str | None = None, port: int | None = None, node_name: str | None = None
-    ) -> Any:
+    def _mapped(self, host: str, port: int | str) -> tuple[str, int]:
+        remap = self.address_remap
+        return remap((host, int(port))) if remap is not None else (host, int(port))
+
+    def get_node(
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        node_name: str | None = None,
+    ) -> ClusterNode | None:
         if host and port:
-            host, port = remap((host, port))
+            host, port = self._mapped(host, port)
         elif node_name:
             name_host, _, name_port = node_name.rpartition(":")
             if name_host and name_port.isdigit():
-                node_name = "{}:{}".format(*remap((name_host, name_port)))
-        return get_node(host=host, port=port, node_name=node_name)
+                node_name = "{}:{}".format(*self._mapped(name_host, name_port))
+        return super().get_node(host, port, node_name)
 
-    async def mapped_move_slot(error: Any) -> None:
-        error.host, error.port = remap((error.host, error.port))
-        error.node_addr = (error.host, error.port)
-        await move_slot(error)
+    async def move_slot(self, e: AskError | MovedError) -> None:
+        e.host, e.port = self._mapped(e.host, e.port)
+        e.node_addr = (e.host, e.port)
+        await super().move_slot(e)
 
-    # Instance attributes: this client only, whatever redis-py does for others.
-    nodes.get_node = mapped_get_node
-    nodes.move_slot = mapped_move_slot
+
+def follow_redirections(client: RedisCluster) -> None:
+    """Make `client` map MOVED and ASK addresses with its ``address_remap`` too.
+
+    redis-py applies ``address_remap`` to CLUSTER SLOTS only; a MOVED (a failover, a
+    resharded slot) sends it to the announced address, and an ASK (a slot being moved)
+    looks the announced address up among the nodes it knows by their mapped ones, and
+    finds none (https://github.com/redis/redis-py/issues/3382). Both go through its
+    nodes manager's ``get_node`` and ``move_slot``, which `_MappedNodesManager` maps
+    first; this client's manager becomes one (its other clients are left alone)."""
+    nodes = client.nodes_manager
+    if type(nodes) is NodesManager:
+        nodes.__class__ = _MappedNodesManager
+    else:  # a redis-py whose manager is another class: leave it (and say so)
+        log.warning(
+            "redis.address_map: MOVED and ASK redirections may not be mapped (redis-py's "
+            "cluster nodes manager is %s)",
+            type(nodes).__name__,
+        )

@@ -184,7 +184,7 @@ class ClusterStore(RedisStore):
             **common,
         )
         if remap:
-            follow_redirections(client, remap)
+            follow_redirections(client)
 
         def node_client(host: str, port: int) -> aioredis.Redis:
             host, port = remap((host, port))  # idempotent: the nodes' are mapped already
