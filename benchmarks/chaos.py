@@ -302,13 +302,17 @@ async def _partition(d: Deployment, mode: Mode, hold: float) -> Result:
     r.check("gw0 and gw1 saw no failure", theirs.calls > 0 and not theirs.errors)
     r.check("gw2's Stats said Redis down", not math.isnan(down_seen))
     r.notes.append(
-        f"{mode} {r.fault_s:.1f} s ({len(d.proxies)} proxies): gw2 Stats said Redis down "
+        f"{mode} {r.fault_s:.1f} s ({_proxies(len(d.proxies))}): gw2 Stats said Redis down "
         f"after {down_seen:.1f} s, "
         f"flushed L1 (subscription lost) after {flushed_seen:.1f} s; gw2 calls "
         f"{mine.calls} with errors {mine.errors_text()}; gw0+gw1 calls {theirs.calls} "
         f"with errors {theirs.errors_text()}"
     )
     return r
+
+
+def _proxies(n: int) -> str:
+    return f"{n} prox{'y' if n == 1 else 'ies'}"
 
 
 async def partition(d: Deployment) -> list[Result]:
