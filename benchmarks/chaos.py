@@ -1,7 +1,9 @@
 """`make chaos`: the design note's chaos routines against a real topology while it serves.
 
 Three `cachegw serve` processes share one Redis topology (standalone by default); gw2
-reaches it through a TCP proxy (tests/tcpproxy.py) so that it can be partitioned. A
+reaches it through TCP proxies (tests/tcpproxy.py), one in front of every node (on a
+cluster, `redis.address_map` sends it to each node's proxy), so that it can be
+partitioned. A
 steady load (chaos_load.py: one writer per gateway over its own keys, two readers per
 gateway over every key, deadline 1.5 s per call) runs the whole time. Each routine
 breaks something, heals it, waits until an end-to-end probe passes on every gateway
@@ -11,7 +13,7 @@ and keeps serving for a few seconds more; then its checks are judged:
 - node eviction: the Redis node is SIGKILLed and comes back empty (data lost);
 - mass invalidation: N keys loaded (SetMany batches) and removed by prefix, then N by
   tag, then N by class (a generation bump), timing each and the Get latency meanwhile;
-- partition: gw2's proxy blackholes (silent) for a while, then resets (loud).
+- partition: gw2's proxies blackhole (silent) for a while, then reset (loud).
 
 Checks, per routine: it recovered; after recovery no call failed and no read was stale
 beyond EPSILON; at no time a read older than the L1 bound (l1_ttl + EPSILON), a call past
@@ -36,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +66,7 @@ EPSILON = 1.0  # invalidation delivery allowance (measured p99: tens of ms); gen
 DEADLINE = 1.5  # every call of the load
 RECOVER_WITHIN = 30.0
 DOCUMENTED = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}  # docs/errors.md, for Redis trouble
-PARTITIONED = 2  # gw2 reaches Redis through the proxy
+PARTITIONED = 2  # gw2 reaches Redis through the proxies
 BATCH = 1000  # keys per GetMany (server.max_batch_keys)
 
 CONFIG = f"""
@@ -120,7 +122,7 @@ class Result:
 @dataclass
 class Deployment:
     topology: Topology
-    proxy: TcpProxy | None
+    proxies: list[TcpProxy]  # gw2's, one per node; none: no partition routine
     gateways: list[Gateway]
     load: Load
     sizes: Sizes
@@ -201,7 +203,7 @@ async def _load_keys(
     d: Deployment, keys: Sequence[str], tags: Sequence[str]
 ) -> tuple[float, int, str]:
     """Load `keys` of class "bulk": (seconds, failures, how)."""
-    target = d.topology.proxy_target()
+    target = d.topology.single_node()
     started = time.monotonic()
     if d.load_via == "raw" and target is not None:
         failed = await chaos_bulk.load_raw(*target, d.topology.url, "cg", keys, "bulk", tags)
@@ -270,13 +272,14 @@ async def mass_invalidation(d: Deployment) -> list[Result]:
 
 async def _partition(d: Deployment, mode: Mode, hold: float) -> Result:
     r = Result(f"partition: {mode}")
-    if d.proxy is None:
-        r.skipped = f"{d.topology.name}: no single address to partition"
+    if not d.proxies:
+        r.skipped = f"{d.topology.name}: no address to partition"
         return r
     before = await d.stats(PARTITIONED)
     flushes = before.l1_flushes if before is not None else 0
     started = time.monotonic()
-    d.proxy.set_mode(mode)
+    for proxy in d.proxies:
+        proxy.set_mode(mode)
     down_seen = flushed_seen = math.nan
     while time.monotonic() - started < hold:
         stats = await d.stats(PARTITIONED)
@@ -287,7 +290,8 @@ async def _partition(d: Deployment, mode: Mode, hold: float) -> Result:
             flushed_seen = now
         await asyncio.sleep(0.2)
     healed = time.monotonic()
-    d.proxy.set_mode("pass")
+    for proxy in d.proxies:
+        proxy.set_mode("pass")
     r.fault_s = healed - started
     others = [g for g in range(len(d.gateways)) if g != PARTITIONED]
     await finish(d, r, started, started, healed)
@@ -298,12 +302,17 @@ async def _partition(d: Deployment, mode: Mode, hold: float) -> Result:
     r.check("gw0 and gw1 saw no failure", theirs.calls > 0 and not theirs.errors)
     r.check("gw2's Stats said Redis down", not math.isnan(down_seen))
     r.notes.append(
-        f"{mode} {r.fault_s:.1f} s: gw2 Stats said Redis down after {down_seen:.1f} s, "
+        f"{mode} {r.fault_s:.1f} s ({_proxies(len(d.proxies))}): gw2 Stats said Redis down "
+        f"after {down_seen:.1f} s, "
         f"flushed L1 (subscription lost) after {flushed_seen:.1f} s; gw2 calls "
         f"{mine.calls} with errors {mine.errors_text()}; gw0+gw1 calls {theirs.calls} "
         f"with errors {theirs.errors_text()}"
     )
     return r
+
+
+def _proxies(n: int) -> str:
+    return f"{n} prox{'y' if n == 1 else 'ies'}"
 
 
 async def partition(d: Deployment) -> list[Result]:
@@ -325,19 +334,20 @@ ROUTINES: dict[str, Callable[[Deployment], Awaitable[list[Result]]]] = {
 
 @contextlib.contextmanager
 def gateways_for(
-    topology: Topology, proxy: TcpProxy | None, work: Path
+    topology: Topology, proxies: Mapping[tuple[str, int], TcpProxy], work: Path
 ) -> Iterator[list[ServerProcess]]:
     config = work / "chaos.toml"
     config.write_text(CONFIG)
-    urls = [topology.url, topology.url]
-    urls.append(topology.url_via("127.0.0.1", proxy.port) if proxy is not None else topology.url)
+    direct = ["--redis-url", topology.url]
+    via = {target: proxy.port for target, proxy in proxies.items()}
+    redis_flags = [direct, direct, topology.partitioned_flags(via) if via else direct]
     with contextlib.ExitStack() as stack:
         procs = []
-        for i, url in enumerate(urls):
+        for i, flags in enumerate(redis_flags):
             address = f"127.0.0.1:{free_port()}"
             argv = [
                 str(Path(sys.executable).parent / "cachegw"), "serve", "--listen", address,
-                "--redis-url", url, "--config", str(config), "--gateway-id", f"gw{i}",
+                *flags, "--config", str(config), "--gateway-id", f"gw{i}",
                 "--log-level", "WARNING",
             ]  # fmt: skip
             procs.append(
@@ -349,13 +359,15 @@ def gateways_for(
 async def run(
     topology: Topology, sizes: Sizes, only: Sequence[str], work: Path, load_via: str
 ) -> list[Result]:
-    target = topology.proxy_target()
     with contextlib.ExitStack() as stack:
-        proxy = stack.enter_context(TcpProxy(*target)) if target is not None else None
-        procs = stack.enter_context(gateways_for(topology, proxy, work))
+        proxies = {
+            target: stack.enter_context(TcpProxy(*target))
+            for target in topology.partition_targets()
+        }
+        procs = stack.enter_context(gateways_for(topology, proxies, work))
         gateways = [Gateway.connect(p.name, p.address) for p in procs]
         load = Load(gateways, deadline=DEADLINE)
-        d = Deployment(topology, proxy, gateways, load, sizes, load_via)
+        d = Deployment(topology, list(proxies.values()), gateways, load, sizes, load_via)
         if (await wait_recovered(gateways, RECOVER_WITHIN)).at is None:
             raise RuntimeError("the gateways did not serve before any fault")
         load.start()
@@ -445,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"chaos: {time.strftime('%Y-%m-%d %H:%M')} UTC, {os.cpu_count()} cores, "
         f"{platform.system()} {platform.release()}, redis-server {_redis_version()}, "
-        f"topology {topology.name}, 3 gateways (gw2 through the proxy), "
+        f"topology {topology.name}, 3 gateways (gw2 through proxies), "
         f"{sizes.keys:,} keys per mass invalidation{' (--quick)' if args.quick else ''}",
         flush=True,
     )

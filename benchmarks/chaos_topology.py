@@ -1,15 +1,16 @@
 """The Redis deployments the chaos routines run against, behind one small interface.
 
 A routine never starts Redis itself: it gets a `Topology` and asks it for the URL to
-give the gateways, to kill a node, to bring the node back, and where a partition proxy
-may stand. `Standalone` is one managed redis-server; a Sentinel or Cluster topology
+give the gateways, to kill a node, to bring the node back, and where partition proxies
+stand (one in front of every address a gateway connects to) and how the partitioned
+gateway is pointed at them. `Standalone` is one managed redis-server; a Sentinel or Cluster topology
 (tests/topology.py) plugs in by implementing the same few methods and being named in
 `TOPOLOGIES`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from cachegw_gateway.managed_redis import ManagedRedis
@@ -41,13 +42,19 @@ class Topology(Protocol):
         (it keeps nothing on disk: the data is lost); with replicas the old primary
         rejoins. Returns once it answers."""
 
-    def proxy_target(self) -> tuple[str, int] | None:
-        """Where a partition proxy forwards to, or None when one proxied address cannot
-        cut a gateway off (a cluster's nodes send clients to each other's real
-        addresses): the partition routine is then skipped, and says so."""
+    def single_node(self) -> tuple[str, int] | None:
+        """The one Redis address, where the mass invalidations' bulk loader opens raw
+        connections; None when keys live on several nodes (then they are loaded
+        through the gateways)."""
 
-    def url_via(self, host: str, port: int) -> str:
-        """`url` with the proxy's address in place of `proxy_target()`'s."""
+    def partition_targets(self) -> list[tuple[str, int]]:
+        """Every address a gateway connects to: the partition routine puts a proxy in
+        front of each (for one gateway); none means the routine is skipped."""
+
+    def partitioned_flags(self, proxies: Mapping[tuple[str, int], int]) -> list[str]:
+        """The `cachegw serve` flags (`--redis-url` and what else it needs) of the
+        gateway that reaches each target through its proxy (target -> the proxy's port
+        on 127.0.0.1)."""
 
 
 class Standalone:
@@ -76,11 +83,15 @@ class Standalone:
     def restore_node(self) -> None:
         self._redis.start()  # same port, empty
 
-    def proxy_target(self) -> tuple[str, int] | None:
+    def single_node(self) -> tuple[str, int] | None:
         return self._redis.host, self._redis.port
 
-    def url_via(self, host: str, port: int) -> str:
-        return f"redis://{host}:{port}/0"
+    def partition_targets(self) -> list[tuple[str, int]]:
+        return [(self._redis.host, self._redis.port)]
+
+    def partitioned_flags(self, proxies: Mapping[tuple[str, int], int]) -> list[str]:
+        port = proxies[self._redis.host, self._redis.port]
+        return ["--redis-url", f"redis://127.0.0.1:{port}/0"]
 
 
 class Cluster:
@@ -116,11 +127,19 @@ class Cluster:
         if self._killed is not None:
             self._cluster.wait_failover(self._killed)
 
-    def proxy_target(self) -> tuple[str, int] | None:
-        return None  # nodes redirect clients to each other's real addresses
+    def single_node(self) -> tuple[str, int] | None:
+        return None  # keys live on three primaries
 
-    def url_via(self, host: str, port: int) -> str:
-        raise NotImplementedError("no single address to proxy on a cluster")
+    def partition_targets(self) -> list[tuple[str, int]]:
+        """Every node, replicas included (a failover makes one a primary): a cluster
+        client goes wherever the cluster says its nodes are, so each needs a proxy."""
+        return [("127.0.0.1", node.port) for node in self._cluster.nodes]
+
+    def partitioned_flags(self, proxies: Mapping[tuple[str, int], int]) -> list[str]:
+        """The same URL as the others, and redis.address_map: every node's address ->
+        its proxy (the URL's seeds go through the map too)."""
+        pairs = ",".join(f"{host}:{port}=127.0.0.1:{p}" for (host, port), p in proxies.items())
+        return ["--redis-url", self.url, "--redis-address-map", pairs]
 
 
 # Topologies by the name `chaos.py --topology` takes.

@@ -13,6 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cachegw_gateway import main
+from cachegw_gateway.address_map import AddressMap
 from cachegw_gateway.config import (
     ENV_VARS,
     BreakerConfig,
@@ -133,10 +135,14 @@ def test_every_env_var_sets_its_key(tmp_path: Path) -> None:
         "CACHEGW_METRICS_LISTEN": "127.0.0.1:9464",
         "CACHEGW_LOG_FORMAT": "json",
         "CACHEGW_EMBEDDED_REDIS": "yes",
+        "CACHEGW_REDIS_ADDRESS_MAP": "10.0.0.5:6379=127.0.0.1:7001",
     }
     assert set(values) == set(ENV_VARS)
     config = load_config(env=values)
-    parsed = {"CACHEGW_EMBEDDED_REDIS": True}
+    parsed = {
+        "CACHEGW_EMBEDDED_REDIS": True,
+        "CACHEGW_REDIS_ADDRESS_MAP": {"10.0.0.5:6379": "127.0.0.1:7001"},
+    }
     for var, dotted in ENV_VARS.items():
         table, key = dotted.split(".")
         assert getattr(getattr(config, table), key) == parsed.get(var, values[var])
@@ -636,3 +642,124 @@ def test_stale_if_error_reaches_the_key_class(tmp_path: Path) -> None:
     table = PolicyTable.from_config(load_config(path, env={}))
     assert table.classify("catalog:1").stale_if_error_ms == 2500
     assert table.default.stale_if_error_ms == 0
+
+
+# -- redis.address_map ---------------------------------------------------------------------
+
+CLUSTER_URL = "redis+cluster://10.0.0.5:6379"
+
+
+def test_an_address_map_from_the_file_the_environment_and_the_command_line(
+    tmp_path: Path,
+) -> None:
+    assert load_config(env={}).redis.address_map == {}
+    inline = write(
+        tmp_path,
+        '[redis]\naddress_map = { "10.0.0.5:6379" = "127.0.0.1:7001", '
+        '"[fd00::6]:6379" = "[::1]:7002" }\n',
+    )
+    table = write(
+        tmp_path,
+        '[redis]\nurl = "redis+cluster://10.0.0.5:6379"\n[redis.address_map]\n'
+        '"10.0.0.5:6379" = "127.0.0.1:7001"\n"[fd00::6]:6379" = "[::1]:7002"\n',
+        "table.toml",
+    )
+    expected = {"10.0.0.5:6379": "127.0.0.1:7001", "[fd00::6]:6379": "[::1]:7002"}
+    assert load_config(inline, env={}).redis.address_map == expected
+    config = load_config(table, env={})
+    assert config.redis.address_map == expected
+    assert config_warnings(config) == []
+    # Text (an env var, a flag): announced=target, comma-separated; it replaces the
+    # file's map whole, as any later layer replaces a key.
+    text = " 10.0.0.7:6379=127.0.0.1:7003 ,redis-0.redis:6379=localhost:7004"
+    from_env = load_config(table, env={"CACHEGW_REDIS_ADDRESS_MAP": text}).redis.address_map
+    assert from_env == {"10.0.0.7:6379": "127.0.0.1:7003", "redis-0.redis:6379": "localhost:7004"}
+    args = main.build_parser().parse_args(["--redis-address-map", "10.0.0.8:1=127.0.0.1:2"])
+    flagged = load_config(
+        table, env={"CACHEGW_REDIS_ADDRESS_MAP": text}, overrides=main._overrides(args)
+    )
+    assert flagged.redis.address_map == {"10.0.0.8:1": "127.0.0.1:2"}
+    given = load_config(env={}, overrides={"redis.address_map": {"10.0.0.9:1": "127.0.0.1:3"}})
+    assert given.redis.address_map == {"10.0.0.9:1": "127.0.0.1:3"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[redis]\naddress_map = { "10.0.0.5" = "127.0.0.1:7001" }\n',
+            "redis.address_map: the announced address '10.0.0.5' is not host:port",
+        ),
+        (
+            '[redis]\naddress_map = { "10.0.0.5:6379" = "127.0.0.1" }\n',
+            """redis.address_map["10.0.0.5:6379"] = '127.0.0.1' is not host:port""",
+        ),
+        (
+            '[redis]\naddress_map = { "10.0.0.5:6379" = "127.0.0.1:0" }\n',
+            "with a port 1..65535",
+        ),
+        (
+            '[redis]\naddress_map = { "10.0.0.5:6379" = "::1:7001" }\n',
+            "an IPv6 host goes in brackets, [::1]:7000",
+        ),
+        (
+            '[redis]\naddress_map = { "10.0.0.5:6379" = "redis://127.0.0.1:7001" }\n',
+            "is not host:port (an address, not a URL)",
+        ),
+        (
+            '[redis]\naddress_map = { "10.0.0.5:6379" = 7001 }\n',
+            """redis.address_map["10.0.0.5:6379"] must be a string "host:port" (got 7001)""",
+        ),
+        (
+            '[redis]\naddress_map = "10.0.0.5:6379=127.0.0.1:7001"\n',
+            "redis.address_map must be a table of announced = target addresses",
+        ),
+        (
+            '[redis.address_map]\n"[::1]:7000" = "127.0.0.1:1"\n"[0::1]:7000" = "127.0.0.1:2"\n',
+            "redis.address_map: '[::1]:7000' and '[0::1]:7000' are the same address",
+        ),
+        (
+            '[redis.address_map]\n"10.0.0.5:1" = "10.0.0.6:1"\n"10.0.0.6:1" = "127.0.0.1:1"\n',
+            """redis.address_map["10.0.0.5:1"] = "10.0.0.6:1" is itself mapped""",
+        ),
+    ],
+)
+def test_bad_address_maps_name_the_entry(tmp_path: Path, text: str, message: str) -> None:
+    error = error_of(tmp_path, text)
+    assert error.startswith(f"{tmp_path / 'cachegw.toml'}: redis.address_map"), error
+    assert message in error
+
+
+def test_address_map_text_errors_name_the_variable_or_the_flag() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"CACHEGW_REDIS_ADDRESS_MAP": "10.0.0.5:6379"})
+    assert str(err.value) == (
+        "environment CACHEGW_REDIS_ADDRESS_MAP: redis.address_map: entries are "
+        "announced=target, comma-separated, e.g. 10.0.0.5:6379=127.0.0.1:7001 "
+        "(got '10.0.0.5:6379')"
+    )
+    with pytest.raises(ConfigError, match=r"^command line: redis\.address_map maps 'a:1' twice"):
+        load_config(env={}, overrides={"redis.address_map": "a:1=b:1,a:1=c:1"})
+    with pytest.raises(ConfigError, match=r"^command line: redis\.address_map: the announced"):
+        load_config(env={}, overrides={"redis.address_map": "a=b:1"})
+
+
+def test_an_address_map_without_a_cluster_is_warned_about() -> None:
+    for url in ("redis://10.0.0.5:6379/0", "redis+sentinel://10.0.0.5:26379/cache", ""):
+        config = load_config(env={}, overrides={"redis.url": url, "redis.address_map": "a:1=b:2"})
+        assert any("redis.address_map is not used" in w for w in config_warnings(config))
+    clustered = load_config(
+        env={}, overrides={"redis.url": CLUSTER_URL, "redis.address_map": "a:1=b:2"}
+    )
+    assert config_warnings(clustered) == []
+
+
+def test_the_address_map_maps_announced_addresses_once() -> None:
+    remap = AddressMap({"10.0.0.5:6379": "127.0.0.1:7001", "[fd00::6]:6379": "[::1]:7002"})
+    assert remap(("10.0.0.5", 6379)) == ("127.0.0.1", 7001)
+    assert remap(("10.0.0.5", "6379")) == ("127.0.0.1", 7001)  # a port as text
+    assert remap(("fd00:0::6", 6379)) == ("::1", 7002)  # another spelling of the address
+    assert remap(("10.0.0.5", 6380)) == ("10.0.0.5", 6380)  # not mapped: as announced
+    assert remap(remap(("10.0.0.5", 6379))) == remap(("10.0.0.5", 6379))  # idempotent
+    assert AddressMap({"Redis-0.NS:6379": "127.0.0.1:1"})(("redis-0.ns", 6379)) == ("127.0.0.1", 1)
+    assert bool(remap) and not AddressMap({})

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cachegw_gateway import redis_url
+from cachegw_gateway import address_map, redis_url
 
 
 class ConfigError(ValueError):
@@ -66,6 +66,9 @@ class RedisConfig:
     connect_timeout: float = 1.0
     max_connections: int = 64
     managed_port: int = 0  # 0 = a free port
+    # Redis Cluster: node address as the cluster announces it ("host:port") -> where this
+    # gateway connects instead (NAT, port-forwards, proxies); see address_map.py.
+    address_map: dict[str, str] = field(default_factory=dict)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)  # [redis.breaker]
 
 
@@ -176,6 +179,7 @@ ENV_VARS: Mapping[str, str] = {
     "CACHEGW_OTLP_ENDPOINT": "telemetry.otlp_endpoint",
     "CACHEGW_METRICS_LISTEN": "telemetry.metrics_listen",
     "CACHEGW_LOG_FORMAT": "telemetry.log_format",
+    "CACHEGW_REDIS_ADDRESS_MAP": "redis.address_map",
 }
 ADMISSION_POLICIES = ("lru", "tinylfu")
 JITTER_MODES = ("random", "deterministic")
@@ -235,6 +239,7 @@ _KIND_NAMES = {
     "str": "a string",
     "tuple[str, ...]": "a list of strings",
     "RateLimitConfig | None": "a table, e.g. { rate = 100, period_seconds = 60 }",
+    "dict[str, str]": f"a table of announced = target addresses, e.g. {{ {address_map.EXAMPLE} }}",
 }
 _RATE_LIMIT_KEYS = {"rate": "int", "period_seconds": "float", "burst": "int", "algorithm": "str"}
 
@@ -274,6 +279,20 @@ def _coerce(where: str, value: object, kind: str, text_ok: bool) -> object:
     elif kind == "RateLimitConfig | None":
         if isinstance(value, dict):
             return _rate_limit(where, value)
+    elif kind == "dict[str, str]":  # redis.address_map; its entries are checked later
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(item, str):
+                    shown = str(item).lower() if isinstance(item, bool) else repr(item)
+                    raise ConfigError(
+                        f'{where}["{key}"] must be a string "host:port" (got {shown})'
+                    )
+            return dict(value)
+        if text_ok and isinstance(value, str):
+            try:
+                return address_map.parse_text(value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}{exc}") from None
     else:  # pragma: no cover - a new field type needs a rule here
         raise AssertionError(f"no coercion for {kind}")
     if isinstance(value, bool):
@@ -565,6 +584,10 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
             f"{w('redis.managed_port')} must be 0..65535, 0 for a free port "
             f"(got {c.redis.managed_port})"
         )
+    try:
+        address_map.check(c.redis.address_map)
+    except ValueError as exc:
+        raise ConfigError(f"{w('redis.address_map')}{exc}") from None
     _check_breaker(w, c.redis.breaker)
 
     for key in ("stream_max_len", "subscriber_queue"):
@@ -693,6 +716,11 @@ def config_warnings(c: GatewayConfig) -> list[str]:
                 "on a holder that died gives up before its lease ends, so none takes it "
                 "over and each loads by itself"
             )
+    if c.redis.address_map and not c.redis.url.startswith("redis+cluster://"):
+        out.append(
+            "redis.address_map is not used: it maps the node addresses a Redis Cluster "
+            "announces, and redis.url is not a redis+cluster:// URL"
+        )
     if t.exporter == "none" and t.sample_ratio != 1.0:
         out.append("telemetry.sample_ratio has no effect: telemetry.exporter is 'none'")
     if t.exporter != "none" and t.sample_ratio == 0:

@@ -59,6 +59,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from cachegw_gateway import redis_errors
+from cachegw_gateway.address_map import AddressMap, follow_redirections
 from cachegw_gateway.breaker import CLOSED, NodeBreakers
 from cachegw_gateway.cluster_url import parse_seeds
 from cachegw_gateway.config import BreakerConfig, RedisConfig
@@ -177,6 +178,10 @@ class ClusterStore(RedisStore):
         cls, config: RedisConfig, url: str, stats: GatewayStats | None = None
     ) -> ClusterStore:
         seeds, username, password = parse_seeds(url)
+        # Every node address goes through redis.address_map once: the seeds here, the
+        # slot map's (address_remap) and redirections' in redis-py, the bus's below.
+        remap = AddressMap(config.address_map)
+        seeds = [remap(seed) for seed in seeds]
         common: dict[str, Any] = {
             "username": username,
             "password": password,
@@ -190,10 +195,14 @@ class ClusterStore(RedisStore):
             # and ASK redirections are followed all the same (the command did not run).
             retry=Retry(NoBackoff(), 0),
             require_full_coverage=False,
+            address_remap=remap if remap else None,
             **common,
         )
+        if remap:
+            follow_redirections(client)
 
         def node_client(host: str, port: int) -> aioredis.Redis:
+            host, port = remap((host, port))  # idempotent: the nodes' are mapped already
             return aioredis.Redis(
                 host=host,
                 port=port,

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "gateway: for development)",
     )
     p.add_argument("--redis-prefix", help="prefix of every Redis key of this deployment")
+    p.add_argument(
+        "--redis-address-map",
+        metavar="ANNOUNCED=TARGET[,...]",
+        help="on a Redis Cluster, connect to TARGET (host:port) wherever the cluster names "
+        "ANNOUNCED: for NAT, port-forwards or a proxy per node",
+    )
     p.add_argument("--gateway-id", help="name of this gateway in events and stats")
     p.add_argument("--grace", type=float, help="seconds to drain in-flight calls on stop")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -69,6 +75,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "redis.url": args.redis_url,
         "redis.embedded": args.embedded_redis,
         "redis.prefix": args.redis_prefix,
+        "redis.address_map": args.redis_address_map,
         "server.gateway_id": args.gateway_id,
         "server.grace_seconds": args.grace,
         "telemetry.log_format": args.log_format,

@@ -40,8 +40,10 @@ from redis.exceptions import (
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -55,8 +57,14 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     OSError,
 )
-# Everything a Redis call can raise that is about Redis (not a bug of the caller's).
-FAILURES: tuple[type[BaseException], ...] = (RedisError, *UNAVAILABLE_ERRORS)
+# Everything a Redis call can raise that is about Redis (not a bug of the caller's). A
+# cluster client's own failures (no node could give the slot map, a slot no node serves)
+# are not RedisErrors in redis-py.
+FAILURES: tuple[type[BaseException], ...] = (
+    RedisError,
+    RedisClusterException,
+    *UNAVAILABLE_ERRORS,
+)
 
 # Kinds of failure without a reply.
 CONNECTION = "connection"  # refused, reset, closed: nothing or part of a reply came
@@ -264,6 +272,8 @@ def classify(exc: BaseException, *, write: bool = False) -> L2Unavailable:
         if code == "OOM":
             return L2OutOfMemory(code, text)
         return L2ErrorReply(code, text)
+    if isinstance(exc, RedisClusterException):
+        return _cluster_failure(exc)
     if isinstance(exc, InvalidResponse):
         kind = PROTOCOL
     elif isinstance(exc, (RedisTimeoutError, TimeoutError)):
@@ -286,6 +296,25 @@ def classify(exc: BaseException, *, write: bool = False) -> L2Unavailable:
     return L2Unavailable(
         f"redis (L2) is unavailable, retry later: redis did not answer ({kind}): {exc}",
         kind=kind,
+    )
+
+
+def _cluster_failure(exc: RedisClusterException) -> L2Unavailable:
+    """A Redis Cluster client's failure before it sent the call (so even a write was not
+    applied): no node answered for the slot map (every one refused or timed out, as when
+    this gateway is cut off from the cluster), or no node serves the key's slot now."""
+    cause = exc.__cause__
+    if isinstance(exc, SlotNotCoveredError) or isinstance(cause, UNAVAILABLE_ERRORS):
+        kind = TIMEOUT if isinstance(cause, (RedisTimeoutError, TimeoutError)) else CONNECTION
+        return L2Unavailable(
+            f"redis (L2) is unavailable, retry later: the Redis Cluster could not be "
+            f"reached ({kind}; nothing was sent): {exc}",
+            kind=kind,
+        )
+    return L2Unavailable(
+        f"redis (L2) call failed in the gateway's client, retry later: {exc}",
+        kind=CLIENT,
+        mark_down=False,
     )
 
 

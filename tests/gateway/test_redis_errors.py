@@ -26,6 +26,8 @@ from redis.exceptions import (
     MasterDownError,
     NoScriptError,
     ReadOnlyError,
+    RedisClusterException,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -146,6 +148,39 @@ def test_failures_without_a_reply() -> None:
     assert classify(InvalidResponse("Protocol Error: b'x'")).kind == "protocol"
     client = classify(DataError("Invalid input of type: 'dict'"), write=True)
     assert (type(client), client.kind, client.mark_down) == (L2Unavailable, "client", False)
+
+
+def _raised_from(exc: BaseException, cause: BaseException) -> BaseException:
+    """`exc` as redis-py raises it: ``raise exc from cause``."""
+    try:
+        raise exc from cause
+    except BaseException as raised:
+        return raised
+
+
+def test_a_cluster_client_that_reaches_no_node_is_unavailable() -> None:
+    """What redis-py's RedisCluster raises when no node gives it the slot map (a gateway
+    cut off from every node: tests/cluster/test_cluster_partition.py) is no RedisError;
+    it was answered UNKNOWN. Nothing was sent, so a write is not 'outcome unknown'."""
+    refused = _raised_from(
+        RedisClusterException(
+            "Redis Cluster cannot be connected. Please provide at least "
+            "one reachable node: Error 111 connecting to 127.0.0.1:7000."
+        ),
+        RedisConnectionError("Error 111 connecting to 127.0.0.1:7000. Connection refused."),
+    )
+    assert isinstance(refused, redis_errors.FAILURES)
+    for write in (False, True):
+        err = classify(refused, write=write)
+        assert (type(err), err.kind, err.mark_down) == (L2Unavailable, "connection", True)
+        assert "could not be reached" in str(err) and "nothing was sent" in str(err)
+    silent = _raised_from(RedisClusterException("cannot be connected"), RedisTimeoutError("x"))
+    assert classify(silent).kind == "timeout"
+    assert classify(SlotNotCoveredError("Slot 42 is not covered by the cluster.")).kind == (
+        "connection"
+    )
+    other = classify(RedisClusterException("No targets were found to execute"), write=True)
+    assert (type(other), other.kind, other.mark_down) == (L2Unavailable, "client", False)
 
 
 def test_only_lost_connections_and_timeouts_are_worth_a_second_read() -> None:
