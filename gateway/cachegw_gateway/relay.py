@@ -425,10 +425,12 @@ async def drop_cached_values(store: RedisStore, scan_count: int = FLUSH_SCAN) ->
 
     async def unlink(rkeys: Sequence[bytes]) -> int:
         # One UNLINK per key (pipelined): keys of different slots in one command would
-        # be refused by a Redis Cluster.
+        # be refused by a Redis Cluster. Not pipe.unlink(): on a cluster pipeline
+        # redis-py makes it a coroutine (it splits keys by slot) that never queues the
+        # command, and the fallback failed on every attempt (l2.py does the same).
         async with store.client.pipeline(transaction=False) as pipe:
             for rkey in rkeys:
-                pipe.unlink(rkey)
+                pipe.execute_command("UNLINK", rkey)
             replies = redis_errors.raise_first(await pipe.execute(raise_on_error=False))
         # Values end with their hash tag's brace; the rest are leases.
         return sum(int(r) for k, r in zip(rkeys, replies, strict=True) if k.endswith(b"}"))

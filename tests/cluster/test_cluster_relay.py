@@ -192,3 +192,29 @@ def test_killed_relay_resumes_from_its_checkpoint_on_a_cluster(linked: Regions) 
     assert "relay_fallback" not in out and "dropping every" not in out
     assert relay.metric("cachegw_relay_applied_total", "a", "b") == 2
     assert relay.metric("cachegw_relay_applied_total", "b", "a") == 1
+
+
+def test_events_lost_in_the_source_flush_the_cluster_region(
+    linked: Regions, cluster: ClusterTopology
+) -> None:
+    a, b = linked.a, linked.b
+    assert linked.run_once()["a->b"]["fallbacks"] == 0  # checkpoints at both ends
+    named, unnamed = ["named"], [f"unnamed-{i}" for i in range(6)]
+    assert len({cluster.node_of_key(b.key(k)).port for k in unnamed}) == 3  # every primary
+    for key in named + unnamed:
+        cached_in_l1(b, key, "b")
+    assert b.client.incr("counter", 5) == 5
+    for i in range(5):
+        a.client.invalidate([f"gone-{i}"])
+    a.client.invalidate(named)
+    a.r.xtrim(a.events_key, maxlen=1, approximate=False)  # past the checkpoint
+
+    figures = linked.run_once()
+    assert figures["a->b"]["fallbacks"] == 1
+    assert figures["b->a"]["fallbacks"] == 0
+    for key in named + unnamed:  # b's L1 flushed by the RESET, its L2 by the relay
+        wait_until(gone(b, key), what=f"{key} gone from b")
+        assert b.r.exists(b.key(key)) == 0
+    assert b.client.incr("counter", 1) == 6  # counters are not copies: kept
+    resets = b.resets()
+    assert len(resets) == 1 and resets[0].relayed_from == "a"
