@@ -1,7 +1,16 @@
 """The two-region relay with a region behind Sentinel: real `cachegw serve` processes in
 a standalone region and in a Sentinel region (``redis+sentinel://``), a real `cachegw
-relay` process between them (tests/relay_regions.py): every invalidation kind crosses
-both ways, once."""
+relay` process between them (tests/relay_regions.py).
+
+Every invalidation kind crosses both ways once; then the Sentinel region's primary is
+SIGKILLed while the relay runs, after it wrote what its replicas never received (their
+replication stream held with CLIENT PAUSE WRITE, then dropped with the primary, as async
+replication loses writes). The relay follows the new primary and keeps relaying both
+ways, and takes the documented way out of each loss: events born in the Sentinel region
+that the new primary lost were already carried, but what followed them cannot be known,
+so the other region is flushed and gets RESET (docs/regions.md, "Never silently
+skips"); copies the relay had applied in the Sentinel region and the new primary lost
+(its checkpoint there went back) are applied again."""
 
 from __future__ import annotations
 
@@ -14,24 +23,31 @@ import redis
 from redis.sentinel import Sentinel
 
 from cachegw.client import Client
+from cachegw.errors import CacheError
 from cachegw_gateway.managed_redis import ManagedRedis
 from tests.conftest import GatewayProcess
 from tests.relay_regions import (
     TOML,
     LinkedRegion,
     Regions,
+    cached_in_l1,
+    checkpointed,
     cross_every_kind,
     gateway_flags,
+    gone,
     wait_until,
 )
 from tests.topology import SentinelTopology
+
+FAILOVER_WITHIN = 30.0  # seconds: detection (1 s), election, promotion, reconnections
 
 _prefixes = itertools.count()
 
 
 @pytest.fixture(scope="module")
 def topology() -> Iterator[SentinelTopology]:
-    """One Sentinel topology for the module (each test under a prefix of its own)."""
+    """One Sentinel topology for the module (each test under a prefix of its own); the
+    failover test, which leaves it with a primary fewer, runs last."""
     with SentinelTopology() as topo:
         yield topo
 
@@ -102,4 +118,92 @@ def test_sentinel_region_and_standalone_region_cross_both_ways_once(linked: Regi
         assert relay.metric("cachegw_relay_applied_total", src, dst) == 5
         assert relay.metric("cachegw_relay_behind_events", src, dst) == 0
         assert relay.metric("cachegw_relay_fallbacks_total", src, dst) == 0
+    assert relay.stop() == 0
+
+
+def quietly(check: Callable[[], bool]) -> Callable[[], bool]:
+    """`check`, with a failing call (a failover under way) counting as not yet."""
+
+    def run() -> bool:
+        try:
+            return check()
+        except (redis.RedisError, CacheError, OSError):
+            return False
+
+    return run
+
+
+def test_relay_follows_a_sentinel_failover_that_lost_writes(
+    linked: Regions, topology: SentinelTopology
+) -> None:
+    a, s = linked.a, linked.b
+    relay = linked.start_relay()
+    cached_in_l1(s, "lost-copy", "s")  # a's invalidation of it is lost in s's failover
+    cached_in_l1(s, "s-kept", "s")
+    cached_in_l1(a, "lost-born", "a")  # s's invalidation of it: carried, then lost in s
+    cached_in_l1(a, "unnamed", "a")  # no event names it: only a flush of a removes it
+    assert a.client.incr("counter", 5) == 5
+    topology.wait_replicated()
+
+    # From here s's replicas receive nothing; what the primary writes dies with it.
+    replicas = [topology.node_client(n) for n in topology.replicas]
+    try:
+        for c in replicas:
+            c.client_pause(20_000, all=False)  # WRITE: the replication stream waits
+        s.client.invalidate(["lost-born"])
+        lost_born = s.born()[-1]
+        wait_until(gone(a, "lost-born"), what="s's event carried to a")
+        a.client.invalidate(["lost-copy"])
+        wait_until(lambda: s.r.exists(s.key("lost-copy")) == 0, what="a's event applied in s")
+        wait_until(checkpointed(s, a), what="a's stream checkpointed in s")
+        wait_until(checkpointed(a, s), what="s's stream (with the copy) checkpointed in a")
+        old = topology.address(topology.kill_primary())
+    finally:
+        for c in replicas:
+            c.client_unpause()
+            c.close()
+    new = topology.wait_for_new_primary(old, within=FAILOVER_WITHIN)
+    with topology.node_client(new) as c:
+        entries = c.xrange(s.events_key)
+    assert lost_born not in {eid.decode() for eid, _ in entries}  # lost, as meant
+
+    # s->a: s's stream lost events the relay had read: a is flushed and gets RESET.
+    wait_until(
+        quietly(lambda: relay.metric("cachegw_relay_fallbacks_total", "s", "a") == 1),
+        within=FAILOVER_WITHIN,
+        what="the s->a fallback",
+    )
+    wait_until(gone(a, "unnamed"), what="a's L1 flushed by the RESET")
+    assert a.r.exists(a.key("unnamed")) == 0
+    assert a.client.incr("counter", 1) == 6  # counters are not copies: kept
+    resets = a.resets()
+    assert len(resets) == 1 and resets[0].relayed_from == "s"
+    assert "dropping every cached value in a" in relay.output()
+
+    # a->s: the copy s lost is applied again (s's checkpoint went back with it).
+    wait_until(
+        quietly(lambda: s.r.exists(s.key("lost-copy")) == 0 and gone(s, "lost-copy")()),
+        within=FAILOVER_WITHIN,
+        what="a's lost copy applied again in s",
+    )
+    assert relay.metric("cachegw_relay_fallbacks_total", "a", "s") == 0
+    assert relay.metric("cachegw_relay_rewinds_total", "a", "s") == 1
+    assert relay.metric("cachegw_relay_rewinds_total", "s", "a") == 0
+    assert "s holds checkpoint" in relay.output()
+
+    # And the relay keeps relaying both ways, on the new primary.
+    cached_in_l1(s, "after-a", "s")
+    a.client.invalidate(["after-a"])
+    wait_until(gone(s, "after-a"), what="a's next event applied in s")
+    cached_in_l1(a, "after-s", "a")
+    wait_until(quietly(lambda: s.client.invalidate(["after-s"]) is not None))
+    wait_until(gone(a, "after-s"), what="s's next event applied in a")
+    assert s.client.get("s-kept") == b"s"  # s itself was never flushed
+    wait_until(
+        lambda: (
+            relay.metric("cachegw_relay_up", "a", "s") == 1
+            and relay.metric("cachegw_relay_up", "s", "a") == 1
+        ),
+        what="both links up",
+    )
     assert relay.stop() == 0
