@@ -14,6 +14,12 @@ copy is never carried back, nor on to a third region (a mesh needs a link per pa
 Checkpoint: ``<dest p>:relay:<source name>`` in the destination Redis holds
 "<last source id> <source entries-added at that id>", written after a batch was applied:
 a crash in between applies the batch again (invalidations are idempotent), never skips.
+The checkpoint is also the link's proof that the destination still holds what it
+applied: each write expects the one before it, and a quiet round reads it back. A
+destination that lost writes (a Sentinel failover to a replica the last writes had not
+reached: the copies applied and the checkpoint written after them are gone together)
+shows an older checkpoint; the link carries on from that one, applying again what the
+destination lost.
 
 Lost events: if the source stream no longer holds every event after the checkpoint
 (trimmed past it, or the stream was lost or replaced: a Redis restart without
@@ -38,6 +44,7 @@ from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway import redis_errors
 from cachegw_gateway.events import StreamId, format_id, parse_id
 from cachegw_gateway.l2 import RedisStore, glob_escape
+from cachegw_gateway.scripts import Script
 
 log = logging.getLogger("cachegw.relay")
 
@@ -45,6 +52,20 @@ BATCH = 500  # source events read per round trip
 CONCURRENCY = 32  # copies of one batch applied at once (each its own Redis call)
 FLUSH_SCAN = 1000  # keys per SCAN step of the fallback
 ZERO: StreamId = (0, 0)
+
+# KEYS[1] the checkpoint; ARGV[1] the one this link wrote last, ARGV[2] the new one.
+# Written (1) only over the one written last; otherwise the stored one, or 0 if gone.
+_CHECKPOINT_SCRIPT = """
+local now = redis.call('GET', KEYS[1])
+if now == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return 1
+end
+if not now then
+  return 0
+end
+return now
+"""
 
 
 class RelayError(Exception):
@@ -65,6 +86,7 @@ class LinkStats:
     applied: int = 0  # events applied in the destination
     skipped: int = 0  # events that were themselves relayed copies (never carried on)
     fallbacks: int = 0  # times the destination was flushed because events were lost
+    rewinds: int = 0  # times the destination's checkpoint was not the one last written
     errors: int = 0  # failed rounds (Redis trouble on either side), retried
     behind: int = 0  # source events after the checkpoint, as last measured
     last_applied_id: str = ""
@@ -109,6 +131,8 @@ class Link:
         self.stats = LinkStats()
         self.cursor: StreamId | None = None  # last source id applied (None: not loaded)
         self._position = 0  # the source's entries-added count at `cursor`
+        self._saved = ""  # the checkpoint as this link last wrote (or read) it
+        self._advance = Script(dest_store.client, _CHECKPOINT_SCRIPT)
 
     @property
     def name(self) -> str:
@@ -130,13 +154,9 @@ class Link:
         with self._dst.reading:
             raw = await self._dst.client.get(self.checkpoint_key)
         if raw is not None:
-            text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-            id_text, _, pos = text.partition(" ")
-            try:
-                self.cursor, self._position = parse_id(id_text), int(pos or 0)
-            except ValueError:
-                # Where it stopped is unknown: what it may have missed is unknown too.
-                await self.fallback(f"unreadable checkpoint {text[:80]!r}")
+            text = _text(raw)
+            id_text = text.partition(" ")[0]
+            if not await self._resume_from(text):
                 return
             log.info(
                 "relay %s: resuming after %s (checkpoint %s)",
@@ -157,12 +177,79 @@ class Link:
             extra={"event": "relay_start", "link": self.name, "after": format_id(state.last_id)},
         )
 
-    async def _save_checkpoint(self) -> None:
+    async def _resume_from(self, text: str) -> bool:
+        """Carry on after checkpoint `text`; an unreadable one takes the fallback (where
+        it stopped is unknown: what it may have missed is unknown too). Returns whether
+        `text` was read."""
+        id_text, _, pos = text.partition(" ")
+        try:
+            self.cursor, self._position = parse_id(id_text), int(pos or 0)
+        except ValueError:
+            await self.fallback(f"unreadable checkpoint {text[:80]!r}")
+            return False
+        self._saved = text
+        return True
+
+    def _checkpoint_text(self) -> str:
         assert self.cursor is not None
+        return f"{format_id(self.cursor)} {self._position}"
+
+    async def _save_checkpoint(self) -> None:
+        """Write the checkpoint whatever the destination holds (a start, a fallback)."""
+        text = self._checkpoint_text()
         with self._dst.writing:
-            await self._dst.client.set(
-                self.checkpoint_key, f"{format_id(self.cursor)} {self._position}"
+            await self._dst.client.set(self.checkpoint_key, text)
+        self._saved = text
+
+    async def _advance_checkpoint(self) -> None:
+        """Write the checkpoint after a batch, if the destination still holds the one
+        written before it; otherwise carry on from the one it holds (`_rewind`)."""
+        text = self._checkpoint_text()
+        with self._dst.writing:
+            stored = await self._advance(keys=[self.checkpoint_key], args=[self._saved, text])
+        if stored == 1:
+            self._saved = text
+        else:
+            await self._rewind(None if stored == 0 else _text(stored))
+
+    async def _verify_checkpoint(self) -> None:
+        """A quiet round: the destination must still hold the checkpoint written last
+        (a failover there may have lost it with the copies before it)."""
+        with self._dst.reading:
+            stored = await self._dst.client.get(self.checkpoint_key)
+        if stored is None or _text(stored) != self._saved:
+            await self._rewind(None if stored is None else _text(stored))
+
+    async def _rewind(self, stored: str | None) -> None:
+        """The destination holds another checkpoint than the one this link wrote last:
+        it lost writes (an older one: the copies applied after it may be gone too), or
+        another relay for the same pair wrote it. Carry on from it. (One equal to where
+        the link is: a write whose reply was lost, or another relay just as far.) None:
+        the checkpoint is gone, and what else the destination lost is unknown (all of
+        it, after a restart without persistence; its last writes, after a failover to a
+        replica that never had the checkpoint): the fallback."""
+        if stored is None:
+            await self.fallback(
+                f"{self.dest.name}'s checkpoint {self.checkpoint_key} is gone (its Redis "
+                "lost data: a restart without persistence, a failover, a flush)"
             )
+            return
+        if stored == self._checkpoint_text():
+            self._saved = stored
+            return
+        was = self._saved
+        log.warning(
+            "relay %s: %s holds checkpoint %r, not %r as written last (it lost writes: a "
+            "failover, a restore; or another relay links the same regions); carrying on "
+            "from it, applying again what follows",
+            self.name,
+            self.dest.name,
+            stored[:80],
+            was,
+            extra={"event": "relay_rewind", "link": self.name, "stored": stored[:80], "was": was},
+        )
+        self.stats.rewinds += 1
+        await self._resume_from(stored)
 
     # -- the source stream ----------------------------------------------------------------
 
@@ -250,6 +337,7 @@ class Link:
             self.stats.up = True
             return len(batch)
         if not batch:
+            await self._verify_checkpoint()
             self.stats.behind = max(0, state.entries_added - self._position)
             self.stats.up = True
             return 0
@@ -265,7 +353,7 @@ class Link:
         await self._apply_all(copies)
         self.cursor = parse_id(batch[-1][0])
         self._position += len(batch)
-        await self._save_checkpoint()
+        await self._advance_checkpoint()
         self.stats.behind = max(0, state.entries_added - self._position)
         self.stats.up = True
         return len(batch)
@@ -274,9 +362,10 @@ class Link:
         """Apply everything the source holds now (for `--once`); returns events consumed."""
         total = 0
         for _ in range(max_rounds):
+            rewinds = self.stats.rewinds
             n = await self.step(block=False)
             total += n
-            if n == 0:
+            if n == 0 and self.stats.rewinds == rewinds:  # a rewind has more to apply
                 break
         return total
 
@@ -425,10 +514,12 @@ async def drop_cached_values(store: RedisStore, scan_count: int = FLUSH_SCAN) ->
 
     async def unlink(rkeys: Sequence[bytes]) -> int:
         # One UNLINK per key (pipelined): keys of different slots in one command would
-        # be refused by a Redis Cluster.
+        # be refused by a Redis Cluster. Not pipe.unlink(): on a cluster pipeline
+        # redis-py makes it a coroutine (it splits keys by slot) that never queues the
+        # command, and the fallback failed on every attempt (l2.py does the same).
         async with store.client.pipeline(transaction=False) as pipe:
             for rkey in rkeys:
-                pipe.unlink(rkey)
+                pipe.execute_command("UNLINK", rkey)
             replies = redis_errors.raise_first(await pipe.execute(raise_on_error=False))
         # Values end with their hash tag's brace; the rest are leases.
         return sum(int(r) for k, r in zip(rkeys, replies, strict=True) if k.endswith(b"}"))
@@ -446,4 +537,4 @@ async def drop_cached_values(store: RedisStore, scan_count: int = FLUSH_SCAN) ->
 
 
 def _text(raw: object) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)

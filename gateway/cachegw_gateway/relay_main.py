@@ -139,7 +139,8 @@ def lag_line(link: Link, now_ms: int) -> str:
         newest = "no event applied yet"
     return (
         f"relay {link.name}: {s.behind} events behind, {newest}; applied {s.applied}, "
-        f"skipped {s.skipped} (relayed copies), fallbacks {s.fallbacks}, errors {s.errors}"
+        f"skipped {s.skipped} (relayed copies), fallbacks {s.fallbacks}, rewinds {s.rewinds}, "
+        f"errors {s.errors}"
         f"{'' if s.up else ', DOWN'}"
     )
 
@@ -175,6 +176,11 @@ class RelayCollector(Collector):
                 ("applied", "Events applied in the destination."),
                 ("skipped", "Relayed copies seen in the source (never carried on)."),
                 ("fallbacks", "Destination flushes because source events were lost."),
+                (
+                    "rewinds",
+                    "Times the destination's checkpoint was not the one last written "
+                    "(it lost writes): what followed it was applied again.",
+                ),
                 ("errors", "Failed rounds (Redis trouble on either side), retried."),
             )
         }

@@ -334,6 +334,90 @@ async def test_writes_lost_by_a_failover_are_a_loss(pair: Pair) -> None:
     assert ids[2].encode() not in [e for e, _ in kept]
 
 
+async def test_a_destination_that_lost_writes_gets_them_again(pair: Pair) -> None:
+    """A failover in the destination to a replica the last writes had not reached: the
+    copy and the checkpoint written after it are gone together (tests/sentinel/
+    test_sentinel_relay.py does it for real). A quiet round finds the older checkpoint
+    and applies again what followed it."""
+    link = pair.link()
+    await link.load_checkpoint()
+    before = pair.dst_r.get("cg:relay:a")
+    assert before is not None
+    pair.cache("lost")
+    eid = await pair.emit(keys=["lost"])
+    assert await link.catch_up() == 1
+    assert not pair.cached("lost")
+    pair.cache("lost")  # what the new primary holds: the value, the older checkpoint
+    pair.dst_r.set("cg:relay:a", before)
+    assert await link.catch_up() == 1  # the quiet round goes back, the next applies
+    assert not pair.cached("lost")
+    assert (link.stats.rewinds, link.stats.fallbacks) == (1, 0)
+    assert pair.dst_r.get("cg:relay:a") == f"{eid} 1".encode()
+    assert [c.relayed_id for c in pair.dst_events()] == [eid, eid]
+
+
+async def test_a_checkpoint_gone_back_is_never_written_past(pair: Pair) -> None:
+    link = pair.link()
+    await link.load_checkpoint()
+    before = pair.dst_r.get("cg:relay:a")
+    assert before is not None
+    await pair.emit(keys=["one"])
+    assert await link.catch_up() == 1
+    pair.cache("one")
+    pair.dst_r.set("cg:relay:a", before)  # lost with the copy of "one"
+    second = await pair.emit(keys=["two"])
+    pair.cache("two")
+    # "two" is applied; the checkpoint it finds is not the one written last: it is kept
+    # (a crash now resumes before "one"), and the link goes back to it.
+    assert await link.step(block=False) == 1
+    assert not pair.cached("two")
+    assert pair.dst_r.get("cg:relay:a") == before and link.stats.rewinds == 1
+    assert await link.catch_up() == 2
+    assert not pair.cached("one")
+    assert pair.dst_r.get("cg:relay:a") == f"{second} 2".encode()
+
+
+async def test_a_checkpoint_gone_from_the_destination_is_a_loss(pair: Pair) -> None:
+    """Gone while the link runs: the destination lost data (all of it after a restart
+    without persistence; its last writes after a failover to a replica that never had
+    the checkpoint): what to apply again is unknown, so the fallback."""
+    link = pair.link()
+    await link.load_checkpoint()
+    await pair.emit(keys=["k"])
+    assert await link.catch_up() == 1
+    pair.dst_r.delete("cg:relay:a")
+    pair.cache("unnamed")
+    assert await link.catch_up() == 0  # a quiet round finds it gone
+    assert link.stats.fallbacks == 1 and not pair.cached("unnamed")
+    pair.dst_r.delete("cg:relay:a")
+    pair.cache("unnamed")
+    await pair.emit(keys=["k2"])
+    assert await link.catch_up() == 1  # so does a batch's checkpoint write
+    assert link.stats.fallbacks == 2 and not pair.cached("unnamed")
+    last = pair.src_r.xinfo_stream("cg:events")["last-generated-id"]
+    assert pair.dst_r.get("cg:relay:a") == last + b" 2"
+    assert link.stats.rewinds == 0
+
+
+async def test_a_checkpoint_written_by_another_relay_is_carried_on_from(pair: Pair) -> None:
+    link, other = pair.link(), pair.link()  # two relays for the same pair of regions
+    await link.load_checkpoint()
+    await other.load_checkpoint()
+    await pair.emit(keys=["one"])
+    assert await link.catch_up() == 1
+    two = await pair.emit(keys=["two"])
+    # `other` applies both, finds link's checkpoint, goes back to it and applies "two"
+    # again (harmless, as a second relay is: twice the work).
+    assert await other.catch_up() == 3
+    assert (other.stats.rewinds, other.stats.fallbacks) == (1, 0)
+    assert pair.dst_r.get("cg:relay:a") == f"{two} 2".encode()
+    # `link` applies "two" too and finds other's checkpoint where it is: no going back.
+    assert await link.catch_up() == 1
+    assert (link.cursor, link.stats.rewinds, link.stats.fallbacks) == (other.cursor, 0, 0)
+    assert await link.catch_up() == 0 and await other.catch_up() == 0
+    assert (link.stats.rewinds, other.stats.rewinds) == (0, 1)
+
+
 async def test_an_unreadable_checkpoint_is_a_loss(pair: Pair) -> None:
     await pair.emit(keys=["k"])
     pair.dst_r.set("cg:relay:a", b"garbage")
