@@ -59,10 +59,17 @@ class ManagedPostgres:
     def dsn(self) -> str:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/postgres"
 
-    def _run_as(self) -> dict[str, object]:
-        if self._user is None:
-            return {}
-        return {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
+    @property
+    def _uid(self) -> int | None:
+        return None if self._user is None else self._user.pw_uid
+
+    @property
+    def _gid(self) -> int | None:
+        return None if self._user is None else self._user.pw_gid
+
+    @property
+    def _groups(self) -> list[int] | None:
+        return None if self._user is None else []
 
     def start(self, timeout: float = 30.0) -> ManagedPostgres:
         initdb, postgres = find_bin("initdb"), find_bin("postgres")
@@ -88,7 +95,9 @@ class ManagedPostgres:
             stderr=subprocess.PIPE,
             env=env,
             timeout=timeout,
-            **self._run_as(),  # type: ignore[arg-type]
+            user=self._uid,
+            group=self._gid,
+            extra_groups=self._groups,
         )
         for _ in range(5):
             self.port = free_port()
@@ -112,12 +121,14 @@ class ManagedPostgres:
                         "full_page_writes=off",
                         "-c",
                         "max_connections=200",
-                    ],  # fmt: skip
+                    ],
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     env=env,
                     start_new_session=True,
-                    **self._run_as(),  # type: ignore[arg-type]
+                    user=self._uid,
+                    group=self._gid,
+                    extra_groups=self._groups,
                 )
             if self._wait_ready(timeout):
                 return self
@@ -157,7 +168,7 @@ class ManagedPostgres:
                 "postgres",
                 "-tAc",
                 "SELECT 1",
-            ],  # fmt: skip
+            ],
             capture_output=True,
             timeout=5,
         )
