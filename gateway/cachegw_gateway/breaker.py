@@ -30,6 +30,10 @@ counted either way (a cancelled probe frees the probe's place).
 Calls in flight when the state changes (sent before the breaker opened, still waiting
 for a hung Redis) are not counted when they end: only calls admitted in the current
 state decide the next one.
+
+The same machine guards each origin (origin.py): `Breaker` takes what it protects as
+parameters (its name in the log, which failures count, the error a refused call raises,
+the gauges it keeps); the defaults are Redis's.
 """
 
 from __future__ import annotations
@@ -37,10 +41,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from cachegw_gateway.config import BreakerConfig
 from cachegw_gateway.redis_errors import CONNECTION, PROTOCOL, TIMEOUT, L2Unavailable
-from cachegw_gateway.stats import GatewayStats
 
 log = logging.getLogger("cachegw.redis")
 
@@ -57,9 +61,9 @@ BREAKER = "breaker"  # the `kind` of a refused call
 _BUCKETS = 10  # the failure-rate window is kept as this many slices
 
 
-def counts(err: L2Unavailable) -> bool:
+def counts(err: Exception) -> bool:
     """Whether `err` says Redis is unreachable or unhealthy (opens the breaker)."""
-    return err.kind in COUNTED_KINDS
+    return isinstance(err, L2Unavailable) and err.kind in COUNTED_KINDS
 
 
 class BreakerOpen(L2Unavailable):
@@ -67,6 +71,23 @@ class BreakerOpen(L2Unavailable):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, kind=BREAKER, mark_down=False)
+
+
+class BreakerGauges(Protocol):
+    """Where a breaker keeps its figures (GatewayStats for Redis's)."""
+
+    breaker_state: int
+    breaker_trips: int
+    breaker_refused: int
+
+
+def redis_refusal(when: str, reason: str) -> str:
+    return (
+        f"redis (L2) is unavailable: the gateway's circuit breaker is open, so this call "
+        f"was not sent to redis and not applied (an Invalidate of prefixes, tags or "
+        f"classes may have applied its first steps: repeat it); retry later: {when}. "
+        f"It opened after {reason}"
+    )
 
 
 class _Window:
@@ -102,18 +123,31 @@ class _Window:
 
 
 class Breaker:
-    """One per `RedisStore`; single-threaded (the gateway's event loop)."""
+    """One per `RedisStore` (and one per origin client); single-threaded (the gateway's
+    event loop). `subject` names what it guards in log lines, `counting` says which
+    failures count, `refuse(message)` is what a refused call raises, and
+    `refusal(when, reason)` its message."""
 
     def __init__(
         self,
         config: BreakerConfig,
-        stats: GatewayStats,
+        stats: BreakerGauges,
         *,
         clock: Callable[[], float] = time.monotonic,
+        subject: str = "redis",
+        counting: Callable[[Exception], bool] = counts,
+        refuse: Callable[[str], Exception] = BreakerOpen,
+        refusal: Callable[[str, str], str] = redis_refusal,
+        logger: logging.Logger = log,
     ) -> None:
         self.config = config
         self._stats = stats
         self._clock = clock
+        self._subject = subject
+        self._counts = counting
+        self._refuse = refuse
+        self._refusal_text = refusal
+        self._log = logger
         self._state = CLOSED
         self._epoch = 0  # bumped on every change of state: see `admit`
         self._consecutive = 0
@@ -144,14 +178,14 @@ class Breaker:
             self._probing = True
             return self._epoch
         self._stats.breaker_refused += 1
-        raise BreakerOpen(self._refusal())
+        raise self._refuse(self._refusal())
 
-    def done(self, ticket: int, err: L2Unavailable | None) -> None:
+    def done(self, ticket: int, err: Exception | None) -> None:
         """A call admitted with `ticket` ended: answered (`err` None, or an error reply
         that does not count) or failed with `err`."""
         if ticket != self._epoch:
             return  # admitted before the last change of state: see the docstring
-        failed = err is not None and counts(err)
+        failed = err is not None and self._counts(err)
         if self._state == HALF_OPEN:
             self._probing = False
             if failed:
@@ -191,11 +225,11 @@ class Breaker:
             return self._clock() >= self._open_until
         return self._state == HALF_OPEN and not self._probing
 
-    def probed(self, err: L2Unavailable | None) -> None:
+    def probed(self, err: Exception | None) -> None:
         """The health probe's outcome, taken when `probe_due()` held before it was sent."""
         if self._state == CLOSED:
             return
-        if err is not None and counts(err):
+        if err is not None and self._counts(err):
             self._trip(f"the health probe failed: {err}")
         else:
             self._close("the health probe was answered")
@@ -218,12 +252,7 @@ class Breaker:
             if self._state == HALF_OPEN
             else f"a probe goes through in {left:.1f}s"
         )
-        return (
-            f"redis (L2) is unavailable: the gateway's circuit breaker is open, so this call "
-            f"was not sent to redis and not applied (an Invalidate of prefixes, tags or "
-            f"classes may have applied its first steps: repeat it); retry later: {when}. "
-            f"It opened after {self.reason}"
-        )
+        return self._refusal_text(when, self.reason)
 
     def _move(self, state: int, why: str) -> None:
         before = self.state_name
@@ -231,9 +260,10 @@ class Breaker:
         self._epoch += 1
         self._stats.breaker_state = state
         level = logging.WARNING if state == OPEN else logging.INFO
-        log.log(
+        self._log.log(
             level,
-            "redis circuit breaker %s -> %s: %s",
+            "%s circuit breaker %s -> %s: %s",
+            self._subject,
             before,
             self.state_name,
             why,
