@@ -62,6 +62,11 @@ class OriginError(Exception):
     code = grpc.StatusCode.UNAVAILABLE
     counts = False  # whether it tells the breaker the origin is unreachable
 
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        # Whether the call may have reached the origin (a Store may have been applied).
+        self.sent = sent
+
 
 class OriginUnavailable(OriginError):
     counts = True
@@ -69,6 +74,9 @@ class OriginUnavailable(OriginError):
 
 class OriginBreakerOpen(OriginError):
     """Refused by the origin's open circuit breaker: nothing was sent."""
+
+    def __init__(self, message: str, *, sent: bool = False) -> None:
+        super().__init__(message, sent=sent)
 
 
 class OriginTimeout(OriginError):
@@ -82,6 +90,19 @@ class OriginBusy(OriginError):
 
 class OriginBadAnswer(OriginError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class OriginRefused(OriginError):
+    """The origin answered REFUSED for a Store: the value breaks a rule of its data."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class LoadWaitTimeout(OriginError):
+    """A read-through caller waited for another caller's load of the key until its
+    deadline (or the class's max_wait_seconds), and no value landed."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def _counts(err: Exception) -> bool:
@@ -191,7 +212,8 @@ class OriginClient:
         if timeout <= 0:
             raise OriginTimeout(
                 f"no time left to call origin {self.address} {method} within the call's "
-                "deadline; nothing was sent"
+                "deadline; nothing was sent",
+                sent=False,
             )
         ticket = self.breaker.admit() if self.breaker is not None else 0
         started = self._clock()
@@ -204,7 +226,8 @@ class OriginClient:
             raise OriginBusy(
                 f"origin {self.address}: {self.config.max_in_flight} calls already in flight "
                 f"(origin.max_in_flight) and none ended within {timeout:.3g}s; nothing was "
-                "sent; retry later"
+                "sent; retry later",
+                sent=False,
             ) from None
         except BaseException:
             if self.breaker is not None:
@@ -239,25 +262,25 @@ class OriginClient:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return OriginTimeout(
                 f"{where} did not answer within {timeout:.3g}s (origin.timeout_seconds, or "
-                "the call's own deadline); nothing was cached; retry later"
+                "the call's own deadline); retry later"
             )
         if code == grpc.StatusCode.UNAVAILABLE:
+            # "failed to connect": the request never left (a refused connection).
             return OriginUnavailable(
-                f"{where} is unavailable: {details}; nothing was cached; retry later"
+                f"{where} is unavailable: {details}; retry later",
+                sent="failed to connect" not in details.lower(),
             )
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
             return OriginBadAnswer(
-                f"{where} answered more than {MAX_MESSAGE_BYTES} bytes ({details}); "
-                "nothing was cached"
+                f"{where} answered more than {MAX_MESSAGE_BYTES} bytes ({details})"
             )
         if code == grpc.StatusCode.INTERNAL and "deserializ" in details.lower():
             return OriginBadAnswer(
                 f"{where} answered something that is not a cachegw.v1.{method}Response "
-                f"({details}); nothing was cached: fix the origin"
+                f"({details}): fix the origin"
             )
         return OriginBadAnswer(
-            f"{where} failed with {code.name}: {details}; nothing was cached: fix the "
-            "origin or its configuration"
+            f"{where} failed with {code.name}: {details}: fix the origin or its configuration"
         )
 
     # -- Load ----------------------------------------------------------------------------
