@@ -192,7 +192,8 @@ class ReadPath:
                 unusable = None if entry is None else entry.envelope.version
                 through[key] = (i, Miss(key, kc, unusable))
         if through and self.through is not None:
-            loaded = await self.through.many([m for _, m in through.values()], deadline, allow_stale)
+            misses = [m for _, m in through.values()]
+            loaded = await self.through.many(misses, deadline, allow_stale)
             by_key = dict(zip(through, loaded, strict=True))
             out = [by_key[k] if a is None else a for k, a in zip(keys, out, strict=True)]
         return out  # type: ignore[return-value]
