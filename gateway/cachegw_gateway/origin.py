@@ -265,10 +265,12 @@ class OriginClient:
                 "the call's own deadline); retry later"
             )
         if code == grpc.StatusCode.UNAVAILABLE:
-            # "failed to connect": the request never left (a refused connection).
+            # The origin's own UNAVAILABLE means nothing was applied (origin.proto), and so
+            # does a connection that could not be made; a connection lost mid-call leaves
+            # it unknown.
             return OriginUnavailable(
                 f"{where} is unavailable: {details}; retry later",
-                sent="failed to connect" not in details.lower(),
+                sent=_connection_lost(details),
             )
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
             return OriginBadAnswer(
@@ -359,6 +361,18 @@ class OriginClient:
             f"{where}: answered outcome {r.outcome} (not STORED, VERSION_CONFLICT or "
             "REFUSED); the origin may or may not have stored it; the cache was not changed"
         )
+
+
+# How grpc core reports a connection that broke while a call was on it (the request may
+# have been applied), as opposed to one never made ("failed to connect") or a status the
+# origin answered itself.
+_LOST = ("socket closed", "connection reset", "goaway", "broken pipe", "stream removed",
+         "connection aborted", "end of stream")  # fmt: skip
+
+
+def _connection_lost(details: str) -> bool:
+    text = details.lower()
+    return "failed to connect" not in text and any(p in text for p in _LOST)
 
 
 def _cancelling() -> bool:

@@ -2,11 +2,12 @@
 in the cache (and publishes), so the cache never holds what the origin does not.
 
 - The origin's `Store` answers first. VERSION_CONFLICT (the caller's `if_version` is the
-  origin's compare-and-set) and REFUSED change nothing anywhere; a failure before the call
-  left (the origin's breaker open, no free slot, no connection) changes nothing either.
-- A failure after the call may have left (no answer in time, a dropped connection, an
-  answer the gateway cannot read) leaves the origin's state unknown: the key's cached
-  entry is dropped (values, lease, an event to every gateway), so that the next read
+  origin's compare-and-set) and REFUSED change nothing anywhere; nor does a failure that
+  says nothing was stored: the origin's own UNAVAILABLE (origin.proto), or a call that
+  never left (the origin's breaker open, no free slot, no connection).
+- A failure that leaves the origin's state unknown (no answer in time, a connection lost
+  mid-call, an answer the gateway cannot read) makes the gateway drop the key's cached
+  entry (value, lease, an event to every gateway), so that the next read
   loads whatever the origin holds rather than keep serving a value it may have replaced.
 - STORED: the value goes to Redis with the origin's version (the Set script, writes.py).
   A cached entry of a newer origin version, written by a concurrent writer or loader that
@@ -57,7 +58,7 @@ class WriteThrough:
             counters.origin_errors += 1
             if not exc.sent:
                 raise type(exc)(
-                    f"storing {item.key!r}: {exc}; nothing was sent to the origin and nothing "
+                    f"storing {item.key!r}: {exc}; the origin did not store it and nothing "
                     "changed in the cache",
                     sent=False,
                 ) from None

@@ -72,8 +72,11 @@ def wait_origin(address: str, proc: subprocess.Popen[bytes], timeout: float = 20
     raise TimeoutError(f"origin at {address} not serving (exit status {proc.poll()})")
 
 
-def start_origin(script: list[str], folder: Path, name: str) -> OriginProcess:
-    address = f"127.0.0.1:{free_port()}"
+def start_origin(
+    script: list[str], folder: Path, name: str, address: str | None = None
+) -> OriginProcess:
+    """`python <script...> --listen ADDRESS` (a free port unless given), serving."""
+    address = address or f"127.0.0.1:{free_port()}"
     log = folder / f"{name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(

@@ -12,9 +12,13 @@ Who calls it: the gateways, with a deadline on every call (the gateway's
 origin.timeout_seconds, or less when the caller's own deadline is nearer), at most
 origin.max_in_flight calls at a time per gateway, and behind a circuit breaker of its
 own. An origin answers with a gRPC status when it cannot answer at all:
-  UNAVAILABLE        the origin (its database) cannot serve now; the gateway answers
-                     its caller UNAVAILABLE and may try again for the next caller
-  DEADLINE_EXCEEDED  it ran out of time (the gateway says so to its caller)
+  UNAVAILABLE        the origin (its database) cannot serve now, and applied nothing
+                     (a Store answered UNAVAILABLE must not have stored); the gateway
+                     answers its caller UNAVAILABLE, changes nothing in the cache, and
+                     tries again for the next caller
+  DEADLINE_EXCEEDED  it ran out of time (the gateway says so to its caller; after a
+                     Store it cannot know whether it was applied, so it drops the
+                     key's cached entry: the next read loads the origin's state)
   anything else      an origin bug or a misconfiguration: the caller gets
                      FAILED_PRECONDITION naming the origin and its message
 A key-by-key answer (NOT_FOUND, a version conflict, a refused value) is not a failure
