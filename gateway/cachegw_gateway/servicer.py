@@ -123,8 +123,9 @@ class CacheServicer:
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                "the call's deadline passed while waiting for redis (a write already sent "
-                "may or may not have been applied)",
+                "the call's deadline passed while waiting for redis or the key's origin (a "
+                "write already sent may or may not have been applied; a read-through load "
+                "goes on for the next caller)",
             )
         except FAILURES as exc:
             # A Redis failure that bypassed RedisStore (a bug there): still a status a
