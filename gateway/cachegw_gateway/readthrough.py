@@ -109,30 +109,44 @@ class ReadThrough:
     ) -> list[bytes]:
         """Answers for `misses` (distinct keys), in order: the keys whose lease this call
         gets are loaded in one `Load` per origin; the others wait for their holders."""
-        attempts = await _gather(
-            [self._leases.try_once(m.key, m.kc, m.unusable, allow_stale) for m in misses]
+        # Taking the leases and loading is one shielded task: a caller that leaves in
+        # between cannot strand a lease it was granted.
+        first: list[bytes | None] = await self._shield(self._claim_and_load(misses, allow_stale))
+        waiting = [i for i, answer in enumerate(first) if answer is None]
+        waited = await _gather([self.one(misses[i], deadline, allow_stale) for i in waiting])
+        for i, answer in zip(waiting, waited, strict=True):
+            first[i] = answer
+        out = [a for a in first if a is not None]
+        assert len(out) == len(misses)
+        return out
+
+    async def _claim_and_load(
+        self, misses: Sequence[Miss], allow_stale: bool
+    ) -> list[bytes | None]:
+        """One lease attempt per key (no waiting), then one Load per origin for the keys
+        granted; per key its answer, or None when another caller holds the lease."""
+        attempts = await asyncio.gather(
+            *(self._leases.try_once(m.key, m.kc, m.unusable, allow_stale) for m in misses),
+            return_exceptions=True,
         )
+        failed = next((a for a in attempts if isinstance(a, BaseException)), None)
+        if failed is not None:  # (Redis failed some attempts) give back those granted
+            for miss, got in zip(misses, attempts, strict=True):
+                if isinstance(got, LeaseToken):
+                    self._leases.abandon(miss.key, got)
+            raise failed
         answers: list[bytes | None] = [None] * len(misses)
         granted: dict[str, list[tuple[int, _Granted]]] = {}
-        waiting: list[int] = []
         for i, (miss, got) in enumerate(zip(misses, attempts, strict=True)):
             if isinstance(got, bytes):
                 answers[i] = got
             elif isinstance(got, LeaseToken):
                 granted.setdefault(miss.kc.origin, []).append((i, _Granted(miss, got)))
-            else:
-                waiting.append(i)
-        loads = [self._shield(self._load([g for _, g in group])) for group in granted.values()]
-        waits = [self.one(misses[i], deadline, allow_stale) for i in waiting]
-        results = await _gather([*loads, *waits])
-        for group, loaded in zip(granted.values(), results, strict=False):
-            for (i, _), answer in zip(group, loaded, strict=True):
+        loaded = await _gather([self._load([g for _, g in group]) for group in granted.values()])
+        for group, group_answers in zip(granted.values(), loaded, strict=True):
+            for (i, _), answer in zip(group, group_answers, strict=True):
                 answers[i] = answer
-        for i, answer in zip(waiting, results[len(loads) :], strict=True):
-            answers[i] = answer
-        out = [a for a in answers if a is not None]
-        assert len(out) == len(misses)
-        return out
+        return answers
 
     async def _load(self, granted: Sequence[_Granted]) -> list[bytes]:
         """Load the keys whose leases are granted (one origin), store what came back,

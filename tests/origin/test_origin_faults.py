@@ -253,3 +253,33 @@ async def test_the_concurrency_limit_refuses_a_call_that_finds_no_slot_in_time(
         assert loaded[0].value == b"v:ok:c"
     finally:
         await client.close()
+
+
+async def test_a_get_many_waits_for_keys_another_gateway_is_loading(
+    gateway_factory: GatewayFactory, bad_origin: OriginProcess
+) -> None:
+    a = await gateway_factory(toml(bad_origin.address, timeout=2.0))
+    b = await gateway_factory(toml(bad_origin.address, timeout=2.0))
+    first = asyncio.ensure_future(a.stub.Get(pb.GetRequest(key="slowok:shared"), timeout=5))
+    deadline = time.monotonic() + 5
+    while not bad_origin.loads("slowok:shared"):  # a holds the lease and loads (0.6 s)
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    got = await b.stub.GetMany(pb.GetManyRequest(keys=["slowok:shared", "ok:own"]), timeout=5)
+    assert [r.value for r in got.results] == [b"v:slowok:shared", b"v:ok:own"]
+    assert (await first).value == b"v:slowok:shared"
+    assert bad_origin.loads("slowok:shared") == 1  # b waited for a's load
+    assert bad_origin.loads("ok:own") == 1
+
+
+async def test_a_get_many_whose_caller_leaves_still_fills_what_it_loads(
+    gateway_factory: GatewayFactory, bad_origin: OriginProcess
+) -> None:
+    gw = await gateway_factory(toml(bad_origin.address, timeout=2.0))
+    keys = ["slowok:m1", "slowok:m2"]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.stub.GetMany(pb.GetManyRequest(keys=keys), timeout=0.2)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    got = await gw.stub.GetMany(pb.GetManyRequest(keys=keys), timeout=5)
+    assert [r.value for r in got.results] == [b"v:slowok:m1", b"v:slowok:m2"]
+    assert bad_origin.loads() == 1  # one Load of both, finished for the second caller
