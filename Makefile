@@ -11,7 +11,7 @@ NATIVE_SRC := $(wildcard native/cachegw_native/*.pyx native/cachegw_native/*.pxd
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test setup redis promtool h2load lint typecheck pytest bench chaos protos clean
+.PHONY: run test setup redis postgres promtool h2load lint typecheck pytest bench chaos protos clean
 
 # --embedded-redis: with no Redis URL (ARGS, $CACHEGW_REDIS_URL, a config file), a private
 # redis-server; cachegw serve refuses to start without a URL unless asked for one.
@@ -20,7 +20,7 @@ run: setup
 
 test: setup promtool lint typecheck pytest
 
-setup: $(VENV)/.deps redis $(VENV)/.native
+setup: $(VENV)/.deps redis postgres $(VENV)/.native
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,7 @@ $(VENV)/bin/python:
 $(VENV)/.deps: $(VENV)/bin/python requirements-dev.txt pyproject.toml clients/python/pyproject.toml
 	$(PIP) install --upgrade pip
 	$(PIP) install -r requirements-dev.txt
-	$(PIP) install -e 'clients/python[top,tracing]'
+	$(PIP) install -e 'clients/python[top,tracing,postgres]'
 	touch $@
 
 # The Cython build: an editable install compiles native/ in place.
@@ -47,6 +47,22 @@ redis:
 	  else \
 	    echo "redis-server not found. Install it (Debian/Ubuntu: sudo apt-get install redis-server;" \
 	         "macOS: brew install redis) or put it on PATH, then run make again." >&2; exit 1; \
+	  fi; }
+
+# PostgreSQL binaries (initdb, postgres) for the origin tests and benchmarks, which run a
+# throwaway cluster on a free loopback port (tests/pg.py); Debian keeps them in
+# /usr/lib/postgresql/<version>/bin, off PATH, which is where the tests look too (on a
+# host with systemd Debian also enables its own service, as it does redis-server's).
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "PostgreSQL not found: installing Debian's postgresql"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends postgresql >/dev/null; \
+	  else \
+	    echo "PostgreSQL (initdb, postgres) not found. Install it (Debian/Ubuntu: sudo apt-get" \
+	         "install postgresql; macOS: brew install postgresql) or put its bin folder on PATH," \
+	         "then run make again." >&2; exit 1; \
 	  fi; }
 
 # promtool checks docs/ops/prometheus-alerts.yml in the tests; Debian ships it in the

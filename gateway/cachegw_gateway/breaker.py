@@ -35,6 +35,10 @@ On a Redis Cluster each primary has a breaker of its own (`NodeBreakers`): a dea
 primary's calls fail fast while the other nodes' keys are served as usual. A call is
 admitted when every node it touches admits it; it counts for its node when it touched
 one (a call spread over nodes is split by node first, see l2_cluster.py).
+
+The same machine guards each origin (origin.py): `Breaker` takes what it protects as
+parameters (its name in the log, which failures count, the error a refused call raises,
+the gauges it keeps); the defaults are Redis's.
 """
 
 from __future__ import annotations
@@ -42,10 +46,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from cachegw_gateway.config import BreakerConfig
 from cachegw_gateway.redis_errors import CONNECTION, PROTOCOL, TIMEOUT, L2Unavailable
-from cachegw_gateway.stats import GatewayStats
 
 log = logging.getLogger("cachegw.redis")
 
@@ -62,9 +66,9 @@ BREAKER = "breaker"  # the `kind` of a refused call
 _BUCKETS = 10  # the failure-rate window is kept as this many slices
 
 
-def counts(err: L2Unavailable) -> bool:
+def counts(err: Exception) -> bool:
     """Whether `err` says Redis is unreachable or unhealthy (opens the breaker)."""
-    return err.kind in COUNTED_KINDS
+    return isinstance(err, L2Unavailable) and err.kind in COUNTED_KINDS
 
 
 class BreakerOpen(L2Unavailable):
@@ -80,6 +84,30 @@ class Group:
 
     def changed(self, breaker: Breaker) -> None:
         raise NotImplementedError
+
+
+class BreakerGauges(Protocol):
+    """Where a breaker keeps its figures (GatewayStats for Redis's)."""
+
+    breaker_state: int
+    breaker_trips: int
+    breaker_refused: int
+
+
+def redis_refusal(when: str, reason: str, node: str = "") -> str:
+    whose = f"circuit breaker for redis node {node}" if node else "circuit breaker"
+    return (
+        f"redis (L2) is unavailable: the gateway's {whose} is open, so this call "
+        f"was not sent to redis and not applied (an Invalidate of prefixes, tags or "
+        f"classes may have applied its first steps: repeat it); retry later: {when}. "
+        f"It opened after {reason}"
+    )
+
+
+class NodeGauges(BreakerGauges, Protocol):
+    """A Cluster store's figures: the gauges, and the nodes whose breaker is not closed."""
+
+    breaker_nodes: dict[str, int]
 
 
 class _Window:
@@ -115,15 +143,24 @@ class _Window:
 
 
 class Breaker:
-    """One per `RedisStore` (or per Cluster node: `NodeBreakers`); single-threaded (the
-    gateway's event loop). `node` names the Cluster node it guards ("" for a store)."""
+    """One per `RedisStore` (per Cluster node: `NodeBreakers`; and one per origin
+    client); single-threaded (the gateway's event loop). `subject` names what it guards
+    in log lines, `counting` says which failures count, `refuse(message)` is what a
+    refused call raises, and `refusal(when, reason)` its message. `node` names the Cluster
+    node it guards ("" otherwise); `group` is where it reports its state, instead of the
+    `breaker_state` gauge."""
 
     def __init__(
         self,
         config: BreakerConfig,
-        stats: GatewayStats,
+        stats: BreakerGauges,
         *,
         clock: Callable[[], float] = time.monotonic,
+        subject: str = "redis",
+        counting: Callable[[Exception], bool] = counts,
+        refuse: Callable[[str], Exception] = BreakerOpen,
+        refusal: Callable[[str, str], str] = redis_refusal,
+        logger: logging.Logger = log,
         node: str = "",
         group: Group | None = None,
     ) -> None:
@@ -132,6 +169,11 @@ class Breaker:
         self._stats = stats
         self._group = group
         self._clock = clock
+        self._subject = subject
+        self._counts = counting
+        self._refuse = refuse
+        self._refusal_text = refusal
+        self._log = logger
         self._state = CLOSED
         self._epoch = 0  # bumped on every change of state: see `admit`
         self._consecutive = 0
@@ -163,14 +205,14 @@ class Breaker:
             self._probing = True
             return self._epoch
         self._stats.breaker_refused += 1
-        raise BreakerOpen(self._refusal())
+        raise self._refuse(self._refusal())
 
-    def done(self, ticket: int, err: L2Unavailable | None) -> None:
+    def done(self, ticket: int, err: Exception | None) -> None:
         """A call admitted with `ticket` ended: answered (`err` None, or an error reply
         that does not count) or failed with `err`."""
         if ticket != self._epoch:
             return  # admitted before the last change of state: see the docstring
-        failed = err is not None and counts(err)
+        failed = err is not None and self._counts(err)
         if self._state == HALF_OPEN:
             self._probing = False
             if failed:
@@ -210,11 +252,11 @@ class Breaker:
             return self._clock() >= self._open_until
         return self._state == HALF_OPEN and not self._probing
 
-    def probed(self, err: L2Unavailable | None) -> None:
+    def probed(self, err: Exception | None) -> None:
         """The health probe's outcome, taken when `probe_due()` held before it was sent."""
         if self._state == CLOSED:
             return
-        if err is not None and counts(err):
+        if err is not None and self._counts(err):
             self._trip(f"the health probe failed: {err}")
         else:
             self._close("the health probe was answered")
@@ -237,13 +279,7 @@ class Breaker:
             if self._state == HALF_OPEN
             else f"a probe goes through in {left:.1f}s"
         )
-        whose = f"circuit breaker for redis node {self.node}" if self.node else "circuit breaker"
-        return (
-            f"redis (L2) is unavailable: the gateway's {whose} is open, so this call "
-            f"was not sent to redis and not applied (an Invalidate of prefixes, tags or "
-            f"classes may have applied its first steps: repeat it); retry later: {when}. "
-            f"It opened after {self.reason}"
-        )
+        return self._refusal_text(when, self.reason)
 
     def _move(self, state: int, why: str) -> None:
         before = self.state_name
@@ -254,10 +290,10 @@ class Breaker:
         else:
             self._group.changed(self)
         level = logging.WARNING if state == OPEN else logging.INFO
-        log.log(
+        self._log.log(
             level,
-            "redis circuit breaker%s %s -> %s: %s",
-            f" for node {self.node}" if self.node else "",
+            "%s circuit breaker %s -> %s: %s",
+            self._subject,
             before,
             self.state_name,
             why,
@@ -300,7 +336,7 @@ class NodeBreakers(Group):
     def __init__(
         self,
         config: BreakerConfig,
-        stats: GatewayStats,
+        stats: NodeGauges,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -315,7 +351,13 @@ class NodeBreakers(Group):
         breaker = self._nodes.get(node)
         if breaker is None:
             breaker = self._nodes[node] = Breaker(
-                self.config, self._stats, clock=self._clock, node=node, group=self
+                self.config,
+                self._stats,
+                clock=self._clock,
+                node=node,
+                group=self,
+                subject=f"redis node {node}",
+                refusal=lambda when, reason: redis_refusal(when, reason, node),
             )
         return breaker
 

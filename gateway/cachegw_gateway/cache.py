@@ -11,6 +11,9 @@ each live in a module of their own.
     warmup.py        Warmup and the recorded hot keys
     freshness.py     judging a stored entry, and the answers built from it
     l2.py            every Redis command
+    readthrough.py   misses of read-through classes, loaded from their origin
+    writethrough.py  Sets of write-through classes, stored in their origin first
+    origin.py        every origin call
 
 A Get's key crosses each once: servicer → L1Tier.answer → ReadPath.fetch → (Leases) →
 RedisStore. Writes run shielded from the caller's cancellation: once a write was sent
@@ -36,11 +39,14 @@ from cachegw_gateway.l1tier import L1Tier
 from cachegw_gateway.l2 import L2Entry, L2Unavailable, RedisStore
 from cachegw_gateway.lastknown import LastKnown
 from cachegw_gateway.leases import Leases, LeaseTable, LeaseToken
+from cachegw_gateway.origin import Origins
 from cachegw_gateway.policy import KeyClass, PolicyTable
 from cachegw_gateway.ratelimit import Decision, RateLimit, RateLimiter
 from cachegw_gateway.reads import ReadPath
+from cachegw_gateway.readthrough import ReadThrough
 from cachegw_gateway.warmup import Warmup
 from cachegw_gateway.writes import SetItem, WriteOutcome, WritePath
+from cachegw_gateway.writethrough import WriteThrough
 from cachegw_native.coalescer import Coalescer
 from cachegw_native.hotkeys import HotKeys
 from cachegw_native.l1 import L1Cache
@@ -61,6 +67,9 @@ class Cache:
         origin: str = "",
         invalidation: InvalidationConfig | None = None,
         last_known: LastKnown | None = None,
+        origins: Origins | None = None,
+        max_ttl_ms: int = 30 * 86_400_000,
+        max_key_bytes: int = 512,
         clock: Callable[[], float] = time.monotonic,
         wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         rand: Callable[[], float] = random.random,
@@ -103,6 +112,21 @@ class Cache:
             invalidation=config,
             wall_clock_ms=wall_clock_ms,
         )
+        self._origins = origins
+        self._write_through: WriteThrough | None = None
+        if origins:
+            reads.through = ReadThrough(
+                self._leases,
+                self._writes,
+                origins,
+                stats,
+                max_ttl_ms=max_ttl_ms,
+                max_key_bytes=max_key_bytes,
+                shield=self._shielded,
+                clock=clock,
+                wall_clock_ms=wall_clock_ms,
+            )
+            self._write_through = WriteThrough(self._writes, origins, stats)
         self._invalidation = Invalidation(
             store, self._tier, policy, stats, gens, self._leases, origin=origin, invalidation=config
         )
@@ -150,12 +174,17 @@ class Cache:
         return await asyncio.shield(task)
 
     async def drain(self, within: float = 5.0) -> None:
-        """Let the writes in flight finish (at stop, before Redis is closed)."""
+        """Let the writes and loads in flight finish (at stop, before Redis and the
+        origins are closed)."""
         pending = self._in_flight | self._leases.cleanups
         if pending:
             await asyncio.wait(pending, timeout=within)
+        if self._origins is not None:
+            await self._origins.close()
 
     def set(self, item: SetItem) -> Awaitable[WriteOutcome]:
+        if item.kc.write_through and self._write_through is not None:
+            return self._shielded(self._write_through.set(item))
         return self._shielded(self._writes.set(item))
 
     def set_many(self, items: Sequence[SetItem]) -> Awaitable[list[WriteOutcome | L2Unavailable]]:

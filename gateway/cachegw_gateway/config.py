@@ -73,6 +73,17 @@ class RedisConfig:
 
 
 @dataclass(frozen=True)
+class OriginConfig:
+    """How a gateway calls the origins its classes name (origin.py): ``[origin]``. Each
+    distinct address gets its own client with these settings: deadline, concurrency limit
+    and circuit breaker."""
+
+    timeout_seconds: float = 1.0  # per call; less when the caller's deadline is nearer
+    max_in_flight: int = 32  # calls in flight to one origin from one gateway
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)  # [origin.breaker]
+
+
+@dataclass(frozen=True)
 class L1Config:
     max_entries: int = 100_000
     max_bytes: int = 256 * 1024 * 1024
@@ -145,6 +156,12 @@ class KeyClassConfig:
     # long past its fresh life; 0 = off.
     stale_if_error_seconds: float = 0.0
     rate_limit: RateLimitConfig | None = None  # Allow's limit for keys of this class
+    # Where the data comes from (origin.proto): the origin's host:port, and who loads
+    # and stores through it.
+    origin: str = ""
+    read_policy: str = "cache-aside"  # | "read-through": the gateway loads misses
+    write_policy: str = "around"  # | "through": Set stores in the origin first
+    negative_ttl_seconds: float = 0.0  # read-through: NOT_FOUND is cached this long
 
 
 @dataclass(frozen=True)
@@ -164,6 +181,7 @@ class GatewayConfig:
     l1: L1Config = field(default_factory=L1Config)
     invalidation: InvalidationConfig = field(default_factory=InvalidationConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    origin: OriginConfig = field(default_factory=OriginConfig)
     classes: tuple[KeyClassConfig, ...] = ()
     default_class: KeyClassConfig = field(default_factory=lambda: KeyClassConfig("default"))
 
@@ -186,6 +204,8 @@ JITTER_MODES = ("random", "deterministic")
 INVALIDATION_MODES = ("events", "ttl")
 TRACE_EXPORTERS = ("none", "console", "otlp")
 LOG_FORMATS = ("text", "json")
+READ_POLICIES = ("cache-aside", "read-through")
+WRITE_POLICIES = ("around", "through")
 DEFAULT_CLASS_NAME = "default"
 
 # Tables that take plain keys, and the keys of each (the default class has no name/patterns).
@@ -197,6 +217,8 @@ _TABLES: dict[str, type[Any]] = {
     "telemetry": TelemetryConfig,
     "default_class": KeyClassConfig,
     "redis.breaker": BreakerConfig,  # a table inside a table: [redis.breaker]
+    "origin": OriginConfig,
+    "origin.breaker": BreakerConfig,
 }
 _FIXED = {"default_class": ("name", "patterns")}
 _TOP_LEVEL = (*(t for t in _TABLES if "." not in t), "classes")
@@ -451,6 +473,13 @@ def _check_listen(where: str, listen: str) -> None:
         raise ConfigError(f"{where}: the host must not contain spaces (got {listen!r})")
 
 
+def _check_address(where: str, address: str, whose: str) -> None:
+    """host:port of a server to call: as a listen address, but port 0 means nothing."""
+    _check_listen(where, address)
+    if int(address.rpartition(":")[2]) == 0:
+        raise ConfigError(f"{where} must name {whose} port, 1..65535 (got {address!r})")
+
+
 def _check_class(where: Callable[[str], str], kc: KeyClassConfig, max_ttl: float) -> None:
     if not _CLASS_NAME.fullmatch(kc.name):
         raise ConfigError(
@@ -504,6 +533,49 @@ def _check_class(where: Callable[[str], str], kc: KeyClassConfig, max_ttl: float
         )
     if kc.rate_limit is not None:
         _check_rate_limit(lambda key: where(f"rate_limit.{key}"), kc.rate_limit)
+    _check_origin_policy(where, kc, max_ttl)
+
+
+def _check_origin_policy(where: Callable[[str], str], kc: KeyClassConfig, max_ttl: float) -> None:
+    if kc.read_policy not in READ_POLICIES:
+        raise ConfigError(
+            f"{where('read_policy')} must be 'cache-aside' (callers load misses) or "
+            f"'read-through' (the gateway loads them from `origin`) (got {kc.read_policy!r})"
+        )
+    if kc.write_policy not in WRITE_POLICIES:
+        raise ConfigError(
+            f"{where('write_policy')} must be 'around' (Set writes the cache only) or "
+            f"'through' (Set stores in `origin` first) (got {kc.write_policy!r})"
+        )
+    if kc.origin:
+        _check_address(where("origin"), kc.origin, "an origin's")
+    uses = [f"read_policy = {kc.read_policy!r}"] if kc.read_policy == "read-through" else []
+    if kc.write_policy == "through":
+        uses.append(f"write_policy = {kc.write_policy!r}")
+    if uses and not kc.origin:
+        raise ConfigError(
+            f"{where('origin')} is required with {' and '.join(uses)}: the host:port of the "
+            "service implementing cachegw.v1.Origin (protos/cachegw/v1/origin.proto), "
+            'e.g. origin = "127.0.0.1:7000"'
+        )
+    if kc.write_policy == "through" and kc.read_policy != "read-through":
+        raise ConfigError(
+            f"{where('write_policy')} 'through' needs read_policy = 'read-through': the "
+            "cache orders write-through writes by the origin's versions, and values that "
+            "callers fill themselves (cache-aside) carry none, so a fill could hide a newer "
+            "write"
+        )
+    if not 0 <= kc.negative_ttl_seconds <= max_ttl:
+        raise ConfigError(
+            f"{where('negative_ttl_seconds')} must be in [0, server.max_ttl_seconds], "
+            f"0 = off (got {_num(kc.negative_ttl_seconds)})"
+        )
+    if kc.negative_ttl_seconds and kc.read_policy != "read-through":
+        raise ConfigError(
+            f"{where('negative_ttl_seconds')} needs read_policy = 'read-through': only a "
+            "gateway that loads from the origin learns that a key does not exist "
+            f"(got {_num(kc.negative_ttl_seconds)})"
+        )
 
 
 def _check_rate_limit(where: Callable[[str], str], rl: RateLimitConfig) -> None:
@@ -588,7 +660,14 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
         address_map.check(c.redis.address_map)
     except ValueError as exc:
         raise ConfigError(f"{w('redis.address_map')}{exc}") from None
-    _check_breaker(w, c.redis.breaker)
+    _check_breaker(w, c.redis.breaker, "redis.breaker.")
+    _positive(w("origin.timeout_seconds"), c.origin.timeout_seconds)
+    if c.origin.timeout_seconds > 3600:
+        raise ConfigError(
+            f"{w('origin.timeout_seconds')} must be <= 3600 (got {_num(c.origin.timeout_seconds)})"
+        )
+    _positive(w("origin.max_in_flight"), c.origin.max_in_flight)
+    _check_breaker(w, c.origin.breaker, "origin.breaker.")
 
     for key in ("stream_max_len", "subscriber_queue"):
         _positive(w(f"invalidation.{key}"), getattr(c.invalidation, key))
@@ -624,8 +703,7 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
     _check_class(lambda key: w(f"default_class.{key}"), c.default_class, c.server.max_ttl_seconds)
 
 
-def _check_breaker(w: Callable[[str], str], b: BreakerConfig) -> None:
-    at = "redis.breaker."
+def _check_breaker(w: Callable[[str], str], b: BreakerConfig, at: str) -> None:
     if b.failures < 0:
         raise ConfigError(
             f"{w(at + 'failures')} must be >= 0, 0 = only the failure rate opens the breaker "
@@ -709,6 +787,13 @@ def config_warnings(c: GatewayConfig) -> list[str]:
     out = []
     named = [(f"classes[{i}] ({kc.name})", kc) for i, kc in enumerate(c.classes)]
     for at, kc in [*named, ("default_class", c.default_class)]:
+        if kc.read_policy == "read-through":
+            out += _read_through_warnings(at, kc, c.origin)
+        if kc.origin and kc.read_policy != "read-through" and kc.write_policy != "through":
+            out.append(
+                f"{at}: origin {kc.origin!r} is not used: read_policy is 'cache-aside' and "
+                "write_policy 'around'"
+            )
         if 0 < kc.max_wait_seconds <= kc.lease_timeout_seconds:
             out.append(
                 f"{at}: max_wait_seconds ({_num(kc.max_wait_seconds)}) is not above "
@@ -725,6 +810,23 @@ def config_warnings(c: GatewayConfig) -> list[str]:
         out.append("telemetry.sample_ratio has no effect: telemetry.exporter is 'none'")
     if t.exporter != "none" and t.sample_ratio == 0:
         out.append("telemetry.sample_ratio is 0: only calls whose caller sampled them are traced")
+    return out
+
+
+def _read_through_warnings(at: str, kc: KeyClassConfig, origin: OriginConfig) -> list[str]:
+    out = []
+    if origin.timeout_seconds >= kc.lease_timeout_seconds:
+        out.append(
+            f"{at}: origin.timeout_seconds ({_num(origin.timeout_seconds)}) is not below "
+            f"lease_timeout_seconds ({_num(kc.lease_timeout_seconds)}): a slow Load can "
+            "outlive its lease, and a waiting caller then loads the key a second time"
+        )
+    if kc.early_refresh_beta or kc.stale_seconds:
+        out.append(
+            f"{at}: early_refresh_beta and stale_seconds do not refresh a read-through "
+            "class yet (the gateway hands no refresh lease to callers there): entries are "
+            "loaded again when they expire"
+        )
     return out
 
 
@@ -770,6 +872,10 @@ def load_config(
         l1=_make(L1Config, tables["l1"]),
         invalidation=_make(InvalidationConfig, tables["invalidation"]),
         telemetry=_make(TelemetryConfig, tables["telemetry"]),
+        origin=_make(
+            OriginConfig,
+            {**tables["origin"], "breaker": _make(BreakerConfig, tables["origin.breaker"])},
+        ),
         classes=tuple(_make(KeyClassConfig, values) for _, values in class_entries),
         default_class=_make(
             KeyClassConfig, {"name": DEFAULT_CLASS_NAME, **tables["default_class"]}

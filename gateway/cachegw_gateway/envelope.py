@@ -15,6 +15,14 @@ Layout (big-endian), 36 fixed header bytes, the tags, then the caller's value::
     36  T    tags, each a u16 length and that many bytes of UTF-8
     36+T ... value
 
+Format 3 is format 2 with one more header byte, flags, at offset 36 (the tags follow at
+37). It is written only for entries with a flag set, so every other entry stays format 2
+and readable by gateways that predate it (they read a format-3 entry as a miss, which is
+what it means to them). One flag so far:
+
+    NOT_FOUND (1)  a tombstone: the class's origin said the key does not exist (negative
+                   caching, origin.py); the value is empty, the version the origin's
+
 The marker and the entry version sit at fixed offsets in every format, present and
 future, so the Lua Set script can read the old version and write the new one without
 knowing the rest of the layout. A value whose marker or format version this gateway does
@@ -30,6 +38,8 @@ from dataclasses import dataclass
 
 MAGIC = 0xC6
 FORMAT_VERSION = 2
+FLAGGED_FORMAT = 3  # format 2 plus a flags byte (written only when a flag is set)
+NOT_FOUND = 1  # flag: a tombstone (the origin has no such key)
 VERSION_OFFSET = 2
 # Where the class generation sits (the Set script stamps the one Redis holds).
 GENERATION_OFFSET = 30
@@ -54,6 +64,12 @@ class Envelope:
     generation: int
     tags: tuple[str, ...]
     value: bytes
+    flags: int = 0
+
+    @property
+    def not_found(self) -> bool:
+        """A tombstone: the origin said the key does not exist."""
+        return bool(self.flags & NOT_FOUND)
 
 
 def _tags_section(tags: Sequence[str]) -> bytes:
@@ -76,11 +92,12 @@ def encode(
     soft_expiry_ms: int = 0,
     generation: int = 0,
     tags: Sequence[str] = (),
+    flags: int = 0,
 ) -> bytes:
     section = _tags_section(tags)
     header = _HEADER.pack(
         MAGIC,
-        FORMAT_VERSION,
+        FLAGGED_FORMAT if flags else FORMAT_VERSION,
         version,
         created_ms,
         min(cost_ms, 0xFFFFFFFF),
@@ -88,6 +105,8 @@ def encode(
         generation,
         len(section),
     )
+    if flags:
+        header += bytes([flags & 0xFF])
     return header + section + value
 
 
@@ -99,8 +118,10 @@ def encode_tail(
     soft_expiry_ms: int = 0,
     generation: int = 0,
     tags: Sequence[str] = (),
+    flags: int = 0,
 ) -> bytes:
-    """Everything after the entry version; the Set script prepends marker, format and version."""
+    """Everything after the entry version; the Set script prepends marker, format
+    (`format_of(flags)`) and version."""
     return encode(
         value,
         version=0,
@@ -109,7 +130,12 @@ def encode_tail(
         soft_expiry_ms=soft_expiry_ms,
         generation=generation,
         tags=tags,
+        flags=flags,
     )[PREFIX_SIZE:]
+
+
+def format_of(flags: int) -> int:
+    return FLAGGED_FORMAT if flags else FORMAT_VERSION
 
 
 def decode(raw: bytes) -> Envelope:
@@ -120,17 +146,27 @@ def decode(raw: bytes) -> Envelope:
     )
     if magic != MAGIC:
         raise EnvelopeError(f"stored value has marker {magic:#04x}, not a cachegw envelope")
-    if fmt != FORMAT_VERSION:
+    flags = 0
+    start = HEADER_SIZE
+    if fmt == FLAGGED_FORMAT:
+        if len(raw) <= HEADER_SIZE:
+            raise EnvelopeError("stored envelope of format 3 has no flags byte")
+        flags = raw[HEADER_SIZE]
+        start += 1
+    elif fmt != FORMAT_VERSION:
         raise EnvelopeError(
-            f"stored envelope has format {fmt}; this gateway reads {FORMAT_VERSION}"
+            f"stored envelope has format {fmt}; this gateway reads {FORMAT_VERSION} "
+            f"and {FLAGGED_FORMAT}"
         )
-    end = HEADER_SIZE + tags_len
+    end = start + tags_len
     if len(raw) < end:
         raise EnvelopeError("stored envelope is shorter than its tags section")
     tags: tuple[str, ...] = ()
     if tags_len:
-        tags = _decode_tags(raw, HEADER_SIZE, end)
-    return Envelope(version, created_ms, cost_ms, soft_expiry_ms, generation, tags, raw[end:])
+        tags = _decode_tags(raw, start, end)
+    return Envelope(
+        version, created_ms, cost_ms, soft_expiry_ms, generation, tags, raw[end:], flags
+    )
 
 
 def _decode_tags(raw: bytes, pos: int, end: int) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway import envelope, wire
 from cachegw_gateway.l2 import L2Entry
 from cachegw_gateway.policy import KeyClass
+from cachegw_gateway.stats import ClassCounters
 
 FRESH, STALE, DEAD = 0, 1, 2
 
@@ -46,7 +47,8 @@ class Generations:
 
 
 def judge(entry: L2Entry, kc: KeyClass, generation: int) -> tuple[int, int]:
-    """(FRESH | STALE | DEAD, fresh milliseconds left) of a stored entry."""
+    """(FRESH | STALE | DEAD, fresh milliseconds left) of a stored entry. A tombstone
+    (a cached NOT_FOUND) is never STALE: past its negative TTL it is dead."""
     if entry.envelope.generation != generation:
         return DEAD, 0
     if entry.pttl_ms < 0:  # no expiry: not written by a gateway; served, never copied
@@ -54,7 +56,15 @@ def judge(entry: L2Entry, kc: KeyClass, generation: int) -> tuple[int, int]:
     fresh_left = entry.pttl_ms - kc.stale_ms
     if fresh_left > 0:
         return FRESH, fresh_left
-    return (STALE if kc.stale_ms > 0 else DEAD), 0
+    return (STALE if kc.stale_ms > 0 and not entry.envelope.flags else DEAD), 0
+
+
+def count_found(counters: ClassCounters, entry: L2Entry) -> None:
+    """Count a FRESH entry answered from Redis: a hit, or a cached NOT_FOUND."""
+    if entry.envelope.not_found:
+        counters.not_found += 1
+    else:
+        counters.hits_l2 += 1
 
 
 def xfetch(
@@ -81,9 +91,19 @@ def l1_horizon_ms(env: envelope.Envelope, kc: KeyClass, fresh_left_ms: int) -> f
 
 
 def hit(kc: KeyClass, entry: L2Entry, fresh_left_ms: int) -> bytes:
+    """The answer for a FRESH entry: HIT, or NOT_FOUND for a tombstone."""
     env = entry.envelope
+    if env.not_found:
+        return not_found(kc, env.version, fresh_left_ms, pb.TIER_L2)
     body = wire.hit_body(env.value, env.version, kc.name, env.tags)
     return body + wire.TIER_L2 + wire.ttl_field(fresh_left_ms)
+
+
+def not_found(kc: KeyClass, version: int, ttl_ms: int, tier: pb.Tier.ValueType) -> bytes:
+    """The origin has no such key: just now (tier ORIGIN) or as cached (tier L2)."""
+    return wire.answer(
+        pb.STATUS_NOT_FOUND, key_class=kc.name, tier=tier, version=version, ttl_ms=ttl_ms
+    )
 
 
 def with_status(

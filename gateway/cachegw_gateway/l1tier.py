@@ -173,8 +173,8 @@ class L1Tier:
     ) -> None:
         """Copy an entry into L1 for at most min(class L1 TTL, its fresh life left, the
         time before XFetch may pick a refresher), counted from `since`."""
-        if not self._fills_allowed or fresh_left_ms <= 0:
-            return
+        if not self._fills_allowed or fresh_left_ms <= 0 or env.flags:
+            return  # a tombstone (cached NOT_FOUND) lives in Redis only
         groups = (class_group(kc.name), *(tag_group(t) for t in env.tags))
         if kc.stale_if_error_ms and self._last_known is not None:
             counters = self._stats.for_class(kc.name)

@@ -109,13 +109,18 @@ _INDEX_IN_SET = _INDEX_STEP.format(
 # write), ARGV[5] fills channel, ARGV[6] the cache key, ARGV[7] the lease's class
 # generation, ARGV[8] event ('' = none), ARGV[9] events channel, ARGV[10] stream MAXLEN,
 # ARGV[11] expiry (ms since the epoch; the tag index score), ARGV[12] now (ms), ARGV[13]
-# condition ('' = none, 'absent', 'present'). Returns {outcome, version, replaced,
-# generation, event id}: outcome 1 stored, 0 version conflict, -1 lease invalid, 2
-# condition failed. A fill whose lease predates Invalidate(class) is
-# refused and ends the lease. A write ends any lease on the key (the holder's load may
-# predate it) and wakes the gateways waiting for that lease. A plain write is stamped
-# with the generation Redis holds; the event goes out only when a value was replaced
-# (only then can another gateway hold a copy).
+# condition ('' = none, 'absent', 'present'), ARGV[14] the origin's version of the value
+# ('' = none: the entry version is the stored one + 1), ARGV[15] the envelope's format
+# byte. Returns {outcome, version, replaced, generation, event id}: outcome 1 stored, 0
+# version conflict, -1 lease invalid, 2 condition failed, 3 superseded: a live value of
+# a newer origin version is stored (a write or load through the origin that another one
+# overtook; the cache never goes back to an older state of the origin; a lease given
+# with it ends, since the newer value answers its waiters). Equal versions store (the
+# same state of the origin: a reload renews the TTL). A fill whose lease predates
+# Invalidate(class) is refused and ends the lease. A write ends any lease on the key
+# (the holder's load may predate it) and wakes the gateways waiting for that lease. A
+# plain write is stamped with the generation Redis holds; the event goes out only when a
+# value was replaced (only then can another gateway hold a copy).
 _SET_SCRIPT_TEMPLATE = f"""
 {_PUBLISH_FN}
 local lease = redis.call('GET', KEYS[2])
@@ -132,12 +137,13 @@ if ARGV[4] ~= '' then
 end
 local old = redis.call('GET', KEYS[1])
 {_VERSION_OF_OLD}
+-- A value of an older class generation is dead: absent for a condition, older than any
+-- origin version.
+local alive = old ~= false
+if alive and ver > 0 and string.len(old) >= {envelope.GENERATION_OFFSET + 4} then
+  alive = struct.unpack('>I4', old, {envelope.GENERATION_OFFSET + 1}) == gen
+end
 if ARGV[13] ~= '' then
-  -- A value of an older class generation is dead: absent for a condition.
-  local alive = old ~= false
-  if alive and ver > 0 and string.len(old) >= {envelope.GENERATION_OFFSET + 4} then
-    alive = struct.unpack('>I4', old, {envelope.GENERATION_OFFSET + 1}) == gen
-  end
   if (ARGV[13] == 'absent') == alive then
     return {{2, ver, 0, gen, ''}}
   end
@@ -145,11 +151,23 @@ end
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= ver then
   return {{0, ver, 0, gen, ''}}
 end
-ver = ver + 1
+if ARGV[14] ~= '' then
+  local want = tonumber(ARGV[14])
+  if alive and ver > want then
+    if ARGV[4] ~= '' then
+      redis.call('DEL', KEYS[2])
+      redis.call('PUBLISH', ARGV[5], ARGV[6])
+    end
+    return {{3, ver, 0, gen, ''}}
+  end
+  ver = want
+else
+  ver = ver + 1
+end
 local tail = string.sub(ARGV[1], 1, {_GEN_IN_TAIL}) .. struct.pack('>I4', gen)
   .. string.sub(ARGV[1], {_GEN_IN_TAIL + 5})
 redis.call('SET', KEYS[1],
-  string.char({envelope.MAGIC}, {envelope.FORMAT_VERSION}) .. struct.pack('>I8', ver) .. tail,
+  string.char({envelope.MAGIC}, tonumber(ARGV[15])) .. struct.pack('>I8', ver) .. tail,
   'PX', ARGV[2])
 for i = 5, #KEYS do
   {_INDEX_IN_SET}
@@ -269,6 +287,11 @@ class SetCall:
     event: bytes = b""
     max_events: int = 10_000
     condition: str = ""  # '', 'absent' or 'present'
+    # The origin's version of the value (read- and write-through): stored as the entry
+    # version, unless a live entry of a newer one is there (superseded). None = the
+    # stored version + 1.
+    origin_version: int | None = None
+    format: int = envelope.FORMAT_VERSION  # envelope.format_of(the tail's flags)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +303,7 @@ class SetResult:
     generation: int = 0  # the class generation Redis held when the write ran
     event_id: str = ""  # the invalidation event the write published, if any
     condition_failed: bool = False
+    superseded: bool = False  # a live entry of a newer origin version stays
 
     @classmethod
     def from_reply(cls, reply: Any) -> SetResult:
@@ -292,6 +316,7 @@ class SetResult:
             generation=int(generation),
             event_id=_text(event_id),
             condition_failed=outcome == 2,
+            superseded=outcome == 3,
         )
 
 
@@ -630,6 +655,8 @@ class RedisStore:
             call.expires_at_ms,
             now_ms,
             call.condition,
+            "" if call.origin_version is None else call.origin_version,
+            call.format,
         ]
         return keys, args
 

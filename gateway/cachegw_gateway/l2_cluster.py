@@ -78,9 +78,10 @@ from cachegw_gateway.stats import GatewayStats
 
 log = logging.getLogger(__name__)
 
-# The Set script with the generation given by the gateway (ARGV[14]) instead of read
-# from Redis, and without the tag indexes and the event (other slots: see above).
-_CLUSTER_SET_SCRIPT = _SET_SCRIPT_TEMPLATE.replace("GENERATION", "tonumber(ARGV[14])").replace(
+# The Set script with the generation given by the gateway (ARGV[16], after the Set
+# script's own 15) instead of read from Redis, and without the tag indexes and the event
+# (other slots: see above).
+_CLUSTER_SET_SCRIPT = _SET_SCRIPT_TEMPLATE.replace("GENERATION", "tonumber(ARGV[16])").replace(
     "PUBLISH_EVENT", ""
 )
 

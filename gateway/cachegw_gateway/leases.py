@@ -219,7 +219,7 @@ class Leases:
         # Releases of leases whose grant may have landed with nobody to use it.
         self.cleanups: set[asyncio.Task[None]] = set()
 
-    def _abandoned(self, key: str, token: LeaseToken) -> None:
+    def abandon(self, key: str, token: LeaseToken) -> None:
         """An attempt failed or was cancelled while in flight: Redis may have granted the
         lease anyway, to a token nobody holds, and everyone would wait for it until it
         expires. Release it (compare-and-delete: a no-op unless it was granted), in the
@@ -270,7 +270,7 @@ class Leases:
         try:
             return token, await self._store.acquire(key, token.raw, kc.lease_timeout_ms, unusable)
         except BaseException:
-            self._abandoned(key, token)
+            self.abandon(key, token)
             raise
         finally:
             self.table.end_attempt(key)
@@ -291,20 +291,62 @@ class Leases:
         Redis read. A holder that never fills loses its lease when it expires (or
         releases it), and the next attempt here or in another gateway takes it over. A
         wait ends WAIT_MARGIN before the caller's deadline, or at `max_wait`, with MISS."""
+        got = await self.contend(key, kc, unusable, max_wait_ms, deadline, allow_stale)
+        if isinstance(got, LeaseToken):
+            return freshness.leased(kc, got.raw)
+        if got is None:
+            self._stats.for_class(kc.name).misses += 1
+            return freshness.miss(kc)
+        return got
+
+    async def contend(
+        self,
+        key: str,
+        kc: KeyClass,
+        unusable: int | None,
+        max_wait_ms: int,
+        deadline: float | None,
+        allow_stale: bool,
+    ) -> bytes | LeaseToken | None:
+        """`obtain`'s protocol, for any loader: the lease (this caller loads: the
+        cache-aside caller, or the gateway itself for a read-through class), the answer
+        for the value another holder stored meanwhile, or None when the wait ran out."""
         started = self._clock()
         end = started + (max_wait_ms or kc.max_wait_ms) / 1000
         if deadline is not None:
             end = min(end, deadline - WAIT_MARGIN)
-        answer, outcome, waited = await self._loop(key, kc, unusable, end, allow_stale)
+        got, outcome, waited = await self._loop(key, kc, unusable, end, allow_stale)
         tracing.annotate(lease=outcome)
         if waited:
             tracing.annotate(lease_wait_ms=(self._clock() - started) * 1000)
-        return answer
+        return got
+
+    async def try_once(
+        self, key: str, kc: KeyClass, unusable: int | None, allow_stale: bool
+    ) -> bytes | LeaseToken | None:
+        """One lease attempt without waiting (a batch takes its leases this way before
+        it loads): the lease, the answer for a value stored meanwhile, or None when
+        another caller holds the lease (or an attempt at it is in flight here)."""
+        if self.busy(key):
+            return None
+        token, got = await self._attempt(key, kc, unusable)
+        if got.granted:
+            self.table.note_held(key, kc.lease_timeout_ms / 1000)
+            counters = self._stats.for_class(kc.name)
+            counters.misses += 1
+            counters.leases_granted += 1
+            return token
+        if got.entry is not None:
+            return self._usable(kc, got.entry, allow_stale)
+        if got.holder_pttl_ms:
+            self.table.note_held(key, got.holder_pttl_ms / 1000)
+        return None
 
     async def _loop(
         self, key: str, kc: KeyClass, unusable: int | None, end: float, allow_stale: bool
-    ) -> tuple[bytes, str, bool]:
-        """(answer, how the lease went, whether this caller waited)."""
+    ) -> tuple[bytes | LeaseToken | None, str, bool]:
+        """(the lease or an answer or None, how the lease went, whether this caller
+        waited)."""
         counters = self._stats.for_class(kc.name)
         waited = saw_holder = False
         while True:
@@ -317,7 +359,7 @@ class Leases:
                     if saw_holder:
                         counters.leases_taken_over += 1
                     outcome = "taken_over" if saw_holder else "granted"
-                    return freshness.leased(kc, token.raw), outcome, waited
+                    return token, outcome, waited
                 if got.entry is not None:
                     answer = self._usable(kc, got.entry, allow_stale)
                     if answer is not None:
@@ -337,9 +379,8 @@ class Leases:
                 held_until = self.table.held_until(key) or end
                 await self.table.wait(key, min(end, held_until) - now)
             if self._clock() >= end:
-                counters.misses += 1
                 counters.lease_wait_timeouts += 1
-                return freshness.miss(kc), "timed_out", waited
+                return None, "timed_out", waited
             entry = await self._read(key)
             if entry is not None:
                 answer = self._usable(kc, entry, allow_stale)
@@ -351,7 +392,7 @@ class Leases:
         """The answer for a value found while waiting: fresh, or stale when accepted."""
         verdict, fresh_left = freshness.judge(entry, kc, self._gens[kc.name])
         if verdict == FRESH:
-            self._stats.for_class(kc.name).hits_l2 += 1
+            freshness.count_found(self._stats.for_class(kc.name), entry)
             return freshness.hit(kc, entry, fresh_left)
         if verdict == STALE and allow_stale:
             self._stats.for_class(kc.name).stale += 1

@@ -61,6 +61,11 @@ class KeyClass:
     stale_ms: int = 0
     stale_if_error_ms: int = 0  # see l1tier.LastKnown
     rate_limit: RateLimit | None = None  # Allow's limit when a request names none
+    # The class's origin (host:port, "" = none) and how the gateway uses it (origin.py).
+    origin: str = ""
+    read_through: bool = False  # misses are loaded by the gateway, under the lease
+    write_through: bool = False  # Set stores in the origin first
+    negative_ttl_ms: int = 0  # read-through: how long a NOT_FOUND is cached; 0 = not
 
     @classmethod
     def from_config(cls, c: KeyClassConfig) -> KeyClass:
@@ -79,6 +84,10 @@ class KeyClass:
             stale_ms=round(c.stale_seconds * 1000),
             stale_if_error_ms=round(c.stale_if_error_seconds * 1000),
             rate_limit=None if c.rate_limit is None else RateLimit.from_config(c.rate_limit),
+            origin=c.origin,
+            read_through=c.read_policy == "read-through",
+            write_through=c.write_policy == "through",
+            negative_ttl_ms=round(c.negative_ttl_seconds * 1000),
         )
 
     def ttl_for_write(self, key: str, ttl_ms: int | None, now_ms: int) -> int:

@@ -19,7 +19,8 @@ from cachegw_gateway.freshness import FRESH, STALE, Generations
 from cachegw_gateway.l1tier import L1Tier
 from cachegw_gateway.l2 import L2Entry, L2Unavailable, RedisStore
 from cachegw_gateway.leases import Leases
-from cachegw_gateway.policy import PolicyTable
+from cachegw_gateway.policy import KeyClass, PolicyTable
+from cachegw_gateway.readthrough import Miss, ReadThrough
 from cachegw_gateway.stats import GatewayStats
 from cachegw_gateway.telemetry import tracing
 from cachegw_native.hotkeys import HotKeys
@@ -48,6 +49,8 @@ class ReadPath:
         self._clock = clock
         self._rand = rand
         self._leases = leases
+        # Loads misses of read-through classes (set once the write path exists).
+        self.through: ReadThrough | None = None
 
     async def fetch(
         self,
@@ -85,6 +88,8 @@ class ReadPath:
             self._hotkeys.add(key)
         kc = self._policy.classify(key)
         tracing.annotate(key_class=kc.name)
+        if kc.read_through and self.through is not None:
+            return await self._fetch_through(self.through, key, kc, allow_stale, deadline)
         if lease and not allow_stale and leases.busy(key):
             # Someone is filling it: join the waiters without a Redis read of our own.
             return await leases.obtain(key, kc, None, max_wait_ms, deadline, allow_stale)
@@ -97,7 +102,7 @@ class ReadPath:
             verdict, fresh_left = freshness.judge(entry, kc, self._gens[kc.name])
             env = entry.envelope
             if verdict == FRESH:
-                counters.hits_l2 += 1
+                freshness.count_found(counters, entry)
                 if (
                     lease
                     and kc.early_refresh_beta > 0
@@ -120,12 +125,42 @@ class ReadPath:
             return freshness.miss(kc)
         return await leases.obtain(key, kc, unusable, max_wait_ms, deadline, allow_stale)
 
+    async def _fetch_through(
+        self,
+        through: ReadThrough,
+        key: str,
+        kc: KeyClass,
+        allow_stale: bool,
+        deadline: float | None,
+    ) -> bytes:
+        """A read-through class: Redis, else the gateway loads it (readthrough.py). The
+        caller's `lease` does not matter: the gateway is the loader, and hands no lease
+        (nor an early refresh lease) to its callers."""
+        if not allow_stale and self._leases.busy(key):
+            # Being loaded (here or elsewhere): join the waiters without a read of our own.
+            return await through.one(Miss(key, kc, None), deadline, allow_stale)
+        entry = await self.read_one(key)
+        tracing.annotate(tier="miss" if entry is None else "l2")
+        answer = self._batch_answer(key, entry, allow_stale)
+        if answer is not None:
+            return answer
+        unusable = None if entry is None else entry.envelope.version
+        return await through.one(Miss(key, kc, unusable), deadline, allow_stale)
+
     async def complete_many(
-        self, keys: list[str], pieces: list[bytes], at: list[int], *, allow_stale: bool = False
+        self,
+        keys: list[str],
+        pieces: list[bytes],
+        at: list[int],
+        *,
+        allow_stale: bool = False,
+        time_remaining: float | None = None,
     ) -> bytes:
         """The encoded GetManyResponse, in key order, from the L1 part (`L1Tier.answer_many`:
-        its pieces and the positions L1 did not answer): one Redis round trip for those."""
+        its pieces and the positions L1 did not answer): one Redis round trip for those,
+        then one origin Load for the misses of read-through classes."""
         if at:
+            deadline = None if time_remaining is None else self._clock() + time_remaining
             missing = [keys[i] for i in at]
             try:
                 found = await self._tier.reads.run_many(missing, self.read_many)
@@ -135,25 +170,49 @@ class ReadPath:
                     raise
                 answers: list[bytes] = saved  # type: ignore[assignment]
             else:
-                answers = [
-                    self._batch_answer(key, entry, allow_stale)
-                    for key, entry in zip(missing, found, strict=True)
-                ]
+                answers = await self._answers(missing, found, allow_stale, deadline)
             for i, answer in zip(at, answers, strict=True):
                 pieces[5 * i] = wire.result(answer)
         return b"".join(pieces)
 
-    def _batch_answer(self, key: str, entry: L2Entry | None, allow_stale: bool) -> bytes:
+    async def _answers(
+        self,
+        keys: list[str],
+        found: list[L2Entry | None],
+        allow_stale: bool,
+        deadline: float | None,
+    ) -> list[bytes]:
+        out: list[bytes | None] = []
+        through: dict[str, tuple[int, Miss]] = {}  # a key asked twice is loaded once
+        for i, (key, entry) in enumerate(zip(keys, found, strict=True)):
+            answer = self._batch_answer(key, entry, allow_stale)
+            out.append(answer)
+            if answer is None and key not in through:
+                kc = self._policy.classify(key)
+                unusable = None if entry is None else entry.envelope.version
+                through[key] = (i, Miss(key, kc, unusable))
+        if through and self.through is not None:
+            misses = [m for _, m in through.values()]
+            loaded = await self.through.many(misses, deadline, allow_stale)
+            by_key = dict(zip(through, loaded, strict=True))
+            out = [by_key[k] if a is None else a for k, a in zip(keys, out, strict=True)]
+        return out  # type: ignore[return-value]
+
+    def _batch_answer(self, key: str, entry: L2Entry | None, allow_stale: bool) -> bytes | None:
+        """The answer for what Redis held; None for a miss of a read-through class (the
+        gateway loads it)."""
         kc = self._policy.classify(key)
         counters = self._stats.for_class(kc.name)
         if entry is not None:
             verdict, fresh_left = freshness.judge(entry, kc, self._gens[kc.name])
             if verdict == FRESH:
-                counters.hits_l2 += 1
+                freshness.count_found(counters, entry)
                 return freshness.hit(kc, entry, fresh_left)
             if verdict == STALE and allow_stale:
                 counters.stale += 1
                 return freshness.with_status(pb.STATUS_STALE, kc, entry, 0)
+        if kc.read_through and self.through is not None:
+            return None
         counters.misses += 1
         return freshness.miss(kc)
 

@@ -23,6 +23,7 @@ from cachegw_gateway.cache import Cache
 from cachegw_gateway.config import GatewayConfig, ServerConfig
 from cachegw_gateway.l2 import L2Unavailable, RedisStore
 from cachegw_gateway.lastknown import LastKnown
+from cachegw_gateway.origin import Origins
 from cachegw_gateway.policy import PolicyTable
 from cachegw_gateway.servicer import SERVICE_NAME, CacheServicer
 from cachegw_gateway.stats import GatewayStats
@@ -68,6 +69,11 @@ class GatewayServer:
         # Events carry this as their origin; the random part tells this process's own
         # events apart even when two gateways were given the same id.
         self.origin = f"{self.gateway_id}/{secrets.token_hex(3)}"
+        # One client per origin address the classes name (read- and write-through).
+        self.origins = Origins(
+            config.origin,
+            [kc.origin for kc in self.policy.classes if kc.read_through or kc.write_through],
+        )
         self.cache = Cache(
             self.store,
             self.l1,
@@ -76,6 +82,9 @@ class GatewayServer:
             origin=self.origin,
             invalidation=config.invalidation,
             last_known=self.last_known,
+            origins=self.origins,
+            max_ttl_ms=round(config.server.max_ttl_seconds * 1000),
+            max_key_bytes=config.server.max_key_bytes,
         )
         self.hub = SubscriberHub(self.origin, config.invalidation.subscriber_queue, self.stats)
         self.bus = EventBus(

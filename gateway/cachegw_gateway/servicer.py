@@ -22,6 +22,7 @@ from cachegw_gateway.counters import CounterOverflow, NotACounter
 from cachegw_gateway.events import StreamId
 from cachegw_gateway.l2 import L2Unavailable
 from cachegw_gateway.leases import LeaseToken
+from cachegw_gateway.origin import OriginError
 from cachegw_gateway.policy import KeyClass, PolicyTable
 from cachegw_gateway.ratelimit import RateLimit, resolve, to_proto
 from cachegw_gateway.redis_errors import FAILURES, L2OutOfMemory, classify
@@ -117,11 +118,14 @@ class CacheServicer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except L2Unavailable as exc:
             await context.abort(_status_of(exc), str(exc))
+        except OriginError as exc:
+            await context.abort(exc.code, str(exc))
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                "the call's deadline passed while waiting for redis (a write already sent "
-                "may or may not have been applied)",
+                "the call's deadline passed while waiting for redis or the key's origin (a "
+                "write already sent may or may not have been applied; a read-through load "
+                "goes on for the next caller)",
             )
         except FAILURES as exc:
             # A Redis failure that bypassed RedisStore (a bug there): still a status a
@@ -175,7 +179,13 @@ class CacheServicer:
             tracing.annotate(l1_hits=len(keys) - len(at))
         if not at:  # all from L1: no Redis, no coroutine, no timeout to arm
             return b"".join(pieces)
-        work = self._cache.complete_many(keys, pieces, at, allow_stale=request.allow_stale)
+        work = self._cache.complete_many(
+            keys,
+            pieces,
+            at,
+            allow_stale=request.allow_stale,
+            time_remaining=context.time_remaining(),
+        )
         return await self._guard(context, work)
 
     # -- writes --------------------------------------------------------------------------
@@ -189,6 +199,16 @@ class CacheServicer:
         if ttl_ms is not None:
             check_ttl_ms(ttl_ms, self._max_ttl_ms)
         return kc
+
+    @staticmethod
+    def _cache_only(kc: KeyClass, where: str, rpc: str) -> None:
+        """Batched writes do not go through origins yet: refused on write-through classes
+        rather than skip the origin."""
+        if kc.write_through:
+            raise InvalidRequest(
+                f"{where}: class {kc.name} is write-through, and {rpc} does not store in "
+                "origins yet; use Set for its keys"
+            )
 
     def _set_item(self, request: pb.SetRequest, where: str = "") -> SetItem:
         """A Set request checked against every rule (InvalidRequest names the field)."""
@@ -206,6 +226,17 @@ class CacheServicer:
         if condition is None:
             raise InvalidRequest(f"{where}condition {request.condition} is not a SetCondition")
         if_version = request.if_version if request.HasField("if_version") else None
+        if kc.write_through:
+            if token is not None:
+                raise InvalidRequest(
+                    f"{where}lease_token: class {kc.name} is read-through, the gateway fills "
+                    "it from its origin; Set without a lease_token to store through the origin"
+                )
+            if condition:
+                raise InvalidRequest(
+                    f"{where}condition: class {kc.name} is write-through; conditions are not "
+                    "passed to its origin: use if_version (0 = only if absent)"
+                )
         return SetItem(request.key, request.value, kc, ttl_ms, if_version, tags, token, condition)
 
     async def set(self, request: pb.SetRequest | BadMessage, context: Context) -> pb.SetResponse:
@@ -230,6 +261,8 @@ class CacheServicer:
                 )
             # Every entry is checked before any is written: bad input never half-applies.
             items = [self._set_item(e, f"entries[{i}].") for i, e in enumerate(request.entries)]
+            for i, item in enumerate(items):
+                self._cache_only(item.kc, f"entries[{i}].key", "SetMany")
         except InvalidRequest as exc:
             await self._invalid(context, exc)
         if not items:
@@ -385,6 +418,7 @@ class CacheServicer:
             for i, e in enumerate(entries):
                 ttl = e.ttl_ms if e.HasField("ttl_ms") else None
                 classes.append(self._checked_write(e.key, e.value, ttl, f"entries[{i}]."))
+                self._cache_only(classes[-1], f"entries[{i}].key", "Warmup")
         except InvalidRequest as exc:
             await self._invalid(context, exc)
         work = self._cache.warmup(

@@ -30,6 +30,13 @@ class ClassCounters:
     lease_fills: int = 0  # Sets with a valid lease token
     lease_fills_refused: int = 0  # Sets whose lease token was no longer valid
     refreshes: int = 0  # early refresh leases handed out (XFetch or stale window)
+    # The class's origin (read-through, write-through; origin.py).
+    origin_loads: int = 0  # keys loaded from the origin
+    origin_load_calls: int = 0  # Load calls made
+    origin_not_found: int = 0  # keys the origin said do not exist
+    not_found: int = 0  # NOT_FOUND answers (from the origin or a cached NOT_FOUND)
+    origin_stores: int = 0  # entries the origin stored (write-through)
+    origin_errors: int = 0  # origin calls that failed (any status)
 
     @property
     def reads(self) -> int:

@@ -32,6 +32,7 @@ class WriteOutcome:
     key_class: str
     lease_invalid: bool = False
     condition_failed: bool = False
+    superseded: bool = False  # a live entry of a newer origin version stays
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,11 @@ class SetItem:
     tags: Sequence[str] = ()
     lease_token: LeaseToken | None = None
     condition: str = ""  # '', 'absent' or 'present'
+    # Through the origin (read- and write-through): the origin's version, stored unless a
+    # live newer one is there; None = the stored version + 1. Flags: envelope.NOT_FOUND
+    # for a tombstone.
+    origin_version: int | None = None
+    flags: int = 0
 
 
 @dataclass(slots=True)
@@ -126,6 +132,7 @@ class WritePath:
             soft_expiry_ms=now_ms + fresh_ttl,
             generation=gen,
             tags=item.tags,
+            flags=item.flags,
         )
         call = SetCall(
             item.key,
@@ -140,6 +147,8 @@ class WritePath:
             event=self.event([item.key]) if kc.events else b"",
             max_events=self._events.stream_max_len,
             condition=item.condition,
+            origin_version=item.origin_version,
+            format=envelope.format_of(item.flags),
         )
         self._tier.detach(item.key)
         return _Pending(item, call, self._tier.ticket([item.key]), now_ms, fresh_ttl, cost)
@@ -161,6 +170,8 @@ class WritePath:
             return WriteOutcome(False, 0, fresh_ttl, kc.name, lease_invalid=True)
         if result.condition_failed:
             return WriteOutcome(False, result.version, fresh_ttl, kc.name, condition_failed=True)
+        if result.superseded:
+            return WriteOutcome(False, result.version, fresh_ttl, kc.name, superseded=True)
         if not result.stored:
             return WriteOutcome(False, result.version, fresh_ttl, kc.name)
         counters.sets += 1
@@ -177,6 +188,7 @@ class WritePath:
                 result.generation,
                 tuple(item.tags),
                 item.value,
+                item.flags,
             )
             self._tier.fill(item.key, kc, env, fresh_ttl, pending.ticket.sent_at)
         return WriteOutcome(True, result.version, fresh_ttl, kc.name)

@@ -42,6 +42,12 @@ _CLASS_HELP = {
     "lease_fills_refused": "Sets whose lease token was no longer valid, per class.",
     "refreshes": "Early-refresh leases handed out (XFetch or stale window), per class.",
     "stale_if_error": "STALE answers from a last known copy while Redis failed, per class.",
+    "origin_loads": "Keys loaded from the class's origin (read-through), per class.",
+    "origin_load_calls": "Load calls made to the class's origin, per class.",
+    "origin_not_found": "Keys the class's origin said do not exist, per class.",
+    "not_found": "NOT_FOUND answers (from the origin or a cached NOT_FOUND), per class.",
+    "origin_stores": "Entries the class's origin stored (write-through), per class.",
+    "origin_errors": "Origin calls that failed (any status), per class.",
 }
 _GATEWAY_HELP = {
     "invalidations_published": "Invalidation events this gateway published.",

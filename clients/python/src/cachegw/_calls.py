@@ -314,6 +314,7 @@ _STATUS: Final = {
     pb.STATUS_MISS: Status.MISS,
     pb.STATUS_LEASED: Status.LEASED,
     pb.STATUS_STALE: Status.STALE,
+    pb.STATUS_NOT_FOUND: Status.NOT_FOUND,
 }
 _TIER: Final = {pb.TIER_L1: Tier.L1, pb.TIER_L2: Tier.L2, pb.TIER_ORIGIN: Tier.ORIGIN}
 _OUTCOME: Final = {

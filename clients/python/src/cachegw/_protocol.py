@@ -115,7 +115,8 @@ def get_or_load(
     if entry.status is Status.LEASED:
         return (yield from fill(near, key, loader, entry.lease_token, ttl, tag_list))
     # MISS: the wait for another holder's value ran out. Load here and store nothing:
-    # the holder's fill is the one the lease protects.
+    # the holder's fill is the one the lease protects. (NOT_FOUND, from a read-through
+    # class's origin, also leaves it to the loader, whose own answer stands.)
     return loaded((yield Load(loader)))
 
 

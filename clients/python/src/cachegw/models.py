@@ -31,6 +31,9 @@ class Status(enum.Enum):
     """The value is past its soft expiry, inside the class's stale window; or Redis
     cannot be reached and this is the gateway's last copy, within the class's
     stale_if_error_seconds past its freshness."""
+    NOT_FOUND = "NOT_FOUND"
+    """A read-through class only: the key's origin says the key does not exist (just now,
+    or within the class's negative_ttl_seconds). `value` is None, as for a miss."""
 
 
 class Tier(enum.Enum):

@@ -13,7 +13,9 @@ message naming the field and the limit, and never reaches Redis.
 
 Errors are gRPC status codes (docs/errors.md has the full table):
   INVALID_ARGUMENT    bad key, value, TTL or request shape
-  FAILED_PRECONDITION a request valid in itself that the gateway cannot apply now
+  FAILED_PRECONDITION a request valid in itself that the gateway cannot apply now;
+                      also a key's origin (read- or write-through) answered
+                      something unusable (the message names the origin and the rule)
   RESOURCE_EXHAUSTED  a limit on concurrency or size was reached, or Redis is out of
                       memory (OOM: it refuses writes; reads still work)
   UNAVAILABLE         Redis (L2) cannot serve the answer now: unreachable, or it
@@ -22,7 +24,10 @@ Errors are gRPC status codes (docs/errors.md has the full table):
                       later. A write (Set, Delete, Invalidate) whose reply was lost is
                       UNAVAILABLE too and may or may not have been applied
   DEADLINE_EXCEEDED   the caller's deadline passed (a write already sent may or may
-                      not have been applied)
+                      not have been applied), or a key's origin did not answer within
+                      origin.timeout_seconds
+A key's origin (cachegw.v1.Origin, origin.proto) that is unreachable or whose circuit
+breaker is open gives UNAVAILABLE, one at its concurrency limit RESOURCE_EXHAUSTED.
   UNIMPLEMENTED       the RPC belongs to a capability this gateway does not serve yet
 """
 
@@ -63,6 +68,12 @@ class _StatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Status.ValueTy
     answered while Redis cannot be reached, at most the class's
     stale_if_error_seconds past its fresh life.
     """
+    STATUS_NOT_FOUND: _Status.ValueType  # 5
+    """Read-through classes only: the key's origin says the key does not exist (just now,
+    or within the class's negative_ttl_seconds, which caches that answer). Not a cache
+    miss: loading it again would find nothing either. `version` is the origin's
+    version of the removal, if it keeps one.
+    """
 
 class Status(_Status, metaclass=_StatusEnumTypeWrapper):
     """What a read found."""
@@ -82,6 +93,12 @@ caller is refreshing it. Also (stale-if-error) the last copy this gateway read,
 answered while Redis cannot be reached, at most the class's
 stale_if_error_seconds past its fresh life.
 """
+STATUS_NOT_FOUND: Status.ValueType  # 5
+"""Read-through classes only: the key's origin says the key does not exist (just now,
+or within the class's negative_ttl_seconds, which caches that answer). Not a cache
+miss: loading it again would find nothing either. `version` is the origin's
+version of the removal, if it keeps one.
+"""
 Global___Status: _TypeAlias = Status  # noqa: Y015
 
 class _Tier:
@@ -96,7 +113,9 @@ class _TierEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Tier.ValueType],
     TIER_L2: _Tier.ValueType  # 2
     """Redis."""
     TIER_ORIGIN: _Tier.ValueType  # 3
-    """Nobody had it: the caller (or a lease holder) loads it from the source of truth."""
+    """Nobody had it: the caller (or a lease holder) loads it from the source of truth;
+    for a read-through class, the gateway loaded it from the key's origin for this call.
+    """
 
 class Tier(_Tier, metaclass=_TierEnumTypeWrapper):
     """Which tier answered."""
@@ -107,7 +126,9 @@ TIER_L1: Tier.ValueType  # 1
 TIER_L2: Tier.ValueType  # 2
 """Redis."""
 TIER_ORIGIN: Tier.ValueType  # 3
-"""Nobody had it: the caller (or a lease holder) loads it from the source of truth."""
+"""Nobody had it: the caller (or a lease holder) loads it from the source of truth;
+for a read-through class, the gateway loaded it from the key's origin for this call.
+"""
 Global___Tier: _TypeAlias = Tier  # noqa: Y015
 
 class _SetOutcome:
@@ -831,6 +852,12 @@ class ClassStats(_message.Message):
     LEASE_FILLS_REFUSED_FIELD_NUMBER: _builtins.int
     REFRESHES_FIELD_NUMBER: _builtins.int
     STALE_IF_ERROR_FIELD_NUMBER: _builtins.int
+    ORIGIN_LOADS_FIELD_NUMBER: _builtins.int
+    ORIGIN_LOAD_CALLS_FIELD_NUMBER: _builtins.int
+    ORIGIN_NOT_FOUND_FIELD_NUMBER: _builtins.int
+    NOT_FOUND_FIELD_NUMBER: _builtins.int
+    ORIGIN_STORES_FIELD_NUMBER: _builtins.int
+    ORIGIN_ERRORS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     hits_l1: _builtins.int
     hits_l2: _builtins.int
@@ -857,6 +884,18 @@ class ClassStats(_message.Message):
     """STALE answers given from the last known copy because Redis failed the read or the
     circuit breaker refused it (the class's stale_if_error_seconds).
     """
+    origin_loads: _builtins.int
+    """Read-through and write-through (the class's origin): keys loaded from the origin,
+    Load calls made, keys the origin said do not exist, NOT_FOUND answers given (from
+    the origin or a cached NOT_FOUND), entries stored in the origin, and origin calls
+    that failed (unreachable, timed out, refused by the origin's circuit breaker or
+    concurrency limit, or answered something unusable).
+    """
+    origin_load_calls: _builtins.int
+    origin_not_found: _builtins.int
+    not_found: _builtins.int
+    origin_stores: _builtins.int
+    origin_errors: _builtins.int
     def __init__(
         self,
         *,
@@ -876,10 +915,16 @@ class ClassStats(_message.Message):
         lease_fills_refused: _builtins.int = ...,
         refreshes: _builtins.int = ...,
         stale_if_error: _builtins.int = ...,
+        origin_loads: _builtins.int = ...,
+        origin_load_calls: _builtins.int = ...,
+        origin_not_found: _builtins.int = ...,
+        not_found: _builtins.int = ...,
+        origin_stores: _builtins.int = ...,
+        origin_errors: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletes", b"deletes", "hit_rate", b"hit_rate", "hits_l1", b"hits_l1", "hits_l2", b"hits_l2", "lease_fills", b"lease_fills", "lease_fills_refused", b"lease_fills_refused", "lease_wait_timeouts", b"lease_wait_timeouts", "lease_waits", b"lease_waits", "leases_granted", b"leases_granted", "leases_taken_over", b"leases_taken_over", "misses", b"misses", "name", b"name", "refreshes", b"refreshes", "sets", b"sets", "stale", b"stale", "stale_if_error", b"stale_if_error"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletes", b"deletes", "hit_rate", b"hit_rate", "hits_l1", b"hits_l1", "hits_l2", b"hits_l2", "lease_fills", b"lease_fills", "lease_fills_refused", b"lease_fills_refused", "lease_wait_timeouts", b"lease_wait_timeouts", "lease_waits", b"lease_waits", "leases_granted", b"leases_granted", "leases_taken_over", b"leases_taken_over", "misses", b"misses", "name", b"name", "not_found", b"not_found", "origin_errors", b"origin_errors", "origin_load_calls", b"origin_load_calls", "origin_loads", b"origin_loads", "origin_not_found", b"origin_not_found", "origin_stores", b"origin_stores", "refreshes", b"refreshes", "sets", b"sets", "stale", b"stale", "stale_if_error", b"stale_if_error"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

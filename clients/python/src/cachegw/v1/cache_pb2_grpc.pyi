@@ -13,7 +13,9 @@ message naming the field and the limit, and never reaches Redis.
 
 Errors are gRPC status codes (docs/errors.md has the full table):
   INVALID_ARGUMENT    bad key, value, TTL or request shape
-  FAILED_PRECONDITION a request valid in itself that the gateway cannot apply now
+  FAILED_PRECONDITION a request valid in itself that the gateway cannot apply now;
+                      also a key's origin (read- or write-through) answered
+                      something unusable (the message names the origin and the rule)
   RESOURCE_EXHAUSTED  a limit on concurrency or size was reached, or Redis is out of
                       memory (OOM: it refuses writes; reads still work)
   UNAVAILABLE         Redis (L2) cannot serve the answer now: unreachable, or it
@@ -22,7 +24,10 @@ Errors are gRPC status codes (docs/errors.md has the full table):
                       later. A write (Set, Delete, Invalidate) whose reply was lost is
                       UNAVAILABLE too and may or may not have been applied
   DEADLINE_EXCEEDED   the caller's deadline passed (a write already sent may or may
-                      not have been applied)
+                      not have been applied), or a key's origin did not answer within
+                      origin.timeout_seconds
+A key's origin (cachegw.v1.Origin, origin.proto) that is unreachable or whose circuit
+breaker is open gives UNAVAILABLE, one at its concurrency limit RESOURCE_EXHAUSTED.
   UNIMPLEMENTED       the RPC belongs to a capability this gateway does not serve yet
 """
 
