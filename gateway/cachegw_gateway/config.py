@@ -32,6 +32,9 @@ class ConfigError(ValueError):
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
     grace_seconds: float = 5.0
+    # On SIGTERM: report NOT_SERVING and keep serving this long, so that load balancers
+    # (health checks, Kubernetes readiness) stop sending calls before the port closes.
+    drain_delay_seconds: float = 0.0
     max_key_bytes: int = 512
     max_ttl_seconds: float = 30 * 86400.0
     max_batch_keys: int = 1000
@@ -622,6 +625,11 @@ def _under(prefix: str) -> Callable[[str], str]:
 def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
     w = s.where
     _check_listen(w("server.listen"), c.server.listen)
+    if not c.server.drain_delay_seconds >= 0:
+        raise ConfigError(
+            f"{w('server.drain_delay_seconds')} must be >= 0 "
+            f"(got {_num(c.server.drain_delay_seconds)})"
+        )
     if c.server.grace_seconds < 0:
         raise ConfigError(
             f"{w('server.grace_seconds')} must be >= 0 (got {_num(c.server.grace_seconds)})"

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gateway-id", help="name of this gateway in events and stats")
     p.add_argument("--grace", type=float, help="seconds to drain in-flight calls on stop")
+    p.add_argument(
+        "--drain-delay",
+        type=float,
+        help="seconds to keep serving after SIGTERM while NOT_SERVING (load balancers notice)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or json lines")
     p.add_argument(
@@ -78,6 +83,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "redis.address_map": args.redis_address_map,
         "server.gateway_id": args.gateway_id,
         "server.grace_seconds": args.grace,
+        "server.drain_delay_seconds": args.drain_delay,
         "telemetry.log_format": args.log_format,
         "telemetry.exporter": args.trace_exporter,
         "telemetry.otlp_endpoint": args.otlp_endpoint,
@@ -134,9 +140,15 @@ async def serve(
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     log.info(
-        "stopping: draining in-flight calls for up to %.1fs",
+        "stopping: NOT_SERVING; serving %.1fs more while load balancers notice, then ending "
+        "Subscribe streams and draining in-flight calls for up to %.1fs",
+        config.server.drain_delay_seconds,
         config.server.grace_seconds,
-        extra={"event": "stopping", "grace_seconds": config.server.grace_seconds},
+        extra={
+            "event": "stopping",
+            "drain_delay_seconds": config.server.drain_delay_seconds,
+            "grace_seconds": config.server.grace_seconds,
+        },
     )
     await server.stop()
     log.info("stopped", extra={"event": "stop"})

@@ -168,10 +168,18 @@ class GatewayServer:
     async def record_hot_keys(self) -> None:
         await self.cache.record_hot_keys()
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def stop(self, grace: float | None = None, drain_delay: float | None = None) -> None:
+        """Drain: NOT_SERVING (calls still served for `server.drain_delay_seconds`, while
+        load balancers notice), then Subscribe streams end with UNAVAILABLE (clients
+        subscribe again elsewhere), no new calls are accepted and calls in flight get up to
+        `grace` seconds; then the hot keys are recorded and everything closes."""
         if grace is None:
             grace = self.config.server.grace_seconds
         await self.health.enter_graceful_shutdown()
+        delay = self.config.server.drain_delay_seconds if drain_delay is None else drain_delay
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.hub.drain()
         await self._server.stop(grace)
         await self.cache.drain()
         for task in self._background:

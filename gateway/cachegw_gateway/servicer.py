@@ -26,7 +26,7 @@ from cachegw_gateway.origin import OriginError
 from cachegw_gateway.policy import KeyClass, PolicyTable
 from cachegw_gateway.ratelimit import RateLimit, resolve, to_proto
 from cachegw_gateway.redis_errors import FAILURES, L2OutOfMemory, classify
-from cachegw_gateway.subscriptions import SubscriberHub
+from cachegw_gateway.subscriptions import StreamEnded, SubscriberHub
 from cachegw_gateway.telemetry import tracing
 from cachegw_gateway.validation import (
     BadMessage,
@@ -365,6 +365,11 @@ class CacheServicer:
                     raise InvalidRequest(f"since: {exc}") from None
         except InvalidRequest as exc:
             await self._invalid(context, exc)
+        if self._hub.draining:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the gateway is shutting down: subscribe to another gateway",
+            )
         wanted = events.EventFilter(prefixes, classes, lambda key: self._policy.classify(key).name)
         # Open the live queue first: whatever is published from now on is caught there,
         # and whatever the replay below also returned is skipped by id.
@@ -391,12 +396,20 @@ class CacheServicer:
                     if chosen is not None:
                         yield chosen
             while True:
-                event = await queue.get()
+                try:
+                    event = await queue.get()
+                except StreamEnded:
+                    break
                 if event.id and last is not None and events.parse_id(event.id) <= last:
                     continue
                 yield event
         finally:
             self._hub.close(queue)
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            "the gateway is shutting down: subscribe again, with since = the last event id "
+            "you applied (the cachegw clients resume by themselves)",
+        )
 
     # -- warm-up ---------------------------------------------------------------------------
 

@@ -4,6 +4,10 @@ A slow subscriber must not stall the gateway or grow its memory without bound: e
 stream buffers at most `limit` events. When it falls that far behind, its buffer is
 dropped and the next thing it reads is a RESET (it must drop what it caches, and may
 resume with `since` = the last id it applied), then live events again.
+
+When the gateway drains (SIGTERM), every stream is ended: what it has buffered is still
+delivered, then `get` raises `StreamEnded` and the servicer ends the call with
+UNAVAILABLE, which clients take as "subscribe again" (elsewhere, from their last id).
 """
 
 from __future__ import annotations
@@ -16,8 +20,21 @@ from cachegw_gateway import events
 from cachegw_gateway.stats import GatewayStats
 
 
+class StreamEnded(Exception):
+    """The gateway is draining: this stream ends here (after what it had buffered)."""
+
+
 class SubscriberQueue:
-    __slots__ = ("_events", "_limit", "_origin", "_overflowed", "_stats", "_waiter", "filter")
+    __slots__ = (
+        "_ended",
+        "_events",
+        "_limit",
+        "_origin",
+        "_overflowed",
+        "_stats",
+        "_waiter",
+        "filter",
+    )
 
     def __init__(
         self, event_filter: events.EventFilter, limit: int, origin: str, stats: GatewayStats
@@ -27,6 +44,7 @@ class SubscriberQueue:
         self._limit = limit
         self._origin = origin
         self._overflowed = False
+        self._ended = False
         self._waiter: asyncio.Future[None] | None = None
         self._stats = stats
 
@@ -43,6 +61,11 @@ class SubscriberQueue:
                 self._reset()
             else:
                 self._events.append(wanted)
+        self._wake()
+
+    def end(self) -> None:
+        """No more events: `get` raises `StreamEnded` once the buffer is empty."""
+        self._ended = True
         self._wake()
 
     def _reset(self) -> None:
@@ -66,6 +89,8 @@ class SubscriberQueue:
                 return events.reset(self._origin)
             if self._events:
                 return self._events.popleft()
+            if self._ended:
+                raise StreamEnded
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -82,12 +107,15 @@ class SubscriberHub:
         # gets every event after it, so a client that loses the stream can resume there
         # (Subscribe's `cachegw-position` metadata).
         self.last_id = ""
+        self.draining = False
         self.origin = origin
         self._limit = limit
         self._stats = stats
 
     def open(self, event_filter: events.EventFilter) -> SubscriberQueue:
         queue = SubscriberQueue(event_filter, self._limit, self.origin, self._stats)
+        if self.draining:
+            queue.end()
         self._queues.add(queue)
         self._stats.subscribers = len(self._queues)
         return queue
@@ -104,6 +132,12 @@ class SubscriberHub:
             self.last_id = event.id
         for queue in self._queues:
             queue.push(event)
+
+    def drain(self) -> None:
+        """End every stream, and every stream opened from now on (see the docstring)."""
+        self.draining = True
+        for queue in self._queues:
+            queue.end()
 
     def reset_all(self) -> None:
         self.deliver(events.reset(self.origin))

@@ -179,6 +179,49 @@ def test_sigterm_drains_in_flight_calls(gateway_process: Start, redis_server: Ma
     assert "draining" in gw.output()
 
 
+def test_sigterm_reports_not_serving_keeps_serving_then_ends_streams_unavailable(
+    gateway_process: Start, redis_server: ManagedRedis
+) -> None:
+    """The drain, in order: NOT_SERVING at once, calls still answered during the drain
+    delay (load balancers are still catching up), then the Subscribe stream ends with
+    UNAVAILABLE (the clients' cue to subscribe again elsewhere), and a clean exit."""
+    gw = gateway_process("--redis-url", redis_server.url, "--drain-delay", "3", "--grace", "5")
+    ended: list[tuple[grpc.StatusCode, str]] = []
+    with grpc.insecure_channel(gw.address) as channel:
+        stub = cache_pb2_grpc.CacheServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        stream = stub.Subscribe(pb.SubscribeRequest(prefixes=["d:"]))
+
+        def read() -> None:
+            try:
+                for _ in stream:
+                    pass
+            except grpc.RpcError as exc:
+                ended.append((exc.code(), exc.details() or ""))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        deadline = time.monotonic() + 20
+        while stub.Stats(pb.StatsRequest(), timeout=5).subscribers < 1:
+            assert time.monotonic() < deadline, "the stream never registered"
+            time.sleep(0.02)
+        gw.proc.send_signal(signal.SIGTERM)
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != not_serving:
+            assert time.monotonic() < deadline, "never reported NOT_SERVING"
+            time.sleep(0.02)
+        assert not ended  # the stream is still open during the drain delay
+        assert stub.Set(pb.SetRequest(key="d:1", value=b"v"), timeout=5).outcome == (
+            pb.SET_OUTCOME_STORED
+        )
+        assert stub.Get(pb.GetRequest(key="d:1"), timeout=5).value == b"v"
+        reader.join(timeout=15)
+        assert not reader.is_alive()
+    assert gw.proc.wait(timeout=15) == 0
+    assert len(ended) == 1 and ended[0][0] is grpc.StatusCode.UNAVAILABLE, ended
+    assert "shutting down" in ended[0][1]
+
+
 def test_cli_invalidate_and_watch(gateway_process: Start) -> None:
     gw = gateway_process("--embedded-redis")
     assert cli("set", "inv:1", "v", "--tag", "sku", "--target", gw.address).returncode == 0
