@@ -74,7 +74,7 @@ class Cache:
         wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        stats = store.stats
+        stats = self.stats = store.stats
         config = invalidation or InvalidationConfig()
         gens = Generations()
         for kc in policy.classes:  # every class shows in Stats from the start

@@ -28,6 +28,9 @@ class ConfigError(ValueError):
     """The configuration breaks a rule; the message says which, and where it was set."""
 
 
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the largest gRPC message the gateway sends or takes
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
@@ -44,6 +47,11 @@ class ServerConfig:
     # then streams end with UNAVAILABLE and clients reconnect (Subscribe resumes).
     max_connection_age_seconds: float = 0.0
     max_connection_age_grace_seconds: float = 30.0
+    # Admission (admission.py): refused at once beyond these, instead of queued.
+    max_concurrent_rpcs: int = 2048  # unary calls in flight
+    max_subscribers: int = 10_000  # Subscribe streams open
+    max_subscribers_per_peer: int = 1000  # ... from one client host
+    max_response_bytes: int = 32 * 1024 * 1024  # one GetMany answer
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,7 @@ class L1Config:
 class InvalidationConfig:
     stream_max_len: int = 100_000  # events kept in Redis for Subscribe(since=...)
     subscriber_queue: int = 1000  # events buffered per Subscribe stream before RESET
+    subscriber_queue_bytes: int = 4 * 1024 * 1024  # ... and their bytes (events vary in size)
     resubscribe_max_backoff_seconds: float = 2.0
 
 
@@ -634,8 +643,21 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
         raise ConfigError(
             f"{w('server.grace_seconds')} must be >= 0 (got {_num(c.server.grace_seconds)})"
         )
-    for key in ("max_key_bytes", "max_ttl_seconds", "max_batch_keys"):
+    for key in (
+        "max_key_bytes",
+        "max_ttl_seconds",
+        "max_batch_keys",
+        "max_concurrent_rpcs",
+        "max_subscribers",
+        "max_subscribers_per_peer",
+        "max_response_bytes",
+    ):
         _positive(w(f"server.{key}"), getattr(c.server, key))
+    if c.server.max_response_bytes > MAX_MESSAGE_BYTES:
+        raise ConfigError(
+            f"{w('server.max_response_bytes')} must be <= {MAX_MESSAGE_BYTES} (gRPC's message "
+            f"limit here; got {c.server.max_response_bytes})"
+        )
     for key in ("max_connection_age_seconds", "max_connection_age_grace_seconds"):
         value = getattr(c.server, key)
         if not value >= 0:
@@ -677,7 +699,7 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
     _positive(w("origin.max_in_flight"), c.origin.max_in_flight)
     _check_breaker(w, c.origin.breaker, "origin.breaker.")
 
-    for key in ("stream_max_len", "subscriber_queue"):
+    for key in ("stream_max_len", "subscriber_queue", "subscriber_queue_bytes"):
         _positive(w(f"invalidation.{key}"), getattr(c.invalidation, key))
     _positive(
         w("invalidation.resubscribe_max_backoff_seconds"),

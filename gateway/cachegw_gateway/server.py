@@ -18,9 +18,10 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.trace import TracerProvider
 
 from cachegw.v1 import cache_pb2 as pb
+from cachegw_gateway.admission import Admission, MethodHandler
 from cachegw_gateway.bus import EventBus
 from cachegw_gateway.cache import Cache
-from cachegw_gateway.config import GatewayConfig, ServerConfig
+from cachegw_gateway.config import MAX_MESSAGE_BYTES, GatewayConfig, ServerConfig
 from cachegw_gateway.l2 import L2Unavailable, RedisStore
 from cachegw_gateway.lastknown import LastKnown
 from cachegw_gateway.origin import Origins
@@ -86,7 +87,12 @@ class GatewayServer:
             max_ttl_ms=round(config.server.max_ttl_seconds * 1000),
             max_key_bytes=config.server.max_key_bytes,
         )
-        self.hub = SubscriberHub(self.origin, config.invalidation.subscriber_queue, self.stats)
+        self.hub = SubscriberHub(
+            self.origin,
+            config.invalidation.subscriber_queue,
+            self.stats,
+            max_bytes=config.invalidation.subscriber_queue_bytes,
+        )
         self.bus = EventBus(
             self.store.pubsub_client,
             self.store.events_channel,
@@ -118,7 +124,13 @@ class GatewayServer:
             self.hub,
             stats=self.telemetry.stats,
         )
-        self._server.add_generic_rpc_handlers((self.servicer.handler(wrap=self.telemetry.wrap),))
+        # Telemetry outside admission: refused calls show in the RPC figures too.
+        self.admission = Admission(config.server, self.stats)
+
+        def wrap(method: str, handler: MethodHandler) -> MethodHandler:
+            return self.telemetry.wrap(method, self.admission.wrap(method, handler))
+
+        self._server.add_generic_rpc_handlers((self.servicer.handler(wrap=wrap),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
@@ -218,8 +230,8 @@ KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
 def server_options(c: ServerConfig) -> list[tuple[str, int]]:
     options = [
         ("grpc.so_reuseport", 0),
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         *KEEPALIVE_OPTIONS,
     ]
     if c.max_connection_age_seconds > 0:

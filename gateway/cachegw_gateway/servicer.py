@@ -104,6 +104,7 @@ class CacheServicer:
         self._stats = stats
         self._max_key = limits.max_key_bytes
         self._max_batch = limits.max_batch_keys
+        self._max_response = limits.max_response_bytes
         self._max_ttl_ms = int(limits.max_ttl_seconds * 1000)
         self._class_names = [kc.name for kc in policy.classes]
 
@@ -178,7 +179,7 @@ class CacheServicer:
         if tracing.active:
             tracing.annotate(l1_hits=len(keys) - len(at))
         if not at:  # all from L1: no Redis, no coroutine, no timeout to arm
-            return b"".join(pieces)
+            return await self._sized(context, b"".join(pieces))
         work = self._cache.complete_many(
             keys,
             pieces,
@@ -186,7 +187,19 @@ class CacheServicer:
             allow_stale=request.allow_stale,
             time_remaining=context.time_remaining(),
         )
-        return await self._guard(context, work)
+        return await self._sized(context, await self._guard(context, work))
+
+    async def _sized(self, context: Context, answer: bytes) -> bytes:
+        """`answer`, unless it is larger than server.max_response_bytes (one caller asking
+        for many large values must not make the gateway build and send hundreds of MB)."""
+        if len(answer) > self._max_response:
+            self._cache.stats.answers_too_large += 1
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the answer would be {len(answer)} bytes, over server.max_response_bytes "
+                f"({self._max_response}): ask for fewer keys per GetMany",
+            )
+        return answer
 
     # -- writes --------------------------------------------------------------------------
 

@@ -77,6 +77,15 @@ class GatewayStats:
     breaker_state: int = -1
     breaker_trips: int = 0
     breaker_refused: int = 0
+    # Admission (admission.py): unary calls in flight now (a gauge), calls refused because
+    # too many were in flight, calls whose deadline passed before they were served,
+    # Subscribe streams refused (too many in all or from one host), GetMany answers
+    # refused for their size.
+    rpcs_in_flight: int = 0
+    rpcs_shed: int = 0
+    rpcs_expired_on_arrival: int = 0
+    subscribers_refused: int = 0
+    answers_too_large: int = 0
     # On a Redis Cluster (a breaker per node): the nodes whose breaker is not closed, and
     # its state. Exported with a `node` label (snapshot.py, metrics.py).
     breaker_nodes: dict[str, int] = field(default_factory=dict)

@@ -1,7 +1,8 @@
 """Subscribe streams: a bounded queue per stream, fed by the gateway's event bus.
 
 A slow subscriber must not stall the gateway or grow its memory without bound: each
-stream buffers at most `limit` events. When it falls that far behind, its buffer is
+stream buffers at most `limit` events and `max_bytes` of them (an event naming a
+thousand keys weighs what a thousand small ones do). When it falls that far behind, its buffer is
 dropped and the next thing it reads is a RESET (it must drop what it caches, and may
 resume with `since` = the last id it applied), then live events again.
 
@@ -26,9 +27,11 @@ class StreamEnded(Exception):
 
 class SubscriberQueue:
     __slots__ = (
+        "_bytes",
         "_ended",
         "_events",
         "_limit",
+        "_max_bytes",
         "_origin",
         "_overflowed",
         "_stats",
@@ -37,11 +40,18 @@ class SubscriberQueue:
     )
 
     def __init__(
-        self, event_filter: events.EventFilter, limit: int, origin: str, stats: GatewayStats
+        self,
+        event_filter: events.EventFilter,
+        limit: int,
+        origin: str,
+        stats: GatewayStats,
+        max_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.filter = event_filter
-        self._events: deque[pb.InvalidationEvent] = deque()
+        self._events: deque[tuple[pb.InvalidationEvent, int]] = deque()
+        self._bytes = 0
         self._limit = limit
+        self._max_bytes = max_bytes
         self._origin = origin
         self._overflowed = False
         self._ended = False
@@ -57,10 +67,12 @@ class SubscriberQueue:
             wanted = self.filter.select(event)
             if wanted is None:
                 return
-            if len(self._events) >= self._limit:
+            size = wanted.ByteSize()
+            if len(self._events) >= self._limit or self._bytes + size > self._max_bytes:
                 self._reset()
             else:
-                self._events.append(wanted)
+                self._events.append((wanted, size))
+                self._bytes += size
         self._wake()
 
     def end(self) -> None:
@@ -70,6 +82,7 @@ class SubscriberQueue:
 
     def _reset(self) -> None:
         self._events.clear()
+        self._bytes = 0
         self._overflowed = True
 
     def _wake(self) -> None:
@@ -88,7 +101,9 @@ class SubscriberQueue:
                 self._stats.subscriber_resets += 1
                 return events.reset(self._origin)
             if self._events:
-                return self._events.popleft()
+                event, size = self._events.popleft()
+                self._bytes -= size
+                return event
             if self._ended:
                 raise StreamEnded
             self._waiter = asyncio.get_running_loop().create_future()
@@ -101,7 +116,9 @@ class SubscriberQueue:
 class SubscriberHub:
     """Every open Subscribe stream of this gateway."""
 
-    def __init__(self, origin: str, limit: int, stats: GatewayStats) -> None:
+    def __init__(
+        self, origin: str, limit: int, stats: GatewayStats, *, max_bytes: int = 4 * 1024 * 1024
+    ) -> None:
         self._queues: set[SubscriberQueue] = set()
         # The id of the last event delivered ("" before the first): a stream opened now
         # gets every event after it, so a client that loses the stream can resume there
@@ -110,10 +127,13 @@ class SubscriberHub:
         self.draining = False
         self.origin = origin
         self._limit = limit
+        self._max_bytes = max_bytes
         self._stats = stats
 
     def open(self, event_filter: events.EventFilter) -> SubscriberQueue:
-        queue = SubscriberQueue(event_filter, self._limit, self.origin, self._stats)
+        queue = SubscriberQueue(
+            event_filter, self._limit, self.origin, self._stats, self._max_bytes
+        )
         if self.draining:
             queue.end()
         self._queues.add(queue)

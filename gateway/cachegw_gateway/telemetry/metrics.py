@@ -62,6 +62,11 @@ _GATEWAY_HELP = {
     "breaker_state": "The Redis circuit breaker: 0 closed, 1 open, 2 half-open, -1 none.",
     "breaker_trips": "Times the Redis circuit breaker opened.",
     "breaker_refused": "Redis calls the open circuit breaker refused (failed fast, not sent).",
+    "rpcs_in_flight": "Unary calls being served now (admission: server.max_concurrent_rpcs).",
+    "rpcs_shed": "Calls refused with RESOURCE_EXHAUSTED: too many in flight (load shed).",
+    "rpcs_expired_on_arrival": "Calls whose deadline passed before they were served.",
+    "subscribers_refused": "Subscribe streams refused: too many in all or from one host.",
+    "answers_too_large": "GetMany answers refused for exceeding server.max_response_bytes.",
 }
 _L1_GAUGES = {
     "entries": "Entries in the L1 now.",

@@ -21,7 +21,7 @@ from cachegw_native.hotkeys import HotKeys
 from cachegw_native.l1 import L1Cache
 
 # GatewayStats fields that are gauges (a level now); every other int field is a count.
-GAUGE_FIELDS = frozenset({"subscribers", "redis_up", "breaker_state"})
+GAUGE_FIELDS = frozenset({"subscribers", "redis_up", "breaker_state", "rpcs_in_flight"})
 # GatewayStats.breaker_state (breaker.py: -1 none, 0 closed, 1 open, 2 half-open) on the wire.
 _BREAKER_STATES = {
     0: pb.BREAKER_STATE_CLOSED,
@@ -156,6 +156,13 @@ def stats_response(snap: Snapshot, classes: Sequence[str] = ()) -> pb.StatsRespo
             },
         ),
         l1=pb.L1Stats(**{k: v for k, v in l1.items() if k in pb.L1Stats.DESCRIPTOR.fields_by_name}),
+        admission=pb.AdmissionStats(
+            rpcs_in_flight=g.get("rpcs_in_flight", 0),
+            rpcs_shed=g.get("rpcs_shed", 0),
+            rpcs_expired_on_arrival=g.get("rpcs_expired_on_arrival", 0),
+            subscribers_refused=g.get("subscribers_refused", 0),
+            answers_too_large=g.get("answers_too_large", 0),
+        ),
         latency_bounds_ms=[b * 1000 for b in BOUNDS],
         trace_exporter=snap.trace_exporter,
         trace_sample_ratio=snap.sample_ratio,

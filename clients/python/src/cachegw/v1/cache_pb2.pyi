@@ -1017,6 +1017,7 @@ class StatsResponse(_message.Message):
     LATENCY_BOUNDS_MS_FIELD_NUMBER: _builtins.int
     TRACE_EXPORTER_FIELD_NUMBER: _builtins.int
     TRACE_SAMPLE_RATIO_FIELD_NUMBER: _builtins.int
+    ADMISSION_FIELD_NUMBER: _builtins.int
     gateway_id: _builtins.str
     uptime_ms: _builtins.int
     envelope_mismatches: _builtins.int
@@ -1057,6 +1058,10 @@ class StatsResponse(_message.Message):
         last bucket has no bound (+Inf).
         """
 
+    @_builtins.property
+    def admission(self) -> Global___AdmissionStats:
+        """What the gateway refused at once rather than queue (docs/config.md, "Admission")."""
+
     def __init__(
         self,
         *,
@@ -1078,14 +1083,53 @@ class StatsResponse(_message.Message):
         latency_bounds_ms: _abc.Iterable[_builtins.float] | None = ...,
         trace_exporter: _builtins.str = ...,
         trace_sample_ratio: _builtins.float = ...,
+        admission: Global___AdmissionStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["l1", b"l1", "redis", b"redis"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "l1", b"l1", "redis", b"redis"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class AdmissionStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RPCS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    RPCS_SHED_FIELD_NUMBER: _builtins.int
+    RPCS_EXPIRED_ON_ARRIVAL_FIELD_NUMBER: _builtins.int
+    SUBSCRIBERS_REFUSED_FIELD_NUMBER: _builtins.int
+    ANSWERS_TOO_LARGE_FIELD_NUMBER: _builtins.int
+    rpcs_in_flight: _builtins.int
+    """Unary calls being served now."""
+    rpcs_shed: _builtins.int
+    """Calls refused with RESOURCE_EXHAUSTED: server.max_concurrent_rpcs were in flight."""
+    rpcs_expired_on_arrival: _builtins.int
+    """Calls answered DEADLINE_EXCEEDED at once: their deadline passed before they were served."""
+    subscribers_refused: _builtins.int
+    """Subscribe streams refused: server.max_subscribers in all, or max_subscribers_per_peer
+    from one client host.
+    """
+    answers_too_large: _builtins.int
+    """GetMany answers refused for exceeding server.max_response_bytes."""
+    def __init__(
+        self,
+        *,
+        rpcs_in_flight: _builtins.int = ...,
+        rpcs_shed: _builtins.int = ...,
+        rpcs_expired_on_arrival: _builtins.int = ...,
+        subscribers_refused: _builtins.int = ...,
+        answers_too_large: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers_too_large", b"answers_too_large", "rpcs_expired_on_arrival", b"rpcs_expired_on_arrival", "rpcs_in_flight", b"rpcs_in_flight", "rpcs_shed", b"rpcs_shed", "subscribers_refused", b"subscribers_refused"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdmissionStats: _TypeAlias = AdmissionStats  # noqa: Y015
 
 @_typing.final
 class RedisStats(_message.Message):
