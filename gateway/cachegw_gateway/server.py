@@ -20,7 +20,7 @@ from opentelemetry.trace import TracerProvider
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.bus import EventBus
 from cachegw_gateway.cache import Cache
-from cachegw_gateway.config import GatewayConfig
+from cachegw_gateway.config import MAX_MESSAGE_BYTES, GatewayConfig
 from cachegw_gateway.l1tier import new_l1
 from cachegw_gateway.l2 import L2Unavailable, RedisStore
 from cachegw_gateway.lastknown import LastKnown
@@ -104,8 +104,8 @@ class GatewayServer:
         self._server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ]
         )
         self.servicer = CacheServicer(
