@@ -84,6 +84,7 @@ from cachegw_native.table cimport (
     Slot,
     cg_allocated,
     cg_str_hash,
+    cg_str_size,
     index_delete,
     index_find,
     index_insert,
@@ -92,7 +93,19 @@ from cachegw_native.table cimport (
 from cachegw_native.l1index import GROUP_OVERHEAD
 
 cdef extern from "Python.h":
+    ctypedef struct PyTypeObject:
+        Py_ssize_t tp_basicsize
+        Py_ssize_t tp_itemsize
+    PyTypeObject* Py_TYPE(PyObject* o)
+    Py_ssize_t Py_SIZE(PyObject* o)
     bint PyUnicode_Check(PyObject* o)
+    bint PyUnicode_CheckExact(PyObject* o)
+    bint PyUnicode_IS_COMPACT_ASCII(PyObject* o)
+    bint PyBytes_CheckExact(PyObject* o)
+    bint PyTuple_CheckExact(PyObject* o)
+    bint PyFloat_CheckExact(PyObject* o)
+    bint PyLong_CheckExact(PyObject* o)
+    bint PyObject_IS_GC(PyObject* o)
 
 cdef extern from *:
     """
@@ -138,12 +151,37 @@ def allocated(Py_ssize_t n):
     return cg_allocated(n)
 
 
+# What sys.getsizeof adds for an object the cyclic GC tracks (its PyGC_Head).
+cdef Py_ssize_t _GC_HEAD = getsizeof(()) - ().__sizeof__()
+
+
+cdef inline Py_ssize_t _object_size(object obj) except -1:
+    # sys.getsizeof(obj), computed in C for the types an entry is made of (exact bytes,
+    # tuple, float, int: their __sizeof__ is the type's basic size plus its items; an
+    # ASCII str), through sys.getsizeof for anything else.
+    cdef PyObject* o = <PyObject*>obj
+    cdef PyTypeObject* t = Py_TYPE(o)
+    cdef Py_ssize_t n
+    if PyUnicode_CheckExact(o):
+        if PyUnicode_IS_COMPACT_ASCII(o):
+            return cg_str_size(o)
+        return getsizeof(obj)  # it may hold a UTF-8 copy too
+    if not (PyBytes_CheckExact(o) or PyTuple_CheckExact(o) or PyFloat_CheckExact(o)
+            or PyLong_CheckExact(o)):
+        return getsizeof(obj)
+    n = Py_SIZE(o)
+    n = t.tp_basicsize + (n if n >= 0 else -n) * t.tp_itemsize
+    if PyObject_IS_GC(o):
+        n += _GC_HEAD
+    return n
+
+
 def footprint(*objects):
     """Bytes `objects` take in memory, each counted alone: the sum of
     allocated(sys.getsizeof(obj)). What a caller charges for the objects an entry holds."""
     cdef Py_ssize_t total = 0
     for obj in objects:
-        total += cg_allocated(getsizeof(obj))
+        total += cg_allocated(_object_size(obj))
     return total
 
 

@@ -5,6 +5,7 @@ entries left changes nothing observable while it gives the storage back."""
 
 from __future__ import annotations
 
+import ctypes
 import random
 import sys
 
@@ -45,6 +46,38 @@ def test_footprint_sums_allocated_sizes() -> None:
     key, body = "catalog:1", b"x" * 600
     assert footprint() == 0
     assert footprint(key, body) == allocated(sys.getsizeof(key)) + allocated(sys.getsizeof(body))
+
+
+OBJECTS = st.one_of(
+    st.text(),
+    st.binary(max_size=3000),
+    st.integers(),
+    st.floats(),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(), max_size=5),
+    st.lists(st.one_of(st.text(max_size=3), st.binary(max_size=3)), max_size=6).map(tuple),
+)
+
+
+@given(st.lists(OBJECTS, max_size=6))
+def test_footprint_is_allocated_getsizeof(objects: list[object]) -> None:
+    """footprint() computes the sizes of str, bytes, tuple, float and int in C: they must
+    be sys.getsizeof's, whatever the object."""
+    expected = sum(allocated(sys.getsizeof(obj)) for obj in objects)
+    assert footprint(*objects) == expected
+
+
+def test_footprint_sees_a_cached_utf8_copy() -> None:
+    """A non-ASCII str may carry a UTF-8 copy (made by PyUnicode_AsUTF8, e.g. by
+    protobuf): counted as sys.getsizeof counts it."""
+    key = "".join(["clé-", "日本"])  # a fresh non-ASCII str
+    plain = sys.getsizeof(key)
+    as_utf8 = ctypes.pythonapi.PyUnicode_AsUTF8
+    as_utf8.argtypes, as_utf8.restype = [ctypes.py_object], ctypes.c_char_p
+    assert as_utf8(key) == key.encode()
+    assert sys.getsizeof(key) > plain
+    assert footprint(key) == allocated(sys.getsizeof(key))
 
 
 @given(NAMES)
