@@ -17,6 +17,7 @@ from cachegw_gateway import main
 from cachegw_gateway.address_map import AddressMap
 from cachegw_gateway.config import (
     ENV_VARS,
+    MAX_VALUE_BYTES,
     BreakerConfig,
     ConfigError,
     GatewayConfig,
@@ -256,6 +257,15 @@ BAD_FILES = [
     (ONE_CLASS + "l1_ttl_seconds = 0\n", "classes[0].l1_ttl_seconds must be > 0"),
     (ONE_CLASS + "max_value_bytes = 0\n", "classes[0].max_value_bytes must be > 0"),
     (
+        ONE_CLASS + "max_value_bytes = 66060289\n",
+        "classes[0].max_value_bytes must be <= 66060288 (63 MiB): a value travels in one gRPC "
+        "message of at most 67108864 bytes (64 MiB) with its key and tags (got 66060289)",
+    ),
+    (
+        "[default_class]\nmax_value_bytes = 1_000_000_000\n",
+        "default_class.max_value_bytes must be <= 66060288 (63 MiB)",
+    ),
+    (
         ONE_CLASS + "ttl_seconds = 2592001\n",
         "classes[0].ttl_seconds must be <= server.max_ttl_seconds (2592000) (got 2592001)",
     ),
@@ -286,6 +296,11 @@ BAD_FILES = [
     ("classes = ['a']\n", "classes[0] must be a table"),
     ("[server\n", "not valid TOML"),
 ]
+
+
+def test_max_value_bytes_may_reach_its_upper_bound(tmp_path: Path) -> None:
+    path = write(tmp_path, ONE_CLASS + f"max_value_bytes = {MAX_VALUE_BYTES}\n")
+    assert load_config(path, env={}).classes[0].max_value_bytes == MAX_VALUE_BYTES == 63 << 20
 
 
 @pytest.mark.parametrize(("text", "message"), BAD_FILES)

@@ -28,7 +28,11 @@ class ConfigError(ValueError):
     """The configuration breaks a rule; the message says which, and where it was set."""
 
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the largest gRPC message the gateway sends or takes
+# The gateway's gRPC messages, received and sent, are at most this (server.py).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The largest `max_value_bytes`: a value travels in one message (a Set request, a Get
+# answer) with its key, tags and a few fields, so it must leave room for them (1 MiB).
+MAX_VALUE_BYTES = MAX_MESSAGE_BYTES - 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -510,6 +514,12 @@ def _check_class(where: Callable[[str], str], kc: KeyClassConfig, max_ttl: float
         raise ConfigError(f"{where('jitter')} must be in [0, 1) (got {_num(kc.jitter)})")
     _positive(where("l1_ttl_seconds"), kc.l1_ttl_seconds)
     _positive(where("max_value_bytes"), kc.max_value_bytes)
+    if kc.max_value_bytes > MAX_VALUE_BYTES:
+        raise ConfigError(
+            f"{where('max_value_bytes')} must be <= {MAX_VALUE_BYTES} (63 MiB): a value "
+            f"travels in one gRPC message of at most {MAX_MESSAGE_BYTES} bytes (64 MiB) with "
+            f"its key and tags (got {kc.max_value_bytes})"
+        )
     if kc.jitter_mode not in JITTER_MODES:
         raise ConfigError(
             f"{where('jitter_mode')} must be 'random' or 'deterministic' (got {kc.jitter_mode!r})"

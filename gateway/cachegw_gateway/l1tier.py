@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cachegw_gateway import envelope, wire
+from cachegw_gateway.config import L1Config
 from cachegw_gateway.freshness import l1_horizon_ms
 from cachegw_gateway.l2 import L2Entry
 from cachegw_gateway.lastknown import LastKnown
@@ -36,18 +37,31 @@ from cachegw_gateway.stats import ClassCounters, GatewayStats
 from cachegw_native.batch import l1_results
 from cachegw_native.coalescer import Coalescer
 from cachegw_native.hotkeys import HotKeys
-from cachegw_native.l1 import L1Cache
+from cachegw_native.l1 import L1Cache, footprint
 
 log = logging.getLogger(__name__)
-
-# Bytes charged per L1 entry on top of key and encoded answer (object headers, links).
-L1_ENTRY_OVERHEAD = 96
 
 # An L1 entry: the encoded HIT answer with tier L1 (no TTL), the monotonic time at which
 # the Redis entry's fresh life ends, its class's counters (so a hit counts itself
 # without classifying the key), and what goes before the answer as a GetMany result
 # (see wire.result_framing).
 L1Value = tuple[bytes, float, ClassCounters, bytes]
+
+
+def new_l1(c: L1Config) -> L1Cache:
+    """The gateway's L1 for `[l1]`. With charge_overhead, `l1.max_bytes` bounds the memory
+    its entries take, the L1's own structures included (see entry_charge)."""
+    return L1Cache(c.max_entries, c.max_bytes, admission=c.admission, charge_overhead=True)
+
+
+def entry_charge(key: str, value: L1Value) -> int:
+    """What an L1 entry is charged for the Python objects it holds: the key, the tuple,
+    the answer, the deadline and the framing, each as allocated (the class's counters
+    are shared). The L1 (charge_overhead=True) adds its own memory for the entry, its
+    groups and their names: together the process memory the entry takes (docs/config.md,
+    `l1.max_bytes`)."""
+    body, fresh_until, _, framing = value
+    return footprint(key, value, body, fresh_until, framing)
 
 
 def class_group(name: str) -> str:
@@ -188,9 +202,8 @@ class L1Tier:
         body = wire.hit_body(env.value, env.version, kc.name, env.tags) + wire.TIER_L1
         counters = self._stats.for_class(kc.name)
         value: L1Value = (body, since + fresh_left_ms / 1000, counters, wire.result_framing(body))
-        size = len(body) + len(key) + L1_ENTRY_OVERHEAD
         # The L1 counts its TTL from now; subtract what already passed since `since`.
-        self._l1.set(key, value, size, l1_ttl - elapsed, groups)
+        self._l1.set(key, value, entry_charge(key, value), l1_ttl - elapsed, groups)
 
     # -- forgetting ------------------------------------------------------------------------
 

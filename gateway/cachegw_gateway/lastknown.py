@@ -26,9 +26,7 @@ from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway import envelope, wire
 from cachegw_gateway.policy import KeyClass
 from cachegw_gateway.stats import ClassCounters
-from cachegw_native.l1 import L1Cache
-
-ENTRY_OVERHEAD = 128  # bytes charged per copy on top of key, value and tags
+from cachegw_native.l1 import L1Cache, footprint
 
 # A copy: value, version, tags, key class name, the class's counters.
 _Copy = tuple[bytes, int, tuple[str, ...], str, ClassCounters]
@@ -42,7 +40,9 @@ class LastKnown:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._copies = L1Cache(max_entries, max_bytes, clock=clock)
+        # Charged as L1 entries are (l1tier.entry_charge): the objects a copy holds as
+        # allocated, plus the native cache's own memory per copy, group and name.
+        self._copies = L1Cache(max_entries, max_bytes, clock=clock, charge_overhead=True)
         self._clock = clock
 
     @property
@@ -66,7 +66,11 @@ class LastKnown:
             self._copies.delete(key)
             return
         copy: _Copy = (env.value, env.version, env.tags, kc.name, counters)
-        size = len(env.value) + len(key) + sum(map(len, env.tags)) + ENTRY_OVERHEAD
+        # The key, the tuple, value, version and tags (the class name and counters are
+        # shared).
+        size = footprint(key, copy, env.value, env.version)
+        if env.tags:
+            size += footprint(env.tags, *env.tags)
         if not self._copies.set(key, copy, size, ttl, groups):
             self._copies.delete(key)  # not admitted: an older copy must not stay behind
 

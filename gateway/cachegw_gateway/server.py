@@ -22,6 +22,7 @@ from cachegw_gateway.admission import Admission, MethodHandler
 from cachegw_gateway.bus import EventBus
 from cachegw_gateway.cache import Cache
 from cachegw_gateway.config import MAX_MESSAGE_BYTES, GatewayConfig, ServerConfig
+from cachegw_gateway.l1tier import new_l1
 from cachegw_gateway.l2 import L2Unavailable, RedisStore
 from cachegw_gateway.lastknown import LastKnown
 from cachegw_gateway.origin import Origins
@@ -32,7 +33,6 @@ from cachegw_gateway.subscriptions import SubscriberHub
 from cachegw_gateway.telemetry.service import Telemetry
 from cachegw_gateway.warmup import HOT_KEYS_TRACKED
 from cachegw_native.hotkeys import HotKeys
-from cachegw_native.l1 import L1Cache
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class GatewayServer:
         self.policy = PolicyTable.from_config(config)
         self.stats = GatewayStats()
         self.store = RedisStore.from_config(config.redis, redis_url, self.stats)
-        self.l1 = L1Cache(config.l1.max_entries, config.l1.max_bytes, admission=config.l1.admission)
+        self.l1 = new_l1(config.l1)
         self.hotkeys = HotKeys(HOT_KEYS_TRACKED)
         # Stale-if-error's last known copies, only when a class asks for them.
         self.last_known = (

@@ -43,9 +43,13 @@ cdef class L1Cache:
     # Last, so that the fields a hit reads keep their offsets (and cache lines).
     cdef KeyOrder _order          # every key, sorted (delete_prefix)
     cdef GroupIndex _groups       # group memberships by slot (delete_group)
+    cdef bint _charge_overhead    # entries and groups are also charged the L1's own memory
 
     cdef int _allocate(self, Py_ssize_t cap) except -1
     cdef int _grow(self) except -1
+    cdef int _rehash(self, Py_ssize_t width) except -1
+    cdef int _compact(self) except -1
+    cdef int _regroup(self, Py_ssize_t s, tuple groups) except -1
     cdef Py_ssize_t _new_slot(self) except -1
     cdef double _now(self) except? -1.0
     cdef double _exact_now(self) except? -1.0

@@ -3,6 +3,17 @@
 from collections.abc import Callable
 
 PRECISE_WINDOW: float
+# The L1's own memory, charged with charge_overhead=True: per entry, per distinct group an
+# entry joins, and per group with members (plus the allocation of the group's name).
+ENTRY_OVERHEAD: int
+MEMBERSHIP_OVERHEAD: int
+GROUP_OVERHEAD: int
+
+def allocated(n: int, /) -> int:
+    """Bytes an allocation of n bytes takes (allocated(sys.getsizeof(obj)): what obj takes)."""
+
+def footprint(*objects: object) -> int:
+    """The sum of allocated(sys.getsizeof(obj)) over `objects`."""
 
 class L1Cache:
     """Single-threaded (one asyncio event loop); not thread-safe, no locking.
@@ -11,6 +22,11 @@ class L1Cache:
     cache (slots hold values out of the cyclic GC's sight). An entry belongs to the groups
     its last set() named, until it leaves the cache by any way; delete_group() and
     delete_prefix() cost what they remove (plus O(log n)), not a scan.
+
+    With ``charge_overhead``, each entry is charged ENTRY_OVERHEAD + MEMBERSHIP_OVERHEAD
+    per distinct group on top of its ``size``, and each group with members GROUP_OVERHEAD
+    plus its name's allocation: ``nbytes`` and ``max_bytes`` then count the L1's own
+    memory.
     """
 
     def __init__(
@@ -20,6 +36,7 @@ class L1Cache:
         *,
         admission: str = "lru",  # or "tinylfu"
         clock: Callable[[], float] | None = None,
+        charge_overhead: bool = False,
     ) -> None: ...
     def get(self, key: str, /) -> object | None: ...
     def __getitem__(self, key: str, /) -> object: ...
@@ -43,8 +60,11 @@ class L1Cache:
     def max_bytes(self) -> int: ...
     @property
     def admission(self) -> str: ...
+    @property
+    def charge_overhead(self) -> bool: ...
     def stats(self) -> dict[str, int]: ...
     def hottest(self, n: int, /) -> list[tuple[str, int]]: ...
     def items(self) -> list[tuple[str, object]]: ...
     def segments(self) -> dict[str, int]: ...
     def _check_indexes(self) -> None: ...
+    def _footprint(self) -> dict[str, int]: ...

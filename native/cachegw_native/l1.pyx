@@ -46,14 +46,27 @@ each at 100 000 entries on the 2-core development machine), plus O(1) per group 
 or left: set-with-eviction went from 0.21 to 0.62 µs without groups, 0.96 µs with three;
 a refresh with the same groups did not change (benchmarks/bench_l1_index.py).
 
-Memory of the indexes, on top of the 64-byte slot and the hash index (``size`` charged
-per entry stays what the caller gives): the key order takes one 8-byte reference per key
-in chunks kept 25-100 % full, 16 bytes per entry measured; groups take 4 bytes per slot,
-20 bytes per membership, and per distinct group a 32-byte record and 16-32 bytes of name
-table (arrays grow by doubling, so up to twice that) plus a reference that keeps the
-group's name string alive while it has members: 189 bytes per entry measured with three
-groups each (one class shared by many, a tag of 100 entries, a tag of its own), against
-85 for the slot and hash index.
+Memory: an entry takes a 64-byte slot, a word of the hash index and a reference in the
+key order; a group membership a 20-byte member node (and the slot a 4-byte chain head);
+a group with members a 32-byte record, words of the name table and a reference that
+keeps its name string alive. The slot array and the group arrays grow by a quarter, not
+by doubling; the hash index doubles when half full; key-order chunks stay 25-100 % full
+(full when keys arrive in rising or falling order). So the memory per entry stays in a
+narrow band: measured with ``_footprint()`` (benchmarks/bench_l1_memory.py) 64-73 bytes
+of slot, 21-28 of hash index, 10-14 of key order, 25-29 per membership with the chain
+head, about 55-60 per group record. With ``charge_overhead=True`` the cache charges that
+memory on top of each set()'s ``size``: ENTRY_OVERHEAD (120) per entry,
+MEMBERSHIP_OVERHEAD (24) per distinct group it joins, and per group with members
+GROUP_OVERHEAD (64, l1index) plus its name string's allocation (``allocated()``: what
+CPython's allocators take for an object of that size). ``nbytes`` and the byte bound then
+count it, and an entry whose own charge exceeds max_bytes is refused. Without it (the
+default) ``size`` alone is charged. A set() that finds fewer than half of the slots in use
+first compacts the storage: the live slots are renumbered, in order, into arrays sized
+for them (a quarter to spare), with a new hash index and group index; O(n), at most
+once per n/2 removals, and invisible otherwise. A cache that once held many more entries
+(small values, then large ones) thus gives that memory back instead of keeping it
+uncharged. The TinyLFU sketch (16-32 bytes per max_entries, allocated at construction)
+is outside every charge.
 """
 
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Realloc
@@ -63,13 +76,36 @@ from libc.stdint cimport int8_t, int32_t, uint64_t
 from libc.string cimport memset
 
 import heapq
+from sys import getsizeof
 
-from cachegw_native.l1index cimport GroupIndex, KeyOrder, check_names
+from cachegw_native.l1index cimport GroupIndex, KeyOrder, check_names, distinct_names
 from cachegw_native.sketch cimport FrequencySketch, freq_record
-from cachegw_native.table cimport Slot, cg_str_hash, index_delete, index_find, index_insert
+from cachegw_native.table cimport (
+    Slot,
+    cg_allocated,
+    cg_str_hash,
+    cg_str_size,
+    index_delete,
+    index_find,
+    index_insert,
+)
+
+from cachegw_native.l1index import GROUP_OVERHEAD
 
 cdef extern from "Python.h":
+    ctypedef struct PyTypeObject:
+        Py_ssize_t tp_basicsize
+        Py_ssize_t tp_itemsize
+    PyTypeObject* Py_TYPE(PyObject* o)
+    Py_ssize_t Py_SIZE(PyObject* o)
     bint PyUnicode_Check(PyObject* o)
+    bint PyUnicode_CheckExact(PyObject* o)
+    bint PyUnicode_IS_COMPACT_ASCII(PyObject* o)
+    bint PyBytes_CheckExact(PyObject* o)
+    bint PyTuple_CheckExact(PyObject* o)
+    bint PyFloat_CheckExact(PyObject* o)
+    bint PyLong_CheckExact(PyObject* o)
+    bint PyObject_IS_GC(PyObject* o)
 
 cdef extern from *:
     """
@@ -93,6 +129,61 @@ cdef double _PRECISE_WINDOW = PRECISE_WINDOW
 cdef Py_ssize_t _FIRST_CAP = 64
 cdef Py_ssize_t _MAX_ENTRIES = (1 << 30)
 
+# The L1's own memory per entry, charged on top of `size` by an
+# L1Cache(charge_overhead=True) (see "Memory" in the module docstring):
+# ENTRY_OVERHEAD: its 64-byte slot (+ up to 25 % growth slack), its hash index word
+# (8 bytes at a load between 1/4 and 1/2), its reference in the key order (8 bytes in
+# chunks 50-100 % full) and its group chain head (4 bytes + slack);
+# MEMBERSHIP_OVERHEAD: one 20-byte member node (+ slack) per distinct group it joins;
+# GROUP_OVERHEAD (l1index) + the name's allocation: per group with members.
+ENTRY_OVERHEAD = 120
+MEMBERSHIP_OVERHEAD = 24
+cdef Py_ssize_t _ENTRY_OVERHEAD = ENTRY_OVERHEAD
+cdef Py_ssize_t _MEMBERSHIP_OVERHEAD = MEMBERSHIP_OVERHEAD
+
+
+def allocated(Py_ssize_t n):
+    """Bytes an allocation of `n` bytes takes: CPython's small-object allocator rounds up
+    to 16 bytes up to 512; above, a malloc chunk adds 8 bytes and 16-byte alignment, and
+    from 128 KiB whole pages. `allocated(sys.getsizeof(obj))` is what `obj` takes."""
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    return cg_allocated(n)
+
+
+# What sys.getsizeof adds for an object the cyclic GC tracks (its PyGC_Head).
+cdef Py_ssize_t _GC_HEAD = getsizeof(()) - ().__sizeof__()
+
+
+cdef inline Py_ssize_t _object_size(object obj) except -1:
+    # sys.getsizeof(obj), computed in C for the types an entry is made of (exact bytes,
+    # tuple, float, int: their __sizeof__ is the type's basic size plus its items; an
+    # ASCII str), through sys.getsizeof for anything else.
+    cdef PyObject* o = <PyObject*>obj
+    cdef PyTypeObject* t = Py_TYPE(o)
+    cdef Py_ssize_t n
+    if PyUnicode_CheckExact(o):
+        if PyUnicode_IS_COMPACT_ASCII(o):
+            return cg_str_size(o)
+        return getsizeof(obj)  # it may hold a UTF-8 copy too
+    if not (PyBytes_CheckExact(o) or PyTuple_CheckExact(o) or PyFloat_CheckExact(o)
+            or PyLong_CheckExact(o)):
+        return getsizeof(obj)
+    n = Py_SIZE(o)
+    n = t.tp_basicsize + (n if n >= 0 else -n) * t.tp_itemsize
+    if PyObject_IS_GC(o):
+        n += _GC_HEAD
+    return n
+
+
+def footprint(*objects):
+    """Bytes `objects` take in memory, each counted alone: the sum of
+    allocated(sys.getsizeof(obj)). What a caller charges for the objects an entry holds."""
+    cdef Py_ssize_t total = 0
+    for obj in objects:
+        total += cg_allocated(_object_size(obj))
+    return total
+
 
 cdef class L1Cache:
     """Single-threaded (one asyncio event loop); not thread-safe, no locking.
@@ -103,7 +194,7 @@ cdef class L1Cache:
     """
 
     def __init__(self, Py_ssize_t max_entries, Py_ssize_t max_bytes, *,
-                 str admission="lru", clock=None):
+                 str admission="lru", clock=None, bint charge_overhead=False):
         if max_entries < 1 or max_bytes < 1:
             raise ValueError("max_entries and max_bytes must be >= 1")
         if max_entries > _MAX_ENTRIES:
@@ -117,6 +208,7 @@ cdef class L1Cache:
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         self._clock = clock
+        self._charge_overhead = charge_overhead
         self._tinylfu = admission == "tinylfu"
         self._window_n = max(1, max_entries // 100)
         self._window_b = max(1, max_bytes // 100)
@@ -174,29 +266,82 @@ cdef class L1Cache:
         return 0
 
     cdef int _grow(self) except -1:
-        # Double the slots (at most max_entries + 1 live: set() inserts before it evicts)
-        # and, when the index would pass half full, rebuild it twice as wide.
-        cdef Py_ssize_t cap = min(2 * self._cap, self._max_entries + 1 + FIRST_SLOT)
-        cdef Py_ssize_t width = <Py_ssize_t>self._mask + 1
-        cdef Py_ssize_t s
+        # A quarter more slots (at most max_entries + 1 live: set() inserts before it
+        # evicts): by quarters, not doubling, so that the slack stays within what
+        # ENTRY_OVERHEAD charges. The index grows with the entries (set()).
+        cdef Py_ssize_t cap = min(self._cap + max(self._cap // 4, 16),
+                                  self._max_entries + 1 + FIRST_SLOT)
         cdef Slot* slots = <Slot*>PyMem_Realloc(self._slots, cap * sizeof(Slot))
-        cdef uint64_t* index
         if slots == NULL:
             raise MemoryError()
         memset(&slots[self._cap], 0, (cap - self._cap) * sizeof(Slot))
         self._slots, self._cap = slots, cap
-        if 2 * cap <= width:
-            return 0
-        while width < 2 * cap:
-            width <<= 1
-        index = <uint64_t*>PyMem_Calloc(width, sizeof(uint64_t))
+        return 0
+
+    cdef int _rehash(self, Py_ssize_t width) except -1:
+        # A new index `width` words wide (a power of two) over the live slots.
+        cdef uint64_t* index = <uint64_t*>PyMem_Calloc(width, sizeof(uint64_t))
+        cdef Py_ssize_t s
         if index == NULL:
             raise MemoryError()
         PyMem_Free(self._index)
         self._index, self._mask = index, <uint64_t>(width - 1)
         for s in range(FIRST_SLOT, self._used):
-            if slots[s].key != NULL:
-                index_insert(index, self._mask, slots[s].hash, s)
+            if self._slots[s].key != NULL:
+                index_insert(index, self._mask, self._slots[s].hash, s)
+        return 0
+
+    cdef int _compact(self) except -1:
+        # Renumber the live slots FIRST_SLOT.. in order into storage sized for them (a
+        # quarter to spare), with a fresh index and group index, so that a cache which
+        # held many more entries than now gives that memory back instead of keeping it
+        # uncharged. Only at the start of set(), when no slot number is held anywhere;
+        # unobservable otherwise (the lists keep their order, chains their groups).
+        cdef Py_ssize_t n = self._count, used = self._used, s, t
+        cdef Py_ssize_t cap = min(max(n + n // 4 + 1, min(_FIRST_CAP, self._max_entries + 1)),
+                                  self._max_entries + 1) + FIRST_SLOT
+        cdef Py_ssize_t width = 16
+        cdef Slot* old = self._slots
+        cdef Slot* slots
+        cdef uint64_t* index
+        cdef int32_t* where
+        cdef GroupIndex groups
+        while width < 2 * (n + 1):
+            width <<= 1
+        slots = <Slot*>PyMem_Calloc(cap, sizeof(Slot))
+        index = <uint64_t*>PyMem_Calloc(width, sizeof(uint64_t))
+        where = <int32_t*>PyMem_Calloc(used, sizeof(int32_t))
+        try:
+            if slots == NULL or index == NULL or where == NULL:
+                raise MemoryError()
+            t = FIRST_SLOT
+            for s in range(used):
+                if s < FIRST_SLOT:
+                    where[s] = <int32_t>s
+                    slots[s] = old[s]
+                elif old[s].key != NULL:
+                    where[s] = <int32_t>t
+                    slots[t] = old[s]
+                    t += 1
+            groups = self._groups.renumbered(where, used)
+        except BaseException:
+            PyMem_Free(slots)
+            PyMem_Free(index)
+            PyMem_Free(where)
+            raise
+        for t in range(FIRST_SLOT + n):
+            slots[t].prev = where[slots[t].prev]
+            slots[t].next = where[slots[t].next]
+            if t >= FIRST_SLOT:
+                index_insert(index, <uint64_t>(width - 1), slots[t].hash, t)
+        PyMem_Free(where)
+        PyMem_Free(old)
+        PyMem_Free(self._index)
+        self._slots, self._index, self._mask = slots, index, <uint64_t>(width - 1)
+        self._cap, self._used, self._free = cap, FIRST_SLOT + n, -1
+        if self._charge_overhead:
+            self._bytes += groups._charge - self._groups._charge  # the same groups: 0
+        self._groups = groups
         return 0
 
     cdef Py_ssize_t _new_slot(self) except -1:
@@ -282,8 +427,11 @@ cdef class L1Cache:
         cdef Slot* slot = &self._slots[s]
         cdef PyObject* key = slot.key
         cdef PyObject* value = slot.value
+        cdef Py_ssize_t groups_before = self._groups._charge
         self._unlink(s)
         self._groups.leave(s)
+        if self._charge_overhead:
+            self._bytes -= groups_before - self._groups._charge
         index_delete(self._index, self._mask, slot.hash, s)
         self._count -= 1
         self._bytes -= slot.size
@@ -295,6 +443,19 @@ cdef class L1Cache:
         self._free = s
         Py_DECREF(<object>key)
         Py_DECREF(<object>value)
+        return 0
+
+    cdef int _regroup(self, Py_ssize_t s, tuple groups) except -1:
+        # Slot `s` leaves its groups and joins `groups` (all or none); with
+        # charge_overhead, the records of groups created or emptied are charged.
+        cdef Py_ssize_t before = self._groups._charge
+        self._groups.leave(s)
+        try:
+            if groups:
+                self._groups.join(s, groups)
+        finally:
+            if self._charge_overhead:
+                self._bytes += self._groups._charge - before
         return 0
 
     cdef int _drop(self, Py_ssize_t s, double now, bint refused) except -1:
@@ -464,6 +625,10 @@ cdef class L1Cache:
         if not ttl > 0:
             raise ValueError("ttl must be > 0 seconds")
         check_names(groups)
+        if self._charge_overhead:
+            size += _ENTRY_OVERHEAD + _MEMBERSHIP_OVERHEAD * distinct_names(groups)
+        if self._cap > _FIRST_CAP + FIRST_SLOT and 2 * self._count < self._cap - FIRST_SLOT:
+            self._compact()
         now = self._now()
         h = cg_str_hash(<PyObject*>key)
         s = index_find(self._index, self._mask, self._slots, <PyObject*>key, h)
@@ -480,9 +645,8 @@ cdef class L1Cache:
             slot.expires = now + ttl
             self._touch(s)
             if not self._groups.same(s, groups):
-                self._groups.leave(s)
                 try:
-                    self._groups.join(s, groups)
+                    self._regroup(s, groups)
                 except BaseException:
                     self._remove(s)  # never cached with fewer groups than it was given
                     raise
@@ -492,6 +656,8 @@ cdef class L1Cache:
             slot.value = <PyObject*>value
             Py_DECREF(<object>old)
         else:
+            if 2 * (self._count + 1) > <Py_ssize_t>self._mask + 1:
+                self._rehash(2 * (<Py_ssize_t>self._mask + 1))  # at most half full
             self._order._insert(<PyObject*>key)
             try:
                 s = self._new_slot()
@@ -514,7 +680,7 @@ cdef class L1Cache:
             self._bytes += size
             if groups:
                 try:
-                    self._groups.join(s, groups)
+                    self._regroup(s, groups)
                 except BaseException:
                     self._remove(s)
                     raise
@@ -624,6 +790,10 @@ cdef class L1Cache:
     def admission(self):
         return "tinylfu" if self._tinylfu else "lru"
 
+    @property
+    def charge_overhead(self):
+        return self._charge_overhead
+
     def stats(self):
         return {
             "hits": self._hits,
@@ -672,6 +842,16 @@ cdef class L1Cache:
             if self._find(k) < 0:
                 raise AssertionError(f"{k!r} is in the order but not in the cache")
         self._groups._check(self._slots, self._used)
+
+    def _footprint(self):
+        """Bytes the L1's own structures have allocated, by structure (the entries'
+        keys and values, group names and the TinyLFU sketch aside; tests, benchmarks)."""
+        return {
+            "slots": self._cap * <Py_ssize_t>sizeof(Slot),
+            "index": (<Py_ssize_t>self._mask + 1) * <Py_ssize_t>sizeof(uint64_t),
+            "key_order": self._order._footprint(),
+            "groups": self._groups._footprint(),
+        }
 
     def segments(self):
         """Entry counts per list: {'lru'} or {'window', 'probation', 'protected'} (tests)."""

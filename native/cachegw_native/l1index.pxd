@@ -2,9 +2,10 @@
 # memberships (delete_group). Both are plain C arrays; neither calls back into Python.
 cimport cython
 from cpython.object cimport PyObject
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport int32_t, uint64_t
 
-from cachegw_native.table cimport Slot
+from cachegw_native.table cimport Slot, cg_str_eq
 
 
 @cython.final
@@ -26,6 +27,7 @@ cdef class KeyOrder:
     cdef int _remove(self, PyObject* key) except -1
     cdef list _take_prefix(self, PyObject* prefix)
     cdef int _check(self) except -1
+    cdef Py_ssize_t _footprint(self) noexcept
 
 
 cdef struct Group:
@@ -63,6 +65,7 @@ cdef class GroupIndex:
     cdef Py_ssize_t _nmembers
     cdef int32_t* _first          # per slot number: its first member node, 0 = none
     cdef Py_ssize_t _first_cap
+    cdef Py_ssize_t _charge       # GROUP_OVERHEAD + the name's allocation, per group
 
     cdef int32_t _find(self, PyObject* name, Py_hash_t h) noexcept
     cdef int _reserve(self, Py_ssize_t s, Py_ssize_t k) except -1
@@ -71,6 +74,8 @@ cdef class GroupIndex:
     cdef bint same(self, Py_ssize_t s, tuple names) noexcept
     cdef Py_ssize_t size(self, PyObject* name) except -1
     cdef list keys_of(self, PyObject* name, const Slot* slots)
+    cdef GroupIndex renumbered(self, const int32_t* where, Py_ssize_t used)
+    cdef Py_ssize_t _footprint(self) noexcept
     cdef int _check(self, const Slot* slots, Py_ssize_t used) except -1
 
 
@@ -81,3 +86,20 @@ cdef inline int check_names(tuple names) except -1:
         if not isinstance(name, str):
             raise TypeError(f"group names must be str, not {type(name).__name__}")
     return 0
+
+
+cdef inline Py_ssize_t distinct_names(tuple names) noexcept:
+    # How many groups `names` (str, checked) makes an entry a member of: a repeated name
+    # counts once. O(k^2) over a handful of names.
+    cdef Py_ssize_t k = PyTuple_GET_SIZE(names), i, j, n = 0
+    cdef PyObject* a
+    cdef PyObject* b
+    for i in range(k):
+        a = PyTuple_GET_ITEM(names, i)
+        for j in range(i):
+            b = PyTuple_GET_ITEM(names, j)
+            if a == b or cg_str_eq(a, b):
+                break
+        else:
+            n += 1
+    return n

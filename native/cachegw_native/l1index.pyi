@@ -1,6 +1,9 @@
 """Typed face of the L1's secondary indexes (l1index.pyx); internal to L1Cache, exposed
 for the tests."""
 
+# Bytes charged per group with members (besides its name) by L1Cache(charge_overhead=True).
+GROUP_OVERHEAD: int
+
 class KeyOrder:
     """Sorted str keys in chunks of at most `chunk` (>= 4)."""
 

@@ -25,7 +25,15 @@ from libc.stdint cimport int32_t, uint64_t
 from libc.string cimport memcpy, memmove, memset
 
 from cachegw_native.sketch cimport CG_U32_MAX
-from cachegw_native.table cimport Slot, cg_str_eq, cg_str_hash, index_delete, index_insert
+from cachegw_native.table cimport (
+    Slot,
+    cg_allocated,
+    cg_str_eq,
+    cg_str_hash,
+    cg_str_size,
+    index_delete,
+    index_insert,
+)
 
 cdef extern from *:
     """
@@ -71,6 +79,19 @@ cdef extern from *:
 
 cdef Py_ssize_t _CHUNK = 512
 cdef Py_ssize_t _MAX_ID = 0x7FFFFFFF  # member nodes and group records are int32 numbers
+
+# The memory of one group with members, besides its name string: its 32-byte record and
+# its words in the name table (16-32 bytes per record), with the arrays' growth slack
+# (25 %). Charged, with the name's allocation, by an L1Cache(charge_overhead=True).
+GROUP_OVERHEAD = 64
+cdef Py_ssize_t _GROUP_OVERHEAD = GROUP_OVERHEAD
+
+
+cdef inline Py_ssize_t _grown(Py_ssize_t cap, Py_ssize_t need) noexcept:
+    # Arrays grow by a quarter (at least to `need`), so that at most a fifth of what they
+    # hold is slack: the L1 charges its memory per entry, and doubling would leave up to
+    # half of it unaccounted for.
+    return max(cap + cap // 4, need)
 
 
 cdef class KeyOrder:
@@ -195,7 +216,15 @@ cdef class KeyOrder:
             else:
                 c = self._n - 1
                 p = self._lens[c]
-        if self._lens[c] == self._cap:
+        if self._lens[c] == self._cap and p == self._cap and c == self._n - 1:
+            # Past the last key: a chunk of its own, so that keys added in rising order
+            # leave full chunks behind rather than the halves of splits.
+            self._open(c + 1)
+            c += 1
+            p = 0
+        elif self._lens[c] == self._cap and p == 0 and c == 0:
+            self._open(0)  # before the first key: likewise, for falling order
+        elif self._lens[c] == self._cap:
             self._open(c + 1)
             half = self._cap // 2
             memcpy(self._chunks[c + 1], &self._chunks[c][half],
@@ -278,6 +307,12 @@ cdef class KeyOrder:
             raise AssertionError(f"{total} keys in chunks, {self._len} counted")
         return 0
 
+    cdef Py_ssize_t _footprint(self) noexcept:
+        # Bytes allocated: the chunks and the chunk table.
+        return self._n * self._cap * sizeof(PyObject*) + self._room * (
+            sizeof(PyObject**) + sizeof(Py_ssize_t)
+        )
+
     def __len__(self):
         return self._len
 
@@ -353,7 +388,7 @@ cdef class GroupIndex:
         cdef void* p
         cdef uint64_t* index
         if s >= self._first_cap:
-            cap = max(64, 2 * self._first_cap, s + 1)
+            cap = _grown(self._first_cap, max(64, s + 1))
             p = PyMem_Realloc(self._first, cap * sizeof(int32_t))
             if p == NULL:
                 raise MemoryError()
@@ -361,7 +396,7 @@ cdef class GroupIndex:
             memset(&self._first[self._first_cap], 0, (cap - self._first_cap) * sizeof(int32_t))
             self._first_cap = cap
         if self._members_used + k > self._members_cap:
-            cap = max(2 * self._members_cap, self._members_used + k)
+            cap = _grown(self._members_cap, self._members_used + k)
             if cap > _MAX_ID:
                 raise MemoryError("too many group memberships")
             p = PyMem_Realloc(self._members, cap * sizeof(Member))
@@ -369,7 +404,7 @@ cdef class GroupIndex:
                 raise MemoryError()
             self._members, self._members_cap = <Member*>p, cap
         if self._groups_used + k > self._groups_cap:
-            cap = max(2 * self._groups_cap, self._groups_used + k)
+            cap = _grown(self._groups_cap, self._groups_used + k)
             if cap > _MAX_ID:
                 raise MemoryError("too many groups")
             width = <Py_ssize_t>self._mask + 1
@@ -423,6 +458,7 @@ cdef class GroupIndex:
                 self._groups[g].head = 0
                 index_insert(self._index, self._mask, h, g)
                 self._ngroups += 1
+                self._charge += _GROUP_OVERHEAD + cg_allocated(cg_str_size(name))
             else:
                 head = self._groups[g].head  # never 0: a group without members is gone
                 if self._members[head].slot == s:
@@ -472,6 +508,7 @@ cdef class GroupIndex:
             if grp.count == 0:
                 index_delete(self._index, self._mask, grp.hash, g)
                 name = grp.name
+                self._charge -= _GROUP_OVERHEAD + cg_allocated(cg_str_size(name))
                 grp.name = NULL
                 grp.head = self._free_group
                 self._free_group = g
@@ -514,14 +551,34 @@ cdef class GroupIndex:
             m = self._members[m].next
         return out
 
+    cdef GroupIndex renumbered(self, const int32_t* where, Py_ssize_t used):
+        # A new index with the same memberships, slot s becoming where[s] (for the slots
+        # below `used` that have any), built compactly: the L1's compaction. Each slot's
+        # chain keeps its order, so same() answers as before.
+        cdef GroupIndex out = GroupIndex()
+        cdef Py_ssize_t s
+        cdef int32_t m
+        cdef list names
+        for s in range(min(used, self._first_cap)):
+            m = self._first[s]
+            if m == 0:
+                continue
+            names = []
+            while m != 0:
+                names.append(<object>self._groups[self._members[m].group].name)
+                m = self._members[m].sibling
+            out.join(where[s], tuple(names))
+        return out
+
     cdef int _check(self, const Slot* slots, Py_ssize_t used) except -1:
         # Every list agrees with every chain, counts and the name table (tests).
-        cdef Py_ssize_t g, s, n, total = 0, groups = 0, chained = 0
+        cdef Py_ssize_t g, s, n, total = 0, groups = 0, chained = 0, charge = 0
         cdef int32_t m, prev
         for g in range(1, self._groups_used):
             if self._groups[g].name == NULL:
                 continue
             groups += 1
+            charge += _GROUP_OVERHEAD + cg_allocated(cg_str_size(self._groups[g].name))
             if self._find(self._groups[g].name, self._groups[g].hash) != g:
                 raise AssertionError(f"group {g} is not found by its name")
             n, prev, m = 0, 0, self._groups[g].head
@@ -547,7 +604,18 @@ cdef class GroupIndex:
                 f"{groups} groups ({self._ngroups} counted), {total} listed members, "
                 f"{chained} chained, {self._nmembers} counted"
             )
+        if charge != self._charge:
+            raise AssertionError(f"groups charged {self._charge} bytes, {charge} expected")
         return 0
+
+    cdef Py_ssize_t _footprint(self) noexcept:
+        # Bytes allocated: records, name table, member nodes, per-slot chain heads.
+        return (
+            self._groups_cap * sizeof(Group)
+            + (<Py_ssize_t>self._mask + 1) * sizeof(uint64_t)
+            + self._members_cap * sizeof(Member)
+            + self._first_cap * sizeof(int32_t)
+        )
 
     def __len__(self):
         """Groups with at least one member."""

@@ -30,9 +30,29 @@ cdef extern from *:
         Py_hash_t h = ((PyASCIIObject *)s)->hash;
         return h != -1 ? h : PyObject_Hash(s);
     }
+    /* What an allocation of n bytes takes: pymalloc's 16-byte size classes up to 512
+       bytes, else a glibc malloc chunk (8 bytes of header, 16-byte aligned), and from
+       128 KiB (malloc's mmap threshold) whole pages. */
+    static inline Py_ssize_t cg_allocated(Py_ssize_t n) {
+        if (n <= 512)
+            return (n + 15) & ~(Py_ssize_t)15;
+        if (n + 16 >= 128 * 1024)
+            return (n + 16 + 4095) & ~(Py_ssize_t)4095;
+        return (n + 8 + 15) & ~(Py_ssize_t)15;
+    }
+    /* A str object's size from its length and kind alone (sys.getsizeof of a compact
+       str without a cached UTF-8 copy). */
+    static inline Py_ssize_t cg_str_size(PyObject *s) {
+        Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+        if (PyUnicode_IS_COMPACT_ASCII(s))
+            return (Py_ssize_t)sizeof(PyASCIIObject) + n + 1;
+        return (Py_ssize_t)sizeof(PyCompactUnicodeObject) + (n + 1) * PyUnicode_KIND(s);
+    }
     """
     int cg_str_eq(PyObject* a, PyObject* b) noexcept nogil
     Py_hash_t cg_str_hash(PyObject* s) except? -1
+    Py_ssize_t cg_allocated(Py_ssize_t n) noexcept nogil
+    Py_ssize_t cg_str_size(PyObject* s) noexcept nogil
 
 
 cdef struct Slot:

@@ -7,12 +7,14 @@ step by step, favouring obviousness over speed; the gateway never imports them.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from cachegw_native.coalescer import LoadCancelledError
+from cachegw_native.l1 import ENTRY_OVERHEAD, GROUP_OVERHEAD, MEMBERSHIP_OVERHEAD
 
 T = TypeVar("T")
 
@@ -41,6 +43,34 @@ def pow2_at_least(n: int) -> int:
     while w < n:
         w <<= 1
     return w
+
+
+def allocated(n: int) -> int:
+    """What an allocation of n bytes takes: pymalloc's 16-byte classes up to 512 bytes,
+    a malloc chunk (8 bytes more, 16-aligned) above, whole pages from 128 KiB."""
+    if n <= 512:
+        return -(-n // 16) * 16
+    if n + 16 >= 128 * 1024:
+        return -(-(n + 16) // 4096) * 4096
+    return -(-(n + 8) // 16) * 16
+
+
+_ASCII_STR = sys.getsizeof("") - 1  # the header of a compact ASCII str
+_COMPACT_STR = sys.getsizeof(b"\xe9\xe9".decode("latin-1")) - 3  # of any other str
+
+
+def str_size(s: str) -> int:
+    """sys.getsizeof(s) for a str without a cached UTF-8 copy."""
+    if s.isascii():
+        return _ASCII_STR + len(s) + 1
+    top = max(map(ord, s))
+    kind = 1 if top < 0x100 else 2 if top < 0x10000 else 4
+    return _COMPACT_STR + (len(s) + 1) * kind
+
+
+def group_charge(name: str) -> int:
+    """What a group with members is charged, with charge_overhead."""
+    return GROUP_OVERHEAD + allocated(str_size(name))
 
 
 class FrequencySketchModel:
@@ -142,9 +172,15 @@ class L1Model:
     agree with, whatever way an entry left."""
 
     def __init__(
-        self, max_entries: int, max_bytes: int, admission: str, clock: Callable[[], float]
+        self,
+        max_entries: int,
+        max_bytes: int,
+        admission: str,
+        clock: Callable[[], float],
+        charge_overhead: bool = False,
     ) -> None:
         self.max_entries, self.max_bytes, self.clock = max_entries, max_bytes, clock
+        self.charge_overhead = charge_overhead
         self.tinylfu = admission == "tinylfu"
         self.segs: list[OrderedDict[str, _Entry]] = [OrderedDict() for _ in range(3)]
         self.window_n = max(1, max_entries // 100)
@@ -173,7 +209,12 @@ class L1Model:
 
     @property
     def nbytes(self) -> int:
-        return sum(self._seg_bytes(i) for i in range(3))
+        """Entries' charges, and with charge_overhead each group with members."""
+        total = sum(self._seg_bytes(i) for i in range(3))
+        if self.charge_overhead:
+            names = {name for seg in self.segs for e in seg.values() for name in e.groups}
+            total += sum(map(group_charge, names))
+        return total
 
     def _over(self) -> bool:
         return len(self) > self.max_entries or self.nbytes > self.max_bytes
@@ -285,6 +326,8 @@ class L1Model:
     def set(
         self, key: str, value: object, size: int, ttl: float, groups: tuple[str, ...] = ()
     ) -> bool:
+        if self.charge_overhead:
+            size += ENTRY_OVERHEAD + MEMBERSHIP_OVERHEAD * len(set(groups))
         now = self.clock()
         entry = self._find(key)
         if size > self.max_bytes:

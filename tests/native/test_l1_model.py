@@ -2,7 +2,10 @@
 groups that force entry- and byte-bound evictions, reads, deletes by key, prefix and
 group, clears, clock advances) must be indistinguishable through every observable: return
 values, counters, sizes, hottest keys, group sizes; and the native key order and group
-index must agree with the entries after every step, whichever way an entry left.
+index must agree with the entries after every step, whichever way an entry left. With
+charge_overhead, bytes include the L1's own memory (per entry, membership and group), and
+bulk fills and removals make the native storage grow and compact itself, which must not
+show.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ KEYS = st.one_of(
     st.integers(0, 300).map(lambda i: f"c{i}"),
     st.sampled_from(UNICODE_KEYS),
 )
-PREFIXES = ["a", "ab", "b1", "c", "c2", "c29", "zz", "é", "日本", "🙂", "\x00", ""]
+PREFIXES = ["a", "ab", "b1", "c", "c2", "c29", "m", "m1", "zz", "é", "日本", "🙂", "\x00", ""]
 GROUP_NAMES = ["c:catalog", "c:user", "t:1", "t:2", "t:é", "t:日本", "t:🙂"]
 GROUPS = st.lists(st.sampled_from(GROUP_NAMES), max_size=4).map(tuple)
 TTLS = st.sampled_from([0.5, 1.0, 2.5, 10.0, 1e6])
@@ -39,11 +42,20 @@ class L1Machine(RuleBasedStateMachine):
     @initialize(
         admission=st.sampled_from(["lru", "tinylfu"]),
         max_entries=st.one_of(st.integers(1, 10), st.integers(100, 220)),
-        max_bytes=st.integers(1, 400),
+        max_bytes=st.one_of(st.integers(1, 400), st.integers(400, 4000), st.integers(4000, 60_000)),
+        charge_overhead=st.booleans(),
     )
-    def start(self, admission: str, max_entries: int, max_bytes: int) -> None:
-        self.native = L1Cache(max_entries, max_bytes, admission=admission, clock=self.clock)
-        self.model = L1Model(max_entries, max_bytes, admission, self.clock)
+    def start(
+        self, admission: str, max_entries: int, max_bytes: int, charge_overhead: bool
+    ) -> None:
+        self.native = L1Cache(
+            max_entries,
+            max_bytes,
+            admission=admission,
+            clock=self.clock,
+            charge_overhead=charge_overhead,
+        )
+        self.model = L1Model(max_entries, max_bytes, admission, self.clock, charge_overhead)
 
     @rule(key=KEYS, size=st.integers(0, 60), ttl=TTLS, groups=GROUPS)
     def set(self, key: str, size: int, ttl: float, groups: tuple[str, ...]) -> None:
@@ -54,6 +66,13 @@ class L1Machine(RuleBasedStateMachine):
             assert self.native.set(key, value, size, ttl, groups) == expected
         else:
             assert self.native.set(key, value, size, ttl) == expected
+
+    @rule(start=st.integers(0, 300), count=st.integers(40, 160), groups=GROUPS)
+    def fill_many(self, start: int, count: int, groups: tuple[str, ...]) -> None:
+        """A burst of new keys (m<n>), enough to grow the native storage past its first
+        size; removing them (prefix "m", their groups) then lets it compact."""
+        for i in range(start, start + count):
+            self.set(f"m{i}", 0, 1e6, groups)
 
     @rule(key=KEYS)
     def get(self, key: str) -> None:

@@ -56,6 +56,13 @@ class KeyOrderMachine(RuleBasedStateMachine):
         for key in keys:
             self.add(key)
 
+    @rule(keys=st.lists(TEXT, min_size=5, max_size=30), descending=st.booleans())
+    def add_run(self, keys: list[str], descending: bool) -> None:
+        """Keys in rising (or falling) order: appends past the last key (before the
+        first) open chunks of their own instead of splitting full ones."""
+        for key in sorted(keys, reverse=descending):
+            self.add(key)
+
     @rule(key=TEXT)
     def discard(self, key: str) -> None:
         assert self.order.discard(key) == (key in self.model)
@@ -106,6 +113,20 @@ def test_chunks_split_and_merge_back() -> None:
     assert order.take_prefix("k0") == [k for k in keys[3::4] if k.startswith("k0")]
     assert order.take_prefix("") == [k for k in keys[3::4] if not k.startswith("k0")]
     assert order.chunk_sizes() == [] and order.keys() == []
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_keys_in_order_fill_their_chunks(descending: bool) -> None:
+    """Keys added in rising (falling) order leave full chunks behind, not the halves of
+    splits: 8 bytes per key in the L1's key order, not 16."""
+    order = KeyOrder(8)
+    keys = [f"k{i:04}" for i in range(1000)]
+    for k in sorted(keys, reverse=descending):
+        order.add(k)
+    assert order.chunk_sizes() == [8] * 125
+    order.add("k0500x")  # inside a full chunk: split as before
+    assert sorted(order.chunk_sizes()) == [4, 5] + [8] * 124
+    assert order.keys() == sorted([*keys, "k0500x"])
 
 
 def test_keys_are_owned_and_released() -> None:

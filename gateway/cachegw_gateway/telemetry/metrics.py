@@ -70,7 +70,8 @@ _GATEWAY_HELP = {
 }
 _L1_GAUGES = {
     "entries": "Entries in the L1 now.",
-    "bytes": "Bytes the L1 holds now (keys, answers, per-entry overhead).",
+    "bytes": "Memory the L1's entries take now, as charged against l1.max_bytes (keys, "
+    "answers and the objects around them as allocated, the L1's own structures).",
     "max_entries": "The L1's entry bound.",
     "max_bytes": "The L1's byte bound.",
 }
