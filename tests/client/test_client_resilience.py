@@ -76,7 +76,7 @@ async def _flaky(failures: int) -> tuple[grpc.aio.Server, Flaky, str]:
 
 async def test_reads_and_removals_are_retried_on_unavailable_writes_are_not() -> None:
     server, flaky, address = await _flaky(failures=2)
-    client = AsyncClient(address)
+    client = AsyncClient(address, batch_gets=False)  # unary Gets: this server has no GetMany
     try:
         assert await client.get("k") == b"v"
         await client.delete("k")
@@ -91,7 +91,8 @@ async def test_reads_and_removals_are_retried_on_unavailable_writes_are_not() ->
 
 async def test_retries_give_up_after_four_attempts_and_can_be_turned_off() -> None:
     server, flaky, address = await _flaky(failures=10)
-    client, plain = AsyncClient(address), AsyncClient(address, retries=False)
+    client = AsyncClient(address, batch_gets=False)
+    plain = AsyncClient(address, retries=False, batch_gets=False)
     try:
         with pytest.raises(Unavailable):
             await client.get("k")

@@ -18,7 +18,7 @@ from typing import Any, Self, TypeVar
 import grpc
 import grpc.aio
 
-from cachegw import _calls, _channel, _protocol, _tracing
+from cachegw import _batcher, _calls, _channel, _protocol, _tracing
 from cachegw._calls import DEFAULT, Call, Timeout
 from cachegw._protocol import Load, NearCacheKeeper, Rpc, Step, Steps
 from cachegw.client import DEFAULT_TARGET
@@ -53,6 +53,7 @@ class AsyncClient:
         channel_options: Sequence[tuple[str, Any]] = (),
         near_cache: NearCache | None = None,
         retries: bool = True,
+        batch_gets: bool = True,
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -66,6 +67,10 @@ class AsyncClient:
         )
         self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)
         self.near_cache = near_cache
+        # `get()`s of one event-loop tick share one GetMany (see _batcher.py).
+        self._batcher = (
+            _batcher.GetBatcher(self._fetch_batch, self._fetch_one) if batch_gets else None
+        )
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stream_task: asyncio.Task[None] | None = None
@@ -75,17 +80,37 @@ class AsyncClient:
             )
 
     async def get(self, key: str, *, timeout: Timeout = DEFAULT) -> bytes | None:  # noqa: ASYNC109
-        """The value of `key`, or None on a miss (from the near cache when it has it)."""
+        """The value of `key`, or None on a miss (from the near cache when it has it).
+
+        Concurrent `get()`s are sent together as one GetMany unless the client was made
+        with ``batch_gets=False`` (see _batcher.py)."""
+        near = self.near_cache
+        if near is not None:
+            value = near.get(key)
+            if value is not None:
+                return value
+        if self._batcher is not None:
+            _calls.get(key)  # a bad key fails its own caller here, not the batch
+            return await self._batcher.get(key, _calls.deadline(self.timeout, timeout))
+        return await self._fetch_one(key, _calls.deadline(self.timeout, timeout))
+
+    async def _fetch_one(self, key: str, timeout: float | None) -> bytes | None:  # noqa: ASYNC109
         near = self.near_cache
         if near is None:
             return await self._call(self._stub.Get, _calls.get(key), timeout)
-        value = near.get(key)
-        if value is not None:
-            return value
         ticket = near.ticket()
         entry = await self._call(self._stub.Get, _calls.lookup(key, **_calls.PLAIN), timeout)
         near.fill(key, entry, ticket)
         return entry.value
+
+    async def _fetch_batch(self, keys: list[str], timeout: float | None) -> list[bytes | None]:  # noqa: ASYNC109
+        near = self.near_cache
+        if near is None:
+            return await self._call(self._stub.GetMany, _calls.get_many(keys), timeout)
+        ticket = near.ticket()
+        call = _calls.lookup_many(keys, allow_stale=False)
+        entries: list[Entry] = await self._call(self._stub.GetMany, call, timeout)
+        return near.fill_many(keys, [None] * len(keys), entries, ticket)
 
     async def lookup(
         self,
@@ -407,6 +432,8 @@ class AsyncClient:
                 await self._stream_task
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
+        if self._batcher is not None:
+            await self._batcher.close()
         await self._channel.close(None)
 
     async def __aenter__(self) -> Self:
