@@ -263,7 +263,8 @@ async def test_a_prefix_event_leaves_unrelated_lease_waiters_alone(
         b.stub.Get(pb.GetRequest(key="slow:k", lease=True, max_wait_ms=5000)) for _ in range(20)
     ]
     await eventually(lambda: b.server.cache.leases.held("slow:k"))
-    await asyncio.sleep(0.1)  # all of them waiting
+    # All of them waiting (a fixed sleep here raced the waiters' first reads under load).
+    await eventually(lambda: b.server.stats.classes["default"].lease_waits >= len(waiters))
     reads = b.server.cache.reads.flights
     received = b.server.stats.invalidations_received
     await a.stub.Invalidate(pb.InvalidateRequest(prefixes=["other:"], classes=[]))

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -151,6 +151,11 @@ def families(snap: Snapshot) -> Iterator[Metric]:
         "Round trip of the last successful Redis health probe (PING).",
         value=snap.redis_ping_seconds,
     )
+    yield GaugeMetricFamily(
+        f"{P}asyncio_tasks",
+        "asyncio tasks alive in the gateway process (steady under steady load).",
+        value=snap.process.get("asyncio_tasks", 0),
+    )
 
     for key, doc in _L1_GAUGES.items():
         yield GaugeMetricFamily(f"{P}l1_{key}", doc, value=snap.l1.get(key, 0))
@@ -237,6 +242,8 @@ class MetricsServer:
         host, _, port = self.listen.rpartition(":")
         registry = CollectorRegistry(auto_describe=False)
         registry.register(SnapshotCollector(asyncio.get_running_loop(), self._take))
+        # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
+        ProcessCollector(registry=registry)
         self._httpd, self._thread = start_http_server(int(port), host.strip("[]"), registry)
         self.port = self._httpd.server_port
         return self.port

@@ -7,7 +7,10 @@ request path changes for it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +63,9 @@ class Snapshot:
     redis_error_replies: dict[str, int] = field(default_factory=dict)  # kind -> count
     # Redis Cluster: node -> breaker state (breaker.py), the nodes not closed.
     breaker_nodes: dict[str, int] = field(default_factory=dict)
+    # The process: resident memory, open file descriptors, asyncio tasks (a soak's
+    # figures: none of them may grow under steady load).
+    process: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,7 +108,21 @@ class Sources:
             hot_keys=self.hotkeys.top(min(top_keys, MAX_TOP_KEYS)) if top_keys > 0 else [],
             redis_error_replies=dict(s.error_replies),
             breaker_nodes=dict(s.breaker_nodes),
+            process=process_figures(),
         )
+
+
+def process_figures() -> dict[str, int]:
+    """RSS (bytes), open file descriptors and asyncio tasks of this process, now (Linux
+    /proc; 0 where not available). Called on the event loop."""
+    out = {"rss_bytes": 0, "open_fds": 0, "asyncio_tasks": 0}
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/statm") as statm:
+        out["rss_bytes"] = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError):
+        out["open_fds"] = len(os.listdir("/proc/self/fd"))
+    with contextlib.suppress(RuntimeError):
+        out["asyncio_tasks"] = len(asyncio.all_tasks())
+    return out
 
 
 def hit_rate(counts: dict[str, int]) -> float:
@@ -156,6 +176,7 @@ def stats_response(snap: Snapshot, classes: Sequence[str] = ()) -> pb.StatsRespo
             },
         ),
         l1=pb.L1Stats(**{k: v for k, v in l1.items() if k in pb.L1Stats.DESCRIPTOR.fields_by_name}),
+        process=pb.ProcessStats(**snap.process),
         admission=pb.AdmissionStats(
             rpcs_in_flight=g.get("rpcs_in_flight", 0),
             rpcs_shed=g.get("rpcs_shed", 0),

@@ -45,6 +45,17 @@ def _tracer() -> Tracer | None:
     return provider.get_tracer(INSTRUMENTATION_NAME)
 
 
+def recording() -> bool:
+    """Whether the caller is inside a sampled span of the application's trace: then its
+    call goes out on its own, so that the trace shows it (auto-batching would send it in
+    another caller's GetMany, under that caller's trace)."""
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        return False
+    return trace.get_current_span().is_recording()
+
+
 def intercept(channel: grpc.Channel) -> grpc.Channel:
     """`channel`, with the tracing interceptor when the application traces."""
     tracer = _tracer()

@@ -83,13 +83,14 @@ class AsyncClient:
         """The value of `key`, or None on a miss (from the near cache when it has it).
 
         Concurrent `get()`s are sent together as one GetMany unless the client was made
-        with ``batch_gets=False`` (see _batcher.py)."""
+        with ``batch_gets=False`` (see _batcher.py); a `get()` inside a sampled span of
+        the application's trace goes out on its own, so that its trace shows it."""
         near = self.near_cache
         if near is not None:
             value = near.get(key)
             if value is not None:
                 return value
-        if self._batcher is not None:
+        if self._batcher is not None and not _tracing.recording():
             _calls.get(key)  # a bad key fails its own caller here, not the batch
             return await self._batcher.get(key, _calls.deadline(self.timeout, timeout))
         return await self._fetch_one(key, _calls.deadline(self.timeout, timeout))

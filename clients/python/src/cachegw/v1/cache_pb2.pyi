@@ -1018,6 +1018,7 @@ class StatsResponse(_message.Message):
     TRACE_EXPORTER_FIELD_NUMBER: _builtins.int
     TRACE_SAMPLE_RATIO_FIELD_NUMBER: _builtins.int
     ADMISSION_FIELD_NUMBER: _builtins.int
+    PROCESS_FIELD_NUMBER: _builtins.int
     gateway_id: _builtins.str
     uptime_ms: _builtins.int
     envelope_mismatches: _builtins.int
@@ -1062,6 +1063,8 @@ class StatsResponse(_message.Message):
     def admission(self) -> Global___AdmissionStats:
         """What the gateway refused at once rather than queue (docs/config.md, "Admission")."""
 
+    @_builtins.property
+    def process(self) -> Global___ProcessStats: ...
     def __init__(
         self,
         *,
@@ -1084,14 +1087,42 @@ class StatsResponse(_message.Message):
         trace_exporter: _builtins.str = ...,
         trace_sample_ratio: _builtins.float = ...,
         admission: Global___AdmissionStats | None = ...,
+        process: Global___ProcessStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "l1", b"l1", "redis", b"redis"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "l1", b"l1", "process", b"process", "redis", b"redis"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "process", b"process", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class ProcessStats(_message.Message):
+    """The gateway process now: none of these may grow under steady load (benchmarks/soak.py)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RSS_BYTES_FIELD_NUMBER: _builtins.int
+    OPEN_FDS_FIELD_NUMBER: _builtins.int
+    ASYNCIO_TASKS_FIELD_NUMBER: _builtins.int
+    rss_bytes: _builtins.int
+    open_fds: _builtins.int
+    asyncio_tasks: _builtins.int
+    def __init__(
+        self,
+        *,
+        rss_bytes: _builtins.int = ...,
+        open_fds: _builtins.int = ...,
+        asyncio_tasks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asyncio_tasks", b"asyncio_tasks", "open_fds", b"open_fds", "rss_bytes", b"rss_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcessStats: _TypeAlias = ProcessStats  # noqa: Y015
 
 @_typing.final
 class AdmissionStats(_message.Message):
