@@ -11,7 +11,7 @@ NATIVE_SRC := $(wildcard native/cachegw_native/*.pyx native/cachegw_native/*.pxd
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test setup redis postgres promtool h2load lint typecheck pytest bench chaos protos clean
+.PHONY: run test setup redis postgres promtool h2load lint typecheck pytest bench chaos soak protos clean
 
 # --embedded-redis: with no Redis URL (ARGS, $CACHEGW_REDIS_URL, a config file), a private
 # redis-server; cachegw serve refuses to start without a URL unless asked for one.
@@ -117,6 +117,9 @@ bench: setup h2load
 # check failed. ARGS="--quick" for the CI size, "--only partition", "--topology ...".
 chaos: setup
 	$(PY) benchmarks/chaos.py $(ARGS)
+
+soak: setup
+	$(PY) benchmarks/soak.py $(ARGS)
 
 protos: $(VENV)/.deps
 	$(PY) protos/generate.py
