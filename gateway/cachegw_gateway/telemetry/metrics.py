@@ -48,6 +48,9 @@ _CLASS_HELP = {
     "not_found": "NOT_FOUND answers (from the origin or a cached NOT_FOUND), per class.",
     "origin_stores": "Entries the class's origin stored (write-through), per class.",
     "origin_errors": "Origin calls that failed (any status), per class.",
+    "warm_loaded": "Keys Warmup loaded from the class's origin and stored, per class.",
+    "warm_not_found": "Keys Warmup asked of the class's origin that it does not have, per class.",
+    "warm_failed": "Keys Warmup could not load (the origin or Redis failed), per class.",
 }
 _GATEWAY_HELP = {
     "invalidations_published": "Invalidation events this gateway published.",
@@ -62,6 +65,7 @@ _GATEWAY_HELP = {
     "breaker_state": "The Redis circuit breaker: 0 closed, 1 open, 2 half-open, -1 none.",
     "breaker_trips": "Times the Redis circuit breaker opened.",
     "breaker_refused": "Redis calls the open circuit breaker refused (failed fast, not sent).",
+    "warmups_running": "Warmup calls loading from origins now.",
 }
 _L1_GAUGES = {
     "entries": "Entries in the L1 now.",
