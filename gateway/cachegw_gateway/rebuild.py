@@ -51,12 +51,14 @@ from cachegw_gateway.stats import GatewayStats
 from cachegw_gateway.validation import InvalidRequest
 from cachegw_gateway.writes import SetItem, WriteOutcome, WritePath
 
-# Time kept back from the caller's deadline: for the answer, and for storing what the
-# last Load returned.
+# Time kept back from the caller's deadline for the answer.
 ANSWER_MARGIN = 0.2
-STORE_MARGIN = 0.15
-# A batch is not started with less time than this left.
-MIN_BATCH_SECONDS = 0.1
+# A batch is not started without the time the previous ones took (their slowest, times
+# SAFETY) left before the margin; the first is assumed to take FIRST_BATCH_SECONDS. A
+# Load is not sent without the time storing took (at least MIN_STORE_SECONDS) left.
+FIRST_BATCH_SECONDS = 0.5
+MIN_STORE_SECONDS = 0.15
+SAFETY = 1.5
 # Waits for one batch's tokens (each as long as the bucket says): a bound, not a rate.
 MAX_RATE_WAITS = 10_000
 
@@ -105,6 +107,9 @@ class Progress:
     error: str = ""
     retry_after_ms: int = 0
     at: Position = field(default_factory=Position)
+    # What batches and their stores took so far in this call (seconds, the slowest).
+    batch_seconds: float = FIRST_BATCH_SECONDS
+    store_seconds: float = MIN_STORE_SECONDS
 
     def answer(self, done: bool) -> pb.WarmupResponse:
         return pb.WarmupResponse(
@@ -300,8 +305,12 @@ class Rebuild:
         for i in range(start, len(keys), self.batch):
             await self._batch(keys[i : i + self.batch], progress, deadline, Position(phase, i))
 
+    def _left(self, deadline: float | None) -> float:
+        """Seconds left before the answer must go (inf without a deadline)."""
+        return float("inf") if deadline is None else deadline - ANSWER_MARGIN - self._clock()
+
     def _check_time(self, progress: Progress, deadline: float | None, here: Position) -> None:
-        if deadline is not None and deadline - self._clock() < ANSWER_MARGIN + MIN_BATCH_SECONDS:
+        if self._left(deadline) < progress.batch_seconds * SAFETY:
             progress.at = here
             raise _Stop
 
@@ -323,6 +332,7 @@ class Rebuild:
         if not keys:
             return
         self._check_time(progress, deadline, here)
+        started = self._clock()
         distinct = list(dict.fromkeys(keys))
         try:
             entries = await self._reads.read_many(distinct)
@@ -342,6 +352,7 @@ class Rebuild:
         for origin, want in wanted.items():
             await self._take_tokens(origin, len(want), progress, deadline, here)
             await self._load(origin, want, progress, deadline, here)
+        progress.batch_seconds = max(progress.batch_seconds, self._clock() - started)
 
     async def _take_tokens(
         self, origin: str, n: int, progress: Progress, deadline: float | None, here: Position
@@ -353,8 +364,7 @@ class Rebuild:
                 self._fail(progress, exc, n, here)
             if wait_ms == 0:
                 return
-            left = None if deadline is None else deadline - self._clock() - ANSWER_MARGIN
-            if left is not None and wait_ms / 1000 + MIN_BATCH_SECONDS > left:
+            if wait_ms / 1000 + progress.batch_seconds * SAFETY > self._left(deadline):
                 progress.retry_after_ms = wait_ms
                 progress.at = here
                 raise _Stop
@@ -417,11 +427,17 @@ class Rebuild:
         limits = Limits(
             [w.kc.max_value_bytes for w in wants], self._max_ttl_ms, self._max_key_bytes
         )
+        store_room = progress.store_seconds * SAFETY
+        if self._left(deadline) < store_room + MIN_STORE_SECONDS:
+            # No time for a Load and its store: given back (the caller abandons the
+            # leases), gone through again on resume.
+            progress.at = here
+            raise _Stop
         for name in {w.kc.name for w in wants}:
             self._stats.for_class(name).origin_load_calls += 1
         try:
             loaded = await client.load(
-                [w.key for w in wants], limits, self._before(deadline, ANSWER_MARGIN + STORE_MARGIN)
+                [w.key for w in wants], limits, self._before(deadline, ANSWER_MARGIN + store_room)
             )
         except OriginError as exc:
             for name in {w.kc.name for w in wants}:
@@ -464,10 +480,12 @@ class Rebuild:
         if not items:
             return
         outcomes: list[WriteOutcome | L2Unavailable]
+        storing = self._clock()
         try:
             outcomes = await self._writes.set_many(items)
         except L2Unavailable as exc:
             outcomes = [exc] * len(items)
+        progress.store_seconds = max(progress.store_seconds, self._clock() - storing)
         first: L2Unavailable | None = None
         for i, out in zip(stored_at, outcomes, strict=True):
             w, got = wants[i], loaded[i]
