@@ -264,3 +264,70 @@ async def test_a_write_during_a_rebuilds_load_is_never_replaced_by_it(
     kc = gw.server.policy.classify("slowok:w")
     late = await gw.server.cache._writes.set(SetItem("slowok:w", b"old", kc, origin_version=7))
     assert late.superseded and not late.stored
+
+
+async def warm_until_done(
+    stub: cache_pb2_grpc.CacheServiceStub, prefixes: list[str]
+) -> list[pb.WarmupResponse]:
+    answers: list[pb.WarmupResponse] = []
+    resume = ""
+    for _ in range(50):  # bounded
+        got = await stub.Warmup(pb.WarmupRequest(prefixes=prefixes, resume=resume), timeout=5)
+        answers.append(got)
+        if got.done:
+            return answers
+        resume = got.resume
+    raise AssertionError(f"not done after 50 calls: {answers[-1]}")
+
+
+async def test_a_flushed_cache_is_rebuilt_by_two_gateways_even_when_one_is_killed(
+    gateway_cluster: GatewayCluster,
+    pg_origin: OriginProcess,
+    db: asyncpg.Connection,
+    redis_client: redis.Redis,
+) -> None:
+    """bench_rebuild.py, shortened: 2,000 keys, Redis flushed, two `cachegw serve`
+    processes rebuild half the prefixes each (5 s calls, resumed); one is SIGKILLed
+    mid-rebuild and the other, called for everything, finishes it. Every key is cached
+    and the reads right after never reach the origin."""
+    n = 2000
+    await db.execute(
+        "INSERT INTO items (key, value, tags, version) "
+        "SELECT 'item:b:' || lpad(i::text, 4, '0'), convert_to('v' || i, 'UTF8'), '{}', "
+        "nextval('items_versions') FROM generate_series(0, $1 - 1) AS i",
+        n,
+    )
+    gw1, gw2 = gateway_cluster(2, toml(pg_origin.address, rate=2000, batch=100))
+    redis_client.flushall()
+    loads = len(pg_origin.calls("Load"))
+    channels = [grpc.aio.insecure_channel(gw.address) for gw in (gw1, gw2)]
+    try:
+        one, two = (cache_pb2_grpc.CacheServiceStub(c) for c in channels)
+        killed = asyncio.ensure_future(
+            warm_until_done(one, [f"item:b:{d}" for d in range(1)])  # a fifth of the keys
+        )
+        for _ in range(500):  # bounded: until gw1 has loaded some
+            if len(redis_client.keys("cg:{item:b:0*}")) >= 100:
+                break
+            await asyncio.sleep(0.01)
+        gw1.stop(signal.SIGKILL)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await killed
+        answers = await warm_until_done(two, ["item:b:"])
+        skipped = sum(a.skipped for a in answers)
+        if skipped:  # keys gw1 held leases on: free once those expire (3 s)
+            await asyncio.sleep(3.5)
+            answers += await warm_until_done(two, ["item:b:"])
+        assert answers[-1].skipped == 0 and sum(a.failed for a in answers) == 0
+        reads = await two.GetMany(
+            pb.GetManyRequest(keys=[f"item:b:{i:04}" for i in range(0, n, 7)]), timeout=10
+        )
+        assert {r.tier for r in reads.results} <= {pb.TIER_L1, pb.TIER_L2}
+        assert all(r.status == pb.STATUS_HIT for r in reads.results)
+    finally:
+        for c in channels:
+            await c.close(None)
+    for i in range(0, n, 97):
+        assert redis_client.exists(f"cg:{{item:b:{i:04}}}")
+    # Each key loaded once, but those of gw1's batch in flight when it died.
+    assert len(pg_origin.calls("Load")) - loads <= n // 100 + 2
