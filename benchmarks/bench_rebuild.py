@@ -126,7 +126,7 @@ async def fill_table(dsn: str, n: int, value_bytes: int) -> None:
 
 
 async def rebuild(
-    stub: cache_pb2_grpc.CacheServiceStub, prefixes: list[str], s: Settings
+    stub: cache_pb2_grpc.CacheServiceAsyncStub, prefixes: list[str], s: Settings
 ) -> tuple[int, int, int]:
     """Warmup until done, resuming: (calls, keys loaded from the origin, failed)."""
     resume, calls, loaded, failed = "", 0, 0, 0

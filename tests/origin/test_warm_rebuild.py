@@ -267,7 +267,7 @@ async def test_a_write_during_a_rebuilds_load_is_never_replaced_by_it(
 
 
 async def warm_until_done(
-    stub: cache_pb2_grpc.CacheServiceStub, prefixes: list[str]
+    stub: cache_pb2_grpc.CacheServiceAsyncStub, prefixes: list[str]
 ) -> list[pb.WarmupResponse]:
     answers: list[pb.WarmupResponse] = []
     resume = ""
