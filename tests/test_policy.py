@@ -135,6 +135,29 @@ def test_classify_agrees_with_fnmatchcase(classes: list[list[str]], keys: list[s
         assert name_of(policy, key) == expected, (key, classes)
 
 
+@given(
+    classes=st.lists(st.lists(PATTERN, min_size=1, max_size=3), min_size=0, max_size=4),
+    prefix=KEY,
+    tails=st.lists(KEY, max_size=20),
+)
+def test_may_hold_names_every_class_a_key_under_the_prefix_falls_in(
+    classes: list[list[str]], prefix: str, tails: list[str]
+) -> None:
+    """Warmup(prefixes) asks the origins of these classes to list the prefix (rebuild.py)."""
+    policy = table(*((f"c{i}", patterns) for i, patterns in enumerate(classes)))
+    named = {kc.name for kc in policy.may_hold(prefix)}
+    for tail in tails:
+        assert name_of(policy, prefix + tail) in named, (prefix + tail, classes)
+
+
+def test_may_hold_stops_at_a_class_that_takes_every_such_key() -> None:
+    policy = table(("hot", ["catalog:hot:*"]), ("catalog", ["catalog:*"]), ("user", ["u:*"]))
+    assert [kc.name for kc in policy.may_hold("catalog:")] == ["hot", "catalog"]
+    assert [kc.name for kc in policy.may_hold("catalog:cold:")] == ["catalog"]
+    assert [kc.name for kc in policy.may_hold("")] == ["hot", "catalog", "user", "default"]
+    assert [kc.name for kc in policy.may_hold("x")] == ["default"]
+
+
 # -- the table ------------------------------------------------------------------------------
 
 

@@ -13,6 +13,8 @@ each live in a module of their own.
     l2.py            every Redis command
     readthrough.py   misses of read-through classes, loaded from their origin
     writethrough.py  Sets of write-through classes, stored in their origin first
+    removal.py       Deletes of write-through classes, removed from their origin first
+    rebuild.py       Warmup from the origins (keys, prefixes, the hot set), rate-limited
     origin.py        every origin call
 
 A Get's key crosses each once: servicer → L1Tier.answer → ReadPath.fetch → (Leases) →
@@ -39,12 +41,14 @@ from cachegw_gateway.l1tier import L1Tier
 from cachegw_gateway.l2 import L2Entry, L2Unavailable, RedisStore
 from cachegw_gateway.lastknown import LastKnown
 from cachegw_gateway.leases import Leases, LeaseTable, LeaseToken
-from cachegw_gateway.origin import Origins
+from cachegw_gateway.origin import OriginError, Origins
 from cachegw_gateway.policy import KeyClass, PolicyTable
 from cachegw_gateway.ratelimit import Decision, RateLimit, RateLimiter
 from cachegw_gateway.reads import ReadPath
 from cachegw_gateway.readthrough import ReadThrough
-from cachegw_gateway.warmup import Warmup
+from cachegw_gateway.rebuild import Rebuild
+from cachegw_gateway.removal import RemoveThrough
+from cachegw_gateway.warmup import Warmup, hot_set
 from cachegw_gateway.writes import SetItem, WriteOutcome, WritePath
 from cachegw_gateway.writethrough import WriteThrough
 from cachegw_native.coalescer import Coalescer
@@ -114,6 +118,8 @@ class Cache:
         )
         self._origins = origins
         self._write_through: WriteThrough | None = None
+        self._remove_through: RemoveThrough | None = None
+        rebuild: Rebuild | None = None
         if origins:
             reads.through = ReadThrough(
                 self._leases,
@@ -127,10 +133,31 @@ class Cache:
                 wall_clock_ms=wall_clock_ms,
             )
             self._write_through = WriteThrough(self._writes, origins, stats)
+            self._remove_through = RemoveThrough(self._writes, origins, policy, stats)
+            rebuild = Rebuild(
+                store,
+                reads,
+                self._writes,
+                self._leases,
+                origins,
+                policy,
+                stats,
+                hot_keys=lambda: hot_set(store, hotkeys),
+                max_ttl_ms=max_ttl_ms,
+                max_key_bytes=max_key_bytes,
+                clock=clock,
+            )
         self._invalidation = Invalidation(
             store, self._tier, policy, stats, gens, self._leases, origin=origin, invalidation=config
         )
-        self._warmup = Warmup(store, reads, self._writes, hotkeys)
+        self._warmup = Warmup(
+            store,
+            reads,
+            self._writes,
+            hotkeys,
+            rebuild=rebuild,
+            write_through=self._write_through,
+        )
         self._limiter = RateLimiter(store)
         self._counters = Counters(store, wall_clock_ms=wall_clock_ms)
         self._in_flight: set[asyncio.Task[Any]] = set()
@@ -187,15 +214,41 @@ class Cache:
             return self._shielded(self._write_through.set(item))
         return self._shielded(self._writes.set(item))
 
-    def set_many(self, items: Sequence[SetItem]) -> Awaitable[list[WriteOutcome | L2Unavailable]]:
-        return self._shielded(self._writes.set_many(items))
+    def set_many(
+        self, items: Sequence[SetItem]
+    ) -> Awaitable[list[WriteOutcome | L2Unavailable | OriginError]]:
+        """Per item its outcome or failure; write-through items go through their origin
+        (one Store per origin), the others in one Redis pipeline."""
+        return self._shielded(self._set_many(items))
+
+    async def _set_many(
+        self, items: Sequence[SetItem]
+    ) -> list[WriteOutcome | L2Unavailable | OriginError]:
+        through = self._write_through
+        at = [i for i, item in enumerate(items) if item.kc.write_through]
+        if not at or through is None:
+            return list(await self._writes.set_many(items))
+        out: list[WriteOutcome | L2Unavailable | OriginError | None] = [None] * len(items)
+        plain = [i for i, item in enumerate(items) if not item.kc.write_through]
+        if plain:
+            done = await self._writes.set_many([items[i] for i in plain])
+            for i, one in zip(plain, done, strict=True):
+                out[i] = one
+        for i, result in zip(at, await through.set_many([items[i] for i in at]), strict=True):
+            out[i] = result
+        return [o for o in out if o is not None]
 
     def delete_each(self, keys: Sequence[str]) -> Awaitable[tuple[list[bool], str]]:
+        """Per key whether it existed, and the event id; keys of write-through classes are
+        removed from their origin first (removal.py)."""
+        removal = self._remove_through
+        if removal is not None and removal.applies(keys):
+            return self._shielded(removal.delete_each(keys))
         return self._shielded(self._writes.delete_each(keys))
 
     async def delete(self, keys: Sequence[str]) -> int:
-        deleted, _ = await self._shielded(self._writes.delete(keys))
-        return deleted
+        each, _ = await self.delete_each(keys)
+        return sum(each)
 
     def incr(
         self, key: str, delta: int, kc: KeyClass, ttl_ms: int | None
@@ -233,8 +286,20 @@ class Cache:
         entries: Sequence[tuple[pb.WarmupEntry, KeyClass]],
         *,
         hot_keys: bool,
+        prefixes: Sequence[str] = (),
+        resume: str = "",
+        time_remaining: float | None = None,
     ) -> Awaitable[pb.WarmupResponse]:
-        return self._shielded(self._warmup.warmup(keys, entries, hot_keys=hot_keys))
+        return self._shielded(
+            self._warmup.warmup(
+                keys,
+                entries,
+                hot_keys=hot_keys,
+                prefixes=prefixes,
+                resume=resume,
+                time_remaining=time_remaining,
+            )
+        )
 
     def events_after(self, since: StreamId) -> AsyncIterator[pb.InvalidationEvent]:
         """Subscribe's replay: the events after `since`, or one RESET."""

@@ -95,6 +95,10 @@ class OriginConfig:
 
     timeout_seconds: float = 1.0  # per call; less when the caller's deadline is nearer
     max_in_flight: int = 32  # calls in flight to one origin from one gateway
+    # Warmup from an origin (rebuild.py): keys per second one origin serves to warm-ups,
+    # all gateways together (a token bucket per origin in Redis), and keys per Load.
+    warm_keys_per_second: float = 1000.0
+    warm_batch_keys: int = 500
     breaker: BreakerConfig = field(default_factory=BreakerConfig)  # [origin.breaker]
 
 
@@ -707,6 +711,15 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
             f"{w('origin.timeout_seconds')} must be <= 3600 (got {_num(c.origin.timeout_seconds)})"
         )
     _positive(w("origin.max_in_flight"), c.origin.max_in_flight)
+    if not 0.001 <= c.origin.warm_keys_per_second <= 1_000_000:
+        raise ConfigError(
+            f"{w('origin.warm_keys_per_second')} must be in [0.001, 1000000] "
+            f"(got {_num(c.origin.warm_keys_per_second)})"
+        )
+    if not 1 <= c.origin.warm_batch_keys <= 10_000:
+        raise ConfigError(
+            f"{w('origin.warm_batch_keys')} must be in [1, 10000] (got {c.origin.warm_batch_keys})"
+        )
     _check_breaker(w, c.origin.breaker, "origin.breaker.")
 
     for key in ("stream_max_len", "subscriber_queue", "subscriber_queue_bytes"):

@@ -98,6 +98,18 @@ class OriginRefused(OriginError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class OriginUnimplemented(OriginBadAnswer):
+    """The origin answered UNIMPLEMENTED: it does not offer the method (FAILED_PRECONDITION
+    for Load, Store and Remove, which a class's policy needs; List, which is optional,
+    turns it into `ListUnsupported`)."""
+
+
+class ListUnsupported(OriginError):
+    """The origin does not implement List (optional): a warm-up by prefix cannot list."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class LoadWaitTimeout(OriginError):
     """A read-through caller waited for another caller's load of the key until its
     deadline (or the class's max_wait_seconds), and no value landed."""
@@ -128,6 +140,26 @@ class StoreAnswer:
     outcome: str
     version: int = 0
     message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreEntry:
+    """One entry of a batched Store (write-through SetMany and Warmup entries)."""
+
+    key: str
+    value: bytes
+    ttl_ms: int | None = None
+    tags: Sequence[str] = ()
+    if_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """A checked Remove answer for one key."""
+
+    key: str
+    removed: bool
+    version: int = 0
 
 
 @dataclass(slots=True)
@@ -281,6 +313,8 @@ class OriginClient:
                 f"{where} answered something that is not a cachegw.v1.{method}Response "
                 f"({details}): fix the origin"
             )
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return OriginUnimplemented(f"{where} is not implemented by the origin ({details})")
         return OriginBadAnswer(
             f"{where} failed with {code.name}: {details}: fix the origin or its configuration"
         )
@@ -361,6 +395,120 @@ class OriginClient:
             f"{where}: answered outcome {r.outcome} (not STORED, VERSION_CONFLICT or "
             "REFUSED); the origin may or may not have stored it; the cache was not changed"
         )
+
+    async def store_many(
+        self, entries: Sequence[StoreEntry], deadline: float | None
+    ) -> list[StoreAnswer]:
+        """One Store call for `entries`: per entry its checked answer, in order, or an
+        OriginError for the whole call (nothing of an unusable answer is returned)."""
+        request = pb.StoreRequest()
+        for e in entries:
+            entry = request.entries.add(key=e.key, value=e.value, tags=e.tags)
+            if e.ttl_ms is not None:
+                entry.ttl_ms = e.ttl_ms
+            if e.if_version is not None:
+                entry.if_version = e.if_version
+        raw = await self._call("Store", request.SerializeToString(), deadline)
+        where = f"origin {self.address} Store of {len(entries)} entries"
+        unknown = "; the origin may or may not have stored them"
+        try:
+            answer = pb.StoreResponse.FromString(raw)
+        except Exception as exc:
+            raise OriginBadAnswer(
+                f"{where}: the answer is not a StoreResponse ({exc}){unknown}"
+            ) from None
+        if len(answer.results) != len(entries):
+            raise OriginBadAnswer(
+                f"{where}: answered {len(answer.results)} results (one per entry, in order)"
+                + unknown
+            )
+        out: list[StoreAnswer] = []
+        for i, (e, r) in enumerate(zip(entries, answer.results, strict=True)):
+            at = f"{where}: results[{i}] ({e.key!r})"
+            if r.key != e.key:
+                raise OriginBadAnswer(f"{at} is for key {r.key!r}{unknown}")
+            if r.version > MAX_VERSION:
+                raise OriginBadAnswer(f"{at} has version {r.version}, not below 2^53{unknown}")
+            if r.outcome == pb.STORE_OUTCOME_STORED:
+                out.append(StoreAnswer("stored", r.version))
+            elif r.outcome == pb.STORE_OUTCOME_VERSION_CONFLICT:
+                out.append(StoreAnswer("conflict", r.version))
+            elif r.outcome == pb.STORE_OUTCOME_REFUSED:
+                out.append(StoreAnswer("refused", r.version, r.message or "no reason given"))
+            else:
+                raise OriginBadAnswer(
+                    f"{at} has outcome {r.outcome} (not STORED, VERSION_CONFLICT or "
+                    f"REFUSED){unknown}"
+                )
+        return out
+
+    # -- Remove --------------------------------------------------------------------------
+
+    async def remove(self, keys: Sequence[str], deadline: float | None) -> list[Removed]:
+        """One Remove call for `keys` (distinct): per key its checked answer, in order."""
+        raw = await self._call("Remove", pb.RemoveRequest(keys=keys).SerializeToString(), deadline)
+        where = f"origin {self.address} Remove"
+        unknown = "; the origin may or may not have removed them"
+        try:
+            answer = pb.RemoveResponse.FromString(raw)
+        except Exception as exc:
+            raise OriginBadAnswer(
+                f"{where}: the answer is not a RemoveResponse ({exc}){unknown}"
+            ) from None
+        if len(answer.results) != len(keys):
+            raise OriginBadAnswer(
+                f"{where}: answered {len(answer.results)} results for {len(keys)} keys (one "
+                f"per key, in order){unknown}"
+            )
+        out: list[Removed] = []
+        for i, (key, r) in enumerate(zip(keys, answer.results, strict=True)):
+            if r.key != key:
+                raise OriginBadAnswer(f"{where}: results[{i}] is for key {r.key!r}, not {key!r}")
+            if r.version > MAX_VERSION:
+                raise OriginBadAnswer(
+                    f"{where}: results[{i}] ({key!r}) has version {r.version}, not below 2^53"
+                    + unknown
+                )
+            out.append(Removed(key, r.removed, r.version))
+        return out
+
+    # -- List ----------------------------------------------------------------------------
+
+    async def list_keys(
+        self, prefix: str, limit: int, page_token: str, max_key_bytes: int, deadline: float | None
+    ) -> tuple[list[str], str]:
+        """One page of the origin's keys starting with `prefix`: (keys, next page token, ''
+        at the end). ListUnsupported when the origin does not implement List."""
+        request = pb.ListRequest(prefix=prefix, limit=limit, page_token=page_token)
+        where = f"origin {self.address} List of {prefix!r}"
+        try:
+            raw = await self._call("List", request.SerializeToString(), deadline)
+        except OriginUnimplemented:
+            raise ListUnsupported(
+                f"{where}: the origin does not implement List (it is optional), so keys "
+                "cannot be warmed by prefix from it; nothing was loaded: warm by keys, or "
+                "implement List in the origin",
+                sent=False,
+            ) from None
+        try:
+            answer = pb.ListResponse.FromString(raw)
+        except Exception as exc:
+            raise OriginBadAnswer(f"{where}: the answer is not a ListResponse ({exc})") from None
+        keys = list(answer.keys)
+        if limit and len(keys) > limit:
+            raise OriginBadAnswer(f"{where}: answered {len(keys)} keys, over the limit {limit}")
+        for key in keys:
+            if not key.startswith(prefix) or not 0 < len(key.encode()) <= max_key_bytes:
+                raise OriginBadAnswer(
+                    f"{where}: answered the key {key[:80]!r}, which does not start with the "
+                    f"prefix or is empty or over {max_key_bytes} bytes: fix the origin"
+                )
+        if answer.next_page_token and answer.next_page_token == page_token:
+            raise OriginBadAnswer(
+                f"{where}: answered the page token it was given as the next one (a listing "
+                "that would never end): fix the origin"
+            )
+        return keys, answer.next_page_token
 
 
 # How grpc core reports a connection that broke while a call was on it (the request may

@@ -106,6 +106,15 @@ class _Rule:
     exact: frozenset[str]  # no wildcard at all -> a set lookup
     glob: Callable[[str], object] | None  # the rest -> one compiled alternation
     kc: KeyClass
+    heads: tuple[str, ...] = ()  # each pattern up to its first wildcard
+
+    def may_hold(self, prefix: str) -> bool:
+        """Some key starting with `prefix` may match (the heads agree as far as both go)."""
+        return any(h.startswith(prefix) or prefix.startswith(h) for h in self.heads)
+
+    def holds_all(self, prefix: str) -> bool:
+        """Every key starting with `prefix` matches."""
+        return prefix.startswith(self.prefixes)
 
     @classmethod
     def build(cls, patterns: Sequence[str], kc: KeyClass) -> _Rule:
@@ -121,7 +130,8 @@ class _Rule:
                 globs.append(p)
         # fnmatch.translate + re keeps case: fnmatch.fnmatch folds it on Windows and macOS.
         glob = re.compile("|".join(map(translate, globs))).match if globs else None
-        return cls(tuple(prefixes), frozenset(exact), glob, kc)
+        heads = tuple(p[: m.start()] if (m := _WILDCARDS.search(p)) else p for p in patterns)
+        return cls(tuple(prefixes), frozenset(exact), glob, kc, heads)
 
     def matches(self, key: str) -> bool:
         return (
@@ -164,6 +174,16 @@ class PolicyTable:
 
     def by_name(self, name: str) -> KeyClass | None:
         return self._by_name.get(name)
+
+    def may_hold(self, prefix: str) -> list[KeyClass]:
+        """The classes a key starting with `prefix` may fall in, in order (a superset)."""
+        out: list[KeyClass] = []
+        for rule in self._rules:
+            if rule.may_hold(prefix):
+                out.append(rule.kc)
+            if rule.holds_all(prefix):
+                return out
+        return [*out, self._default]
 
     def classify(self, key: str) -> KeyClass:
         kc = self._memo.get(key)

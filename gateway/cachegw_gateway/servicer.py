@@ -213,16 +213,6 @@ class CacheServicer:
             check_ttl_ms(ttl_ms, self._max_ttl_ms)
         return kc
 
-    @staticmethod
-    def _cache_only(kc: KeyClass, where: str, rpc: str) -> None:
-        """Batched writes do not go through origins yet: refused on write-through classes
-        rather than skip the origin."""
-        if kc.write_through:
-            raise InvalidRequest(
-                f"{where}: class {kc.name} is write-through, and {rpc} does not store in "
-                "origins yet; use Set for its keys"
-            )
-
     def _set_item(self, request: pb.SetRequest, where: str = "") -> SetItem:
         """A Set request checked against every rule (InvalidRequest names the field)."""
         ttl_ms = request.ttl_ms if request.HasField("ttl_ms") else None
@@ -274,8 +264,6 @@ class CacheServicer:
                 )
             # Every entry is checked before any is written: bad input never half-applies.
             items = [self._set_item(e, f"entries[{i}].") for i, e in enumerate(request.entries)]
-            for i, item in enumerate(items):
-                self._cache_only(item.kc, f"entries[{i}].key", "SetMany")
         except InvalidRequest as exc:
             await self._invalid(context, exc)
         if not items:
@@ -286,6 +274,8 @@ class CacheServicer:
             if isinstance(out, L2Unavailable):
                 code = _status_of(out)
                 results.append(pb.SetManyResult(code=code.value[0], error=str(out)))
+            elif isinstance(out, OriginError):  # a write-through entry (writethrough.py)
+                results.append(pb.SetManyResult(code=out.code.value[0], error=str(out)))
             else:
                 results.append(pb.SetManyResult(response=_set_response(out)))
         return pb.SetManyResponse(results=results)
@@ -433,9 +423,11 @@ class CacheServicer:
             await self._reject(context, request)
         keys = list(request.keys)
         entries = list(request.entries)
+        prefixes = list(request.prefixes)
         classes: list[KeyClass] = []
         try:
             check_keys(keys, self._max_key, self._max_batch)
+            check_prefixes(prefixes, self._max_key, self._max_batch)
             if len(entries) > self._max_batch:
                 raise InvalidRequest(
                     f"entries has {len(entries)} entries; at most {self._max_batch} per call"
@@ -444,11 +436,16 @@ class CacheServicer:
             for i, e in enumerate(entries):
                 ttl = e.ttl_ms if e.HasField("ttl_ms") else None
                 classes.append(self._checked_write(e.key, e.value, ttl, f"entries[{i}]."))
-                self._cache_only(classes[-1], f"entries[{i}].key", "Warmup")
         except InvalidRequest as exc:
             await self._invalid(context, exc)
+        remaining = context.time_remaining()
         work = self._cache.warmup(
-            keys, list(zip(entries, classes, strict=True)), hot_keys=request.hot_keys
+            keys,
+            list(zip(entries, classes, strict=True)),
+            hot_keys=request.hot_keys,
+            prefixes=prefixes,
+            resume=request.resume,
+            time_remaining=remaining,
         )
         return await self._guard(context, work)
 

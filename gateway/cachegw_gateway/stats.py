@@ -37,6 +37,11 @@ class ClassCounters:
     not_found: int = 0  # NOT_FOUND answers (from the origin or a cached NOT_FOUND)
     origin_stores: int = 0  # entries the origin stored (write-through)
     origin_errors: int = 0  # origin calls that failed (any status)
+    # Warmup from the origin (rebuild.py): keys loaded and stored, keys the origin does
+    # not have, keys that failed (the origin or Redis).
+    warm_loaded: int = 0
+    warm_not_found: int = 0
+    warm_failed: int = 0
 
     @property
     def reads(self) -> int:
@@ -89,6 +94,7 @@ class GatewayStats:
     # On a Redis Cluster (a breaker per node): the nodes whose breaker is not closed, and
     # its state. Exported with a `node` label (snapshot.py, metrics.py).
     breaker_nodes: dict[str, int] = field(default_factory=dict)
+    warmups_running: int = 0  # Warmup calls loading from origins now (a gauge)
 
     def for_class(self, name: str) -> ClassCounters:
         counters = self.classes.get(name)

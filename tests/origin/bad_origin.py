@@ -21,6 +21,12 @@ such answers). Load behaves by the key's first segment, Store by the value:
           unavailable:* UNAVAILABLE
           internal:*    INTERNAL
 
+    Remove, by the key's first segment (any key of the call decides for all of it):
+          unavailable:* UNAVAILABLE       slow:* sleeps 30 s      garbage:* not a response
+          anything else removed, version 5000 + n
+
+List is not implemented (the gateway gets UNIMPLEMENTED, as from any origin without it).
+
 Every call is logged as the base class does (``origin Load: N keys: a, b``), flushed.
 """
 
@@ -114,11 +120,30 @@ async def store(raw: bytes, context: Context) -> bytes:
     return pb.StoreResponse(results=results).SerializeToString()
 
 
+async def remove(raw: bytes, context: Context) -> bytes:
+    global _stored
+    keys = list(pb.RemoveRequest.FromString(raw).keys)
+    _log("Remove", keys)
+    kinds = {k.split(":", 1)[0] for k in keys}
+    if "slow" in kinds:
+        await asyncio.sleep(30)
+    if "unavailable" in kinds:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the database is down")
+    if "garbage" in kinds:
+        return b"\xff\xfe\x00 not a RemoveResponse"
+    results = []
+    for key in keys:
+        _stored += 1
+        results.append(pb.RemoveResult(key=key, removed=True, version=5000 + _stored))
+    return pb.RemoveResponse(results=results).SerializeToString()
+
+
 async def main(listen: str) -> None:
     server = grpc.aio.server()
     handlers = {
         "Load": grpc.unary_unary_rpc_method_handler(load),
         "Store": grpc.unary_unary_rpc_method_handler(store),
+        "Remove": grpc.unary_unary_rpc_method_handler(remove),
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("cachegw.v1.Origin", handlers),)

@@ -48,6 +48,9 @@ _CLASS_HELP = {
     "not_found": "NOT_FOUND answers (from the origin or a cached NOT_FOUND), per class.",
     "origin_stores": "Entries the class's origin stored (write-through), per class.",
     "origin_errors": "Origin calls that failed (any status), per class.",
+    "warm_loaded": "Keys Warmup loaded from the class's origin and stored, per class.",
+    "warm_not_found": "Keys Warmup asked of the class's origin that it does not have, per class.",
+    "warm_failed": "Keys Warmup could not load (the origin or Redis failed), per class.",
 }
 _GATEWAY_HELP = {
     "invalidations_published": "Invalidation events this gateway published.",
@@ -67,6 +70,7 @@ _GATEWAY_HELP = {
     "rpcs_expired_on_arrival": "Calls whose deadline passed before they were served.",
     "subscribers_refused": "Subscribe streams refused: too many in all or from one host.",
     "answers_too_large": "GetMany answers refused for exceeding server.max_response_bytes.",
+    "warmups_running": "Warmup calls loading from origins now.",
 }
 _L1_GAUGES = {
     "entries": "Entries in the L1 now.",

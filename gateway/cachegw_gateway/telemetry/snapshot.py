@@ -24,7 +24,9 @@ from cachegw_native.hotkeys import HotKeys
 from cachegw_native.l1 import L1Cache
 
 # GatewayStats fields that are gauges (a level now); every other int field is a count.
-GAUGE_FIELDS = frozenset({"subscribers", "redis_up", "breaker_state", "rpcs_in_flight"})
+GAUGE_FIELDS = frozenset(
+    {"subscribers", "redis_up", "breaker_state", "rpcs_in_flight", "warmups_running"}
+)
 # GatewayStats.breaker_state (breaker.py: -1 none, 0 closed, 1 open, 2 half-open) on the wire.
 _BREAKER_STATES = {
     0: pb.BREAKER_STATE_CLOSED,
@@ -187,6 +189,7 @@ def stats_response(snap: Snapshot, classes: Sequence[str] = ()) -> pb.StatsRespo
         latency_bounds_ms=[b * 1000 for b in BOUNDS],
         trace_exporter=snap.trace_exporter,
         trace_sample_ratio=snap.sample_ratio,
+        warmups_running=g.get("warmups_running", 0),
     )
     proto_fields = pb.ClassStats.DESCRIPTOR.fields_by_name
     for name in wanted:

@@ -553,7 +553,9 @@ class DeleteResponse(_message.Message):
 
     DELETED_FIELD_NUMBER: _builtins.int
     deleted: _builtins.int
-    """How many of the keys existed in Redis."""
+    """How many of the keys existed in Redis (for keys of a write-through class: in its
+    origin).
+    """
     def __init__(
         self,
         *,
@@ -756,15 +758,31 @@ class WarmupRequest(_message.Message):
     KEYS_FIELD_NUMBER: _builtins.int
     ENTRIES_FIELD_NUMBER: _builtins.int
     HOT_KEYS_FIELD_NUMBER: _builtins.int
+    PREFIXES_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     hot_keys: _builtins.bool
-    """Also load this gateway's hottest keys as last recorded."""
+    """Also load the deployment's hottest keys as last recorded (and this gateway's own)."""
+    resume: _builtins.str
+    """The `resume` of an earlier answer to the same request: carry on where it stopped."""
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Keys to copy from Redis into this gateway's L1."""
+        """Keys to copy from Redis into this gateway's L1. A key of a class with an origin
+        that Redis does not hold (fresh) is loaded from the origin and stored (a rebuild).
+        """
 
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WarmupEntry]:
-        """Entries to store (Redis and L1), as a Set each."""
+        """Entries to store (Redis and L1), as a Set each; an entry of a write-through class is
+        stored in its origin first (one Store per origin for all of them), as SetMany does.
+        """
+
+    @_builtins.property
+    def prefixes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Keys starting with these, as listed by the origins of the classes such keys can
+        fall in (the origin's List call, a page at a time), loaded as `keys` are. An origin
+        that does not implement List answers UNIMPLEMENTED, and so does this call (before
+        anything is loaded).
+        """
 
     def __init__(
         self,
@@ -772,10 +790,12 @@ class WarmupRequest(_message.Message):
         keys: _abc.Iterable[_builtins.str] | None = ...,
         entries: _abc.Iterable[Global___WarmupEntry] | None = ...,
         hot_keys: _builtins.bool = ...,
+        prefixes: _abc.Iterable[_builtins.str] | None = ...,
+        resume: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "hot_keys", b"hot_keys", "keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "hot_keys", b"hot_keys", "keys", b"keys", "prefixes", b"prefixes", "resume", b"resume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -783,24 +803,74 @@ Global___WarmupRequest: _TypeAlias = WarmupRequest  # noqa: Y015
 
 @_typing.final
 class WarmupResponse(_message.Message):
+    """Loading from origins is rate-limited (origin.warm_keys_per_second, one token bucket
+    per origin in Redis shared by every gateway) and stops before the caller's deadline:
+    `done` says whether everything asked was gone through. Every key is counted once, in
+    one of loaded, missing, origin_loaded, not_found, skipped or failed.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LOADED_FIELD_NUMBER: _builtins.int
     MISSING_FIELD_NUMBER: _builtins.int
     STORED_FIELD_NUMBER: _builtins.int
+    ORIGIN_LOADED_FIELD_NUMBER: _builtins.int
+    NOT_FOUND_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    LISTED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
     loaded: _builtins.int
+    """Keys Redis held (fresh), copied into L1."""
     missing: _builtins.int
+    """Keys of classes without an origin that Redis does not hold."""
     stored: _builtins.int
+    """Entries stored."""
+    origin_loaded: _builtins.int
+    """Keys loaded from their origin and stored with the origin's version (a newer cached
+    state is never replaced).
+    """
+    not_found: _builtins.int
+    """Keys their origin does not have (cached as NOT_FOUND where the class says so)."""
+    failed: _builtins.int
+    """Keys (and entries) that failed: `error` says why; call again with `resume`."""
+    listed: _builtins.int
+    """Keys the origins listed for `prefixes`."""
+    skipped: _builtins.int
+    """Keys another caller was loading at the time (left to it)."""
+    done: _builtins.bool
+    """Everything asked was gone through. False: the call stopped at its deadline, at the
+    rate limit, or at a failure; call again with `resume` (loading is idempotent: what
+    is cached already is not loaded again).
+    """
+    resume: _builtins.str
+    """Where to carry on (with the same request), when not done."""
+    error: _builtins.str
+    """The first failure's status name and message, when one stopped the call."""
+    retry_after_ms: _builtins.int
+    """Not done because of the rate limit: the bucket has room again in about this long."""
     def __init__(
         self,
         *,
         loaded: _builtins.int = ...,
         missing: _builtins.int = ...,
         stored: _builtins.int = ...,
+        origin_loaded: _builtins.int = ...,
+        not_found: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        listed: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        done: _builtins.bool = ...,
+        resume: _builtins.str = ...,
+        error: _builtins.str = ...,
+        retry_after_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["loaded", b"loaded", "missing", b"missing", "stored", b"stored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "error", b"error", "failed", b"failed", "listed", b"listed", "loaded", b"loaded", "missing", b"missing", "not_found", b"not_found", "origin_loaded", b"origin_loaded", "resume", b"resume", "retry_after_ms", b"retry_after_ms", "skipped", b"skipped", "stored", b"stored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -858,6 +928,9 @@ class ClassStats(_message.Message):
     NOT_FOUND_FIELD_NUMBER: _builtins.int
     ORIGIN_STORES_FIELD_NUMBER: _builtins.int
     ORIGIN_ERRORS_FIELD_NUMBER: _builtins.int
+    WARM_LOADED_FIELD_NUMBER: _builtins.int
+    WARM_NOT_FOUND_FIELD_NUMBER: _builtins.int
+    WARM_FAILED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     hits_l1: _builtins.int
     hits_l2: _builtins.int
@@ -896,6 +969,12 @@ class ClassStats(_message.Message):
     not_found: _builtins.int
     origin_stores: _builtins.int
     origin_errors: _builtins.int
+    warm_loaded: _builtins.int
+    """Warmup from the origin (a rebuild): keys loaded and stored, keys the origin does not
+    have, keys that failed (the origin or Redis).
+    """
+    warm_not_found: _builtins.int
+    warm_failed: _builtins.int
     def __init__(
         self,
         *,
@@ -921,10 +1000,13 @@ class ClassStats(_message.Message):
         not_found: _builtins.int = ...,
         origin_stores: _builtins.int = ...,
         origin_errors: _builtins.int = ...,
+        warm_loaded: _builtins.int = ...,
+        warm_not_found: _builtins.int = ...,
+        warm_failed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletes", b"deletes", "hit_rate", b"hit_rate", "hits_l1", b"hits_l1", "hits_l2", b"hits_l2", "lease_fills", b"lease_fills", "lease_fills_refused", b"lease_fills_refused", "lease_wait_timeouts", b"lease_wait_timeouts", "lease_waits", b"lease_waits", "leases_granted", b"leases_granted", "leases_taken_over", b"leases_taken_over", "misses", b"misses", "name", b"name", "not_found", b"not_found", "origin_errors", b"origin_errors", "origin_load_calls", b"origin_load_calls", "origin_loads", b"origin_loads", "origin_not_found", b"origin_not_found", "origin_stores", b"origin_stores", "refreshes", b"refreshes", "sets", b"sets", "stale", b"stale", "stale_if_error", b"stale_if_error"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletes", b"deletes", "hit_rate", b"hit_rate", "hits_l1", b"hits_l1", "hits_l2", b"hits_l2", "lease_fills", b"lease_fills", "lease_fills_refused", b"lease_fills_refused", "lease_wait_timeouts", b"lease_wait_timeouts", "lease_waits", b"lease_waits", "leases_granted", b"leases_granted", "leases_taken_over", b"leases_taken_over", "misses", b"misses", "name", b"name", "not_found", b"not_found", "origin_errors", b"origin_errors", "origin_load_calls", b"origin_load_calls", "origin_loads", b"origin_loads", "origin_not_found", b"origin_not_found", "origin_stores", b"origin_stores", "refreshes", b"refreshes", "sets", b"sets", "stale", b"stale", "stale_if_error", b"stale_if_error", "warm_failed", b"warm_failed", "warm_loaded", b"warm_loaded", "warm_not_found", b"warm_not_found"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1019,6 +1101,7 @@ class StatsResponse(_message.Message):
     TRACE_SAMPLE_RATIO_FIELD_NUMBER: _builtins.int
     ADMISSION_FIELD_NUMBER: _builtins.int
     PROCESS_FIELD_NUMBER: _builtins.int
+    WARMUPS_RUNNING_FIELD_NUMBER: _builtins.int
     gateway_id: _builtins.str
     uptime_ms: _builtins.int
     envelope_mismatches: _builtins.int
@@ -1039,6 +1122,8 @@ class StatsResponse(_message.Message):
     trace_exporter: _builtins.str
     """The gateway's configured trace exporter ("none" = tracing off) and sample ratio."""
     trace_sample_ratio: _builtins.float
+    warmups_running: _builtins.int
+    """Warmup calls loading from origins right now (a gauge)."""
     @_builtins.property
     def classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassStats]: ...
     @_builtins.property
@@ -1088,10 +1173,11 @@ class StatsResponse(_message.Message):
         trace_sample_ratio: _builtins.float = ...,
         admission: Global___AdmissionStats | None = ...,
         process: Global___ProcessStats | None = ...,
+        warmups_running: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "l1", b"l1", "process", b"process", "redis", b"redis"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "process", b"process", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "process", b"process", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms", "warmups_running", b"warmups_running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1489,13 +1575,19 @@ class SetManyResult(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     code: _builtins.int
-    """Otherwise the gRPC status code (e.g. 14 UNAVAILABLE, 8 RESOURCE_EXHAUSTED) and
-    message of this entry's failure; 0 when `response` holds.
+    """Otherwise the gRPC status code (e.g. 14 UNAVAILABLE, 8 RESOURCE_EXHAUSTED; for a
+    write-through class also what a Set's origin failure answers: 3 INVALID_ARGUMENT
+    for a value the origin REFUSED, 4 DEADLINE_EXCEEDED, 9 FAILED_PRECONDITION) and
+    message of this entry's failure; 0 when `response` holds. Each entry is all or
+    nothing: a failed entry changed nothing in the origin or the cache, except that
+    when the origin may or may not have stored it, its cached entry was dropped.
     """
     error: _builtins.str
     @_builtins.property
     def response(self) -> Global___SetResponse:
-        """The entry's Set answer, when Redis ran it (STORED or why not)."""
+        """The entry's Set answer, when Redis ran it (STORED or why not); for a write-through
+        class, when its origin answered STORED or VERSION_CONFLICT.
+        """
 
     def __init__(
         self,

@@ -142,7 +142,8 @@ class CacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Delete(self, request, context):
-        """Remove keys from Redis and from this gateway's L1.
+        """Remove keys from Redis and from this gateway's L1; keys of write-through classes
+        are removed from their origin first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,7 +164,8 @@ class CacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Warmup(self, request, context):
-        """Load keys from Redis into L1, or store given entries.
+        """Load keys from Redis into L1 (and from their origin when Redis lacks them: by key,
+        by prefix through the origin's List, or the recorded hot set), or store given entries.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -203,14 +205,16 @@ class CacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetMany(self, request, context):
-        """Many Sets in one call, each with its own outcome, in one Redis round trip.
+        """Many Sets in one call, each with its own outcome, in one Redis round trip (and one
+        origin Store per origin for the entries of write-through classes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteMany(self, request, context):
-        """Remove many keys in one call; says per key whether it existed.
+        """Remove many keys in one call; says per key whether it existed (for a write-through
+        class: in its origin, which removes it first).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -74,13 +74,17 @@ class CacheServiceStub:
     Set: _grpc.UnaryUnaryMultiCallable[_cache_pb2.SetRequest, _cache_pb2.SetResponse]
     """Write one key with its class TTL (jittered) or an explicit TTL."""
     Delete: _grpc.UnaryUnaryMultiCallable[_cache_pb2.DeleteRequest, _cache_pb2.DeleteResponse]
-    """Remove keys from Redis and from this gateway's L1."""
+    """Remove keys from Redis and from this gateway's L1; keys of write-through classes
+    are removed from their origin first.
+    """
     Invalidate: _grpc.UnaryUnaryMultiCallable[_cache_pb2.InvalidateRequest, _cache_pb2.InvalidateResponse]
     """Remove keys by key, prefix, tag or class, everywhere, and publish one event."""
     Subscribe: _grpc.UnaryStreamMultiCallable[_cache_pb2.SubscribeRequest, _cache_pb2.InvalidationEvent]
     """A stream of invalidation events, optionally resumed from an event id."""
     Warmup: _grpc.UnaryUnaryMultiCallable[_cache_pb2.WarmupRequest, _cache_pb2.WarmupResponse]
-    """Load keys from Redis into L1, or store given entries."""
+    """Load keys from Redis into L1 (and from their origin when Redis lacks them: by key,
+    by prefix through the origin's List, or the recorded hot set), or store given entries.
+    """
     Stats: _grpc.UnaryUnaryMultiCallable[_cache_pb2.StatsRequest, _cache_pb2.StatsResponse]
     """Per-class and L1 figures of this gateway."""
     ReleaseLease: _grpc.UnaryUnaryMultiCallable[_cache_pb2.ReleaseLeaseRequest, _cache_pb2.ReleaseLeaseResponse]
@@ -98,9 +102,13 @@ class CacheServiceStub:
     key class's named limit)? One script, one key, atomic across every gateway.
     """
     SetMany: _grpc.UnaryUnaryMultiCallable[_cache_pb2.SetManyRequest, _cache_pb2.SetManyResponse]
-    """Many Sets in one call, each with its own outcome, in one Redis round trip."""
+    """Many Sets in one call, each with its own outcome, in one Redis round trip (and one
+    origin Store per origin for the entries of write-through classes).
+    """
     DeleteMany: _grpc.UnaryUnaryMultiCallable[_cache_pb2.DeleteManyRequest, _cache_pb2.DeleteManyResponse]
-    """Remove many keys in one call; says per key whether it existed."""
+    """Remove many keys in one call; says per key whether it existed (for a write-through
+    class: in its origin, which removes it first).
+    """
     Touch: _grpc.UnaryUnaryMultiCallable[_cache_pb2.TouchRequest, _cache_pb2.TouchResponse]
     """Give a stored value (and its counter) a new TTL without rewriting it."""
     Ttl: _grpc.UnaryUnaryMultiCallable[_cache_pb2.TtlRequest, _cache_pb2.TtlResponse]
@@ -124,13 +132,17 @@ class CacheServiceAsyncStub(CacheServiceStub):
     Set: _aio.UnaryUnaryMultiCallable[_cache_pb2.SetRequest, _cache_pb2.SetResponse]  # type: ignore[assignment]
     """Write one key with its class TTL (jittered) or an explicit TTL."""
     Delete: _aio.UnaryUnaryMultiCallable[_cache_pb2.DeleteRequest, _cache_pb2.DeleteResponse]  # type: ignore[assignment]
-    """Remove keys from Redis and from this gateway's L1."""
+    """Remove keys from Redis and from this gateway's L1; keys of write-through classes
+    are removed from their origin first.
+    """
     Invalidate: _aio.UnaryUnaryMultiCallable[_cache_pb2.InvalidateRequest, _cache_pb2.InvalidateResponse]  # type: ignore[assignment]
     """Remove keys by key, prefix, tag or class, everywhere, and publish one event."""
     Subscribe: _aio.UnaryStreamMultiCallable[_cache_pb2.SubscribeRequest, _cache_pb2.InvalidationEvent]  # type: ignore[assignment]
     """A stream of invalidation events, optionally resumed from an event id."""
     Warmup: _aio.UnaryUnaryMultiCallable[_cache_pb2.WarmupRequest, _cache_pb2.WarmupResponse]  # type: ignore[assignment]
-    """Load keys from Redis into L1, or store given entries."""
+    """Load keys from Redis into L1 (and from their origin when Redis lacks them: by key,
+    by prefix through the origin's List, or the recorded hot set), or store given entries.
+    """
     Stats: _aio.UnaryUnaryMultiCallable[_cache_pb2.StatsRequest, _cache_pb2.StatsResponse]  # type: ignore[assignment]
     """Per-class and L1 figures of this gateway."""
     ReleaseLease: _aio.UnaryUnaryMultiCallable[_cache_pb2.ReleaseLeaseRequest, _cache_pb2.ReleaseLeaseResponse]  # type: ignore[assignment]
@@ -148,9 +160,13 @@ class CacheServiceAsyncStub(CacheServiceStub):
     key class's named limit)? One script, one key, atomic across every gateway.
     """
     SetMany: _aio.UnaryUnaryMultiCallable[_cache_pb2.SetManyRequest, _cache_pb2.SetManyResponse]  # type: ignore[assignment]
-    """Many Sets in one call, each with its own outcome, in one Redis round trip."""
+    """Many Sets in one call, each with its own outcome, in one Redis round trip (and one
+    origin Store per origin for the entries of write-through classes).
+    """
     DeleteMany: _aio.UnaryUnaryMultiCallable[_cache_pb2.DeleteManyRequest, _cache_pb2.DeleteManyResponse]  # type: ignore[assignment]
-    """Remove many keys in one call; says per key whether it existed."""
+    """Remove many keys in one call; says per key whether it existed (for a write-through
+    class: in its origin, which removes it first).
+    """
     Touch: _aio.UnaryUnaryMultiCallable[_cache_pb2.TouchRequest, _cache_pb2.TouchResponse]  # type: ignore[assignment]
     """Give a stored value (and its counter) a new TTL without rewriting it."""
     Ttl: _aio.UnaryUnaryMultiCallable[_cache_pb2.TtlRequest, _cache_pb2.TtlResponse]  # type: ignore[assignment]
@@ -195,7 +211,9 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_pb2.DeleteRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.DeleteResponse, _abc.Awaitable[_cache_pb2.DeleteResponse]]:
-        """Remove keys from Redis and from this gateway's L1."""
+        """Remove keys from Redis and from this gateway's L1; keys of write-through classes
+        are removed from their origin first.
+        """
 
     @_abc_1.abstractmethod
     def Invalidate(
@@ -219,7 +237,9 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_pb2.WarmupRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.WarmupResponse, _abc.Awaitable[_cache_pb2.WarmupResponse]]:
-        """Load keys from Redis into L1, or store given entries."""
+        """Load keys from Redis into L1 (and from their origin when Redis lacks them: by key,
+        by prefix through the origin's List, or the recorded hot set), or store given entries.
+        """
 
     @_abc_1.abstractmethod
     def Stats(
@@ -267,7 +287,9 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_pb2.SetManyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.SetManyResponse, _abc.Awaitable[_cache_pb2.SetManyResponse]]:
-        """Many Sets in one call, each with its own outcome, in one Redis round trip."""
+        """Many Sets in one call, each with its own outcome, in one Redis round trip (and one
+        origin Store per origin for the entries of write-through classes).
+        """
 
     @_abc_1.abstractmethod
     def DeleteMany(
@@ -275,7 +297,9 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_pb2.DeleteManyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.DeleteManyResponse, _abc.Awaitable[_cache_pb2.DeleteManyResponse]]:
-        """Remove many keys in one call; says per key whether it existed."""
+        """Remove many keys in one call; says per key whether it existed (for a write-through
+        class: in its origin, which removes it first).
+        """
 
     @_abc_1.abstractmethod
     def Touch(
