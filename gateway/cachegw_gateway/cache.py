@@ -13,6 +13,8 @@ each live in a module of their own.
     l2.py            every Redis command
     readthrough.py   misses of read-through classes, loaded from their origin
     writethrough.py  Sets of write-through classes, stored in their origin first
+    writebehind.py   Sets and Deletes of write-behind classes, journaled (journal.py)
+                     and flushed to their origin later (flusher.py, run by the server)
     origin.py        every origin call
 
 A Get's key crosses each once: servicer → L1Tier.answer → ReadPath.fetch → (Leases) →
@@ -35,6 +37,7 @@ from cachegw_gateway.counters import Counters, Incremented, KeyTtl, Touched
 from cachegw_gateway.events import StreamId
 from cachegw_gateway.freshness import Generations
 from cachegw_gateway.invalidation import Invalidation
+from cachegw_gateway.journal import Journal
 from cachegw_gateway.l1tier import L1Tier
 from cachegw_gateway.l2 import L2Entry, L2Unavailable, RedisStore
 from cachegw_gateway.lastknown import LastKnown
@@ -45,6 +48,7 @@ from cachegw_gateway.ratelimit import Decision, RateLimit, RateLimiter
 from cachegw_gateway.reads import ReadPath
 from cachegw_gateway.readthrough import ReadThrough
 from cachegw_gateway.warmup import Warmup
+from cachegw_gateway.writebehind import WriteBehind
 from cachegw_gateway.writes import SetItem, WriteOutcome, WritePath
 from cachegw_gateway.writethrough import WriteThrough
 from cachegw_native.coalescer import Coalescer
@@ -68,6 +72,7 @@ class Cache:
         invalidation: InvalidationConfig | None = None,
         last_known: LastKnown | None = None,
         origins: Origins | None = None,
+        journal: Journal | None = None,
         max_ttl_ms: int = 30 * 86_400_000,
         max_key_bytes: int = 512,
         clock: Callable[[], float] = time.monotonic,
@@ -127,6 +132,10 @@ class Cache:
                 wall_clock_ms=wall_clock_ms,
             )
             self._write_through = WriteThrough(self._writes, origins, stats)
+        self._write_behind: WriteBehind | None = None
+        if journal is not None and any(kc.write_behind for kc in policy.classes):
+            self._write_behind = WriteBehind(self._writes, journal, policy, stats)
+        self._policy = policy
         self._invalidation = Invalidation(
             store, self._tier, policy, stats, gens, self._leases, origin=origin, invalidation=config
         )
@@ -185,15 +194,29 @@ class Cache:
     def set(self, item: SetItem) -> Awaitable[WriteOutcome]:
         if item.kc.write_through and self._write_through is not None:
             return self._shielded(self._write_through.set(item))
+        if item.kc.write_behind and self._write_behind is not None:
+            return self._shielded(self._write_behind.set(item))
         return self._shielded(self._writes.set(item))
+
+    def _behind(self, keys: Sequence[str]) -> WriteBehind | None:
+        """The write-behind path when a key of `keys` is of a write-behind class."""
+        wb = self._write_behind
+        if wb is not None and any(self._policy.classify(k).write_behind for k in keys):
+            return wb
+        return None
 
     def set_many(self, items: Sequence[SetItem]) -> Awaitable[list[WriteOutcome | L2Unavailable]]:
         return self._shielded(self._writes.set_many(items))
 
     def delete_each(self, keys: Sequence[str]) -> Awaitable[tuple[list[bool], str]]:
+        if (wb := self._behind(keys)) is not None:
+            return self._shielded(wb.delete_each(keys))
         return self._shielded(self._writes.delete_each(keys))
 
     async def delete(self, keys: Sequence[str]) -> int:
+        if (wb := self._behind(keys)) is not None:
+            each, _ = await self._shielded(wb.delete_each(keys))
+            return sum(each)
         deleted, _ = await self._shielded(self._writes.delete(keys))
         return deleted
 

@@ -204,9 +204,10 @@ class CacheServicer:
     def _cache_only(kc: KeyClass, where: str, rpc: str) -> None:
         """Batched writes do not go through origins yet: refused on write-through classes
         rather than skip the origin."""
-        if kc.write_through:
+        if kc.write_through or kc.write_behind:
+            policy = "write-through" if kc.write_through else "write-behind"
             raise InvalidRequest(
-                f"{where}: class {kc.name} is write-through, and {rpc} does not store in "
+                f"{where}: class {kc.name} is {policy}, and {rpc} does not store in "
                 "origins yet; use Set for its keys"
             )
 
@@ -237,6 +238,12 @@ class CacheServicer:
                     f"{where}condition: class {kc.name} is write-through; conditions are not "
                     "passed to its origin: use if_version (0 = only if absent)"
                 )
+        if kc.write_behind and (token is not None or condition or if_version is not None):
+            raise InvalidRequest(
+                f"{where}: class {kc.name} is write-behind: a Set is journaled for its origin "
+                "before the cache could check a lease_token, condition or if_version, so "
+                "none is taken; Set without them (the last write wins, by write version)"
+            )
         return SetItem(request.key, request.value, kc, ttl_ms, if_version, tags, token, condition)
 
     async def set(self, request: pb.SetRequest | BadMessage, context: Context) -> pb.SetResponse:

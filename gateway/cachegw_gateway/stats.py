@@ -11,6 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, fields
 
+# ClassCounters fields that are gauges (a level now); every other one is a count.
+CLASS_GAUGES = frozenset({"wb_backlog", "wb_lag_ms"})
+
 
 @dataclass(slots=True)
 class ClassCounters:
@@ -37,6 +40,18 @@ class ClassCounters:
     not_found: int = 0  # NOT_FOUND answers (from the origin or a cached NOT_FOUND)
     origin_stores: int = 0  # entries the origin stored (write-through)
     origin_errors: int = 0  # origin calls that failed (any status)
+    # Write-behind (writebehind.py): see ClassStats in cache.proto. The last two are
+    # gauges of the deployment's journal (CLASS_GAUGES).
+    wb_journaled: int = 0
+    wb_flushed: int = 0
+    wb_origin_calls: int = 0
+    wb_collapsed: int = 0
+    wb_superseded: int = 0
+    wb_retries: int = 0
+    wb_dead_lettered: int = 0
+    wb_claimed: int = 0
+    wb_backlog: int = 0
+    wb_lag_ms: int = 0
 
     @property
     def reads(self) -> int:

@@ -33,6 +33,7 @@ class WriteOutcome:
     lease_invalid: bool = False
     condition_failed: bool = False
     superseded: bool = False  # a live entry of a newer origin version stays
+    replaced: bool = False  # stored over a value that existed
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +192,7 @@ class WritePath:
                 item.flags,
             )
             self._tier.fill(item.key, kc, env, fresh_ttl, pending.ticket.sent_at)
-        return WriteOutcome(True, result.version, fresh_ttl, kc.name)
+        return WriteOutcome(True, result.version, fresh_ttl, kc.name, replaced=result.replaced)
 
     async def delete(self, keys: Sequence[str]) -> tuple[int, str]:
         """Remove `keys` (values, leases, counters, limiters) and publish one event, in

@@ -23,6 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from cachegw_gateway.stats import CLASS_GAUGES
 from cachegw_gateway.telemetry.latency import BOUNDS
 from cachegw_gateway.telemetry.snapshot import GAUGE_FIELDS, Snapshot
 
@@ -48,6 +49,16 @@ _CLASS_HELP = {
     "not_found": "NOT_FOUND answers (from the origin or a cached NOT_FOUND), per class.",
     "origin_stores": "Entries the class's origin stored (write-through), per class.",
     "origin_errors": "Origin calls that failed (any status), per class.",
+    "wb_journaled": "Write-behind Sets and Deletes journaled (acknowledged), per class.",
+    "wb_flushed": "Write-behind journal entries settled with the origin by this gateway.",
+    "wb_origin_calls": "Write-behind Store and Remove calls made by this gateway, per class.",
+    "wb_collapsed": "Write-behind entries settled unsent: a newer one of the key was in the batch.",
+    "wb_superseded": "Write-behind entries the origin answered VERSION_CONFLICT (it had newer).",
+    "wb_retries": "Write-behind flush attempts that failed and were retried, per class.",
+    "wb_dead_lettered": "Write-behind entries moved to the dead-letter stream, per class.",
+    "wb_claimed": "Write-behind entries claimed from a gateway idle too long, per class.",
+    "wb_backlog": "Write-behind journal entries not yet settled (whole deployment), per class.",
+    "wb_lag_ms": "Age of the oldest unsettled write-behind entry, ms (whole deployment).",
 }
 _GATEWAY_HELP = {
     "invalidations_published": "Invalidation events this gateway published.",
@@ -98,7 +109,7 @@ def families(snap: Snapshot) -> Iterator[Metric]:
                                labels=["class", "tier"])  # fmt: skip
     misses = CounterMetricFamily(f"{P}misses", "Reads that found nothing, per class.",
                                  labels=["class"])  # fmt: skip
-    per_class: dict[str, CounterMetricFamily] = {}
+    per_class: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
     for name in sorted(snap.classes):
         counts = snap.classes[name]
         hits.add_metric([name, "l1"], counts.get("hits_l1", 0))
@@ -110,7 +121,8 @@ def families(snap: Snapshot) -> Iterator[Metric]:
             family = per_class.get(key)
             if family is None:
                 doc = _CLASS_HELP.get(key, f"ClassCounters.{key}, per class.")
-                family = per_class[key] = CounterMetricFamily(f"{P}{key}", doc, labels=["class"])
+                make = GaugeMetricFamily if key in CLASS_GAUGES else CounterMetricFamily
+                family = per_class[key] = make(f"{P}{key}", doc, labels=["class"])
             family.add_metric([name], value)
     yield hits
     yield misses
