@@ -9,6 +9,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +66,9 @@ class Writes:
     failed: dict[str, int] = field(default_factory=dict)  # gateway -> failed writes
 
     async def run(
-        self, stubs: list[tuple[str, cache_pb2_grpc.CacheServiceStub]], plan: list[tuple[str, bytes]]
+        self,
+        stubs: Sequence[tuple[str, cache_pb2_grpc.CacheServiceAsyncStub]],
+        plan: list[tuple[str, bytes]],
     ) -> None:
         slots = asyncio.Semaphore(IN_FLIGHT)
 
@@ -97,7 +100,7 @@ def journal(n: int) -> str:
 def pending_of(redis_client: redis.Redis, consumer: str) -> int:
     total = 0
     for n in range(SHARDS):
-        for c in redis_client.xinfo_consumers(journal(n), GROUP):  # type: ignore[union-attr]
+        for c in redis_client.xinfo_consumers(journal(n), GROUP):
             name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
             if name == consumer:
                 total += int(c["pending"])
@@ -120,7 +123,10 @@ async def run(
         origin = start_origin(args, tmp_path, "origin-1", address)
         gateways: list[GatewayProcess] = gateway_cluster(3, toml(address))
         channels = [grpc.aio.insecure_channel(gw.address) for gw in gateways]
-        stubs = [(f"gw{i}", cache_pb2_grpc.CacheServiceStub(c)) for i, c in enumerate(channels)]
+        stubs: list[tuple[str, cache_pb2_grpc.CacheServiceAsyncStub]] = [
+            (f"gw{i}", cache_pb2_grpc.CacheServiceStub(c))
+            for i, c in enumerate(channels)
+        ]
         writes = Writes()
         restarted = None
         try:
@@ -138,7 +144,9 @@ async def run(
             await asyncio.sleep(max(0.0, down_at + outage - time.monotonic()))
             restarted = start_origin(args, tmp_path, "origin-2", address)
             deadline = time.monotonic() + 90
-            while left(redis_client) and time.monotonic() < deadline:
+            for _ in range(900):  # bounded: until the journal is empty
+                if not left(redis_client) or time.monotonic() > deadline:
+                    break
                 await asyncio.sleep(0.1)
             assert left(redis_client) == 0, f"{left(redis_client)} journal entries left"
             drained = time.monotonic() - started
