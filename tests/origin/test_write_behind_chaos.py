@@ -124,8 +124,7 @@ async def run(
         gateways: list[GatewayProcess] = gateway_cluster(3, toml(address))
         channels = [grpc.aio.insecure_channel(gw.address) for gw in gateways]
         stubs: list[tuple[str, cache_pb2_grpc.CacheServiceAsyncStub]] = [
-            (f"gw{i}", cache_pb2_grpc.CacheServiceStub(c))
-            for i, c in enumerate(channels)
+            (f"gw{i}", cache_pb2_grpc.CacheServiceStub(c)) for i, c in enumerate(channels)
         ]
         writes = Writes()
         restarted = None
