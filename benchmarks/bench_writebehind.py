@@ -122,9 +122,7 @@ async def journal_left(r: aioredis.Redis) -> int:
     return sum([int(await r.xlen(f"cg:{{wb:wb:{n}}}:journal")) for n in range(SHARDS)])
 
 
-async def run_case(
-    s: Settings, clients: Sequence[AsyncClient], prefix: str, tally: Tally
-) -> None:
+async def run_case(s: Settings, clients: Sequence[AsyncClient], prefix: str, tally: Tally) -> None:
     value = b"x" * s.value_bytes
 
     async def caller(i: int, until: float) -> None:
@@ -192,7 +190,9 @@ async def main_async(
     throughput = (wb.sets / wb.seconds) / (wt.sets / wt.seconds)
     calls_per_set = (wt.calls / wt.sets) / (wb.calls / wb.sets) if wb.calls else float("inf")
     rows.append(["(wb) / (wt)", f"{throughput:.2f}x", "", "", "", "", "", "", ""])
-    rows.append(["(wt) / (wb) Store calls per Set", f"{calls_per_set:.0f}x", "", "", "", "", "", "", ""])
+    rows.append(
+        ["(wt) / (wb) Store calls per Set", f"{calls_per_set:.0f}x", "", "", "", "", "", "", ""]
+    )
     measured = {
         "throughput ratio": throughput,
         "entries per set": wb.entries / wb.sets if wb.sets else float("inf"),

@@ -151,6 +151,8 @@ class Flusher:
         try:
             while not self._stop.is_set():
                 try:
+                    if own and next_claim == 0.0:  # the first round: the group exists
+                        await journal.ensure_group(shard)
                     entries: list[Entry] = []
                     bad: list[BadEntry] = []
                     now = self._clock()
@@ -182,6 +184,8 @@ class Flusher:
                     await self._flush(kc, shard, client, entries, counters)
                     delay = config.retry_initial_seconds
                 except L2Unavailable as exc:
+                    if "NOGROUP" in str(exc) and await self._made_again(shard):
+                        continue  # Redis had lost the stream (or never had it)
                     if self._clock() - last_log >= LOG_EVERY:
                         last_log = self._clock()
                         log.warning(
@@ -191,6 +195,13 @@ class Flusher:
                     delay = min(delay * 2, config.retry_max_seconds)
         except _Stopping:
             return
+
+    async def _made_again(self, shard: Shard) -> bool:
+        try:
+            await self._journal.ensure_group(shard)
+        except L2Unavailable:
+            return False
+        return True
 
     # -- one batch ------------------------------------------------------------------------
 
