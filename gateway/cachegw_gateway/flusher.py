@@ -320,8 +320,8 @@ class Flusher:
             one = request.entries.add()
             one.CopyFrom(e.store)
             one.write_version = e.write_version
-        counters.wb_origin_calls += 1
         raw = await client._call("Store", request.SerializeToString(), None)
+        counters.wb_origin_calls += 1
         where = f"origin {client.address} Store of {len(chunk)} write-behind entries"
         try:
             answer = opb.StoreResponse.FromString(raw)
@@ -361,8 +361,8 @@ class Flusher:
         request = opb.RemoveRequest(
             keys=[e.key for e in removes], write_versions=[e.write_version for e in removes]
         )
-        counters.wb_origin_calls += 1
         raw = await client._call("Remove", request.SerializeToString(), None)
+        counters.wb_origin_calls += 1
         where = f"origin {client.address} Remove of {len(removes)} write-behind keys"
         try:
             answer = opb.RemoveResponse.FromString(raw)

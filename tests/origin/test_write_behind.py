@@ -17,7 +17,9 @@ import asyncpg
 import grpc
 import pytest
 import redis
+from rich.console import Console
 
+from cachegw import top
 from cachegw.v1 import cache_pb2 as pb
 from cachegw.v1 import origin_pb2 as opb
 from cachegw_gateway.config import RedisConfig
@@ -25,6 +27,7 @@ from cachegw_gateway.journal import GROUP, STORE, Journal
 from cachegw_gateway.l2 import RedisStore
 from cachegw_gateway.managed_redis import ManagedRedis, free_port
 from cachegw_gateway.writes import SetItem
+from tests.client.test_top import _poll
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.origin.conftest import TABLE, OriginProcess, start_origin
 from tests.origin.test_origin_faults import BAD_ORIGIN
@@ -184,6 +187,15 @@ async def test_writes_wait_for_an_origin_that_is_down_and_land_when_it_is_back(
     text = await asyncio.to_thread(_metrics, address_port)
     assert 'cachegw_wb_backlog{class="items"} 5.0' in text
     assert "# TYPE cachegw_wb_lag_ms gauge" in text
+    view = top.TopView([gw.address])
+    view.update(await asyncio.to_thread(_poll, [gw.address]))
+    console = Console(record=True, width=250, color_system=None)
+    console.print(view.render())
+    shown = console.export_text()
+    assert "write-behind" in shown
+    row = [ln for ln in shown.splitlines() if " items " in ln][-1]  # its table is the last
+    cells = [cell.strip() for cell in row.split("│")]
+    assert (cells[-4], cells[-2]) == ("5", "0")  # backlog, dead letters
     args = ["-m", "cachegw.origin.postgres", "--dsn", _dsn(pg_origin), "--table", TABLE]
     late = start_origin(args, tmp_path, "late-origin", address)
     try:

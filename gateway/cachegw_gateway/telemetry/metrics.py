@@ -51,7 +51,7 @@ _CLASS_HELP = {
     "origin_errors": "Origin calls that failed (any status), per class.",
     "wb_journaled": "Write-behind Sets and Deletes journaled (acknowledged), per class.",
     "wb_flushed": "Write-behind journal entries settled with the origin by this gateway.",
-    "wb_origin_calls": "Write-behind Store and Remove calls made by this gateway, per class.",
+    "wb_origin_calls": "Write-behind Store and Remove calls the origin answered, per class.",
     "wb_collapsed": "Write-behind entries settled unsent: a newer one of the key was in the batch.",
     "wb_superseded": "Write-behind entries the origin answered VERSION_CONFLICT (it had newer).",
     "wb_retries": "Write-behind flush attempts that failed and were retried, per class.",

@@ -909,7 +909,8 @@ class ClassStats(_message.Message):
     wb_journaled: _builtins.int
     """Write-behind (fields 40-49; docs/consistency.md): Sets and Deletes this gateway
     journaled (acknowledged); journal entries this gateway's flusher settled with the
-    origin (stored, removed, superseded or collapsed); Store and Remove calls it made;
+    origin (stored, removed, superseded or collapsed); Store and Remove calls the origin
+    answered;
     entries settled without being sent because a newer write of the key was in the same
     batch (collapsed); entries the origin answered VERSION_CONFLICT for (it holds a newer
     write: a redelivery); flush attempts that failed and were retried; entries moved to
