@@ -52,6 +52,9 @@ log = logging.getLogger("cachegw.writebehind")
 MAX_CALL_BYTES = 8 * 1024 * 1024  # values per Store call (the origin's message limit is 64 MiB)
 FIGURES_EVERY = 1.0  # seconds between two reads of the backlog and the lag
 LOG_EVERY = 10.0  # seconds between two log lines about one shard's failures
+# A consumer (a gateway) holding nothing and idle this long is gone: its name is deleted
+# from the group (a live flusher touches the group every flush_interval_seconds).
+FORGET_CONSUMERS_MS = 3_600_000
 
 
 class _Stopping(Exception):
@@ -163,6 +166,9 @@ class Flusher:
                         counters.wb_claimed += len(entries) + len(bad)
                         if cursor == "0-0":
                             next_claim = now + config.claim_idle_seconds / 2
+                            await journal.forget_consumers(
+                                shard, self.consumer, FORGET_CONSUMERS_MS
+                            )
                     if not entries and not bad:
                         entries, bad = await journal.read(
                             shard, self.consumer, config.batch_size, own=own

@@ -95,6 +95,23 @@ end
 return n
 """
 
+# KEYS[1] journal. ARGV[1] group, ARGV[2] idle ms, ARGV[3] the caller's consumer name.
+# Deletes the group's consumers (gateways gone for good) that hold no pending entry and
+# were idle longer than ARGV[2]: atomic, so one that reads meanwhile is never deleted
+# with entries (their pending record would go with it). Returns how many.
+_FORGET_SCRIPT = """
+local n = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['pending'] == 0 and f['idle'] > tonumber(ARGV[2]) and f['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    n = n + 1
+  end
+end
+return n
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Shard:
@@ -187,6 +204,7 @@ class Journal:
         self._append = Script(client, _APPEND_SCRIPT)
         self._settle = Script(client, _SETTLE_SCRIPT)
         self._dead_letter = Script(client, _DEAD_LETTER_SCRIPT)
+        self._forget = Script(client, _FORGET_SCRIPT)
 
     def shard(self, key_class: str, number: int) -> Shard:
         tag = f"{self._store.prefix}:{{wb:{key_class}:{number}}}"
@@ -285,6 +303,12 @@ class Journal:
             await self._client.xclaim(
                 shard.journal, GROUP, consumer, min_idle_ms, list(ids), justid=True
             )
+
+    async def forget_consumers(self, shard: Shard, consumer: str, idle_ms: int) -> int:
+        """Delete consumers other than `consumer` that hold nothing and were idle longer
+        than `idle_ms` (gateways that are gone: their names would pile up)."""
+        with self._store.calls([shard.journal], write=True):
+            return int(await self._forget(keys=[shard.journal], args=[GROUP, idle_ms, consumer]))
 
     async def settle(self, shard: Shard, ids: Sequence[str]) -> int:
         """Acknowledge and delete `ids`: the origin has them (or newer)."""

@@ -260,6 +260,24 @@ async def test_the_pending_entries_of_a_dead_gateway_are_claimed(
     assert journal_left(redis_client) == 0
 
 
+async def test_consumers_gone_for_good_are_forgotten_but_not_with_entries(
+    redis_server: ManagedRedis, redis_client: redis.Redis
+) -> None:
+    store, journal = await _journal(redis_server)
+    try:
+        await journal.append("items", STORE, opb.StoreEntry(key="wb:held", value=b"v"))
+        target = journal.shard_of("items", "wb:held")
+        await journal.read(target, "holder", 10, own=False)  # "holder" gets the entry
+        for name in ("empty", "me"):
+            redis_client.xgroup_createconsumer(target.journal, GROUP, name)
+        assert await journal.forget_consumers(target, "me", -1) == 1
+        names = {c["name"] for c in redis_client.xinfo_consumers(target.journal, GROUP)}
+        assert b"holder" in names and b"empty" not in names
+        assert await journal.forget_consumers(target, "me", 3_600_000) == 0
+    finally:
+        await store.close()
+
+
 @pytest.fixture
 def bad_origin(tmp_path: Path) -> Iterator[OriginProcess]:
     origin = start_origin([BAD_ORIGIN], tmp_path, "bad-origin")
