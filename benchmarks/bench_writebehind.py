@@ -203,7 +203,7 @@ async def main_async(
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--callers", type=int, default=64)
+    p.add_argument("--callers", type=int, default=16)
     p.add_argument("--keys", type=int, default=200, help="hot keys per case")
     p.add_argument("--gateways", type=int, default=2)
     p.add_argument("--seconds", type=float, default=8.0, help="per case per round")

@@ -40,7 +40,7 @@ from redis.exceptions import ResponseError
 
 from cachegw.v1 import origin_pb2 as opb
 from cachegw_gateway import redis_errors
-from cachegw_gateway.l2 import L2Unavailable, RedisStore
+from cachegw_gateway.l2 import _SET_SCRIPT, L2Unavailable, RedisStore, SetCall, SetResult
 from cachegw_gateway.scripts import Script
 
 GROUP = "flushers"
@@ -110,6 +110,34 @@ for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   end
 end
 return n
+"""
+
+# One Redis (standalone or Sentinel): the append and the Set script in one step. KEYS:
+# the Set script's, then the journal and the shard's last version; ARGV: the Set
+# script's (ARGV[14], the origin version, is replaced by the write version), then the
+# group and the encoded StoreEntry. Returns the Set script's reply and the write version.
+_APPEND_AND_SET_SCRIPT = f"""
+local vkey = table.remove(KEYS)
+local jkey = table.remove(KEYS)
+local entry = table.remove(ARGV)
+local group = table.remove(ARGV)
+local t = redis.call('TIME')
+local ver = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local last = tonumber(redis.call('GET', vkey) or '0')
+if last >= ver then ver = last + 1 end
+local v = string.format('%.0f', ver)
+redis.call('SET', vkey, v)
+if redis.call('EXISTS', jkey) == 0 then
+  redis.call('XGROUP', 'CREATE', jkey, group, '0', 'MKSTREAM')
+end
+redis.call('XADD', jkey, '*', 'o', 's', 'w', v, 'e', entry)
+ARGV[14] = v
+local function set_part()
+{_SET_SCRIPT}
+end
+local r = set_part()
+r[#r + 1] = v
+return r
 """
 
 
@@ -205,6 +233,10 @@ class Journal:
         self._settle = Script(client, _SETTLE_SCRIPT)
         self._dead_letter = Script(client, _DEAD_LETTER_SCRIPT)
         self._forget = Script(client, _FORGET_SCRIPT)
+        # One Redis holds the value and the journal: both in one script (a Cluster store
+        # reads generations in memory, and its scripts touch one slot: two steps there).
+        self.one_step = not store.in_memory_generations
+        self._append_and_set = Script(client, _APPEND_AND_SET_SCRIPT)
 
     def shard(self, key_class: str, number: int) -> Shard:
         tag = f"{self._store.prefix}:{{wb:{key_class}:{number}}}"
@@ -231,6 +263,20 @@ class Journal:
         with self._store.calls(keys[:1], write=True):
             reply = await self._append(keys=keys, args=args)
         return int(_text(reply[0]))
+
+    async def append_and_set(
+        self, key_class: str, entry: opb.StoreEntry, call: SetCall
+    ) -> tuple[SetResult, int]:
+        """One Redis only (`one_step`): journal a STORE and run the Set script's `call`
+        in one script; the Set's result and the write version."""
+        keys, args = self._store._set_keys_args(call, time.time_ns() // 1_000_000)
+        shard = self.shard_of(key_class, entry.key)
+        with self._store.calls([keys[0]], write=True):
+            reply = await self._append_and_set(
+                keys=[*keys, shard.journal, shard.version],
+                args=[*args, GROUP, entry.SerializeToString()],
+            )
+        return SetResult.from_reply(reply[:5]), int(_text(reply[5]))
 
     async def append_many(
         self, key_class: str, op: str, entries: Sequence[opb.StoreEntry]

@@ -2,9 +2,14 @@
 (journal.py, a Redis Stream) and in the cache; the flusher (flusher.py) stores it in the
 class's origin later, in batches.
 
-Order: **journal first, then cache.** The two live in different slots on a Redis Cluster
-(the value in its key's, the journal in its shard's), so they are two calls on every
-topology. What a fault between them leaves:
+**One Redis (standalone, Sentinel): one script.** The journal append and the Set script
+run as one script (journal.py's `append_and_set`): a write is journaled exactly when it is
+cached, whatever happens to the caller, the connection or the gateway. A lost reply
+leaves both written or neither (the caller is told it may or may not have been applied).
+
+**Redis Cluster: journal first, then cache.** The two live in different slots (the value
+in its key's, the journal in its shard's), so they are two calls. What a fault between
+them leaves:
 
 - The journal append fails, and said so (an error reply, a refused connection, the
   breaker): nothing was written anywhere; the caller gets UNAVAILABLE.
@@ -45,7 +50,7 @@ import grpc
 from cachegw.v1 import origin_pb2 as opb
 from cachegw_gateway import envelope
 from cachegw_gateway.journal import REMOVE, STORE, Journal
-from cachegw_gateway.l2 import L2Unavailable
+from cachegw_gateway.l2 import L2Unavailable, SetCall, SetResult
 from cachegw_gateway.origin import OriginError
 from cachegw_gateway.policy import KeyClass, PolicyTable
 from cachegw_gateway.redis_errors import CONNECTION, PROTOCOL, TIMEOUT, L2OutcomeUnknown
@@ -94,6 +99,8 @@ class WriteBehind:
         entry = opb.StoreEntry(key=item.key, value=item.value, tags=item.tags)
         if item.ttl_ms is not None:
             entry.ttl_ms = item.ttl_ms
+        if self._journal.one_step:
+            return await self._set_one_step(item, entry)
         try:
             version = await self._journal.append(kc.name, STORE, entry)
         except L2Unavailable as exc:
@@ -112,6 +119,28 @@ class WriteBehind:
             # A newer write of the key is cached (and journaled) already: ours stands in
             # the journal, older, and the origin will keep the newer one too.
             return WriteOutcome(True, version, out.ttl_ms, kc.name)
+        return out
+
+    async def _set_one_step(self, item: SetItem, entry: opb.StoreEntry) -> WriteOutcome:
+        """One Redis: the journal entry and the value in one script, so that neither is
+        ever written without the other."""
+        kc = item.kc
+        versions: list[int] = []
+
+        async def journal_and_set(call: SetCall) -> SetResult:
+            result, version = await self._journal.append_and_set(kc.name, entry, call)
+            versions.append(version)
+            return result
+
+        # The origin version is the script's to give (the write version): 0 stands in.
+        cached = dataclasses.replace(item, if_version=None, origin_version=0)
+        try:
+            out = await self._writes.set(cached, via=journal_and_set)
+        except L2Unavailable as exc:
+            raise _not_journaled(item.key, exc) from None
+        self._stats.for_class(kc.name).wb_journaled += 1
+        if out.superseded:
+            return WriteOutcome(True, versions[0], out.ttl_ms, kc.name)
         return out
 
     async def delete_each(self, keys: Sequence[str]) -> tuple[list[bool], str]:

@@ -11,7 +11,7 @@ other write of the key voided meanwhile (the read path's guard, see l1tier.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from cachegw_gateway import envelope, events
@@ -94,10 +94,14 @@ class WritePath:
         """The encoded KEYS event a write of `keys` publishes."""
         return events.make(origin=self._origin, keys=keys).SerializeToString()
 
-    async def set(self, item: SetItem) -> WriteOutcome:
+    async def set(
+        self, item: SetItem, via: Callable[[SetCall], Awaitable[SetResult]] | None = None
+    ) -> WriteOutcome:
+        """Write one value; `via` sends the Set script's call instead of the store (the
+        write-behind journal's one-step append-and-set, writebehind.py)."""
         pending = self._begin(item)
         try:
-            result = await self._store.set(pending.call)
+            result = await (self._store.set if via is None else via)(pending.call)
         finally:
             self._settle(pending)
         return self._outcome(pending, result)

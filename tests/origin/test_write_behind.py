@@ -351,28 +351,44 @@ async def test_conditional_writes_are_refused_with_a_clear_status(
     assert journal_left(redis_client) == 0  # nothing half-applied
 
 
-async def test_a_caller_leaving_between_journal_and_cache_leaves_both_written(
+def _version_of(result: object) -> int:
+    """The write version a journal call returned (`append`, or `append_and_set`)."""
+    if isinstance(result, tuple):
+        return int(result[1])
+    assert isinstance(result, int)
+    return result
+
+
+@pytest.mark.parametrize("one_step", [True, False], ids=["one-step", "two-steps"])
+async def test_a_caller_leaving_mid_write_leaves_journal_and_cache_written(
     gateway_factory: GatewayFactory,
     pg_origin: OriginProcess,
     db: asyncpg.Connection,
     monkeypatch: pytest.MonkeyPatch,
+    one_step: bool,
 ) -> None:
+    """One Redis journals and caches in one script (`one-step`); a Cluster in two calls,
+    journal first (`two-steps`, forced here on one Redis: the same code). A caller that
+    leaves right after the journal took the write, or whose deadline passes while Redis
+    is slow, leaves both written."""
     gw = await gateway_factory(wb_toml(pg_origin.address), server__gateway_id="a")
     server = gw.server
     journal = server.journal
-    real = journal.append
+    journal.one_step = one_step
+    name = "append_and_set" if one_step else "append"
+    real = getattr(journal, name)
     caller: asyncio.Task[object] | None = None
     journaled: list[int] = []
 
-    async def append_then_leave(*args: object) -> int:
-        version: int = await real(*args)
-        journaled.append(version)
+    async def journal_then_leave(*args: object) -> object:
+        result = await real(*args)
+        journaled.append(_version_of(result))
         assert caller is not None
         caller.cancel()  # the caller leaves right after the journal took the write
         await asyncio.sleep(0)
-        return version
+        return result
 
-    monkeypatch.setattr(journal, "append", append_then_leave)
+    monkeypatch.setattr(journal, name, journal_then_leave)
     kc = server.policy.classify("wb:left")
     caller = asyncio.create_task(server.cache.set(SetItem("wb:left", b"left", kc)))
     with pytest.raises(asyncio.CancelledError):
@@ -387,13 +403,13 @@ async def test_a_caller_leaving_between_journal_and_cache_leaves_both_written(
     await until(lambda: _is(db, "wb:left", (b"left", journaled[0])))
 
     # A deadline that passes while the journal is slow: DEADLINE_EXCEEDED, and both land.
-    async def slow_append(*args: object) -> int:
+    async def slow(*args: object) -> object:
         await asyncio.sleep(0.3)
-        version: int = await real(*args)
-        journaled.append(version)
-        return version
+        result = await real(*args)
+        journaled.append(_version_of(result))
+        return result
 
-    monkeypatch.setattr(journal, "append", slow_append)
+    monkeypatch.setattr(journal, name, slow)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await gw.stub.Set(pb.SetRequest(key="wb:late", value=b"late"), timeout=0.1)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
