@@ -199,6 +199,11 @@ class Flusher:
                         )
                     await self._pause(self._backoff(delay))
                     delay = min(delay * 2, config.retry_max_seconds)
+                except (_Stopping, asyncio.CancelledError):
+                    raise
+                except Exception:  # a bug here must not end this shard's flushing
+                    log.exception("write-behind %s: flush failed; trying again", shard.journal)
+                    await self._pause(config.retry_max_seconds)
         except _Stopping:
             return
 

@@ -74,8 +74,13 @@ def _maybe_applied(err: L2Unavailable) -> bool:
     return isinstance(err, L2OutcomeUnknown) or err.kind in (TIMEOUT, CONNECTION, PROTOCOL)
 
 
-def _not_journaled(key: str, err: L2Unavailable) -> NotJournaled:
-    if _maybe_applied(err):
+def _not_journaled(key: str, err: L2Unavailable, *, with_cache: bool = False) -> NotJournaled:
+    if _maybe_applied(err) and with_cache:
+        said = (
+            "its reply was lost, so it may have been journaled and cached (it then reaches "
+            "the origin) or neither"
+        )
+    elif _maybe_applied(err):
         said = (
             "its reply was lost, so it may have been journaled (it then reaches the origin) "
             "or not; the cache was not changed"
@@ -137,7 +142,7 @@ class WriteBehind:
         try:
             out = await self._writes.set(cached, via=journal_and_set)
         except L2Unavailable as exc:
-            raise _not_journaled(item.key, exc) from None
+            raise _not_journaled(item.key, exc, with_cache=True) from None
         self._stats.for_class(kc.name).wb_journaled += 1
         if out.superseded:
             return WriteOutcome(True, versions[0], out.ttl_ms, kc.name)

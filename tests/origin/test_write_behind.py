@@ -17,6 +17,7 @@ import asyncpg
 import grpc
 import pytest
 import redis
+from redis.exceptions import TimeoutError as RedisTimeout
 from rich.console import Console
 
 from cachegw import top
@@ -418,6 +419,46 @@ async def test_a_caller_leaving_mid_write_leaves_journal_and_cache_written(
     )
     got = await gw.stub.Get(pb.GetRequest(key="wb:late"))
     assert (got.value, got.version) == (b"late", journaled[-1])
+
+
+@pytest.mark.parametrize("one_step", [True, False], ids=["one-step", "two-steps"])
+async def test_a_journal_reply_lost_after_redis_applied_it(
+    gateway_factory: GatewayFactory,
+    pg_origin: OriginProcess,
+    db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    one_step: bool,
+) -> None:
+    """Redis ran the journal script and its reply never came (a timeout): the caller gets
+    UNAVAILABLE saying it may have been applied; what Redis applied reaches the origin
+    (one step: the value is cached too; two steps: the cache was not touched)."""
+    gw = await gateway_factory(wb_toml(pg_origin.address), server__gateway_id="a")
+    journal = gw.server.journal
+    journal.one_step = one_step
+    name = "_append_and_set" if one_step else "_append"
+    script = getattr(journal, name)
+
+    async def applied_then_lost(keys: object, args: object, client: object = None) -> object:
+        await script(keys=keys, args=args)
+        raise RedisTimeout("Timeout reading from socket")
+
+    monkeypatch.setattr(journal, name, applied_then_lost)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.stub.Set(pb.SetRequest(key="wb:lost", value=b"lost"))
+    details = err.value.details() or ""
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "reply was lost" in details
+    assert ("journaled and cached" in details) == one_step
+    monkeypatch.undo()
+    await until(lambda: _has(db, "wb:lost", b"lost"))
+    if one_step:
+        got = await gw.stub.Get(pb.GetRequest(key="wb:lost"))
+        assert (got.status, got.value) == (pb.STATUS_HIT, b"lost")
+
+
+async def _has(db: asyncpg.Connection, key: str, value: bytes) -> bool:
+    got = await written(db, key)
+    return got is not None and got[0] == value
 
 
 async def _false() -> bool:
