@@ -855,6 +855,13 @@ def config_warnings(c: GatewayConfig) -> list[str]:
             "live gateway's entries may be claimed by another while its Store is in flight "
             "(harmless with an origin that honours write_version, but sent twice)"
         )
+    if behind and c.write_behind.retry_max_seconds >= c.write_behind.claim_idle_seconds / 2:
+        out.append(
+            f"write_behind.retry_max_seconds ({_num(c.write_behind.retry_max_seconds)}) is "
+            f"not below half of claim_idle_seconds ({_num(c.write_behind.claim_idle_seconds)}): "
+            "while the origin is down, another gateway may claim a live gateway's batch "
+            "between two of its attempts"
+        )
     if c.redis.address_map and not c.redis.url.startswith("redis+cluster://"):
         out.append(
             "redis.address_map is not used: it maps the node addresses a Redis Cluster "

@@ -258,7 +258,7 @@ class Flusher:
                 kept = self._clock()
                 with contextlib.suppress(L2Unavailable):
                     await self._journal.keep(
-                        shard, self.consumer, [e.id for e in entries], self._claim_idle_ms // 2
+                        shard, self.consumer, [e.id for e in entries], self._claim_idle_ms // 4
                     )
         dead: list[tuple[str, str]] = []
         settle: list[str] = []

@@ -466,7 +466,7 @@ async def _false() -> bool:
 
 
 def test_write_behind_config_is_checked(tmp_path: Path) -> None:
-    from cachegw_gateway.config import ConfigError
+    from cachegw_gateway.config import ConfigError, config_warnings
     from tests.conftest import make_config
 
     bad = [
@@ -479,6 +479,14 @@ def test_write_behind_config_is_checked(tmp_path: Path) -> None:
             make_config(tmp_path, "redis://127.0.0.1:1", toml)
     with pytest.raises(ConfigError, match=r"write_behind\.shards must be in"):
         make_config(tmp_path, "redis://127.0.0.1:1", "[write_behind]\nshards = 0\n")
+    toml = (
+        "[write_behind]\nclaim_idle_seconds = 1\nretry_max_seconds = 10\n"
+        '[[classes]]\nname = "x"\npatterns = ["x:*"]\norigin = "127.0.0.1:7000"\n'
+        'read_policy = "read-through"\nwrite_policy = "behind"\n'
+    )
+    warned = config_warnings(make_config(tmp_path, "redis://127.0.0.1:1", toml))
+    assert any("claim_idle_seconds (1) is not above twice" in w for w in warned)
+    assert any("retry_max_seconds (10) is not below half" in w for w in warned)
     with pytest.raises(ConfigError, match="retry_max_seconds must be >="):
         make_config(
             tmp_path,
