@@ -15,6 +15,8 @@ each live in a module of their own.
     writethrough.py  Sets of write-through classes, stored in their origin first
     removal.py       Deletes of write-through classes, removed from their origin first
     rebuild.py       Warmup from the origins (keys, prefixes, the hot set), rate-limited
+    writebehind.py   Sets and Deletes of write-behind classes, journaled (journal.py)
+                     and flushed to their origin later (flusher.py, run by the server)
     origin.py        every origin call
 
 A Get's key crosses each once: servicer → L1Tier.answer → ReadPath.fetch → (Leases) →
@@ -37,6 +39,7 @@ from cachegw_gateway.counters import Counters, Incremented, KeyTtl, Touched
 from cachegw_gateway.events import StreamId
 from cachegw_gateway.freshness import Generations
 from cachegw_gateway.invalidation import Invalidation
+from cachegw_gateway.journal import Journal
 from cachegw_gateway.l1tier import L1Tier
 from cachegw_gateway.l2 import L2Entry, L2Unavailable, RedisStore
 from cachegw_gateway.lastknown import LastKnown
@@ -49,6 +52,7 @@ from cachegw_gateway.readthrough import ReadThrough
 from cachegw_gateway.rebuild import Rebuild
 from cachegw_gateway.removal import RemoveThrough
 from cachegw_gateway.warmup import Warmup, hot_set
+from cachegw_gateway.writebehind import WriteBehind
 from cachegw_gateway.writes import SetItem, WriteOutcome, WritePath
 from cachegw_gateway.writethrough import WriteThrough
 from cachegw_native.coalescer import Coalescer
@@ -72,6 +76,7 @@ class Cache:
         invalidation: InvalidationConfig | None = None,
         last_known: LastKnown | None = None,
         origins: Origins | None = None,
+        journal: Journal | None = None,
         max_ttl_ms: int = 30 * 86_400_000,
         max_key_bytes: int = 512,
         clock: Callable[[], float] = time.monotonic,
@@ -147,6 +152,10 @@ class Cache:
                 max_key_bytes=max_key_bytes,
                 clock=clock,
             )
+        self._write_behind: WriteBehind | None = None
+        if journal is not None and any(kc.write_behind for kc in policy.classes):
+            self._write_behind = WriteBehind(self._writes, journal, policy, stats)
+        self._policy = policy
         self._invalidation = Invalidation(
             store, self._tier, policy, stats, gens, self._leases, origin=origin, invalidation=config
         )
@@ -212,6 +221,8 @@ class Cache:
     def set(self, item: SetItem) -> Awaitable[WriteOutcome]:
         if item.kc.write_through and self._write_through is not None:
             return self._shielded(self._write_through.set(item))
+        if item.kc.write_behind and self._write_behind is not None:
+            return self._shielded(self._write_behind.set(item))
         return self._shielded(self._writes.set(item))
 
     def set_many(
@@ -240,11 +251,36 @@ class Cache:
 
     def delete_each(self, keys: Sequence[str]) -> Awaitable[tuple[list[bool], str]]:
         """Per key whether it existed, and the event id; keys of write-through classes are
-        removed from their origin first (removal.py)."""
+        removed from their origin first (removal.py), keys of write-behind classes
+        journaled as Removes (writebehind.py)."""
+        return self._shielded(self._delete_each(keys))
+
+    async def _delete_each(self, keys: Sequence[str]) -> tuple[list[bool], str]:
+        wb = self._write_behind
+        behind = (
+            []
+            if wb is None
+            else [i for i, k in enumerate(keys) if self._policy.classify(k).write_behind]
+        )
+        if wb is not None and len(behind) == len(keys):
+            return await wb.delete_each(keys)
+        skip = set(behind)
+        rest = [i for i in range(len(keys)) if i not in skip]
+        rest_keys = [keys[i] for i in rest]
         removal = self._remove_through
-        if removal is not None and removal.applies(keys):
-            return self._shielded(removal.delete_each(keys))
-        return self._shielded(self._writes.delete_each(keys))
+        if removal is not None and removal.applies(rest_keys):
+            each, event_id = await removal.delete_each(rest_keys)
+        else:
+            each, event_id = await self._writes.delete_each(rest_keys)
+        if not behind or wb is None:
+            return each, event_id
+        out = [False] * len(keys)
+        for i, existed in zip(rest, each, strict=True):
+            out[i] = existed
+        done, _ = await wb.delete_each([keys[i] for i in behind])
+        for i, existed in zip(behind, done, strict=True):
+            out[i] = existed
+        return out, event_id
 
     async def delete(self, keys: Sequence[str]) -> int:
         each, _ = await self.delete_each(keys)

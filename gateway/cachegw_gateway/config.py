@@ -103,6 +103,21 @@ class OriginConfig:
 
 
 @dataclass(frozen=True)
+class WriteBehindConfig:
+    """The journal of write-behind classes and its flusher (writebehind.py, journal.py):
+    ``[write_behind]``."""
+
+    shards: int = 4  # journal streams per class, each its own hash tag (Cluster slot)
+    batch_size: int = 256  # journal entries one flush reads and settles (one Store call)
+    flush_interval_seconds: float = 0.1  # an idle flusher looks for new entries this often
+    claim_idle_seconds: float = 30.0  # another gateway's entries idle this long are claimed
+    retry_initial_seconds: float = 0.1  # first wait after a failed flush; doubled each time
+    retry_max_seconds: float = 10.0  # the longest wait between two attempts
+    max_attempts: int = 10  # unusable answers for a batch before its entries are dead-lettered
+    dead_letter_max_len: int = 100_000  # entries kept in each dead-letter stream
+
+
+@dataclass(frozen=True)
 class L1Config:
     max_entries: int = 100_000
     max_bytes: int = 256 * 1024 * 1024
@@ -180,7 +195,9 @@ class KeyClassConfig:
     # and stores through it.
     origin: str = ""
     read_policy: str = "cache-aside"  # | "read-through": the gateway loads misses
-    write_policy: str = "around"  # | "through": Set stores in the origin first
+    # | "through": Set stores in the origin first | "behind": Set is journaled, and
+    # flushed to the origin in the background
+    write_policy: str = "around"
     negative_ttl_seconds: float = 0.0  # read-through: NOT_FOUND is cached this long
 
 
@@ -202,6 +219,7 @@ class GatewayConfig:
     invalidation: InvalidationConfig = field(default_factory=InvalidationConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     origin: OriginConfig = field(default_factory=OriginConfig)
+    write_behind: WriteBehindConfig = field(default_factory=WriteBehindConfig)
     classes: tuple[KeyClassConfig, ...] = ()
     default_class: KeyClassConfig = field(default_factory=lambda: KeyClassConfig("default"))
 
@@ -225,7 +243,7 @@ INVALIDATION_MODES = ("events", "ttl")
 TRACE_EXPORTERS = ("none", "console", "otlp")
 LOG_FORMATS = ("text", "json")
 READ_POLICIES = ("cache-aside", "read-through")
-WRITE_POLICIES = ("around", "through")
+WRITE_POLICIES = ("around", "through", "behind")
 DEFAULT_CLASS_NAME = "default"
 
 # Tables that take plain keys, and the keys of each (the default class has no name/patterns).
@@ -239,6 +257,7 @@ _TABLES: dict[str, type[Any]] = {
     "redis.breaker": BreakerConfig,  # a table inside a table: [redis.breaker]
     "origin": OriginConfig,
     "origin.breaker": BreakerConfig,
+    "write_behind": WriteBehindConfig,
 }
 _FIXED = {"default_class": ("name", "patterns")}
 _TOP_LEVEL = (*(t for t in _TABLES if "." not in t), "classes")
@@ -570,13 +589,14 @@ def _check_origin_policy(where: Callable[[str], str], kc: KeyClassConfig, max_tt
         )
     if kc.write_policy not in WRITE_POLICIES:
         raise ConfigError(
-            f"{where('write_policy')} must be 'around' (Set writes the cache only) or "
-            f"'through' (Set stores in `origin` first) (got {kc.write_policy!r})"
+            f"{where('write_policy')} must be 'around' (Set writes the cache only), "
+            f"'through' (Set stores in `origin` first) or 'behind' (Set is journaled and "
+            f"stored in `origin` in the background) (got {kc.write_policy!r})"
         )
     if kc.origin:
         _check_address(where("origin"), kc.origin, "an origin's")
     uses = [f"read_policy = {kc.read_policy!r}"] if kc.read_policy == "read-through" else []
-    if kc.write_policy == "through":
+    if kc.write_policy in ("through", "behind"):
         uses.append(f"write_policy = {kc.write_policy!r}")
     if uses and not kc.origin:
         raise ConfigError(
@@ -584,9 +604,9 @@ def _check_origin_policy(where: Callable[[str], str], kc: KeyClassConfig, max_tt
             "service implementing cachegw.v1.Origin (protos/cachegw/v1/origin.proto), "
             'e.g. origin = "127.0.0.1:7000"'
         )
-    if kc.write_policy == "through" and kc.read_policy != "read-through":
+    if kc.write_policy in ("through", "behind") and kc.read_policy != "read-through":
         raise ConfigError(
-            f"{where('write_policy')} 'through' needs read_policy = 'read-through': the "
+            f"{where('write_policy')} {kc.write_policy!r} needs read_policy = 'read-through': the "
             "cache orders write-through writes by the origin's versions, and values that "
             "callers fill themselves (cache-aside) carry none, so a fill could hide a newer "
             "write"
@@ -721,6 +741,7 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
             f"{w('origin.warm_batch_keys')} must be in [1, 10000] (got {c.origin.warm_batch_keys})"
         )
     _check_breaker(w, c.origin.breaker, "origin.breaker.")
+    _check_write_behind(w, c.write_behind)
 
     for key in ("stream_max_len", "subscriber_queue", "subscriber_queue_bytes"):
         _positive(w(f"invalidation.{key}"), getattr(c.invalidation, key))
@@ -754,6 +775,31 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
             raise ConfigError(f"{at}.name {kc.name!r} is already used by {seen[kc.name]}")
         seen[kc.name] = at.rpartition(": ")[2]
     _check_class(lambda key: w(f"default_class.{key}"), c.default_class, c.server.max_ttl_seconds)
+
+
+def _check_write_behind(w: Callable[[str], str], wb: WriteBehindConfig) -> None:
+    at = "write_behind."
+    if not 1 <= wb.shards <= 1024:
+        raise ConfigError(f"{w(at + 'shards')} must be in [1, 1024] (got {wb.shards})")
+    if not 1 <= wb.batch_size <= 10_000:
+        raise ConfigError(f"{w(at + 'batch_size')} must be in [1, 10000] (got {wb.batch_size})")
+    for key in ("flush_interval_seconds", "retry_initial_seconds", "retry_max_seconds"):
+        value = getattr(wb, key)
+        if not 0 < value <= 3600:
+            raise ConfigError(f"{w(at + key)} must be in (0, 3600] (got {_num(value)})")
+    if wb.retry_max_seconds < wb.retry_initial_seconds:
+        raise ConfigError(
+            f"{w(at + 'retry_max_seconds')} must be >= retry_initial_seconds "
+            f"({_num(wb.retry_initial_seconds)}) (got {_num(wb.retry_max_seconds)})"
+        )
+    if not 0.1 <= wb.claim_idle_seconds <= 86_400:
+        raise ConfigError(
+            f"{w(at + 'claim_idle_seconds')} must be in [0.1, 86400] "
+            f"(got {_num(wb.claim_idle_seconds)})"
+        )
+    if wb.max_attempts < 1:
+        raise ConfigError(f"{w(at + 'max_attempts')} must be >= 1 (got {wb.max_attempts})")
+    _positive(w(at + "dead_letter_max_len"), wb.dead_letter_max_len)
 
 
 def _check_breaker(w: Callable[[str], str], b: BreakerConfig, at: str) -> None:
@@ -842,7 +888,7 @@ def config_warnings(c: GatewayConfig) -> list[str]:
     for at, kc in [*named, ("default_class", c.default_class)]:
         if kc.read_policy == "read-through":
             out += _read_through_warnings(at, kc, c.origin)
-        if kc.origin and kc.read_policy != "read-through" and kc.write_policy != "through":
+        if kc.origin and kc.read_policy != "read-through" and kc.write_policy == "around":
             out.append(
                 f"{at}: origin {kc.origin!r} is not used: read_policy is 'cache-aside' and "
                 "write_policy 'around'"
@@ -854,6 +900,21 @@ def config_warnings(c: GatewayConfig) -> list[str]:
                 "on a holder that died gives up before its lease ends, so none takes it "
                 "over and each loads by itself"
             )
+    behind = [kc for kc in (*c.classes, c.default_class) if kc.write_policy == "behind"]
+    if behind and c.write_behind.claim_idle_seconds <= 2 * c.origin.timeout_seconds:
+        out.append(
+            f"write_behind.claim_idle_seconds ({_num(c.write_behind.claim_idle_seconds)}) is "
+            f"not above twice origin.timeout_seconds ({_num(c.origin.timeout_seconds)}): a "
+            "live gateway's entries may be claimed by another while its Store is in flight "
+            "(harmless with an origin that honours write_version, but sent twice)"
+        )
+    if behind and c.write_behind.retry_max_seconds >= c.write_behind.claim_idle_seconds / 2:
+        out.append(
+            f"write_behind.retry_max_seconds ({_num(c.write_behind.retry_max_seconds)}) is "
+            f"not below half of claim_idle_seconds ({_num(c.write_behind.claim_idle_seconds)}): "
+            "while the origin is down, another gateway may claim a live gateway's batch "
+            "between two of its attempts"
+        )
     if c.redis.address_map and not c.redis.url.startswith("redis+cluster://"):
         out.append(
             "redis.address_map is not used: it maps the node addresses a Redis Cluster "
@@ -929,6 +990,7 @@ def load_config(
             OriginConfig,
             {**tables["origin"], "breaker": _make(BreakerConfig, tables["origin.breaker"])},
         ),
+        write_behind=_make(WriteBehindConfig, tables["write_behind"]),
         classes=tuple(_make(KeyClassConfig, values) for _, values in class_entries),
         default_class=_make(
             KeyClassConfig, {"name": DEFAULT_CLASS_NAME, **tables["default_class"]}

@@ -65,6 +65,7 @@ class KeyClass:
     origin: str = ""
     read_through: bool = False  # misses are loaded by the gateway, under the lease
     write_through: bool = False  # Set stores in the origin first
+    write_behind: bool = False  # Set is journaled, then flushed to the origin (writebehind.py)
     negative_ttl_ms: int = 0  # read-through: how long a NOT_FOUND is cached; 0 = not
 
     @classmethod
@@ -87,6 +88,7 @@ class KeyClass:
             origin=c.origin,
             read_through=c.read_policy == "read-through",
             write_through=c.write_policy == "through",
+            write_behind=c.write_policy == "behind",
             negative_ttl_ms=round(c.negative_ttl_seconds * 1000),
         )
 

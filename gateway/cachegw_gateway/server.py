@@ -22,6 +22,8 @@ from cachegw_gateway.admission import Admission, MethodHandler
 from cachegw_gateway.bus import EventBus
 from cachegw_gateway.cache import Cache
 from cachegw_gateway.config import MAX_MESSAGE_BYTES, GatewayConfig, ServerConfig
+from cachegw_gateway.flusher import Flusher
+from cachegw_gateway.journal import Journal
 from cachegw_gateway.l1tier import new_l1
 from cachegw_gateway.l2 import L2Unavailable, RedisStore
 from cachegw_gateway.lastknown import LastKnown
@@ -73,7 +75,17 @@ class GatewayServer:
         # One client per origin address the classes name (read- and write-through).
         self.origins = Origins(
             config.origin,
-            [kc.origin for kc in self.policy.classes if kc.read_through or kc.write_through],
+            [
+                kc.origin
+                for kc in self.policy.classes
+                if kc.read_through or kc.write_through or kc.write_behind
+            ],
+        )
+        # Write-behind: the journal in Redis, and this gateway's flusher of it.
+        wb = config.write_behind
+        self.journal = Journal(self.store, wb.shards, wb.dead_letter_max_len)
+        self.flusher = Flusher(
+            self.journal, self.origins, self.policy, self.stats, wb, self.gateway_id
         )
         self.cache = Cache(
             self.store,
@@ -84,6 +96,7 @@ class GatewayServer:
             invalidation=config.invalidation,
             last_known=self.last_known,
             origins=self.origins,
+            journal=self.journal,
             max_ttl_ms=round(config.server.max_ttl_seconds * 1000),
             max_key_bytes=config.server.max_key_bytes,
         )
@@ -171,6 +184,7 @@ class GatewayServer:
         await self._server.start()
         self.started_at = time.monotonic()
         self._background.append(asyncio.create_task(self.cache.record_hot_keys_forever()))
+        self.flusher.start()
         await self.telemetry.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
@@ -193,6 +207,7 @@ class GatewayServer:
             await asyncio.sleep(delay)
         self.hub.drain()
         await self._server.stop(grace)
+        await self.flusher.stop(within=grace)
         await self.cache.drain()
         for task in self._background:
             task.cancel()

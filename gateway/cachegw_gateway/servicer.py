@@ -213,6 +213,16 @@ class CacheServicer:
             check_ttl_ms(ttl_ms, self._max_ttl_ms)
         return kc
 
+    @staticmethod
+    def _not_behind(kc: KeyClass, where: str, rpc: str) -> None:
+        """Batched writes do not go through the write-behind journal: refused on
+        write-behind classes rather than skip it."""
+        if kc.write_behind:
+            raise InvalidRequest(
+                f"{where}: class {kc.name} is write-behind, and {rpc} does not journal its "
+                "writes; use Set for its keys"
+            )
+
     def _set_item(self, request: pb.SetRequest, where: str = "") -> SetItem:
         """A Set request checked against every rule (InvalidRequest names the field)."""
         ttl_ms = request.ttl_ms if request.HasField("ttl_ms") else None
@@ -240,6 +250,12 @@ class CacheServicer:
                     f"{where}condition: class {kc.name} is write-through; conditions are not "
                     "passed to its origin: use if_version (0 = only if absent)"
                 )
+        if kc.write_behind and (token is not None or condition or if_version is not None):
+            raise InvalidRequest(
+                f"{where}: class {kc.name} is write-behind: a Set is journaled for its origin "
+                "before the cache could check a lease_token, condition or if_version, so "
+                "none is taken; Set without them (the last write wins, by write version)"
+            )
         return SetItem(request.key, request.value, kc, ttl_ms, if_version, tags, token, condition)
 
     async def set(self, request: pb.SetRequest | BadMessage, context: Context) -> pb.SetResponse:
@@ -264,6 +280,8 @@ class CacheServicer:
                 )
             # Every entry is checked before any is written: bad input never half-applies.
             items = [self._set_item(e, f"entries[{i}].") for i, e in enumerate(request.entries)]
+            for i, item in enumerate(items):
+                self._not_behind(item.kc, f"entries[{i}].key", "SetMany")
         except InvalidRequest as exc:
             await self._invalid(context, exc)
         if not items:
@@ -436,6 +454,7 @@ class CacheServicer:
             for i, e in enumerate(entries):
                 ttl = e.ttl_ms if e.HasField("ttl_ms") else None
                 classes.append(self._checked_write(e.key, e.value, ttl, f"entries[{i}]."))
+                self._not_behind(classes[-1], f"entries[{i}].key", "Warmup")
         except InvalidRequest as exc:
             await self._invalid(context, exc)
         remaining = context.time_remaining()

@@ -11,6 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, fields
 
+# ClassCounters fields that are gauges (a level now); every other one is a count.
+CLASS_GAUGES = frozenset({"wb_backlog", "wb_lag_ms"})
+
 
 @dataclass(slots=True)
 class ClassCounters:
@@ -42,6 +45,18 @@ class ClassCounters:
     warm_loaded: int = 0
     warm_not_found: int = 0
     warm_failed: int = 0
+    # Write-behind (writebehind.py): see ClassStats in cache.proto. The last two are
+    # gauges of the deployment's journal (CLASS_GAUGES).
+    wb_journaled: int = 0
+    wb_flushed: int = 0
+    wb_origin_calls: int = 0
+    wb_collapsed: int = 0
+    wb_superseded: int = 0
+    wb_retries: int = 0
+    wb_dead_lettered: int = 0
+    wb_claimed: int = 0
+    wb_backlog: int = 0
+    wb_lag_ms: int = 0
 
     @property
     def reads(self) -> int:

@@ -11,7 +11,7 @@ other write of the key voided meanwhile (the read path's guard, see l1tier.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from cachegw_gateway import envelope, events
@@ -33,6 +33,7 @@ class WriteOutcome:
     lease_invalid: bool = False
     condition_failed: bool = False
     superseded: bool = False  # a live entry of a newer origin version stays
+    replaced: bool = False  # stored over a value that existed
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +94,14 @@ class WritePath:
         """The encoded KEYS event a write of `keys` publishes."""
         return events.make(origin=self._origin, keys=keys).SerializeToString()
 
-    async def set(self, item: SetItem) -> WriteOutcome:
+    async def set(
+        self, item: SetItem, via: Callable[[SetCall], Awaitable[SetResult]] | None = None
+    ) -> WriteOutcome:
+        """Write one value; `via` sends the Set script's call instead of the store (the
+        write-behind journal's one-step append-and-set, writebehind.py)."""
         pending = self._begin(item)
         try:
-            result = await self._store.set(pending.call)
+            result = await (self._store.set if via is None else via)(pending.call)
         finally:
             self._settle(pending)
         return self._outcome(pending, result)
@@ -191,7 +196,7 @@ class WritePath:
                 item.flags,
             )
             self._tier.fill(item.key, kc, env, fresh_ttl, pending.ticket.sent_at)
-        return WriteOutcome(True, result.version, fresh_ttl, kc.name)
+        return WriteOutcome(True, result.version, fresh_ttl, kc.name, replaced=result.replaced)
 
     async def delete(self, keys: Sequence[str]) -> tuple[int, str]:
         """Remove `keys` (values, leases, counters, limiters) and publish one event, in

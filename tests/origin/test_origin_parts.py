@@ -28,7 +28,7 @@ def load(tmp_path: Path, body: str) -> object:
         ('read_policy = "read-through"', "classes[0].origin is required with read_policy"),
         ('write_policy = "through"', "classes[0].origin is required with"),
         ('read_policy = "readthrough"\norigin = "h:1"', "must be 'cache-aside'"),
-        ('write_policy = "behind"\norigin = "h:1"', "must be 'around'"),
+        ('write_policy = "ahead"\norigin = "h:1"', "must be 'around'"),
         ('origin = "127.0.0.1:0"\nread_policy = "read-through"', "origin must name an origin's"),
         ('origin = "nohost"\nread_policy = "read-through"', "must be host:port"),
         (

@@ -23,6 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from cachegw_gateway.stats import CLASS_GAUGES
 from cachegw_gateway.telemetry.latency import BOUNDS
 from cachegw_gateway.telemetry.snapshot import GAUGE_FIELDS, Snapshot
 
@@ -51,6 +52,16 @@ _CLASS_HELP = {
     "warm_loaded": "Keys Warmup loaded from the class's origin and stored, per class.",
     "warm_not_found": "Keys Warmup asked of the class's origin that it does not have, per class.",
     "warm_failed": "Keys Warmup could not load (the origin or Redis failed), per class.",
+    "wb_journaled": "Write-behind Sets and Deletes journaled (acknowledged), per class.",
+    "wb_flushed": "Write-behind journal entries settled with the origin by this gateway.",
+    "wb_origin_calls": "Write-behind Store and Remove calls the origin answered, per class.",
+    "wb_collapsed": "Write-behind entries settled unsent: a newer one of the key was in the batch.",
+    "wb_superseded": "Write-behind entries the origin answered VERSION_CONFLICT (it had newer).",
+    "wb_retries": "Write-behind flush attempts that failed and were retried, per class.",
+    "wb_dead_lettered": "Write-behind entries moved to the dead-letter stream, per class.",
+    "wb_claimed": "Write-behind entries claimed from a gateway idle too long, per class.",
+    "wb_backlog": "Write-behind journal entries not yet settled (whole deployment), per class.",
+    "wb_lag_ms": "Age of the oldest unsettled write-behind entry, ms (whole deployment).",
 }
 _GATEWAY_HELP = {
     "invalidations_published": "Invalidation events this gateway published.",
@@ -108,7 +119,7 @@ def families(snap: Snapshot) -> Iterator[Metric]:
                                labels=["class", "tier"])  # fmt: skip
     misses = CounterMetricFamily(f"{P}misses", "Reads that found nothing, per class.",
                                  labels=["class"])  # fmt: skip
-    per_class: dict[str, CounterMetricFamily] = {}
+    per_class: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
     for name in sorted(snap.classes):
         counts = snap.classes[name]
         hits.add_metric([name, "l1"], counts.get("hits_l1", 0))
@@ -120,7 +131,8 @@ def families(snap: Snapshot) -> Iterator[Metric]:
             family = per_class.get(key)
             if family is None:
                 doc = _CLASS_HELP.get(key, f"ClassCounters.{key}, per class.")
-                family = per_class[key] = CounterMetricFamily(f"{P}{key}", doc, labels=["class"])
+                make = GaugeMetricFamily if key in CLASS_GAUGES else CounterMetricFamily
+                family = per_class[key] = make(f"{P}{key}", doc, labels=["class"])
             family.add_metric([name], value)
     yield hits
     yield misses

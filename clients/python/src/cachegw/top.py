@@ -122,6 +122,12 @@ class TopView:
         for name in ("gateway", "class", "reads/s", "hit %", "L1 %", "L2 %", "miss/s",
                      "lease waits/s", "lease timeouts/s"):  # fmt: skip
             classes.add_column(name, justify="left" if name in ("gateway", "class") else "right")
+        behind = Table(
+            title="write-behind (backlog and lag: the whole journal)", title_justify="left"
+        )
+        for name in ("gateway", "class", "journaled/s", "flushed/s", "origin calls/s",
+                     "retries/s", "backlog", "lag", "dead letters"):  # fmt: skip
+            behind.add_column(name, justify="left" if name in ("gateway", "class") else "right")
         hot = Table(title="hot keys", title_justify="left")
         for name in ("gateway", "key", "count"):
             hot.add_column(name, justify="right" if name == "count" else "left")
@@ -138,9 +144,14 @@ class TopView:
                 if _hits_reads(c)[1] == 0 and not c.sets:
                     continue  # a class nobody used yet: keep the table short
                 classes.add_row(w.now.gateway_id, c.name, *self._class_cells(w, c))
+            for c in w.now.classes:
+                if c.wb_journaled or c.wb_flushed or c.wb_backlog:
+                    behind.add_row(w.now.gateway_id, c.name, *self._behind_cells(w, c))
             for h in w.now.hot_keys[: self.hot_keys]:
                 hot.add_row(w.now.gateway_id, h.key, f"{h.count:,}")
         parts: list[RenderableType] = [gateways, classes]
+        if behind.row_count:
+            parts.append(behind)
         if hot.row_count:
             parts.append(hot)
         return Group(*parts)
@@ -218,6 +229,23 @@ class TopView:
             _number(per_s(d("misses"))),
             _number(per_s(d("lease_waits"))),
             _number(per_s(d("lease_wait_timeouts"))),
+        ]
+
+    def _behind_cells(self, w: _Window, c: pb.ClassStats) -> list[str]:
+        o = {x.name: x for x in w.before.classes}.get(c.name) if w.before is not None else None
+
+        def per_s(field_name: str) -> str:
+            n = w.delta(getattr(c, field_name), getattr(o, field_name) if o else 0)
+            return _number(n / w.seconds if w.seconds > 0 else math.nan)
+
+        return [
+            per_s("wb_journaled"),
+            per_s("wb_flushed"),
+            per_s("wb_origin_calls"),
+            per_s("wb_retries"),
+            f"{c.wb_backlog:,}",
+            f"{c.wb_lag_ms / 1000:.1f} s",
+            f"{c.wb_dead_lettered:,}",
         ]
 
 

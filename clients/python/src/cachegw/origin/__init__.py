@@ -90,6 +90,11 @@ class Write:
     tags: tuple[str, ...] = ()
     if_version: int | None = None
     """Compare-and-set: write only if the key's version equals this (0 = only if absent)."""
+    write_version: int | None = None
+    """Write-behind: the version the gateways gave this write. Store it only when it is
+    above the write_version of the key's last write-behind store or removal you applied,
+    else answer `Conflict` (a redelivery, or a write another one overtook). None = not a
+    write-behind write."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +210,15 @@ class Origin:
         (0 = unversioned); keys left out did not exist."""
         raise NotImplementedError
 
+    async def remove_written(
+        self, keys: Sequence[str], write_versions: Sequence[int]
+    ) -> Mapping[str, int]:
+        """Write-behind removals: remove each key only when its write version is above
+        the write_version of the key's last write-behind store or removal applied, and
+        remember it (a later, older store must not bring the key back). Answers as
+        `remove`. Not overridden: UNIMPLEMENTED (the gateway dead-letters the removals)."""
+        raise NotImplementedError
+
     async def list_keys(self, prefix: str, limit: int, page_token: str) -> tuple[list[str], str]:
         """A page of the keys starting with `prefix` (at most `limit`, 0 = your choice)
         after `page_token`, and the token of the next page ('' = none)."""
@@ -257,6 +271,7 @@ class Origin:
                 e.ttl_ms / 1000 if e.HasField("ttl_ms") else None,
                 tuple(e.tags),
                 e.if_version if e.HasField("if_version") else None,
+                e.write_version if e.HasField("write_version") else None,
             )
             for e in request.entries
         ]
@@ -275,11 +290,14 @@ class Origin:
 
     async def _remove(self, request: pb.RemoveRequest, context: Context) -> pb.RemoveResponse:
         keys = list(request.keys)
+        versions = list(request.write_versions)
         self.counts.add("Remove", len(keys))
         log.info("origin Remove: %d keys: %s", len(keys), self._shown(keys))
 
         async def work() -> pb.RemoveResponse:
-            gone = await self.remove(keys)
+            if versions and len(versions) != len(keys):
+                raise _Bad(f"{len(versions)} write_versions for {len(keys)} keys")
+            gone = await (self.remove_written(keys, versions) if versions else self.remove(keys))
             if not isinstance(gone, Mapping):
                 raise _Bad(f"remove() must return a mapping (got {type(gone).__name__})")
             return pb.RemoveResponse(

@@ -11,14 +11,23 @@ The table (``--create`` makes it, and the version sequence, when missing)::
         key     text PRIMARY KEY,
         value   bytea NOT NULL,
         tags    text[] NOT NULL DEFAULT '{}',
-        version bigint NOT NULL
+        version bigint NOT NULL,
+        write_version bigint NOT NULL DEFAULT 0
     );
+    CREATE TABLE <table>_removed (key text PRIMARY KEY, write_version bigint NOT NULL);
 
 Versions come from one sequence for the whole table: every store and every removal of a
 key takes the next number, so a key's versions only grow, even across a removal and a
 re-insert (what origin.proto's "Versions" asks for, and what lets the gateways order
 concurrent writers). A compare-and-set store (``if_version``) is one conditional
 statement. Load is one ``SELECT ... WHERE key = ANY($1)`` for the whole batch.
+
+Write-behind (StoreEntry.write_version): a store or removal carrying a write version is
+applied only when it is above the key's last one, kept in ``write_version`` (and, for a
+removed key, in ``<table>_removed``: a tombstone, so that an older store delivered late
+cannot bring the key back); otherwise it is answered as a conflict and nothing changes.
+Each such write is one transaction holding an advisory lock on the key, so concurrent
+flushes of one key from several gateways are ordered by version, not by arrival.
 """
 
 from __future__ import annotations
@@ -89,6 +98,12 @@ class PostgresOrigin(Origin):
             "    value bytea NOT NULL,\n"
             "    tags text[] NOT NULL DEFAULT '{}',\n"
             "    version bigint NOT NULL\n"
+            ");\n"
+            f"ALTER TABLE {self.table} ADD COLUMN IF NOT EXISTS "
+            "write_version bigint NOT NULL DEFAULT 0;\n"
+            f"CREATE TABLE IF NOT EXISTS {self.table}_removed (\n"
+            "    key text PRIMARY KEY,\n"
+            "    write_version bigint NOT NULL\n"
             ");"
         )
 
@@ -122,7 +137,73 @@ class PostgresOrigin(Origin):
         }
 
     async def store(self, entries: Sequence[Write]) -> Sequence[StoreAnswer]:
-        return [await self._store_one(e) for e in entries]
+        return [
+            await (self._store_written(e) if e.write_version is not None else self._store_one(e))
+            for e in entries
+        ]
+
+    async def _held(self, conn: asyncpg.Connection, key: str) -> int:
+        """Under the key's advisory lock: the write version of its last write-behind
+        store or removal (0 = none)."""
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
+        held: int = await conn.fetchval(
+            f"SELECT greatest((SELECT write_version FROM {self.table} WHERE key = $1), "
+            f"(SELECT write_version FROM {self.table}_removed WHERE key = $1), 0)",
+            key,
+        )
+        return held
+
+    async def _store_written(self, e: Write) -> StoreAnswer:
+        t, seq = self.table, self.sequence
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if (e.write_version or 0) <= await self._held(conn, e.key):
+                    current = await conn.fetchval(f"SELECT version FROM {t} WHERE key = $1", e.key)
+                    return Conflict(current or 0)
+                version: int = await conn.fetchval(
+                    f"INSERT INTO {t} (key, value, tags, version, write_version) "
+                    f"VALUES ($1, $2, $3, nextval('{seq}'), $4) ON CONFLICT (key) DO UPDATE "
+                    "SET value = excluded.value, tags = excluded.tags, "
+                    "version = excluded.version, write_version = excluded.write_version "
+                    "RETURNING version",
+                    e.key,
+                    e.value,
+                    list(e.tags),
+                    e.write_version,
+                )
+                await conn.execute(f"DELETE FROM {t}_removed WHERE key = $1", e.key)
+        except asyncpg.exceptions.DataError as exc:
+            return Refused(f"PostgreSQL refused the value: {exc}")
+        except UNREACHABLE as exc:
+            raise OriginUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+        return Stored(version)
+
+    async def remove_written(
+        self, keys: Sequence[str], write_versions: Sequence[int]
+    ) -> Mapping[str, int]:
+        t, seq = self.table, self.sequence
+        gone: dict[str, int] = {}
+        try:
+            async with self.pool.acquire() as conn:
+                for key, written in zip(keys, write_versions, strict=True):
+                    async with conn.transaction():
+                        if written <= await self._held(conn, key):
+                            continue
+                        existed = await conn.fetchval(
+                            f"DELETE FROM {t} WHERE key = $1 RETURNING true", key
+                        )
+                        await conn.execute(
+                            f"INSERT INTO {t}_removed (key, write_version) VALUES ($1, $2) "
+                            "ON CONFLICT (key) DO UPDATE "
+                            "SET write_version = excluded.write_version",
+                            key,
+                            written,
+                        )
+                        if existed:
+                            gone[key] = await conn.fetchval(f"SELECT nextval('{seq}')")
+        except UNREACHABLE as exc:
+            raise OriginUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+        return gone
 
     async def _store_one(self, e: Write) -> StoreAnswer:
         t, seq = self.table, self.sequence

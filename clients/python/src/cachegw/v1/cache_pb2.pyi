@@ -931,6 +931,16 @@ class ClassStats(_message.Message):
     WARM_LOADED_FIELD_NUMBER: _builtins.int
     WARM_NOT_FOUND_FIELD_NUMBER: _builtins.int
     WARM_FAILED_FIELD_NUMBER: _builtins.int
+    WB_JOURNALED_FIELD_NUMBER: _builtins.int
+    WB_FLUSHED_FIELD_NUMBER: _builtins.int
+    WB_ORIGIN_CALLS_FIELD_NUMBER: _builtins.int
+    WB_COLLAPSED_FIELD_NUMBER: _builtins.int
+    WB_SUPERSEDED_FIELD_NUMBER: _builtins.int
+    WB_RETRIES_FIELD_NUMBER: _builtins.int
+    WB_DEAD_LETTERED_FIELD_NUMBER: _builtins.int
+    WB_CLAIMED_FIELD_NUMBER: _builtins.int
+    WB_BACKLOG_FIELD_NUMBER: _builtins.int
+    WB_LAG_MS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     hits_l1: _builtins.int
     hits_l2: _builtins.int
@@ -975,6 +985,29 @@ class ClassStats(_message.Message):
     """
     warm_not_found: _builtins.int
     warm_failed: _builtins.int
+    wb_journaled: _builtins.int
+    """Write-behind (fields 40-49; docs/consistency.md): Sets and Deletes this gateway
+    journaled (acknowledged); journal entries this gateway's flusher settled with the
+    origin (stored, removed, superseded or collapsed); Store and Remove calls the origin
+    answered;
+    entries settled without being sent because a newer write of the key was in the same
+    batch (collapsed); entries the origin answered VERSION_CONFLICT for (it holds a newer
+    write: a redelivery); flush attempts that failed and were retried; entries moved to
+    the dead-letter stream; entries claimed from a consumer (a gateway) idle too long.
+    """
+    wb_flushed: _builtins.int
+    wb_origin_calls: _builtins.int
+    wb_collapsed: _builtins.int
+    wb_superseded: _builtins.int
+    wb_retries: _builtins.int
+    wb_dead_lettered: _builtins.int
+    wb_claimed: _builtins.int
+    wb_backlog: _builtins.int
+    """Gauges of the whole deployment's journal of the class (every gateway reads the same
+    figures: do not sum them over gateways), read every second: entries not yet settled,
+    and the age of the oldest of them (0 when empty).
+    """
+    wb_lag_ms: _builtins.int
     def __init__(
         self,
         *,
@@ -1003,10 +1036,20 @@ class ClassStats(_message.Message):
         warm_loaded: _builtins.int = ...,
         warm_not_found: _builtins.int = ...,
         warm_failed: _builtins.int = ...,
+        wb_journaled: _builtins.int = ...,
+        wb_flushed: _builtins.int = ...,
+        wb_origin_calls: _builtins.int = ...,
+        wb_collapsed: _builtins.int = ...,
+        wb_superseded: _builtins.int = ...,
+        wb_retries: _builtins.int = ...,
+        wb_dead_lettered: _builtins.int = ...,
+        wb_claimed: _builtins.int = ...,
+        wb_backlog: _builtins.int = ...,
+        wb_lag_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletes", b"deletes", "hit_rate", b"hit_rate", "hits_l1", b"hits_l1", "hits_l2", b"hits_l2", "lease_fills", b"lease_fills", "lease_fills_refused", b"lease_fills_refused", "lease_wait_timeouts", b"lease_wait_timeouts", "lease_waits", b"lease_waits", "leases_granted", b"leases_granted", "leases_taken_over", b"leases_taken_over", "misses", b"misses", "name", b"name", "not_found", b"not_found", "origin_errors", b"origin_errors", "origin_load_calls", b"origin_load_calls", "origin_loads", b"origin_loads", "origin_not_found", b"origin_not_found", "origin_stores", b"origin_stores", "refreshes", b"refreshes", "sets", b"sets", "stale", b"stale", "stale_if_error", b"stale_if_error", "warm_failed", b"warm_failed", "warm_loaded", b"warm_loaded", "warm_not_found", b"warm_not_found"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletes", b"deletes", "hit_rate", b"hit_rate", "hits_l1", b"hits_l1", "hits_l2", b"hits_l2", "lease_fills", b"lease_fills", "lease_fills_refused", b"lease_fills_refused", "lease_wait_timeouts", b"lease_wait_timeouts", "lease_waits", b"lease_waits", "leases_granted", b"leases_granted", "leases_taken_over", b"leases_taken_over", "misses", b"misses", "name", b"name", "not_found", b"not_found", "origin_errors", b"origin_errors", "origin_load_calls", b"origin_load_calls", "origin_loads", b"origin_loads", "origin_not_found", b"origin_not_found", "origin_stores", b"origin_stores", "refreshes", b"refreshes", "sets", b"sets", "stale", b"stale", "stale_if_error", b"stale_if_error", "warm_failed", b"warm_failed", "warm_loaded", b"warm_loaded", "warm_not_found", b"warm_not_found", "wb_backlog", b"wb_backlog", "wb_claimed", b"wb_claimed", "wb_collapsed", b"wb_collapsed", "wb_dead_lettered", b"wb_dead_lettered", "wb_flushed", b"wb_flushed", "wb_journaled", b"wb_journaled", "wb_lag_ms", b"wb_lag_ms", "wb_origin_calls", b"wb_origin_calls", "wb_retries", b"wb_retries", "wb_superseded", b"wb_superseded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,41 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61\x63hegw/v1/origin.proto\x12\ncachegw.v1\"\x1b\n\x0bLoadRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"\x8f\x01\n\nLoadResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.cachegw.v1.LoadStatus\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x13\n\x06ttl_ms\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12\x0f\n\x07version\x18\x06 \x01(\x04\x42\t\n\x07_ttl_ms\"7\n\x0cLoadResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.cachegw.v1.LoadResult\"~\n\nStoreEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x13\n\x06ttl_ms\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x17\n\nif_version\x18\x05 \x01(\x04H\x01\x88\x01\x01\x42\t\n\x07_ttl_msB\r\n\x0b_if_version\"7\n\x0cStoreRequest\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.cachegw.v1.StoreEntry\"g\n\x0bStoreResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x07outcome\x18\x02 \x01(\x0e\x32\x18.cachegw.v1.StoreOutcome\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x0f\n\x07message\x18\x04 \x01(\t\"9\n\rStoreResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.cachegw.v1.StoreResult\"\x1d\n\rRemoveRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"=\n\x0cRemoveResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x04\";\n\x0eRemoveResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.cachegw.v1.RemoveResult\"@\n\x0bListRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"5\n\x0cListResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*[\n\nLoadStatus\x12\x1b\n\x17LOAD_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11LOAD_STATUS_FOUND\x10\x01\x12\x19\n\x15LOAD_STATUS_NOT_FOUND\x10\x02*\x86\x01\n\x0cStoreOutcome\x12\x1d\n\x19STORE_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14STORE_OUTCOME_STORED\x10\x01\x12\"\n\x1eSTORE_OUTCOME_VERSION_CONFLICT\x10\x02\x12\x19\n\x15STORE_OUTCOME_REFUSED\x10\x03\x32\xfd\x01\n\x06Origin\x12\x39\n\x04Load\x12\x17.cachegw.v1.LoadRequest\x1a\x18.cachegw.v1.LoadResponse\x12<\n\x05Store\x12\x18.cachegw.v1.StoreRequest\x1a\x19.cachegw.v1.StoreResponse\x12?\n\x06Remove\x12\x19.cachegw.v1.RemoveRequest\x1a\x1a.cachegw.v1.RemoveResponse\x12\x39\n\x04List\x12\x17.cachegw.v1.ListRequest\x1a\x18.cachegw.v1.ListResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61\x63hegw/v1/origin.proto\x12\ncachegw.v1\"\x1b\n\x0bLoadRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"\x8f\x01\n\nLoadResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.cachegw.v1.LoadStatus\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x13\n\x06ttl_ms\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12\x0f\n\x07version\x18\x06 \x01(\x04\x42\t\n\x07_ttl_ms\"7\n\x0cLoadResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.cachegw.v1.LoadResult\"\xac\x01\n\nStoreEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x13\n\x06ttl_ms\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x17\n\nif_version\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x1a\n\rwrite_version\x18\x06 \x01(\x04H\x02\x88\x01\x01\x42\t\n\x07_ttl_msB\r\n\x0b_if_versionB\x10\n\x0e_write_version\"7\n\x0cStoreRequest\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.cachegw.v1.StoreEntry\"g\n\x0bStoreResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x07outcome\x18\x02 \x01(\x0e\x32\x18.cachegw.v1.StoreOutcome\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x0f\n\x07message\x18\x04 \x01(\t\"9\n\rStoreResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.cachegw.v1.StoreResult\"5\n\rRemoveRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x16\n\x0ewrite_versions\x18\x02 \x03(\x04\"=\n\x0cRemoveResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x04\";\n\x0eRemoveResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.cachegw.v1.RemoveResult\"@\n\x0bListRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"5\n\x0cListResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*[\n\nLoadStatus\x12\x1b\n\x17LOAD_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11LOAD_STATUS_FOUND\x10\x01\x12\x19\n\x15LOAD_STATUS_NOT_FOUND\x10\x02*\x86\x01\n\x0cStoreOutcome\x12\x1d\n\x19STORE_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14STORE_OUTCOME_STORED\x10\x01\x12\"\n\x1eSTORE_OUTCOME_VERSION_CONFLICT\x10\x02\x12\x19\n\x15STORE_OUTCOME_REFUSED\x10\x03\x32\xfd\x01\n\x06Origin\x12\x39\n\x04Load\x12\x17.cachegw.v1.LoadRequest\x1a\x18.cachegw.v1.LoadResponse\x12<\n\x05Store\x12\x18.cachegw.v1.StoreRequest\x1a\x19.cachegw.v1.StoreResponse\x12?\n\x06Remove\x12\x19.cachegw.v1.RemoveRequest\x1a\x1a.cachegw.v1.RemoveResponse\x12\x39\n\x04List\x12\x17.cachegw.v1.ListRequest\x1a\x18.cachegw.v1.ListResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cachegw.v1.origin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOADSTATUS']._serialized_start=896
-  _globals['_LOADSTATUS']._serialized_end=987
-  _globals['_STOREOUTCOME']._serialized_start=990
-  _globals['_STOREOUTCOME']._serialized_end=1124
+  _globals['_LOADSTATUS']._serialized_start=967
+  _globals['_LOADSTATUS']._serialized_end=1058
+  _globals['_STOREOUTCOME']._serialized_start=1061
+  _globals['_STOREOUTCOME']._serialized_end=1195
   _globals['_LOADREQUEST']._serialized_start=39
   _globals['_LOADREQUEST']._serialized_end=66
   _globals['_LOADRESULT']._serialized_start=69
   _globals['_LOADRESULT']._serialized_end=212
   _globals['_LOADRESPONSE']._serialized_start=214
   _globals['_LOADRESPONSE']._serialized_end=269
-  _globals['_STOREENTRY']._serialized_start=271
-  _globals['_STOREENTRY']._serialized_end=397
-  _globals['_STOREREQUEST']._serialized_start=399
-  _globals['_STOREREQUEST']._serialized_end=454
-  _globals['_STORERESULT']._serialized_start=456
-  _globals['_STORERESULT']._serialized_end=559
-  _globals['_STORERESPONSE']._serialized_start=561
-  _globals['_STORERESPONSE']._serialized_end=618
-  _globals['_REMOVEREQUEST']._serialized_start=620
-  _globals['_REMOVEREQUEST']._serialized_end=649
-  _globals['_REMOVERESULT']._serialized_start=651
-  _globals['_REMOVERESULT']._serialized_end=712
-  _globals['_REMOVERESPONSE']._serialized_start=714
-  _globals['_REMOVERESPONSE']._serialized_end=773
-  _globals['_LISTREQUEST']._serialized_start=775
-  _globals['_LISTREQUEST']._serialized_end=839
-  _globals['_LISTRESPONSE']._serialized_start=841
-  _globals['_LISTRESPONSE']._serialized_end=894
-  _globals['_ORIGIN']._serialized_start=1127
-  _globals['_ORIGIN']._serialized_end=1380
+  _globals['_STOREENTRY']._serialized_start=272
+  _globals['_STOREENTRY']._serialized_end=444
+  _globals['_STOREREQUEST']._serialized_start=446
+  _globals['_STOREREQUEST']._serialized_end=501
+  _globals['_STORERESULT']._serialized_start=503
+  _globals['_STORERESULT']._serialized_end=606
+  _globals['_STORERESPONSE']._serialized_start=608
+  _globals['_STORERESPONSE']._serialized_end=665
+  _globals['_REMOVEREQUEST']._serialized_start=667
+  _globals['_REMOVEREQUEST']._serialized_end=720
+  _globals['_REMOVERESULT']._serialized_start=722
+  _globals['_REMOVERESULT']._serialized_end=783
+  _globals['_REMOVERESPONSE']._serialized_start=785
+  _globals['_REMOVERESPONSE']._serialized_end=844
+  _globals['_LISTREQUEST']._serialized_start=846
+  _globals['_LISTREQUEST']._serialized_end=910
+  _globals['_LISTRESPONSE']._serialized_start=912
+  _globals['_LISTRESPONSE']._serialized_end=965
+  _globals['_ORIGIN']._serialized_start=1198
+  _globals['_ORIGIN']._serialized_end=1451
 # @@protoc_insertion_point(module_scope)

@@ -219,6 +219,7 @@ class StoreEntry(_message.Message):
     TTL_MS_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     IF_VERSION_FIELD_NUMBER: _builtins.int
+    WRITE_VERSION_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     value: _builtins.bytes
     ttl_ms: _builtins.int
@@ -228,6 +229,17 @@ class StoreEntry(_message.Message):
     if_version: _builtins.int
     """Compare-and-set: store only if the key's current version equals this (0 = only if
     the key does not exist). Absent = store whatever is there.
+    """
+    write_version: _builtins.int
+    """Write-behind (docs/consistency.md): the version the gateways gave this write. It
+    grows with every write-behind Set and Delete of the key (microseconds of the Redis
+    clock, kept increasing per journal shard), below 2^53. The gateways may send a write
+    more than once (a retry, a gateway that died mid-flush) and may send an older write
+    after a newer one (two gateways flushing): an origin must store the entry only when
+    `write_version` is above the one of the key's last write-behind Store or Remove it
+    applied, and otherwise answer VERSION_CONFLICT with its current `version` (nothing
+    written; the gateway counts it as superseded). So a redelivery never takes the
+    origin back. Absent = not a write-behind write.
     """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -241,19 +253,24 @@ class StoreEntry(_message.Message):
         ttl_ms: _builtins.int | None = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
         if_version: _builtins.int | None = ...,
+        write_version: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_if_version", b"_if_version", "_ttl_ms", b"_ttl_ms", "if_version", b"if_version", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_if_version", b"_if_version", "_ttl_ms", b"_ttl_ms", "_write_version", b"_write_version", "if_version", b"if_version", "ttl_ms", b"ttl_ms", "write_version", b"write_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_if_version", b"_if_version", "_ttl_ms", b"_ttl_ms", "if_version", b"if_version", "key", b"key", "tags", b"tags", "ttl_ms", b"ttl_ms", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_if_version", b"_if_version", "_ttl_ms", b"_ttl_ms", "_write_version", b"_write_version", "if_version", b"if_version", "key", b"key", "tags", b"tags", "ttl_ms", b"ttl_ms", "value", b"value", "write_version", b"write_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__if_version: _TypeAlias = _typing.Literal["if_version"]  # noqa: Y015
     _WhichOneofArgType__if_version: _TypeAlias = _typing.Literal["_if_version", b"_if_version"]  # noqa: Y015
     _WhichOneofReturnType__ttl_ms: _TypeAlias = _typing.Literal["ttl_ms"]  # noqa: Y015
     _WhichOneofArgType__ttl_ms: _TypeAlias = _typing.Literal["_ttl_ms", b"_ttl_ms"]  # noqa: Y015
+    _WhichOneofReturnType__write_version: _TypeAlias = _typing.Literal["write_version"]  # noqa: Y015
+    _WhichOneofArgType__write_version: _TypeAlias = _typing.Literal["_write_version", b"_write_version"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__if_version) -> _WhichOneofReturnType__if_version | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ttl_ms) -> _WhichOneofReturnType__ttl_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__write_version) -> _WhichOneofReturnType__write_version | None: ...
 
 Global___StoreEntry: _TypeAlias = StoreEntry  # noqa: Y015
 
@@ -334,16 +351,28 @@ class RemoveRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: _builtins.int
+    WRITE_VERSIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def write_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Write-behind (a Delete of a write-behind class): the version the gateways gave each
+        removal, parallel to `keys` (see StoreEntry.write_version), or empty. An origin
+        must remove a key only when its write_version is above the one of the key's last
+        write-behind Store or Remove applied, and remember it (a tombstone), so that an
+        older Store delivered later does not bring the key back; such a key answers
+        `removed` false.
+        """
+
     def __init__(
         self,
         *,
         keys: _abc.Iterable[_builtins.str] | None = ...,
+        write_versions: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "write_versions", b"write_versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -68,9 +68,10 @@ class OriginServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Store(self, request, context):
-        """Write entries to the source of truth (write-through): one result per entry, in
-        request order. An entry is STORED, or refused with the reason; entries are
-        independent (the gateway sends one entry per Set today).
+        """Write entries to the source of truth (write-through, write-behind): one result per
+        entry, in request order. An entry is STORED, or refused with the reason; entries
+        are independent (write-through sends one entry per Set; write-behind's flusher sends
+        a batch, at most one entry per key, each with its write_version).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -67,9 +67,10 @@ class OriginStub:
     The gateway sends the misses of one GetMany in one call, and every key at most once.
     """
     Store: _grpc.UnaryUnaryMultiCallable[_origin_pb2.StoreRequest, _origin_pb2.StoreResponse]
-    """Write entries to the source of truth (write-through): one result per entry, in
-    request order. An entry is STORED, or refused with the reason; entries are
-    independent (the gateway sends one entry per Set today).
+    """Write entries to the source of truth (write-through, write-behind): one result per
+    entry, in request order. An entry is STORED, or refused with the reason; entries
+    are independent (write-through sends one entry per Set; write-behind's flusher sends
+    a batch, at most one entry per key, each with its write_version).
     """
     Remove: _grpc.UnaryUnaryMultiCallable[_origin_pb2.RemoveRequest, _origin_pb2.RemoveResponse]
     """Remove keys from the source of truth: one result per key, in request order."""
@@ -86,9 +87,10 @@ class OriginAsyncStub(OriginStub):
     The gateway sends the misses of one GetMany in one call, and every key at most once.
     """
     Store: _aio.UnaryUnaryMultiCallable[_origin_pb2.StoreRequest, _origin_pb2.StoreResponse]  # type: ignore[assignment]
-    """Write entries to the source of truth (write-through): one result per entry, in
-    request order. An entry is STORED, or refused with the reason; entries are
-    independent (the gateway sends one entry per Set today).
+    """Write entries to the source of truth (write-through, write-behind): one result per
+    entry, in request order. An entry is STORED, or refused with the reason; entries
+    are independent (write-through sends one entry per Set; write-behind's flusher sends
+    a batch, at most one entry per key, each with its write_version).
     """
     Remove: _aio.UnaryUnaryMultiCallable[_origin_pb2.RemoveRequest, _origin_pb2.RemoveResponse]  # type: ignore[assignment]
     """Remove keys from the source of truth: one result per key, in request order."""
@@ -114,9 +116,10 @@ class OriginServicer(metaclass=_abc_1.ABCMeta):
         request: _origin_pb2.StoreRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_origin_pb2.StoreResponse, _abc.Awaitable[_origin_pb2.StoreResponse]]:
-        """Write entries to the source of truth (write-through): one result per entry, in
-        request order. An entry is STORED, or refused with the reason; entries are
-        independent (the gateway sends one entry per Set today).
+        """Write entries to the source of truth (write-through, write-behind): one result per
+        entry, in request order. An entry is STORED, or refused with the reason; entries
+        are independent (write-through sends one entry per Set; write-behind's flusher sends
+        a batch, at most one entry per key, each with its write_version).
         """
 
     @_abc_1.abstractmethod
