@@ -33,6 +33,7 @@ from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.config import InvalidationConfig
 from cachegw_gateway.counters import Counters, Incremented, KeyTtl, Touched
 from cachegw_gateway.events import StreamId
+from cachegw_gateway.failsafe import FailSafe
 from cachegw_gateway.freshness import Generations
 from cachegw_gateway.invalidation import Invalidation
 from cachegw_gateway.l1tier import L1Tier
@@ -44,6 +45,7 @@ from cachegw_gateway.policy import KeyClass, PolicyTable
 from cachegw_gateway.ratelimit import Decision, RateLimit, RateLimiter
 from cachegw_gateway.reads import ReadPath
 from cachegw_gateway.readthrough import ReadThrough
+from cachegw_gateway.refreshahead import RefreshAhead
 from cachegw_gateway.warmup import Warmup
 from cachegw_gateway.writes import SetItem, WriteOutcome, WritePath
 from cachegw_gateway.writethrough import WriteThrough
@@ -114,6 +116,9 @@ class Cache:
         )
         self._origins = origins
         self._write_through: WriteThrough | None = None
+        # The refresh-ahead worker, when a read-through class asks for it (the server
+        # runs it: refreshahead.py).
+        self.refresh_ahead: RefreshAhead | None = None
         if origins:
             reads.through = ReadThrough(
                 self._leases,
@@ -127,6 +132,10 @@ class Cache:
                 wall_clock_ms=wall_clock_ms,
             )
             self._write_through = WriteThrough(self._writes, origins, stats)
+            if any(kc.fail_safe_ms for kc in policy.classes):
+                reads.fail_safe = FailSafe(reads.through, stats, gens, clock=clock)
+            refresher = RefreshAhead(store, policy, self._leases, reads.through, hotkeys, stats)
+            self.refresh_ahead = refresher if refresher else None
         self._invalidation = Invalidation(
             store, self._tier, policy, stats, gens, self._leases, origin=origin, invalidation=config
         )

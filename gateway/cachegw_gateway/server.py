@@ -124,6 +124,7 @@ class GatewayServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
         self._background: list[asyncio.Task[None]] = []
+        self._refresher: asyncio.Task[None] | None = None
         self.port = 0
         self.started_at = 0.0
 
@@ -159,6 +160,8 @@ class GatewayServer:
         await self._server.start()
         self.started_at = time.monotonic()
         self._background.append(asyncio.create_task(self.cache.record_hot_keys_forever()))
+        if self.cache.refresh_ahead is not None:
+            self._refresher = asyncio.create_task(self.cache.refresh_ahead.run_forever())
         await self.telemetry.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
@@ -173,6 +176,10 @@ class GatewayServer:
             grace = self.config.server.grace_seconds
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
+        if self._refresher is not None:  # before drain closes the origins' channels
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
         await self.cache.drain()
         for task in self._background:
             task.cancel()

@@ -37,6 +37,17 @@ class ClassCounters:
     not_found: int = 0  # NOT_FOUND answers (from the origin or a cached NOT_FOUND)
     origin_stores: int = 0  # entries the origin stored (write-through)
     origin_errors: int = 0  # origin calls that failed (any status)
+    # Fail-safe (failsafe.py): STALE answers of the last value because the origin failed,
+    # or because the load outlasted the class's soft timeout (both counted in `stale`).
+    fail_safe_errors: int = 0
+    fail_safe_timeouts: int = 0
+    # Refresh-ahead (refreshahead.py): hot keys reloaded and stored before they expired,
+    # due reloads skipped because the class's refresh_ahead_rate was used up, reloads
+    # that failed (the origin or Redis), and reloads a newer write or load overtook.
+    refresh_ahead_loads: int = 0
+    refresh_ahead_rate_limited: int = 0
+    refresh_ahead_failed: int = 0
+    refresh_ahead_superseded: int = 0
 
     @property
     def reads(self) -> int:
