@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from cachegw.v1 import origin_pb2 as opb
 from tests.origin.conftest import OriginProcess, start_origin
 
 FLAKY_ORIGIN = str(Path(__file__).with_name("flaky_origin.py"))
+_LOAD = re.compile(r"origin Load: (\d+) keys")
 
 
 @dataclass
@@ -39,6 +41,10 @@ class Flaky:
 
     def loads(self, key: str | None = None) -> int:
         return self.process.loads(key)
+
+    def keys_loaded(self) -> int:
+        """Keys named by every Load so far (a Load's log line shows only 5 of them)."""
+        return sum(int(m.group(1)) for m in _LOAD.finditer(self.process.output()))
 
     def overlaps(self) -> list[str]:
         return [ln for ln in self.process.output().splitlines() if "origin overlap: " in ln]

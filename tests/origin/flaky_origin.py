@@ -9,7 +9,7 @@ version (if_version honoured). Every Load reads the mode file first (absent = ok
 
     ok              answer at once
     down            UNAVAILABLE ("the database is down"), nothing read
-    slow SECONDS    sleep that long, then read the rows and answer
+    slow SECONDS    read the rows, then answer them that late
 
 A Load that starts while another Load of one of its keys is in flight logs ``origin
 overlap: <key>`` (the refresh-ahead tests check that gateways never load a key twice at
@@ -56,8 +56,6 @@ class FlakyOrigin(Origin):
             mode = self._mode()
             if mode[0] == "down":
                 raise OriginUnavailable("the database is down")
-            if mode[0] == "slow":
-                await asyncio.sleep(float(mode[1]))
             out: dict[str, Found | None] = {}
             for key in keys:
                 if key not in self._rows:
@@ -65,6 +63,8 @@ class FlakyOrigin(Origin):
                     self._rows[key] = (f"{key}@{version}".encode(), version)
                 value, version = self._rows[key]
                 out[key] = Found(value, version=version)
+            if mode[0] == "slow":  # what it read, late (a write may land meanwhile)
+                await asyncio.sleep(float(mode[1]))
             return out
         finally:
             for key in keys:
