@@ -108,6 +108,7 @@ class GatewayServer:
             store=self.store,
             policy=self.policy,
             tracer_provider=tracer_provider,
+            origins=self.origins,
         )
         self.health = health_aio.HealthServicer()
         self._server = grpc.aio.server(options=server_options(config.server))

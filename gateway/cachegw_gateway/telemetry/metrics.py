@@ -48,6 +48,12 @@ _CLASS_HELP = {
     "not_found": "NOT_FOUND answers (from the origin or a cached NOT_FOUND), per class.",
     "origin_stores": "Entries the class's origin stored (write-through), per class.",
     "origin_errors": "Origin calls that failed (any status), per class.",
+    "fail_safe_errors": "STALE answers of the last value because the origin failed, per class.",
+    "fail_safe_timeouts": "STALE answers of the last value at the soft timeout, per class.",
+    "refresh_ahead_loads": "Hot keys reloaded and stored before they expired, per class.",
+    "refresh_ahead_rate_limited": "Due reloads skipped: refresh_ahead_rate used up, per class.",
+    "refresh_ahead_failed": "Refresh-ahead reloads that failed (origin or Redis), per class.",
+    "refresh_ahead_superseded": "Reloads a newer write or load overtook (not stored), per class.",
 }
 _GATEWAY_HELP = {
     "invalidations_published": "Invalidation events this gateway published.",
@@ -140,6 +146,28 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     for node in sorted(snap.breaker_nodes):
         nodes.add_metric([node], snap.breaker_nodes[node])
     yield nodes
+    origin_state = GaugeMetricFamily(
+        f"{P}origin_breaker_state",
+        "Each origin's circuit breaker: 0 closed, 1 open, 2 half-open, -1 none.",
+        labels=["origin"],
+    )
+    origin_trips = CounterMetricFamily(
+        f"{P}origin_breaker_trips", "Times an origin's circuit breaker opened.",
+        labels=["origin"],
+    )  # fmt: skip
+    origin_refused = CounterMetricFamily(
+        f"{P}origin_breaker_refused",
+        "Origin calls the open circuit breaker refused (failed fast, not sent).",
+        labels=["origin"],
+    )
+    for address in sorted(snap.origins):
+        o = snap.origins[address]
+        origin_state.add_metric([address], o.breaker_state)
+        origin_trips.add_metric([address], o.breaker_trips)
+        origin_refused.add_metric([address], o.breaker_refused)
+    yield origin_state
+    yield origin_trips
+    yield origin_refused
     yield GaugeMetricFamily(
         f"{P}redis_ping_seconds",
         "Round trip of the last successful Redis health probe (PING).",

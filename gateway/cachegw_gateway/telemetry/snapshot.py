@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cachegw.v1 import cache_pb2 as pb
+from cachegw_gateway.origin import Origins
 from cachegw_gateway.stats import ClassCounters, GatewayStats
 from cachegw_gateway.telemetry.latency import BOUNDS, RpcLatency
 from cachegw_gateway.validation import InvalidRequest
@@ -60,6 +61,31 @@ class Snapshot:
     redis_error_replies: dict[str, int] = field(default_factory=dict)  # kind -> count
     # Redis Cluster: node -> breaker state (breaker.py), the nodes not closed.
     breaker_nodes: dict[str, int] = field(default_factory=dict)
+    # Origin address -> its breaker's figures (every origin the classes name).
+    origins: dict[str, OriginFigures] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OriginFigures:
+    """One origin client's circuit breaker (origin.py): state as breaker.py numbers it
+    (-1 when origin.breaker.enabled = false), times it opened, calls it refused."""
+
+    breaker_state: int
+    breaker_trips: int
+    breaker_refused: int
+
+
+def origin_figures(origins: Origins | None) -> dict[str, OriginFigures]:
+    if origins is None:
+        return {}
+    return {
+        c.address: OriginFigures(
+            c.gauges.breaker_state if c.breaker is not None else -1,
+            c.gauges.breaker_trips,
+            c.gauges.breaker_refused,
+        )
+        for c in origins.clients
+    }
 
 
 @dataclass
@@ -75,6 +101,7 @@ class Sources:
     redis_ping_seconds: Callable[[], float]
     trace_exporter: str
     sample_ratio: float
+    origins: Origins | None = None
 
     def snapshot(self, top_keys: int = 0) -> Snapshot:
         s = self.stats
@@ -102,6 +129,7 @@ class Sources:
             hot_keys=self.hotkeys.top(min(top_keys, MAX_TOP_KEYS)) if top_keys > 0 else [],
             redis_error_replies=dict(s.error_replies),
             breaker_nodes=dict(s.breaker_nodes),
+            origins=origin_figures(self.origins),
         )
 
 
@@ -177,4 +205,14 @@ def stats_response(snap: Snapshot, classes: Sequence[str] = ()) -> pb.StatsRespo
             )
         )
     resp.hot_keys.extend(pb.HotKey(key=k, count=c) for k, c in snap.hot_keys)
+    for address in sorted(snap.origins):
+        o = snap.origins[address]
+        resp.origins.append(
+            pb.OriginStats(
+                address=address,
+                breaker_state=_BREAKER_STATES.get(o.breaker_state, pb.BREAKER_STATE_UNSPECIFIED),
+                breaker_trips=o.breaker_trips,
+                breaker_refused=o.breaker_refused,
+            )
+        )
     return resp
