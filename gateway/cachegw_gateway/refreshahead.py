@@ -63,6 +63,7 @@ RECORDED_PERIOD = 30.0  # seconds between reads of the recorded hot set
 CANDIDATES_PERIOD = 1.0  # seconds between looks at the local sketch
 RECHECK_MAX = 10.0  # a scheduled key is looked at again at least this often
 MAX_PER_TICK = 500  # due keys checked in one tick (the soonest first)
+REDIS_CALLS = 8  # the worker's Redis calls in flight at once
 TICK_MIN, TICK_MAX = 0.05, 1.0
 
 # KEYS[1] value, KEYS[2] lease. ARGV[1] lease token, ARGV[2] lease PX ms, ARGV[3] the
@@ -150,6 +151,9 @@ class RefreshAhead:
         self._stats = stats
         self._clock = clock
         self._due_script = Script(store.client, _DUE_SCRIPT)
+        # The worker's Redis calls in flight at once: a tick with many due keys must not
+        # take the connections the request path needs.
+        self._redis_calls = asyncio.Semaphore(REDIS_CALLS)
         self.budget = RefreshBudget(store)
         self.classes = [kc for kc in policy.classes if kc.refresh_ahead_before_ms]
         shortest = min((kc.refresh_ahead_before_ms for kc in self.classes), default=1000)
@@ -236,29 +240,30 @@ class RefreshAhead:
                 if not isinstance(reply, L2Unavailable):
                     raise reply
                 continue
+            # (The lease is not noted in the LeaseTable: the value is still fresh, and
+            # this gateway's readers must read it, not wait for the reload.)
             outcome = int(reply[0])
             if outcome == 2:
-                self._leases.table.note_held(key, kc.lease_timeout_ms / 1000)
                 granted.append(_Due(key, kc, token, int(reply[2])))
                 continue
             if outcome == 1:  # not due yet: look again when it is
                 wait = (int(reply[1]) - kc.refresh_ahead_before_ms) / 1000
             elif outcome == 3:  # another caller is loading it
-                self._leases.table.note_held(key, max(int(reply[1]), 1) / 1000)
                 wait = max(int(reply[1]), 1) / 1000
-            else:  # absent: a reader loads it; look again later
-                wait = RECHECK_MAX
+            else:  # absent: its next reader loads it; look again within the window
+                wait = kc.refresh_ahead_before_ms / 2000
             self._next[key] = now + min(max(wait, self.period), RECHECK_MAX)
         return granted
 
     async def _check(self, key: str, kc: KeyClass, token: LeaseToken) -> list[int]:
         store = self._store
         rkeys = [store.redis_key(key), store.lease_key(key)]
-        with store.calls(rkeys, write=True):
-            reply: list[int] = await self._due_script(
-                keys=rkeys,
-                args=[token.raw, kc.lease_timeout_ms, kc.keep_ms, kc.refresh_ahead_before_ms],
-            )
+        async with self._redis_calls:
+            with store.calls(rkeys, write=True):
+                reply: list[int] = await self._due_script(
+                    keys=rkeys,
+                    args=[token.raw, kc.lease_timeout_ms, kc.keep_ms, kc.refresh_ahead_before_ms],
+                )
         return reply
 
     async def _allowed(self, kc: KeyClass, due: list[_Due]) -> list[_Due]:

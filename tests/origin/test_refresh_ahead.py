@@ -167,3 +167,30 @@ async def test_a_reload_that_a_write_overtook_does_not_replace_it(
     await until(overtaken, "the reload was refused")
     got = await get(gw, "hot:w")
     assert (got.value, got.version) == (b"written", written.version)
+
+
+async def test_a_reload_of_an_unchanged_value_publishes_no_invalidation(
+    gateway_factory: GatewayFactory, flaky: Flaky
+) -> None:
+    a = await gateway_factory(toml(flaky.address))
+    b = await gateway_factory(toml(flaky.address))
+    await get(a, "hot:same")
+    assert (await get(b, "hot:same")).status == pb.STATUS_HIT  # b holds an L1 copy
+
+    async def reloads(n: int) -> bool:
+        return (await class_stats(a.stub, "hot")).refresh_ahead_loads >= n
+
+    def published() -> int:
+        return sum(gw.server.stats.invalidations_published for gw in (a, b))
+
+    await until(lambda: reloads(3), "three reloads of an unchanged hot:same")
+    # The copies elsewhere are that very value: nothing to drop, no event.
+    assert published() == 0
+    assert a.server.stats.invalidations_received + b.server.stats.invalidations_received == 0
+    await flaky.store("hot:same", b"changed")  # a new version at the origin
+    await until(lambda: published() >= 1, "the reload of the change published")
+
+    async def b_sees_it() -> bool:  # once the event reached b (it drops its L1 copy)
+        return (await get(b, "hot:same")).value == b"changed"
+
+    await until(b_sees_it, "b answers the changed value")
