@@ -8,6 +8,7 @@ import math
 import time
 
 import grpc
+import redis
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw.v1 import cache_pb2_grpc
@@ -194,3 +195,27 @@ async def test_a_reload_of_an_unchanged_value_publishes_no_invalidation(
         return (await get(b, "hot:same")).value == b"changed"
 
     await until(b_sees_it, "b answers the changed value")
+
+
+async def test_a_reload_the_origin_fails_changes_nothing_and_the_worker_goes_on(
+    gateway_factory: GatewayFactory, flaky: Flaky, redis_client: redis.Redis
+) -> None:
+    gw = await gateway_factory(toml(flaky.address))
+    first = await get(gw, "hot:down")
+    flaky.mode("down")
+
+    async def failed(n: int) -> bool:
+        return (await class_stats(gw.stub, "hot")).refresh_ahead_failed >= n
+
+    await until(lambda: failed(2), "two reloads failed")  # the worker kept going
+    # Each failed reload released its lease at once, and the value is still served.
+    await until(lambda: not redis_client.exists("cg:{hot:down}:lease"), "lease released")
+    got = await get(gw, "hot:down")
+    assert (got.status, got.value, got.version) == (pb.STATUS_HIT, first.value, first.version)
+    flaky.mode("ok")
+    newer = await flaky.store("hot:down", b"back")
+
+    async def recovered() -> bool:
+        return (await get(gw, "hot:down")).version == newer
+
+    await until(recovered, "reloads resumed once the origin was back")
