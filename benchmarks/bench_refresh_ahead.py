@@ -2,8 +2,9 @@
 
 C callers over two gateway processes read K keys of a read-through class, picked with a
 Zipf law (exponent s: a few keys take most reads), with a short TTL, so hot keys expire
-(and are loaded again) many times per case. Two cases, one after the other, each on keys
-of its own, through gateways of its own (cold at its start, warmed up unmeasured):
+(and are loaded again) many times per case. Two cases, each with keys, gateways and an
+origin process of its own, warmed up (unmeasured), then measured in interleaved windows
+(off, on; on, off; ...):
 
   (off) read-through: a key is loaded when a reader finds it expired, under the lease
         (one Load per key across the gateways; its readers wait for it);
@@ -98,6 +99,7 @@ class Settings:
     gateways: int
     ttl: float
     seconds: float
+    rounds: int
     warmup: float
     think: float
     load_ms: float
@@ -164,59 +166,92 @@ async def run_case(
     await asyncio.gather(*(caller(i, until) for i in range(s.callers)))
 
 
-async def run_one(
-    s: Settings, case: str, gateways: Sequence[str], origin_log: Path
-) -> tuple[list[str], dict[str, float]]:
-    channels = [grpc.aio.insecure_channel(a) for a in gateways]
-    stubs = [cache_pb2_grpc.CacheServiceStub(c) for c in channels]
-    try:
-        # Warm-up (not measured): every key loaded once, the hot ones tracked.
-        await run_case(s, stubs, case, Tally(), s.warmup)
-        tally = Tally()
-        before_stats = await class_totals(stubs, case)
-        before_loads = keys_loaded(origin_log)
+@dataclass
+class Case:
+    name: str
+    stubs: list[cache_pb2_grpc.CacheServiceStub]
+    origin_log: Path
+    tally: Tally = field(default_factory=Tally)
+    elapsed: float = 0.0
+    loads: int = 0
+    stats: dict[str, int] = field(default_factory=dict)
+
+    async def window(self, s: Settings, seconds: float) -> None:
+        """One measured window: reads, origin keys loaded, Stats deltas, summed up."""
+        before_stats = await class_totals(self.stubs, self.name)
+        before_loads = keys_loaded(self.origin_log)
         started = time.monotonic()
-        await run_case(s, stubs, case, tally, s.seconds)
-        elapsed = time.monotonic() - started
-        loads = keys_loaded(origin_log) - before_loads
-        stats = await class_totals(stubs, case)
-        d = {k: v - before_stats.get(k, 0) for k, v in stats.items()}
+        await run_case(s, self.stubs, self.name, self.tally, seconds)
+        self.elapsed += time.monotonic() - started
+        self.loads += keys_loaded(self.origin_log) - before_loads
+        after = await class_totals(self.stubs, self.name)
+        for k, v in after.items():
+            self.stats[k] = self.stats.get(k, 0) + v - before_stats.get(k, 0)
+
+    def report(self) -> tuple[list[str], dict[str, float]]:
+        d, lat = self.stats, sorted(self.tally.latencies)
         reads = d.get("hits_l1", 0) + d.get("hits_l2", 0) + d.get("stale", 0) + d.get("misses", 0)
         waited = d.get("misses", 0) + d.get("lease_waits", 0)
         hit_rate = max(0.0, 1 - waited / reads) if reads else float("nan")
-        lat = sorted(tally.latencies)
         refreshes = d.get("refresh_ahead_loads", 0)
         row = [
-            f"({case}) refresh-ahead {case}",
+            f"({self.name}) refresh-ahead {self.name}",
             fmt_number(len(lat)),
-            f"{loads / elapsed:.1f}",
-            f"{refreshes / elapsed:.1f}",
+            f"{self.loads / self.elapsed:.1f}",
+            f"{refreshes / self.elapsed:.1f}",
             fmt_number(d.get("refresh_ahead_rate_limited", 0)),
             f"{hit_rate * 100:.2f} %",
             f"{percentile(lat, 50) * 1000:.1f}",
             f"{percentile(lat, 99) * 1000:.1f}",
-            fmt_number(tally.errors),
+            fmt_number(self.tally.errors),
         ]
         figures = {
             "hit": hit_rate,
             "p99": percentile(lat, 99),
-            "refresh/s": refreshes / elapsed,
-            "errors": tally.errors,
+            "refreshes": refreshes,
+            "elapsed": self.elapsed,
+            "errors": self.tally.errors,
         }
-        print(f"case {case} done", file=sys.stderr)
+        return row, figures
+
+
+async def run_all(
+    s: Settings, gateways: dict[str, list[str]], logs: dict[str, Path]
+) -> tuple[list[list[str]], dict[str, dict[str, float]]]:
+    """Warm both cases up, then measure them in interleaved windows (off, on; on, off;
+    ...), so that the machine's other load falls on both alike."""
+    channels = {c: [grpc.aio.insecure_channel(a) for a in gateways[c]] for c in gateways}
+    cases = {
+        c: Case(c, [cache_pb2_grpc.CacheServiceStub(ch) for ch in channels[c]], logs[c])
+        for c in gateways
+    }
+    try:
+        for case in cases.values():  # every key loaded once, the hot ones tracked
+            await run_case(s, case.stubs, case.name, Tally(), s.warmup)
+        order = ["off", "on"]
+        for r in range(s.rounds):
+            for name in order if r % 2 == 0 else order[::-1]:
+                await cases[name].window(s, s.seconds / s.rounds)
+            print(f"round {r + 1}/{s.rounds} done", file=sys.stderr)
     finally:
-        for channel in channels:
-            await channel.close(None)
-    return row, figures
+        for chs in channels.values():
+            for channel in chs:
+                await channel.close(None)
+    rows, figures = [], {}
+    for name in order:
+        rows.append(cases[name].report()[0])
+        figures[name] = cases[name].report()[1]
+    return rows, figures
 
 
 def measured_aims(s: Settings, f: dict[str, dict[str, float]]) -> dict[str, float]:
     return {
         "hit rate gain": (f["on"]["hit"] - f["off"]["hit"]) * 100,
         "p99 ratio": f["on"]["p99"] / f["off"]["p99"],
-        "refresh within rate": f["on"]["refresh/s"]
-        * s.seconds
-        / (math.ceil(s.rate) + s.rate * s.seconds),
+        # Over the whole run the bucket also refilled during the other case's windows:
+        # judged against the time from the first window to the last, at most twice.
+        "refresh within rate": f["on"]["refreshes"]
+        / (math.ceil(s.rate) + s.rate * (f["on"]["elapsed"] + f["off"]["elapsed"])),
         "errors": float(f["off"]["errors"] + f["on"]["errors"]),
     }
 
@@ -262,18 +297,19 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     p.add_argument("--zipf", type=float, default=1.1, help="the Zipf exponent")
     p.add_argument("--gateways", type=int, default=2)
     p.add_argument("--ttl", type=float, default=2.0, help="seconds")
-    p.add_argument("--seconds", type=float, default=20.0, help="measured, per case")
+    p.add_argument("--seconds", type=float, default=24.0, help="measured, per case")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved windows per case")
     p.add_argument("--warmup", type=float, default=4.0, help="seconds before, not measured")
     p.add_argument("--think", type=float, default=0.02, help="seconds between a caller's reads")
     p.add_argument("--load-ms", type=float, default=20.0, help="each origin Load takes this")
     p.add_argument("--rate", type=float, default=200.0, help="refresh_ahead_rate, per second")
     p.add_argument("--fraction", type=float, default=0.3, help="refresh_ahead_fraction")
-    p.add_argument("--quick", action="store_true", help="cases of 8 s after 3 s of warm-up")
+    p.add_argument("--quick", action="store_true", help="8 s per case in 2 rounds, 3 s warm-up")
     a = p.parse_args(argv)
     if a.quick:
-        a.seconds, a.warmup = 8.0, 3.0
+        a.seconds, a.rounds, a.warmup = 8.0, 2, 3.0
     return Settings(
-        a.callers, a.keys, a.zipf, a.gateways, a.ttl, a.seconds, a.warmup, a.think,
+        a.callers, a.keys, a.zipf, a.gateways, a.ttl, a.seconds, a.rounds, a.warmup, a.think,
         a.load_ms, a.rate, a.fraction,
     )  # fmt: skip
 
@@ -285,31 +321,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         with sigterm_as_interrupt(), ExitStack() as stack:
             stack.callback(shutil.rmtree, work, ignore_errors=True)
             store = stack.enter_context(ManagedRedis())
-            proc, origin, origin_log = start_origin(work, s.load_ms)
-            stack.callback(stop, proc)
-            rows, figures = [], {}
+            gateways: dict[str, list[str]] = {}
+            logs: dict[str, Path] = {}
             for case in ("off", "on"):
-                # Gateways of their own per case: a gateway's hot-key sketch (256 keys)
-                # must not be filled with the other case's keys.
-                with ExitStack() as gateways_stack:
-                    config = CONFIG.format(
-                        ttl=s.ttl,
-                        origin=origin,
-                        rate=s.rate,
-                        fraction=s.fraction,
-                        refresh="" if case == "on" else "#",
-                        name=case,
-                    )
-                    folder = work / case
-                    folder.mkdir()
-                    gateways = start_gateways(gateways_stack, s.gateways, store.url, config, folder)
-                    row, figures[case] = asyncio.run(
-                        run_one(s, case, [g.address for g in gateways], origin_log)
-                    )
-                    rows.append(row)
-                    for gw in gateways:
-                        if not gw.running:
-                            raise RuntimeError(f"{gw.name} died during the run")
+                # Each case its own origin (its Loads counted apart) and gateways (a
+                # gateway's hot-key sketch holds 256 keys: not the other case's).
+                folder = work / case
+                folder.mkdir()
+                proc, origin, logs[case] = start_origin(folder, s.load_ms)
+                stack.callback(stop, proc)
+                config = CONFIG.format(
+                    ttl=s.ttl,
+                    origin=origin,
+                    rate=s.rate,
+                    fraction=s.fraction,
+                    refresh="" if case == "on" else "#",
+                    name=case,
+                )
+                started = start_gateways(stack, s.gateways, store.url, config, folder)
+                gateways[case] = [g.address for g in started]
+            rows, figures = asyncio.run(run_all(s, gateways, logs))
             measured = measured_aims(s, figures)
     except KeyboardInterrupt:
         print("interrupted; every started process was stopped", file=sys.stderr)
@@ -317,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"refresh-ahead benchmark: {s.callers} callers over {s.gateways} gateways, {s.keys} "
         f"keys drawn with Zipf s={s.zipf:g}, TTL {s.ttl:g} s (jitter 0.1), think "
-        f"{s.think * 1000:g} ms, {s.seconds:g} s per case after {s.warmup:g} s of warm-up; "
+        f"{s.think * 1000:g} ms, {s.seconds:g} s per case in {s.rounds} interleaved rounds "
+        f"after {s.warmup:g} s of warm-up; "
         f"origin Loads take {s.load_ms:g} ms; refresh-ahead: {s.fraction:g} of the TTL "
         f"before expiry, at most {s.rate:g}/s"
     )
