@@ -18,8 +18,9 @@ Every gateway runs one worker (`RefreshAhead.run_forever`) for the classes with
    gateway that comes after finds it no longer due.
 3. **How many.** The keys whose lease was granted ask the class's token bucket in Redis
    (GCRA, ratelimit.py's script on ``<p>:refresh-ahead:<class>``, shared by every
-   gateway): `refresh_ahead_rate` per second, bursts of one second's worth. Keys beyond
-   it give their lease back and wait for a later tick (`refresh_ahead_rate_limited`).
+   gateway): `refresh_ahead_rate` per second, bursts of one second's worth, the hottest
+   keys (by this gateway's sketch) first. Keys beyond it give their lease back and wait
+   for a later tick (`refresh_ahead_rate_limited`).
    So the origin never gets more than the rate from refresh-ahead (misses loaded for
    callers are not counted against it: they would load anyway).
 4. **Reload.** One `Load` per origin for the rest, stored as a miss's load is
@@ -209,7 +210,12 @@ class RefreshAhead:
         granted = await self._claim(due)
         by_origin: dict[str, list[_Due]] = {}
         for kc in {d.kc for d in granted}:
-            mine = [d for d in granted if d.kc is kc]
+            # The hottest first: when the rate binds, they are the ones reloaded.
+            mine = sorted(
+                (d for d in granted if d.kc is kc),
+                key=lambda d: self._hotkeys.estimate(d.key),
+                reverse=True,
+            )
             allowed = await self._allowed(kc, mine)
             for d in allowed:
                 by_origin.setdefault(kc.origin, []).append(d)
@@ -267,8 +273,8 @@ class RefreshAhead:
         return reply
 
     async def _allowed(self, kc: KeyClass, due: list[_Due]) -> list[_Due]:
-        """The reloads the class's bucket allows, soonest first; the others' leases go
-        back and they stay due for the next tick."""
+        """The reloads the class's bucket allows, in `due`'s order; the others' leases
+        go back and they stay due for the next tick."""
         try:
             n = await self.budget.take(kc, len(due))
         except BaseException:
