@@ -20,8 +20,8 @@ p99 of one Get as the caller sees it, errors. A missed aim makes the script exit
 
 Run (from the repository root, after `make setup`):
 
-    .venv/bin/python benchmarks/bench_refresh_ahead.py            # about 50 s
-    .venv/bin/python benchmarks/bench_refresh_ahead.py --quick    # about 25 s
+    .venv/bin/python benchmarks/bench_refresh_ahead.py            # about 70 s
+    .venv/bin/python benchmarks/bench_refresh_ahead.py --quick    # about 35 s
 """
 
 from __future__ import annotations
