@@ -909,7 +909,8 @@ def config_warnings(c: GatewayConfig) -> list[str]:
 
 def _read_through_warnings(at: str, kc: KeyClassConfig, origin: OriginConfig) -> list[str]:
     out = []
-    if origin.timeout_seconds >= kc.lease_timeout_seconds:
+    # (A class's hard_timeout_seconds replaces the origin's timeout, and is checked.)
+    if not kc.hard_timeout_seconds and origin.timeout_seconds >= kc.lease_timeout_seconds:
         out.append(
             f"{at}: origin.timeout_seconds ({_num(origin.timeout_seconds)}) is not below "
             f"lease_timeout_seconds ({_num(kc.lease_timeout_seconds)}): a slow Load can "

@@ -99,3 +99,14 @@ def test_past_its_fresh_life_a_value_kept_for_fail_safe_is_dead_to_every_other_r
     without = KeyClass("c", 10_000, 0, True, 1000, 1024, stale_ms=5_000)
     assert judge(_entry(4_000), without, 0) == (STALE, 0)  # unchanged without fail-safe
     assert not kept_for_fail_safe(_entry(4_000), without, 0)
+
+
+def test_a_class_hard_timeout_replaces_the_origin_timeout_in_the_lease_warning(
+    tmp_path: Path,
+) -> None:
+    slow = f"[origin]\ntimeout_seconds = 5\n[[classes]]\nname = 'c'\npatterns = ['c:*']\n{THROUGH}"
+    path = tmp_path / "w.toml"
+    path.write_text(slow)
+    assert any("outlive its lease" in w for w in config_warnings(load_config(path, env={})))
+    path.write_text(f"{slow}\nhard_timeout_seconds = 2")
+    assert not any("outlive its lease" in w for w in config_warnings(load_config(path, env={})))
