@@ -12,6 +12,7 @@ import redis
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw.v1 import cache_pb2_grpc
+from cachegw_gateway.managed_redis import ManagedRedis
 from tests.conftest import GatewayCluster, GatewayFactory, RunningGateway
 from tests.origin.flaky import Flaky, class_stats, flaky, until
 
@@ -219,3 +220,30 @@ async def test_a_reload_the_origin_fails_changes_nothing_and_the_worker_goes_on(
         return (await get(gw, "hot:down")).version == newer
 
     await until(recovered, "reloads resumed once the origin was back")
+
+
+async def test_the_worker_outlives_a_redis_outage(
+    gateway_factory: GatewayFactory, flaky: Flaky, redis_server: ManagedRedis
+) -> None:
+    gw = await gateway_factory(toml(flaky.address))
+    await get(gw, "hot:outage")
+
+    async def reloads() -> int:
+        return int((await class_stats(gw.stub, "hot")).refresh_ahead_loads)
+
+    await until(lambda: gw.server.cache.refresh_ahead is not None, "a worker")
+    before = gw.server.stats.redis_errors
+    redis_server.stop()
+    # Redis calls fail meanwhile (the worker's ticks among them: logged, skipped).
+    await until(lambda: gw.server.stats.redis_errors >= before + 3, "calls failed")
+    redis_server.start()
+    done = await reloads()
+
+    async def resumed() -> bool:  # the key is read (loaded again: Redis lost it), then
+        try:  # reloaded by the same worker
+            got = await gw.stub.Get(pb.GetRequest(key="hot:outage"), timeout=5)
+        except grpc.aio.AioRpcError:
+            return False  # (the breaker may still refuse for its cool-down)
+        return got.status == pb.STATUS_HIT and await reloads() > done
+
+    await until(resumed, "reloads resumed after Redis came back", within=30)
