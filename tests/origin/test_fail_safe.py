@@ -193,3 +193,26 @@ async def test_a_get_many_answers_stale_when_every_failed_key_has_a_last_value(
         assert exc.code() == grpc.StatusCode.UNAVAILABLE
     else:
         raise AssertionError("a GetMany with a cold key was answered")
+
+
+async def test_over_two_gateways_a_slow_origin_gets_one_load_and_every_caller_the_last_value(
+    gateway_factory: GatewayFactory, flaky: Flaky, redis_client: redis.Redis
+) -> None:
+    a = await gateway_factory(toml(flaky.address))
+    b = await gateway_factory(toml(flaky.address))
+    first = await get(a, "fs:two")
+    await past_fresh_life(redis_client, "fs:two", FAIL_SAFE_MS)
+    flaky.mode("slow 1.0")
+    answers = await asyncio.gather(*(get(gw, "fs:two") for gw in [a, b] * 10))
+    # The callers of both gateways waited 0.3 s at most: the one Load (under the lease,
+    # on one of them) went on.
+    assert {(x.status, x.value) for x in answers} == {(pb.STATUS_STALE, first.value)}
+    assert flaky.loads("fs:two") == 2
+    flaky.mode("ok")
+
+    async def fresh_on_both() -> bool:
+        got = [await get(gw, "fs:two") for gw in (a, b)]
+        return all(g.status == pb.STATUS_HIT for g in got)
+
+    await until(fresh_on_both, "the one load filled the cache for both")
+    assert flaky.loads("fs:two") == 2
