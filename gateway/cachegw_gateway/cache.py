@@ -37,6 +37,7 @@ from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.config import InvalidationConfig
 from cachegw_gateway.counters import Counters, Incremented, KeyTtl, Touched
 from cachegw_gateway.events import StreamId
+from cachegw_gateway.failsafe import FailSafe
 from cachegw_gateway.freshness import Generations
 from cachegw_gateway.invalidation import Invalidation
 from cachegw_gateway.journal import Journal
@@ -50,6 +51,7 @@ from cachegw_gateway.ratelimit import Decision, RateLimit, RateLimiter
 from cachegw_gateway.reads import ReadPath
 from cachegw_gateway.readthrough import ReadThrough
 from cachegw_gateway.rebuild import Rebuild
+from cachegw_gateway.refreshahead import RefreshAhead
 from cachegw_gateway.removal import RemoveThrough
 from cachegw_gateway.warmup import Warmup, hot_set
 from cachegw_gateway.writebehind import WriteBehind
@@ -125,6 +127,9 @@ class Cache:
         self._write_through: WriteThrough | None = None
         self._remove_through: RemoveThrough | None = None
         rebuild: Rebuild | None = None
+        # The refresh-ahead worker, when a read-through class asks for it (the server
+        # runs it: refreshahead.py).
+        self.refresh_ahead: RefreshAhead | None = None
         if origins:
             reads.through = ReadThrough(
                 self._leases,
@@ -152,6 +157,10 @@ class Cache:
                 max_key_bytes=max_key_bytes,
                 clock=clock,
             )
+            if any(kc.fail_safe_ms for kc in policy.classes):
+                reads.fail_safe = FailSafe(reads.through, stats, gens, clock=clock)
+            refresher = RefreshAhead(store, policy, self._leases, reads.through, hotkeys, stats)
+            self.refresh_ahead = refresher if refresher else None
         self._write_behind: WriteBehind | None = None
         if journal is not None and any(kc.write_behind for kc in policy.classes):
             self._write_behind = WriteBehind(self._writes, journal, policy, stats)

@@ -199,6 +199,21 @@ class KeyClassConfig:
     # flushed to the origin in the background
     write_policy: str = "around"
     negative_ttl_seconds: float = 0.0  # read-through: NOT_FOUND is cached this long
+    # Fail-safe (read-through, failsafe.py): while the origin fails or is slow, the last
+    # value is answered STALE up to this long past its fresh life (Redis keeps it that
+    # long); 0 = off. A caller with such a value waits soft_timeout_seconds for the load
+    # (0 = the whole load), then is answered STALE while the load goes on; a Load of the
+    # class gives up after hard_timeout_seconds (0 = origin.timeout_seconds).
+    fail_safe_seconds: float = 0.0
+    soft_timeout_seconds: float = 0.0
+    hard_timeout_seconds: float = 0.0
+    # Refresh-ahead (read-through, refreshahead.py): hot keys are reloaded this long
+    # before they expire (0 = refresh_ahead_fraction of ttl_seconds), at most
+    # refresh_ahead_rate reloads per second across every gateway.
+    refresh_ahead: bool = False
+    refresh_ahead_before_seconds: float = 0.0
+    refresh_ahead_fraction: float = 0.2
+    refresh_ahead_rate: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -624,6 +639,83 @@ def _check_origin_policy(where: Callable[[str], str], kc: KeyClassConfig, max_tt
         )
 
 
+MAX_REFRESH_AHEAD_RATE = 1_000_000.0  # reloads per second: one per microsecond (GCRA)
+
+
+def _check_fail_safe_and_refresh(
+    where: Callable[[str], str], kc: KeyClassConfig, origin: OriginConfig
+) -> None:
+    """fail_safe_seconds, soft/hard_timeout_seconds and refresh_ahead*: read-through only."""
+    through = kc.read_policy == "read-through"
+
+    def needs_through(key: str, value: object) -> None:
+        if not through:
+            raise ConfigError(
+                f"{where(key)} needs read_policy = 'read-through': only a class the gateway "
+                f"loads itself has origin loads to guard or to run ahead (got {value!r})"
+            )
+
+    if not 0 <= kc.fail_safe_seconds <= 30 * 86400:
+        raise ConfigError(
+            f"{where('fail_safe_seconds')} must be in [0, 2592000] (30 days), 0 = off "
+            f"(got {_num(kc.fail_safe_seconds)})"
+        )
+    for key in ("soft_timeout_seconds", "hard_timeout_seconds"):
+        value = getattr(kc, key)
+        if not 0 <= value <= 3600:
+            raise ConfigError(f"{where(key)} must be in [0, 3600], 0 = off (got {_num(value)})")
+    if kc.fail_safe_seconds:
+        needs_through("fail_safe_seconds", kc.fail_safe_seconds)
+    if kc.hard_timeout_seconds:
+        needs_through("hard_timeout_seconds", kc.hard_timeout_seconds)
+        if kc.hard_timeout_seconds >= kc.lease_timeout_seconds:
+            raise ConfigError(
+                f"{where('hard_timeout_seconds')} must be below lease_timeout_seconds "
+                f"({_num(kc.lease_timeout_seconds)}): a Load that outlives its lease lets "
+                "another caller load the key a second time "
+                f"(got {_num(kc.hard_timeout_seconds)})"
+            )
+    hard = kc.hard_timeout_seconds or origin.timeout_seconds
+    if kc.soft_timeout_seconds:
+        if not kc.fail_safe_seconds:
+            raise ConfigError(
+                f"{where('soft_timeout_seconds')} needs fail_safe_seconds > 0: a soft timeout "
+                "answers the last value STALE, and without fail-safe none is kept "
+                f"(got {_num(kc.soft_timeout_seconds)})"
+            )
+        if kc.soft_timeout_seconds >= hard:
+            which = "hard_timeout_seconds" if kc.hard_timeout_seconds else "origin.timeout_seconds"
+            raise ConfigError(
+                f"{where('soft_timeout_seconds')} must be below {which} ({_num(hard)}): past "
+                "the hard timeout the load has given up, so there is nothing left to wait for "
+                f"(got {_num(kc.soft_timeout_seconds)})"
+            )
+    if not 0 <= kc.refresh_ahead_rate <= MAX_REFRESH_AHEAD_RATE:
+        raise ConfigError(
+            f"{where('refresh_ahead_rate')} must be in [0, {_num(MAX_REFRESH_AHEAD_RATE)}] "
+            f"reloads per second (got {_num(kc.refresh_ahead_rate)})"
+        )
+    if not 0 < kc.refresh_ahead_fraction < 1:
+        raise ConfigError(
+            f"{where('refresh_ahead_fraction')} must be in (0, 1): the share of ttl_seconds "
+            f"before expiry when a hot key is reloaded (got {_num(kc.refresh_ahead_fraction)})"
+        )
+    if not 0 <= kc.refresh_ahead_before_seconds < kc.ttl_seconds:
+        raise ConfigError(
+            f"{where('refresh_ahead_before_seconds')} must be in [0, ttl_seconds) "
+            f"([0, {_num(kc.ttl_seconds)})), 0 = refresh_ahead_fraction of ttl_seconds "
+            f"(got {_num(kc.refresh_ahead_before_seconds)})"
+        )
+    if kc.refresh_ahead:
+        needs_through("refresh_ahead", True)
+        if not kc.refresh_ahead_rate:
+            raise ConfigError(
+                f"{where('refresh_ahead_rate')} is required with refresh_ahead = true: the "
+                "most reloads per second the class's origin may get from refresh-ahead, "
+                "across every gateway (e.g. refresh_ahead_rate = 50)"
+            )
+
+
 def _check_rate_limit(where: Callable[[str], str], rl: RateLimitConfig) -> None:
     if rl.algorithm not in RATE_ALGORITHMS:
         raise ConfigError(
@@ -765,6 +857,7 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
     seen: dict[str, str] = {}
     for kc, at in zip(c.classes, class_where, strict=True):
         _check_class(_under(at), kc, c.server.max_ttl_seconds)
+        _check_fail_safe_and_refresh(_under(at), kc, c.origin)
         if not kc.patterns:
             raise ConfigError(
                 f'{at}.patterns must list at least one key glob, e.g. ["{kc.name}:*"]'
@@ -775,6 +868,7 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
             raise ConfigError(f"{at}.name {kc.name!r} is already used by {seen[kc.name]}")
         seen[kc.name] = at.rpartition(": ")[2]
     _check_class(lambda key: w(f"default_class.{key}"), c.default_class, c.server.max_ttl_seconds)
+    _check_fail_safe_and_refresh(lambda key: w(f"default_class.{key}"), c.default_class, c.origin)
 
 
 def _check_write_behind(w: Callable[[str], str], wb: WriteBehindConfig) -> None:
@@ -929,7 +1023,8 @@ def config_warnings(c: GatewayConfig) -> list[str]:
 
 def _read_through_warnings(at: str, kc: KeyClassConfig, origin: OriginConfig) -> list[str]:
     out = []
-    if origin.timeout_seconds >= kc.lease_timeout_seconds:
+    # (A class's hard_timeout_seconds replaces the origin's timeout, and is checked.)
+    if not kc.hard_timeout_seconds and origin.timeout_seconds >= kc.lease_timeout_seconds:
         out.append(
             f"{at}: origin.timeout_seconds ({_num(origin.timeout_seconds)}) is not below "
             f"lease_timeout_seconds ({_num(kc.lease_timeout_seconds)}): a slow Load can "
@@ -938,8 +1033,9 @@ def _read_through_warnings(at: str, kc: KeyClassConfig, origin: OriginConfig) ->
     if kc.early_refresh_beta or kc.stale_seconds:
         out.append(
             f"{at}: early_refresh_beta and stale_seconds do not refresh a read-through "
-            "class yet (the gateway hands no refresh lease to callers there): entries are "
-            "loaded again when they expire"
+            "class (the gateway hands no refresh lease to callers there): entries are "
+            "loaded again when they expire; refresh_ahead reloads hot keys before, and "
+            "fail_safe_seconds answers the last value STALE while the origin fails"
         )
     return out
 

@@ -169,7 +169,7 @@ class Counters:
         with self._store.calls([self._store.counter_key(key)], write=True):
             value, counter = await self._touch_script(
                 keys=[self._store.redis_key(key), self._store.counter_key(key)],
-                args=[fresh + kc.stale_ms, fresh],
+                args=[fresh + kc.keep_ms, fresh],
             )
         touched = bool(int(value)) or bool(int(counter))
         return Touched(touched, fresh if touched else 0, kc.name)
@@ -199,5 +199,5 @@ class Counters:
         generation = int.from_bytes(head[envelope.GENERATION_OFFSET : _HEAD_SIZE])
         if generation != _int(gen):
             return absent
-        fresh = max(0, pttl - kc.stale_ms) if pttl > 0 else 0
+        fresh = max(0, pttl - kc.keep_ms) if pttl > 0 else 0
         return KeyTtl(True, fresh, version, kc.name)

@@ -53,10 +53,25 @@ def judge(entry: L2Entry, kc: KeyClass, generation: int) -> tuple[int, int]:
         return DEAD, 0
     if entry.pttl_ms < 0:  # no expiry: not written by a gateway; served, never copied
         return FRESH, 0
-    fresh_left = entry.pttl_ms - kc.stale_ms
+    fresh_left = entry.pttl_ms - kc.keep_ms
     if fresh_left > 0:
         return FRESH, fresh_left
-    return (STALE if kc.stale_ms > 0 and not entry.envelope.flags else DEAD), 0
+    # Past its fresh life: in the stale window (stale_seconds), or kept only for
+    # fail-safe (see `kept_for_fail_safe`), which is DEAD to every other reader.
+    stale = kc.stale_ms > 0 and -fresh_left <= kc.stale_ms and not entry.envelope.flags
+    return (STALE if stale else DEAD), 0
+
+
+def kept_for_fail_safe(entry: L2Entry, kc: KeyClass, generation: int) -> bool:
+    """Whether an entry past its fresh life may still be answered STALE by fail-safe:
+    a value (not a tombstone) of the class's generation, at most fail_safe_ms past its
+    fresh life (failsafe.py)."""
+    if not kc.fail_safe_ms or entry.envelope.flags or entry.pttl_ms < 0:
+        return False
+    if entry.envelope.generation != generation:
+        return False
+    past = kc.keep_ms - entry.pttl_ms
+    return 0 <= past <= kc.fail_safe_ms
 
 
 def count_found(counters: ClassCounters, entry: L2Entry) -> None:

@@ -120,7 +120,9 @@ _INDEX_IN_SET = _INDEX_STEP.format(
 # Invalidate(class) is refused and ends the lease. A write ends any lease on the key
 # (the holder's load may predate it) and wakes the gateways waiting for that lease. A
 # plain write is stamped with the generation Redis holds; the event goes out only when a
-# value was replaced (only then can another gateway hold a copy).
+# value was replaced (only then can another gateway hold a copy), and not by the same
+# origin version of it (a reload of an unchanged value, e.g. refresh-ahead: every copy
+# elsewhere is that very value; `replaced` is then 0).
 _SET_SCRIPT_TEMPLATE = f"""
 {_PUBLISH_FN}
 local lease = redis.call('GET', KEYS[2])
@@ -151,8 +153,11 @@ end
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= ver then
   return {{0, ver, 0, gen, ''}}
 end
+local same = false
 if ARGV[14] ~= '' then
   local want = tonumber(ARGV[14])
+  -- The same state of the origin again (a reload): other copies hold this very value.
+  same = alive and want > 0 and ver == want
   if alive and ver > want then
     if ARGV[4] ~= '' then
       redis.call('DEL', KEYS[2])
@@ -178,7 +183,7 @@ if lease then
 end
 local id = ''
 local replaced = 0
-if old then
+if old and not same then
   replaced = 1
   PUBLISH_EVENT
 end

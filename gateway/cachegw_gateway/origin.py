@@ -235,10 +235,12 @@ class OriginClient:
         method: str,
         request: bytes,
         deadline: float | None,
+        limit: float | None = None,
     ) -> bytes:
         """Send `request` (encoded) to `method` within the deadline, the concurrency limit
-        and the breaker; the encoded answer, or an OriginError."""
-        timeout = self.config.timeout_seconds
+        and the breaker; the encoded answer, or an OriginError. `limit` replaces
+        origin.timeout_seconds (a class's hard_timeout_seconds)."""
+        timeout = limit or self.config.timeout_seconds
         if deadline is not None:
             timeout = min(timeout, deadline - self._clock() - DEADLINE_MARGIN)
         if timeout <= 0:
@@ -293,8 +295,8 @@ class OriginClient:
         where = f"origin {self.address} {method}"
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return OriginTimeout(
-                f"{where} did not answer within {timeout:.3g}s (origin.timeout_seconds, or "
-                "the call's own deadline); retry later"
+                f"{where} did not answer within {timeout:.3g}s (origin.timeout_seconds or "
+                "the class's hard_timeout_seconds, or the call's own deadline); retry later"
             )
         if code == grpc.StatusCode.UNAVAILABLE:
             # The origin's own UNAVAILABLE means nothing was applied (origin.proto), and so
@@ -322,12 +324,17 @@ class OriginClient:
     # -- Load ----------------------------------------------------------------------------
 
     async def load(
-        self, keys: Sequence[str], limits: Limits, deadline: float | None
+        self,
+        keys: Sequence[str],
+        limits: Limits,
+        deadline: float | None,
+        limit: float | None = None,
     ) -> list[Loaded]:
         """The origin's answer for `keys` (distinct), checked whole: one `Loaded` per key
-        in order, or an OriginError (nothing of a bad answer is returned)."""
+        in order, or an OriginError (nothing of a bad answer is returned). `limit`
+        (seconds) replaces origin.timeout_seconds for this call."""
         request = pb.LoadRequest(keys=keys).SerializeToString()
-        raw = await self._call("Load", request, deadline)
+        raw = await self._call("Load", request, deadline, limit)
         where = f"origin {self.address} Load"
         try:
             answer = pb.LoadResponse.FromString(raw)

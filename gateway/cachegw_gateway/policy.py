@@ -67,6 +67,23 @@ class KeyClass:
     write_through: bool = False  # Set stores in the origin first
     write_behind: bool = False  # Set is journaled, then flushed to the origin (writebehind.py)
     negative_ttl_ms: int = 0  # read-through: how long a NOT_FOUND is cached; 0 = not
+    # Fail-safe (failsafe.py): the last value is answered STALE up to this long past its
+    # fresh life while the origin fails or is slow; callers with one wait soft_timeout_ms
+    # for the load (0 = all of it); a Load gives up after hard_timeout_ms (0 = the
+    # origin's timeout).
+    fail_safe_ms: int = 0
+    soft_timeout_ms: int = 0
+    hard_timeout_ms: int = 0
+    # Refresh-ahead (refreshahead.py): hot keys reloaded when their fresh life left is at
+    # most refresh_ahead_before_ms (0 = off), at most refresh_ahead_rate per second.
+    refresh_ahead_before_ms: int = 0
+    refresh_ahead_rate: float = 0.0
+
+    @property
+    def keep_ms(self) -> int:
+        """How long Redis keeps a value past its fresh life: the stale window, or the
+        fail-safe window when longer."""
+        return max(self.stale_ms, self.fail_safe_ms)
 
     @classmethod
     def from_config(cls, c: KeyClassConfig) -> KeyClass:
@@ -90,6 +107,11 @@ class KeyClass:
             write_through=c.write_policy == "through",
             write_behind=c.write_policy == "behind",
             negative_ttl_ms=round(c.negative_ttl_seconds * 1000),
+            fail_safe_ms=round(c.fail_safe_seconds * 1000),
+            soft_timeout_ms=round(c.soft_timeout_seconds * 1000),
+            hard_timeout_ms=round(c.hard_timeout_seconds * 1000),
+            refresh_ahead_before_ms=_refresh_before_ms(c),
+            refresh_ahead_rate=c.refresh_ahead_rate if c.refresh_ahead else 0.0,
         )
 
     def ttl_for_write(self, key: str, ttl_ms: int | None, now_ms: int) -> int:
@@ -98,6 +120,13 @@ class KeyClass:
         if self.deterministic_jitter:
             return jittered_ttl_ms(base, self.jitter, lambda: key_fraction(key, now_ms // base))
         return jittered_ttl_ms(base, self.jitter)
+
+
+def _refresh_before_ms(c: KeyClassConfig) -> int:
+    if not c.refresh_ahead:
+        return 0
+    before = c.refresh_ahead_before_seconds or c.refresh_ahead_fraction * c.ttl_seconds
+    return max(1, round(before * 1000))
 
 
 @dataclass(frozen=True, slots=True)

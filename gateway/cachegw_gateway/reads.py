@@ -15,6 +15,7 @@ from functools import partial
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway import freshness, wire
+from cachegw_gateway.failsafe import FailSafe
 from cachegw_gateway.freshness import FRESH, STALE, Generations
 from cachegw_gateway.l1tier import L1Tier
 from cachegw_gateway.l2 import L2Entry, L2Unavailable, RedisStore
@@ -49,8 +50,10 @@ class ReadPath:
         self._clock = clock
         self._rand = rand
         self._leases = leases
-        # Loads misses of read-through classes (set once the write path exists).
+        # Loads misses of read-through classes (set once the write path exists), and
+        # answers their last value STALE when that fails (classes with fail-safe).
         self.through: ReadThrough | None = None
+        self.fail_safe: FailSafe | None = None
 
     async def fetch(
         self,
@@ -136,7 +139,7 @@ class ReadPath:
         """A read-through class: Redis, else the gateway loads it (readthrough.py). The
         caller's `lease` does not matter: the gateway is the loader, and hands no lease
         (nor an early refresh lease) to its callers."""
-        if not allow_stale and self._leases.busy(key):
+        if not allow_stale and not kc.fail_safe_ms and self._leases.busy(key):
             # Being loaded (here or elsewhere): join the waiters without a read of our own.
             return await through.one(Miss(key, kc, None), deadline, allow_stale)
         entry = await self.read_one(key)
@@ -144,8 +147,11 @@ class ReadPath:
         answer = self._batch_answer(key, entry, allow_stale)
         if answer is not None:
             return answer
-        unusable = None if entry is None else entry.envelope.version
-        return await through.one(Miss(key, kc, unusable), deadline, allow_stale)
+        miss = Miss(key, kc, None if entry is None else entry.envelope.version)
+        last = None if self.fail_safe is None else self.fail_safe.fallback(miss, entry)
+        if last is not None and self.fail_safe is not None:
+            return await self.fail_safe.one(miss, last, deadline, allow_stale)
+        return await through.one(miss, deadline, allow_stale)
 
     async def complete_many(
         self,
@@ -193,7 +199,11 @@ class ReadPath:
                 through[key] = (i, Miss(key, kc, unusable))
         if through and self.through is not None:
             misses = [m for _, m in through.values()]
-            loaded = await self.through.many(misses, deadline, allow_stale)
+            if self.fail_safe is not None:
+                lasts = [found[i] for i, _ in through.values()]
+                loaded = await self.fail_safe.many(misses, lasts, deadline, allow_stale)
+            else:
+                loaded = await self.through.many(misses, deadline, allow_stale)
             by_key = dict(zip(through, loaded, strict=True))
             out = [by_key[k] if a is None else a for k, a in zip(keys, out, strict=True)]
         return out  # type: ignore[return-value]

@@ -151,6 +151,26 @@ class ReadThrough:
     async def _load(self, granted: Sequence[_Granted]) -> list[bytes]:
         """Load the keys whose leases are granted (one origin), store what came back,
         answer it. On failure every lease is released and the error raised."""
+        loaded, outcomes = await self._load_and_store(granted)
+        return [
+            self._answer(g.miss.kc, got, out)
+            for g, got, out in zip(granted, loaded, outcomes, strict=True)
+        ]
+
+    async def refresh(
+        self, granted: Sequence[tuple[Miss, LeaseToken]]
+    ) -> list[WriteOutcome | L2Unavailable | None]:
+        """Refresh-ahead (refreshahead.py): load keys whose refresh leases are granted
+        (one origin) and store them as a miss's load would (under the lease, with the
+        origin's version: a write or load that overtook it wins). Per key its store's
+        outcome (None: nothing stored, a NOT_FOUND without negative caching); raises the
+        OriginError of a failed Load, every lease released."""
+        _, outcomes = await self._load_and_store([_Granted(m, t) for m, t in granted])
+        return outcomes
+
+    async def _load_and_store(
+        self, granted: Sequence[_Granted]
+    ) -> tuple[list[Loaded], list[WriteOutcome | L2Unavailable | None]]:
         kcs = [g.miss.kc for g in granted]
         keys = [g.miss.key for g in granted]
         client = self._origins.client(kcs[0].origin)
@@ -158,8 +178,11 @@ class ReadThrough:
         for name in {kc.name for kc in kcs}:
             self._stats.for_class(name).origin_load_calls += 1
         tracing.annotate(tier="origin", origin_keys=len(keys))
+        # A class's hard_timeout_seconds replaces origin.timeout_seconds (the shortest
+        # of a batch's classes).
+        hard = min((kc.hard_timeout_ms for kc in kcs if kc.hard_timeout_ms), default=0)
         try:
-            loaded = await client.load(keys, limits, None)
+            loaded = await client.load(keys, limits, None, hard / 1000 or None)
         except BaseException as exc:
             for g in granted:
                 self._leases.abandon(g.miss.key, g.token)
@@ -197,14 +220,12 @@ class ReadThrough:
                 done = [exc] * len(items)
             for i, one in zip(stored_at, done, strict=True):
                 outcomes[i] = one
-        answers = []
-        for g, got, out in zip(granted, loaded, outcomes, strict=True):
+        for g, out in zip(granted, outcomes, strict=True):
             if isinstance(out, L2Unavailable):
                 # Redis did not take it: the caller still gets what the origin said, and
                 # the lease goes, so that a waiter loads again rather than wait for it.
                 self._leases.abandon(g.miss.key, g.token)
-            answers.append(self._answer(g.miss.kc, got, out))
-        return answers
+        return loaded, outcomes
 
     def _fill(self, g: _Granted, got: Loaded) -> SetItem:
         return SetItem(

@@ -127,6 +127,7 @@ class GatewayServer:
             store=self.store,
             policy=self.policy,
             tracer_provider=tracer_provider,
+            origins=self.origins,
         )
         self.health = health_aio.HealthServicer()
         self._server = grpc.aio.server(options=server_options(config.server))
@@ -149,6 +150,7 @@ class GatewayServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
         self._background: list[asyncio.Task[None]] = []
+        self._refresher: asyncio.Task[None] | None = None
         self.port = 0
         self.started_at = 0.0
 
@@ -185,6 +187,8 @@ class GatewayServer:
         self.started_at = time.monotonic()
         self._background.append(asyncio.create_task(self.cache.record_hot_keys_forever()))
         self.flusher.start()
+        if self.cache.refresh_ahead is not None:
+            self._refresher = asyncio.create_task(self.cache.refresh_ahead.run_forever())
         await self.telemetry.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
@@ -207,6 +211,10 @@ class GatewayServer:
             await asyncio.sleep(delay)
         self.hub.drain()
         await self._server.stop(grace)
+        if self._refresher is not None:  # before drain closes the origins' channels
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
         await self.flusher.stop(within=grace)
         await self.cache.drain()
         for task in self._background:

@@ -57,6 +57,17 @@ class ClassCounters:
     wb_claimed: int = 0
     wb_backlog: int = 0
     wb_lag_ms: int = 0
+    # Fail-safe (failsafe.py): STALE answers of the last value because the origin failed,
+    # or because the load outlasted the class's soft timeout (both counted in `stale`).
+    fail_safe_errors: int = 0
+    fail_safe_timeouts: int = 0
+    # Refresh-ahead (refreshahead.py): hot keys reloaded and stored before they expired,
+    # due reloads skipped because the class's refresh_ahead_rate was used up, reloads
+    # that failed (the origin or Redis), and reloads a newer write or load overtook.
+    refresh_ahead_loads: int = 0
+    refresh_ahead_rate_limited: int = 0
+    refresh_ahead_failed: int = 0
+    refresh_ahead_superseded: int = 0
 
     @property
     def reads(self) -> int:

@@ -125,7 +125,7 @@ class WritePath:
         kc, token = item.kc, item.lease_token
         now_ms = self._wall_ms()
         fresh_ttl = kc.ttl_for_write(item.key, item.ttl_ms, now_ms)
-        px = fresh_ttl + kc.stale_ms
+        px = fresh_ttl + kc.keep_ms  # kept past freshness: stale window, fail-safe
         cost = max(0, now_ms - token.granted_ms) if token is not None else 0
         # A fill carries the generation its lease was granted under (Redis refuses it if
         # the class was invalidated since); a plain write is stamped with Redis's own.

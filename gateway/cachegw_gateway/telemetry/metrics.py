@@ -62,6 +62,12 @@ _CLASS_HELP = {
     "wb_claimed": "Write-behind entries claimed from a gateway idle too long, per class.",
     "wb_backlog": "Write-behind journal entries not yet settled (whole deployment), per class.",
     "wb_lag_ms": "Age of the oldest unsettled write-behind entry, ms (whole deployment).",
+    "fail_safe_errors": "STALE answers of the last value because the origin failed, per class.",
+    "fail_safe_timeouts": "STALE answers of the last value at the soft timeout, per class.",
+    "refresh_ahead_loads": "Hot keys reloaded and stored before they expired, per class.",
+    "refresh_ahead_rate_limited": "Due reloads skipped: refresh_ahead_rate used up, per class.",
+    "refresh_ahead_failed": "Refresh-ahead reloads that failed (origin or Redis), per class.",
+    "refresh_ahead_superseded": "Reloads a newer write or load overtook (not stored), per class.",
 }
 _GATEWAY_HELP = {
     "invalidations_published": "Invalidation events this gateway published.",
@@ -162,6 +168,28 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     for node in sorted(snap.breaker_nodes):
         nodes.add_metric([node], snap.breaker_nodes[node])
     yield nodes
+    origin_state = GaugeMetricFamily(
+        f"{P}origin_breaker_state",
+        "Each origin's circuit breaker: 0 closed, 1 open, 2 half-open, -1 none.",
+        labels=["origin"],
+    )
+    origin_trips = CounterMetricFamily(
+        f"{P}origin_breaker_trips", "Times an origin's circuit breaker opened.",
+        labels=["origin"],
+    )  # fmt: skip
+    origin_refused = CounterMetricFamily(
+        f"{P}origin_breaker_refused",
+        "Origin calls the open circuit breaker refused (failed fast, not sent).",
+        labels=["origin"],
+    )
+    for address in sorted(snap.origins):
+        o = snap.origins[address]
+        origin_state.add_metric([address], o.breaker_state)
+        origin_trips.add_metric([address], o.breaker_trips)
+        origin_refused.add_metric([address], o.breaker_refused)
+    yield origin_state
+    yield origin_trips
+    yield origin_refused
     yield GaugeMetricFamily(
         f"{P}redis_ping_seconds",
         "Round trip of the last successful Redis health probe (PING).",

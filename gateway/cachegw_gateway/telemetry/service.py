@@ -13,6 +13,7 @@ from opentelemetry.trace import TracerProvider
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.config import GatewayConfig
 from cachegw_gateway.l2 import RedisStore
+from cachegw_gateway.origin import Origins
 from cachegw_gateway.policy import PolicyTable
 from cachegw_gateway.stats import GatewayStats
 from cachegw_gateway.telemetry import tracing
@@ -42,6 +43,7 @@ class Telemetry:
         store: RedisStore,
         policy: PolicyTable,
         tracer_provider: TracerProvider | None = None,
+        origins: Origins | None = None,
     ) -> None:
         t = config.telemetry
         self.latency = RpcLatency()
@@ -60,6 +62,7 @@ class Telemetry:
             redis_ping_seconds=lambda: self.redis_watch.ping_seconds,
             trace_exporter=exporter,
             sample_ratio=t.sample_ratio if tracer_provider is not None else 0.0,
+            origins=origins,
         )
         self._spans: tracing.ServerSpans | None = None
         if tracer_provider is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cachegw.v1 import cache_pb2 as pb
+from cachegw_gateway.origin import Origins
 from cachegw_gateway.stats import ClassCounters, GatewayStats
 from cachegw_gateway.telemetry.latency import BOUNDS, RpcLatency
 from cachegw_gateway.validation import InvalidRequest
@@ -68,6 +69,8 @@ class Snapshot:
     # The process: resident memory, open file descriptors, asyncio tasks (a soak's
     # figures: none of them may grow under steady load).
     process: dict[str, int] = field(default_factory=dict)
+    # Origin address -> its breaker's figures (every origin the classes name).
+    origins: dict[str, OriginFigures] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Sources:
     redis_ping_seconds: Callable[[], float]
     trace_exporter: str
     sample_ratio: float
+    origins: Origins | None = None
 
     def snapshot(self, top_keys: int = 0) -> Snapshot:
         s = self.stats
@@ -111,6 +115,7 @@ class Sources:
             redis_error_replies=dict(s.error_replies),
             breaker_nodes=dict(s.breaker_nodes),
             process=process_figures(),
+            origins=origin_figures(self.origins),
         )
 
 
@@ -208,4 +213,37 @@ def stats_response(snap: Snapshot, classes: Sequence[str] = ()) -> pb.StatsRespo
             )
         )
     resp.hot_keys.extend(pb.HotKey(key=k, count=c) for k, c in snap.hot_keys)
+    for address in sorted(snap.origins):
+        o = snap.origins[address]
+        resp.origins.append(
+            pb.OriginStats(
+                address=address,
+                breaker_state=_BREAKER_STATES.get(o.breaker_state, pb.BREAKER_STATE_UNSPECIFIED),
+                breaker_trips=o.breaker_trips,
+                breaker_refused=o.breaker_refused,
+            )
+        )
     return resp
+
+
+@dataclass(frozen=True, slots=True)
+class OriginFigures:
+    """One origin client's circuit breaker (origin.py): state as breaker.py numbers it
+    (-1 when origin.breaker.enabled = false), times it opened, calls it refused."""
+
+    breaker_state: int
+    breaker_trips: int
+    breaker_refused: int
+
+
+def origin_figures(origins: Origins | None) -> dict[str, OriginFigures]:
+    if origins is None:
+        return {}
+    return {
+        c.address: OriginFigures(
+            c.gauges.breaker_state if c.breaker is not None else -1,
+            c.gauges.breaker_trips,
+            c.gauges.breaker_refused,
+        )
+        for c in origins.clients
+    }

@@ -941,6 +941,12 @@ class ClassStats(_message.Message):
     WB_CLAIMED_FIELD_NUMBER: _builtins.int
     WB_BACKLOG_FIELD_NUMBER: _builtins.int
     WB_LAG_MS_FIELD_NUMBER: _builtins.int
+    FAIL_SAFE_ERRORS_FIELD_NUMBER: _builtins.int
+    FAIL_SAFE_TIMEOUTS_FIELD_NUMBER: _builtins.int
+    REFRESH_AHEAD_LOADS_FIELD_NUMBER: _builtins.int
+    REFRESH_AHEAD_RATE_LIMITED_FIELD_NUMBER: _builtins.int
+    REFRESH_AHEAD_FAILED_FIELD_NUMBER: _builtins.int
+    REFRESH_AHEAD_SUPERSEDED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     hits_l1: _builtins.int
     hits_l2: _builtins.int
@@ -1008,6 +1014,21 @@ class ClassStats(_message.Message):
     and the age of the oldest of them (0 when empty).
     """
     wb_lag_ms: _builtins.int
+    fail_safe_errors: _builtins.int
+    """Fail-safe (read-through classes with fail_safe_seconds): STALE answers of the last
+    value because the origin failed, and because the load outlasted the class's
+    soft_timeout_seconds (it went on in the background). Counted in `stale` too.
+    """
+    fail_safe_timeouts: _builtins.int
+    refresh_ahead_loads: _builtins.int
+    """Refresh-ahead (read-through classes with refresh_ahead): hot keys reloaded and
+    stored before they expired; due reloads skipped because the class's
+    refresh_ahead_rate (shared by every gateway) was used up; reloads that failed (the
+    origin, or Redis); reloads that a newer write or load overtook (not stored).
+    """
+    refresh_ahead_rate_limited: _builtins.int
+    refresh_ahead_failed: _builtins.int
+    refresh_ahead_superseded: _builtins.int
     def __init__(
         self,
         *,
@@ -1046,14 +1067,53 @@ class ClassStats(_message.Message):
         wb_claimed: _builtins.int = ...,
         wb_backlog: _builtins.int = ...,
         wb_lag_ms: _builtins.int = ...,
+        fail_safe_errors: _builtins.int = ...,
+        fail_safe_timeouts: _builtins.int = ...,
+        refresh_ahead_loads: _builtins.int = ...,
+        refresh_ahead_rate_limited: _builtins.int = ...,
+        refresh_ahead_failed: _builtins.int = ...,
+        refresh_ahead_superseded: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletes", b"deletes", "hit_rate", b"hit_rate", "hits_l1", b"hits_l1", "hits_l2", b"hits_l2", "lease_fills", b"lease_fills", "lease_fills_refused", b"lease_fills_refused", "lease_wait_timeouts", b"lease_wait_timeouts", "lease_waits", b"lease_waits", "leases_granted", b"leases_granted", "leases_taken_over", b"leases_taken_over", "misses", b"misses", "name", b"name", "not_found", b"not_found", "origin_errors", b"origin_errors", "origin_load_calls", b"origin_load_calls", "origin_loads", b"origin_loads", "origin_not_found", b"origin_not_found", "origin_stores", b"origin_stores", "refreshes", b"refreshes", "sets", b"sets", "stale", b"stale", "stale_if_error", b"stale_if_error", "warm_failed", b"warm_failed", "warm_loaded", b"warm_loaded", "warm_not_found", b"warm_not_found", "wb_backlog", b"wb_backlog", "wb_claimed", b"wb_claimed", "wb_collapsed", b"wb_collapsed", "wb_dead_lettered", b"wb_dead_lettered", "wb_flushed", b"wb_flushed", "wb_journaled", b"wb_journaled", "wb_lag_ms", b"wb_lag_ms", "wb_origin_calls", b"wb_origin_calls", "wb_retries", b"wb_retries", "wb_superseded", b"wb_superseded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletes", b"deletes", "fail_safe_errors", b"fail_safe_errors", "fail_safe_timeouts", b"fail_safe_timeouts", "hit_rate", b"hit_rate", "hits_l1", b"hits_l1", "hits_l2", b"hits_l2", "lease_fills", b"lease_fills", "lease_fills_refused", b"lease_fills_refused", "lease_wait_timeouts", b"lease_wait_timeouts", "lease_waits", b"lease_waits", "leases_granted", b"leases_granted", "leases_taken_over", b"leases_taken_over", "misses", b"misses", "name", b"name", "not_found", b"not_found", "origin_errors", b"origin_errors", "origin_load_calls", b"origin_load_calls", "origin_loads", b"origin_loads", "origin_not_found", b"origin_not_found", "origin_stores", b"origin_stores", "refresh_ahead_failed", b"refresh_ahead_failed", "refresh_ahead_loads", b"refresh_ahead_loads", "refresh_ahead_rate_limited", b"refresh_ahead_rate_limited", "refresh_ahead_superseded", b"refresh_ahead_superseded", "refreshes", b"refreshes", "sets", b"sets", "stale", b"stale", "stale_if_error", b"stale_if_error", "warm_failed", b"warm_failed", "warm_loaded", b"warm_loaded", "warm_not_found", b"warm_not_found", "wb_backlog", b"wb_backlog", "wb_claimed", b"wb_claimed", "wb_collapsed", b"wb_collapsed", "wb_dead_lettered", b"wb_dead_lettered", "wb_flushed", b"wb_flushed", "wb_journaled", b"wb_journaled", "wb_lag_ms", b"wb_lag_ms", "wb_origin_calls", b"wb_origin_calls", "wb_retries", b"wb_retries", "wb_superseded", b"wb_superseded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClassStats: _TypeAlias = ClassStats  # noqa: Y015
+
+@_typing.final
+class OriginStats(_message.Message):
+    """One origin this gateway calls (a class's `origin`), and its circuit breaker."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    BREAKER_STATE_FIELD_NUMBER: _builtins.int
+    BREAKER_TRIPS_FIELD_NUMBER: _builtins.int
+    BREAKER_REFUSED_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """host:port, as the classes name it."""
+    breaker_state: Global___BreakerState.ValueType
+    """UNSPECIFIED when origin.breaker.enabled = false."""
+    breaker_trips: _builtins.int
+    """Times the breaker opened, and calls it refused (UNAVAILABLE at once, nothing sent)."""
+    breaker_refused: _builtins.int
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        breaker_state: Global___BreakerState.ValueType = ...,
+        breaker_trips: _builtins.int = ...,
+        breaker_refused: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "breaker_refused", b"breaker_refused", "breaker_state", b"breaker_state", "breaker_trips", b"breaker_trips"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OriginStats: _TypeAlias = OriginStats  # noqa: Y015
 
 @_typing.final
 class L1Stats(_message.Message):
@@ -1145,6 +1205,7 @@ class StatsResponse(_message.Message):
     ADMISSION_FIELD_NUMBER: _builtins.int
     PROCESS_FIELD_NUMBER: _builtins.int
     WARMUPS_RUNNING_FIELD_NUMBER: _builtins.int
+    ORIGINS_FIELD_NUMBER: _builtins.int
     gateway_id: _builtins.str
     uptime_ms: _builtins.int
     envelope_mismatches: _builtins.int
@@ -1193,6 +1254,10 @@ class StatsResponse(_message.Message):
 
     @_builtins.property
     def process(self) -> Global___ProcessStats: ...
+    @_builtins.property
+    def origins(self) -> _containers.RepeatedCompositeFieldContainer[Global___OriginStats]:
+        """Every origin the classes name (read- and write-through), by address."""
+
     def __init__(
         self,
         *,
@@ -1217,10 +1282,11 @@ class StatsResponse(_message.Message):
         admission: Global___AdmissionStats | None = ...,
         process: Global___ProcessStats | None = ...,
         warmups_running: _builtins.int = ...,
+        origins: _abc.Iterable[Global___OriginStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "l1", b"l1", "process", b"process", "redis", b"redis"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "process", b"process", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms", "warmups_running", b"warmups_running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "origins", b"origins", "process", b"process", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms", "warmups_running", b"warmups_running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
