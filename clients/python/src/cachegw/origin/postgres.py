@@ -208,10 +208,13 @@ class PostgresOrigin(Origin):
     async def _store_one(self, e: Write) -> StoreAnswer:
         t, seq = self.table, self.sequence
         if e.if_version is None:
+            # The version of an update is drawn once the row is locked (not in VALUES,
+            # which runs before): of two concurrent writers, the one that commits last
+            # gets the higher version, as the contract requires.
             sql = (
                 f"INSERT INTO {t} (key, value, tags, version) "
                 f"VALUES ($1, $2, $3, nextval('{seq}')) ON CONFLICT (key) DO UPDATE "
-                "SET value = excluded.value, tags = excluded.tags, version = excluded.version "
+                f"SET value = excluded.value, tags = excluded.tags, version = nextval('{seq}') "
                 "RETURNING version"
             )
             args: tuple[Any, ...] = (e.key, e.value, list(e.tags))
