@@ -255,12 +255,15 @@ async def test_a_replacing_set_is_one_command(
 async def test_a_prefix_event_leaves_unrelated_lease_waiters_alone(
     gateway_factory: GatewayFactory,
 ) -> None:
-    a: RunningGateway = await gateway_factory()
-    b: RunningGateway = await gateway_factory()
+    # Leases and waits far longer than the test: a waiter woken by its lease's expiry
+    # (a loaded machine is slow enough for 3 s to pass) would read Redis again.
+    toml = "[default_class]\nlease_timeout_seconds = 60\nmax_wait_seconds = 61\n"
+    a: RunningGateway = await gateway_factory(toml)
+    b: RunningGateway = await gateway_factory(toml)
     held = await a.stub.Get(pb.GetRequest(key="slow:k", lease=True))
     assert held.status == pb.STATUS_LEASED
     waiters = [
-        b.stub.Get(pb.GetRequest(key="slow:k", lease=True, max_wait_ms=5000)) for _ in range(20)
+        b.stub.Get(pb.GetRequest(key="slow:k", lease=True, max_wait_ms=60_000)) for _ in range(20)
     ]
     await eventually(lambda: b.server.cache.leases.held("slow:k"))
     # All of them waiting (a fixed sleep here raced the waiters' first reads under load).
