@@ -42,6 +42,8 @@ class Telemetry:
         store: RedisStore,
         policy: PolicyTable,
         tracer_provider: TracerProvider | None = None,
+        worker_index: int = 0,
+        workers: int = 0,
     ) -> None:
         t = config.telemetry
         self.latency = RpcLatency()
@@ -60,6 +62,8 @@ class Telemetry:
             redis_ping_seconds=lambda: self.redis_watch.ping_seconds,
             trace_exporter=exporter,
             sample_ratio=t.sample_ratio if tracer_provider is not None else 0.0,
+            worker_index=worker_index,
+            workers=workers,
         )
         self._spans: tracing.ServerSpans | None = None
         if tracer_provider is not None:

@@ -8,6 +8,7 @@ request path changes for it.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,10 @@ class Snapshot:
     redis_error_replies: dict[str, int] = field(default_factory=dict)  # kind -> count
     # Redis Cluster: node -> breaker state (breaker.py), the nodes not closed.
     breaker_nodes: dict[str, int] = field(default_factory=dict)
+    # Under a supervisor (`--workers N`): this worker's index and N; 0 workers = none.
+    worker_index: int = 0
+    workers: int = 0
+    pid: int = 0
 
 
 @dataclass
@@ -75,6 +80,8 @@ class Sources:
     redis_ping_seconds: Callable[[], float]
     trace_exporter: str
     sample_ratio: float
+    worker_index: int = 0
+    workers: int = 0
 
     def snapshot(self, top_keys: int = 0) -> Snapshot:
         s = self.stats
@@ -102,6 +109,9 @@ class Sources:
             hot_keys=self.hotkeys.top(min(top_keys, MAX_TOP_KEYS)) if top_keys > 0 else [],
             redis_error_replies=dict(s.error_replies),
             breaker_nodes=dict(s.breaker_nodes),
+            worker_index=self.worker_index,
+            workers=self.workers,
+            pid=os.getpid(),
         )
 
 
@@ -166,6 +176,9 @@ def stats_response(snap: Snapshot, classes: Sequence[str] = ()) -> pb.StatsRespo
         latency_bounds_ms=[b * 1000 for b in BOUNDS],
         trace_exporter=snap.trace_exporter,
         trace_sample_ratio=snap.sample_ratio,
+        worker_index=snap.worker_index,
+        workers=snap.workers,
+        pid=snap.pid,
     )
     proto_fields = pb.ClassStats.DESCRIPTOR.fields_by_name
     for name in wanted:

@@ -1018,6 +1018,9 @@ class StatsResponse(_message.Message):
     TRACE_EXPORTER_FIELD_NUMBER: _builtins.int
     TRACE_SAMPLE_RATIO_FIELD_NUMBER: _builtins.int
     ADMISSION_FIELD_NUMBER: _builtins.int
+    WORKER_INDEX_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
     gateway_id: _builtins.str
     uptime_ms: _builtins.int
     envelope_mismatches: _builtins.int
@@ -1038,6 +1041,14 @@ class StatsResponse(_message.Message):
     trace_exporter: _builtins.str
     """The gateway's configured trace exporter ("none" = tracing off) and sample ratio."""
     trace_sample_ratio: _builtins.float
+    worker_index: _builtins.int
+    """Worker processes (`cachegw serve --workers N`): this answer is one worker's figures,
+    the one the connection reached (a caller cannot choose); the deployment's totals are
+    on the supervisor's /metrics. `workers` is 0 for a gateway without a supervisor.
+    """
+    workers: _builtins.int
+    pid: _builtins.int
+    """The process that answered (a worker's own pid under a supervisor)."""
     @_builtins.property
     def classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassStats]: ...
     @_builtins.property
@@ -1084,10 +1095,13 @@ class StatsResponse(_message.Message):
         trace_exporter: _builtins.str = ...,
         trace_sample_ratio: _builtins.float = ...,
         admission: Global___AdmissionStats | None = ...,
+        worker_index: _builtins.int = ...,
+        workers: _builtins.int = ...,
+        pid: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "l1", b"l1", "redis", b"redis"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "pid", b"pid", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms", "worker_index", b"worker_index", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
