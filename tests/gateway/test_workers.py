@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -26,7 +27,7 @@ from cachegw_gateway.config import ConfigError, load_config
 from cachegw_gateway.managed_redis import ManagedRedis
 from cachegw_gateway.telemetry.aggregate import merge
 from cachegw_gateway.workers import cores, resolve_count
-from tests.conftest import GatewayProcess
+from tests.conftest import BIN, GatewayProcess
 
 Start = Callable[..., GatewayProcess]
 SERVING = re.compile(
@@ -158,6 +159,16 @@ def test_both_workers_serve_the_port_and_metrics_add_up(
     for index in (0, 1):
         info = f'cachegw_gateway_info{{gateway_id="gw-w{index}",trace_exporter="none",'
         assert any(name.startswith(info) for name in figures), index
+
+    # `cachegw top` names the worker it reads, and says where the totals are.
+    proc = subprocess.run(
+        [str(BIN / "cachegw"), "top", gw.address, "--count", "1"],
+        capture_output=True, timeout=30, check=False, env={"COLUMNS": "250", "PATH": str(BIN)},
+    )  # fmt: skip
+    text = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert re.search(r"gw-w[01] \(worker [01] of 2\)", text), text
+    assert "each row is the one worker its connection reached" in " ".join(text.split())
     assert gw.stop() == 0
 
 
