@@ -127,20 +127,26 @@ NOTES = {
 class Settings:
     rounds: int
     seconds: float
+    overload_rounds: int
     overload_seconds: float
     clients: int
     streams: int
+    only: str  # "" = both parts, "scaling" or "overload"
+
+
+Figures = dict[str, float]
 
 
 def parse_args() -> Settings:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
     p.add_argument("--seconds", type=float, default=4.0, help="about this long per run (4)")
-    p.add_argument("--quick", action="store_true", help="2 rounds of 2 s; overload 3 s")
+    p.add_argument("--quick", action="store_true", help="2 rounds of 2 s; overload 1 of 3 s")
+    p.add_argument("--only", choices=("scaling", "overload"), default="", help="one part")
     a = p.parse_args()
     if a.quick:
-        return Settings(2, 2.0, 3.0, 32, 4)
-    return Settings(a.rounds, a.seconds, 6.0, 32, 4)
+        return Settings(2, 2.0, 1, 3.0, 32, 4, a.only)
+    return Settings(a.rounds, a.seconds, 3, 6.0, 32, 4, a.only)
 
 
 # -- servers ----------------------------------------------------------------------------
@@ -204,9 +210,10 @@ def wait_log(
     raise RuntimeError(f"{server.name}: no start line after {within}s")
 
 
-def warm_every_worker(target: Target) -> None:
+def warm_every_worker(target: Target, tier: int = pb.TIER_L1) -> None:
     """Set the hot key, then Get it through each worker (fresh connections until each
-    was reached), so that every worker answers it from its L1."""
+    was reached), so that every worker answers it from its L1 (`tier`: from Redis, for a
+    class without L1)."""
     seen: set[int] = set()
     for _ in range(400):
         opts = [("grpc.use_local_subchannel_pool", 1)]
@@ -218,8 +225,8 @@ def warm_every_worker(target: Target) -> None:
             if index not in seen:
                 for _ in range(2):
                     reply = stub.Get(pb.GetRequest(key=HOT_KEY), timeout=CALL_TIMEOUT)
-                if reply.tier != pb.TIER_L1 or reply.value != VALUE:
-                    raise RuntimeError(f"{target.name}: worker {index} not answering from L1")
+                if reply.tier != tier or reply.value != VALUE:
+                    raise RuntimeError(f"{target.name}: worker {index} answers {reply}")
                 seen.add(index)
         if len(seen) == target.workers:
             return
@@ -383,90 +390,78 @@ def main() -> int:
     auto = cores()
     print(f"h2load {h2load_version()}; {os.cpu_count()} cores, affinity {auto}; "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    measured: dict[str, float] = {}
     with ExitStack() as stack, sigterm_as_interrupt():
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-workers-")))
         redis = stack.enter_context(ManagedRedis())
-        floor_address = f"127.0.0.1:{free_port()}"
-        floor = Target(
-            "floor",
-            stack.enter_context(
-                ServerProcess(
-                    "floor",
-                    [sys.executable, str(FLOOR_SERVER), "--listen", floor_address],
-                    floor_address,
-                    work / "floor.log",
-                )
-            ),
-        )
-        targets = {"floor": floor}
-        targets["w1"] = start_gateway(stack, "w1", "1", redis.url, work)
-        targets["w2"] = start_gateway(stack, "w2", "2", redis.url, work)
-        if auto != 2:
-            targets["auto"] = start_gateway(stack, "auto", "auto", redis.url, work)
-        else:
-            print("auto: one worker per core is 2 here, the w2 case")
         body = work / "get.grpc"
         body.write_bytes(grpc_frame(pb.GetRequest(key=HOT_KEY).SerializeToString()))
-        # The floor keeps what Set gives it; every gateway worker gets the key in its L1.
-        with grpc.insecure_channel(floor_address) as ch:
-            cache_pb2_grpc.CacheServiceStub(ch).Set(
-                pb.SetRequest(key=HOT_KEY, value=VALUE), timeout=CALL_TIMEOUT
-            )
-        for t in targets.values():
-            if t.name != "floor":
-                warm_every_worker(t)
-        answer_len = {name: spot_check(t.server.address, body) for name, t in targets.items()}
-        # Calls per run: about --seconds at each target's rate (a first run also warms up).
-        calls: dict[str, int] = {}
-        for name, t in targets.items():
-            first = h2load(t.server.address, body, answer_len[name], 3000, s.clients,
-                           s.streams, t.pids())  # fmt: skip
-            calls[name] = max(1000, round(first.calls_per_s * s.seconds))
-        runs: dict[str, list[Run]] = {name: [] for name in targets}
-        spreads: dict[str, list[float]] = {name: [] for name in targets if name != "floor"}
-        for r in range(s.rounds):
-            order = list(targets)[r % len(targets) :] + list(targets)[: r % len(targets)]
-            for name in order:
-                t = targets[name]
-                before = scrape(t.metrics) if t.metrics else {}
-                run = h2load(t.server.address, body, answer_len[name], calls[name],
-                             s.clients, s.streams, t.pids())  # fmt: skip
-                if run.ok != run.requests:
-                    raise H2LoadFailed(f"{name}: {run.requests - run.ok} non-zero statuses")
-                if t.metrics:
-                    after = scrape(t.metrics)
-                    counted = get_calls(after) - get_calls(before)
-                    if counted != run.requests:
-                        raise H2LoadFailed(f"{name}: /metrics counted {counted} of {run.requests}")
-                    pairs = zip(worker_calls(before), worker_calls(after), strict=True)
-                    per = [b - a for a, b in pairs] if t.workers > 1 else []
-                    if per:
-                        spreads[name].append(max(per) / sum(per))
-                runs[name].append(run)
-                print(f"round {r + 1} {name:5} {fmt_number(run.calls_per_s):>7} calls/s "
-                      f"{run.cpu_us_per_call:6.0f} us CPU/call")  # fmt: skip
+        if s.only in ("", "scaling"):
+            measured |= scaling(stack, s, redis.url, work, body)
+        if s.only in ("", "overload"):
+            measured |= overload_cases(stack, s, redis.url, work, body)
+    ok = check_aims(AIMS, measured, NOTES)
+    return 0 if ok else 1
 
-        # Overload: one worker, shedding and not, for Redis reads and for L1 hits.
-        over_targets: dict[str, Target] = {}
-        for kind, toml in (("l2", CONFIG + "l1 = false\n"), ("l1", CONFIG)):
-            for mode, limit in (("shed", SHED_LIMIT), ("queue", NO_SHED_LIMIT)):
-                name = f"{kind}-{mode}"
-                toml_limit = toml + f"\n[server]\nmax_concurrent_rpcs = {limit}\n"
-                t = start_gateway(stack, name, "1", redis.url, work, toml_limit)
-                if kind == "l1":
-                    warm_every_worker(t)
-                over_targets[name] = t
-        over_len = {n: spot_check(t.server.address, body) for n, t in over_targets.items()}
-        n_over: dict[str, int] = {}
-        for kind in ("l2", "l1"):  # calls per run: the unshed rate x the overload seconds
-            t = over_targets[f"{kind}-queue"]
-            first = h2load(t.server.address, body, over_len[t.name], 1000, 16, 32, t.pids())
-            n_over[kind] = max(1000, round(first.calls_per_s * s.overload_seconds))
-        over: dict[str, list[Overload]] = {name: [] for name in over_targets}
-        for _ in range(2):
-            for name, t in over_targets.items():
-                n = n_over[name.split("-")[0]]
-                over[name].append(overload(t, body, over_len[name], n))
+
+def scaling(stack: ExitStack, s: Settings, redis_url: str, work: Path, body: Path) -> Figures:
+    floor_address = f"127.0.0.1:{free_port()}"
+    floor = Target(
+        "floor",
+        stack.enter_context(
+            ServerProcess(
+                "floor",
+                [sys.executable, str(FLOOR_SERVER), "--listen", floor_address],
+                floor_address,
+                work / "floor.log",
+            )
+        ),
+    )
+    targets = {"floor": floor}
+    targets["w1"] = start_gateway(stack, "w1", "1", redis_url, work)
+    targets["w2"] = start_gateway(stack, "w2", "2", redis_url, work)
+    if cores() != 2:
+        targets["auto"] = start_gateway(stack, "auto", "auto", redis_url, work)
+    else:
+        print("auto: one worker per core is 2 here, the w2 case")
+    # The floor keeps what Set gives it; every gateway worker gets the key in its L1.
+    with grpc.insecure_channel(floor_address) as ch:
+        cache_pb2_grpc.CacheServiceStub(ch).Set(
+            pb.SetRequest(key=HOT_KEY, value=VALUE), timeout=CALL_TIMEOUT
+        )
+    for t in targets.values():
+        if t.name != "floor":
+            warm_every_worker(t)
+    answer_len = {name: spot_check(t.server.address, body) for name, t in targets.items()}
+    # Calls per run: about --seconds at each target's rate (a first run also warms up).
+    calls: dict[str, int] = {}
+    for name, t in targets.items():
+        first = h2load(t.server.address, body, answer_len[name], 3000, s.clients,
+                       s.streams, t.pids())  # fmt: skip
+        calls[name] = max(1000, round(first.calls_per_s * s.seconds))
+    runs: dict[str, list[Run]] = {name: [] for name in targets}
+    spreads: dict[str, list[float]] = {name: [] for name in targets if name != "floor"}
+    for r in range(s.rounds):
+        order = list(targets)[r % len(targets) :] + list(targets)[: r % len(targets)]
+        for name in order:
+            t = targets[name]
+            before = scrape(t.metrics) if t.metrics else {}
+            run = h2load(t.server.address, body, answer_len[name], calls[name],
+                         s.clients, s.streams, t.pids())  # fmt: skip
+            if run.ok != run.requests:
+                raise H2LoadFailed(f"{name}: {run.requests - run.ok} non-zero statuses")
+            if t.metrics:
+                after = scrape(t.metrics)
+                counted = get_calls(after) - get_calls(before)
+                if counted != run.requests:
+                    raise H2LoadFailed(f"{name}: /metrics counted {counted} of {run.requests}")
+                pairs = zip(worker_calls(before), worker_calls(after), strict=True)
+                per = [b - a for a, b in pairs] if t.workers > 1 else []
+                if per:
+                    spreads[name].append(max(per) / sum(per))
+            runs[name].append(run)
+            print(f"round {r + 1} {name:5} {fmt_number(run.calls_per_s):>7} calls/s "
+                  f"{run.cpu_us_per_call:6.0f} us CPU/call")  # fmt: skip
 
     rows = []
     w1_calls = median([r.calls_per_s for r in runs["w1"]])
@@ -482,8 +477,36 @@ def main() -> int:
           f"median of {s.rounds} interleaved rounds")  # fmt: skip
     print(render_table(["target", "processes", "calls/s", "vs w1", "CPU us/call", "vs w1",
                         "busiest worker"], rows, right="lrrrrrr"))  # fmt: skip
+    return {
+        "2 workers": median([r.calls_per_s for r in runs["w2"]]) / w1_calls,
+        "CPU per call": median([r.cpu_us_per_call for r in runs["w2"]]) / w1_cpu,
+    }
 
-    orows = []
+
+def overload_cases(
+    stack: ExitStack, s: Settings, redis_url: str, work: Path, body: Path
+) -> Figures:
+    """One worker, shedding and not, for Redis reads and for L1 hits."""
+    targets: dict[str, Target] = {}
+    for kind, toml in (("l2", CONFIG + "l1 = false\n"), ("l1", CONFIG)):
+        for mode, limit in (("shed", SHED_LIMIT), ("queue", NO_SHED_LIMIT)):
+            name = f"{kind}-{mode}"
+            toml_limit = toml + f"\n[server]\nmax_concurrent_rpcs = {limit}\n"
+            t = start_gateway(stack, name, "1", redis_url, work, toml_limit)
+            warm_every_worker(t, pb.TIER_L1 if kind == "l1" else pb.TIER_L2)
+            targets[name] = t
+    answer_len = {n: spot_check(t.server.address, body) for n, t in targets.items()}
+    n_over: dict[str, int] = {}
+    for kind in ("l2", "l1"):  # calls per run: the unshed rate x the overload seconds
+        t = targets[f"{kind}-queue"]
+        first = h2load(t.server.address, body, answer_len[t.name], 1000, 16, 32, t.pids())
+        n_over[kind] = max(1000, round(first.calls_per_s * s.overload_seconds))
+    over: dict[str, list[Overload]] = {name: [] for name in targets}
+    for _ in range(s.overload_rounds):
+        for name, t in targets.items():
+            over[name].append(overload(t, body, answer_len[name], n_over[name[:2]]))
+
+    rows = []
     summary: dict[str, tuple[float, float]] = {}
     for name, results in over.items():
         kind, mode = name.split("-")
@@ -493,28 +516,23 @@ def main() -> int:
         refused = sum(o.run.requests - o.run.ok + o.probe_refused for o in results)
         sent = sum(o.run.requests + o.probe_ok + o.probe_refused for o in results)
         limit = SHED_LIMIT if mode == "shed" else NO_SHED_LIMIT
-        orows.append([
+        rows.append([
             "Redis read" if kind == "l2" else "L1 hit", f"{limit:,}", f"{n_over[kind]:,}",
             fmt_number(goodput), f"{refused / sent:.0%}",
             f"{median([o.p50_ms for o in results]):.1f}", f"{p99:.1f}",
             str(sum(o.probe_ok for o in results)),
         ])  # fmt: skip
     print("\noverload: 1 worker, h2load 16 connections x 32 streams and a probe at 1 in "
-          "flight; median of 2 runs each")  # fmt: skip
+          f"flight; median of {s.overload_rounds} interleaved rounds")  # fmt: skip
     print(render_table(["Get", "max_concurrent_rpcs", "calls a run", "OK calls/s", "refused",
-                        "probe p50 ms", "probe p99 ms (OK)", "probe OK calls"], orows,
+                        "probe p50 ms", "probe p99 ms (OK)", "probe OK calls"], rows,
                        right="lrrrrrrr"))  # fmt: skip
-
-    measured = {
-        "2 workers": median([r.calls_per_s for r in runs["w2"]]) / w1_calls,
-        "CPU per call": median([r.cpu_us_per_call for r in runs["w2"]]) / w1_cpu,
+    return {
         "shed p99 (Redis reads)": summary["l2-shed"][1] / summary["l2-queue"][1],
         "shed goodput (Redis reads)": summary["l2-shed"][0] / summary["l2-queue"][0],
         "shed p99 (L1 hits)": summary["l1-shed"][1] / summary["l1-queue"][1],
         "shed goodput (L1 hits)": summary["l1-shed"][0] / summary["l1-queue"][0],
     }
-    ok = check_aims(AIMS, measured, NOTES)
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":
