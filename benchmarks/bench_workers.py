@@ -21,9 +21,9 @@ In one run, against one managed redis-server this script starts and stops:
   supervisor's /metrics (`cachegw_worker_calls_total`).
 
   Overload: one worker, h2load with 16 connections x 32 streams (512 calls in flight, far
-  past what one event loop serves promptly) while a probe (Python, one call at a time,
-  on its own connection) records the latency and grpc-status of each of its calls, with
-  `server.max_concurrent_rpcs` 16 (shedding: the rest are refused at once with
+  past what one event loop serves promptly) while 4 probes (Python threads, one call at
+  a time each, on a connection of its own) record the latency and grpc-status of each
+  of their calls, with `server.max_concurrent_rpcs` 16 (shedding: the rest are refused at once with
   RESOURCE_EXHAUSTED) and 100000 (no shedding: every call queues); for Gets that read
   Redis (a default class with `l1 = false`: each call awaits Redis) and for L1 hits
   (answered without awaiting anything). Goodput is calls answered OK per second
@@ -105,6 +105,7 @@ l1_ttl_seconds = 3600
 """
 SCALING = ("floor", "w1", "w2", "auto")
 SHED_LIMIT, NO_SHED_LIMIT = 16, 100_000
+PROBES = 4  # probe threads during an overload run, one call at a time each
 
 AIMS = [
     Aim("2 workers", "Get calls/s, 2 workers / 1 worker (h2load)", ">=", 1.6),
@@ -353,22 +354,28 @@ class Overload:
 
 
 def overload(target: Target, body: Path, answer_len: int, n: int) -> Overload:
-    probe = Probe(target.server.address, [])
+    probes = [Probe(target.server.address, []) for _ in range(PROBES)]
     stop = threading.Event()
-    thread = threading.Thread(target=probe.run, args=(stop,), daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=p.run, args=(stop,), daemon=True) for p in probes]
+    for thread in threads:
+        thread.start()
     try:
         run = h2load(target.server.address, body, answer_len, n, 16, 32, target.pids())
     finally:
         stop.set()
-        thread.join(CALL_TIMEOUT + 5)
-    lat = sorted(probe.ok_latencies)
+        for thread in threads:
+            thread.join(CALL_TIMEOUT + 5)
+    lat = sorted(x for p in probes for x in p.ok_latencies)
+    failed: dict[str, int] = {}
+    for p in probes:
+        for code, count in p.failed.items():
+            failed[code] = failed.get(code, 0) + count
     return Overload(
         target.name,
         run,
         len(lat),
-        sum(probe.failed.values()),
-        probe.failed,
+        sum(failed.values()),
+        failed,
         percentile(lat, 50) * 1000 if lat else math.nan,
         percentile(lat, 99) * 1000 if lat else math.nan,
     )
@@ -520,8 +527,8 @@ def overload_cases(
             str(sum(o.probe_ok for o in results)),
             " ".join(sorted({c for o in results for c in o.probe_codes})) or "-",
         ])  # fmt: skip
-    print("\noverload: 1 worker, h2load 16 connections x 32 streams and a probe at 1 in "
-          f"flight; median of {s.overload_rounds} interleaved rounds")  # fmt: skip
+    print("\noverload: 1 worker, h2load 16 connections x 32 streams and 4 probes at 1 in "
+          f"flight each; median of {s.overload_rounds} interleaved rounds")  # fmt: skip
     print(render_table(["Get", "max_concurrent_rpcs", "calls a run", "OK calls/s", "refused",
                         "probe p50 ms", "probe p99 ms (OK)", "probe OK calls",
                         "probe refused with"], rows, right="lrrrrrrrl"))  # fmt: skip
