@@ -23,12 +23,13 @@ In one run, against one managed redis-server this script starts and stops:
   Overload: one worker, h2load with 16 connections x 32 streams (512 calls in flight, far
   past what one event loop serves promptly) while 4 probes (Python threads, one call at
   a time each, on a connection of its own) record the latency and grpc-status of each
-  of their calls, with `server.max_concurrent_rpcs` 16 (shedding: the rest are refused at once with
-  RESOURCE_EXHAUSTED) and 100000 (no shedding: every call queues); for Gets that read
-  Redis (a default class with `l1 = false`: each call awaits Redis) and for L1 hits
-  (answered without awaiting anything). Goodput is calls answered OK per second
-  (h2load's answers with a message, plus the probe's); the p99 is over the probe's
-  admitted (OK) calls. Each runs about `calls/s x 6 s` calls (its rate measured first).
+  of their calls, with `server.max_concurrent_rpcs` 16 (shedding: calls beyond it are
+  refused at once with RESOURCE_EXHAUSTED) and 100000 (no shedding: every call queues);
+  for Gets that read Redis (a default class with `l1 = false`: each call awaits Redis)
+  and for L1 hits (answered without awaiting anything). Goodput is calls answered OK per
+  second (h2load's answers with a message, plus the probes'); the p99 is over the
+  probes' admitted (OK) calls. A run is about `calls/s x 6 s` calls (rate measured
+  first, without shedding).
 
 The aim (issue 15): N workers deliver >= 0.8 N times one worker's calls/s when the cores
 are free for them. This machine has 2 cores, and h2load needs part of one: 2 workers
