@@ -40,7 +40,7 @@ calls) has its own aim. A missed aim makes the script exit 1.
 Run (from the repository root, after `make setup`; h2load: `make h2load`, or
 `apt-get install nghttp2-client`):
 
-    .venv/bin/python benchmarks/bench_workers.py             # about 2 minutes
+    .venv/bin/python benchmarks/bench_workers.py             # about 5 minutes
     .venv/bin/python benchmarks/bench_workers.py --quick     # under a minute
 
 Every process it starts is stopped on exit, also on Ctrl-C or SIGTERM.
