@@ -141,6 +141,8 @@ class Supervisor:
             for w in self._workers:
                 self._spawn(w)
             if not self._wait_all_serving():
+                if self._stop.is_set():  # asked to stop while starting: a normal stop
+                    return self._drain()
                 self._stop_workers()
                 return 1
             self._log_serving()
