@@ -255,14 +255,14 @@ def test_sigterm_drains_every_worker_and_exits_0_with_nothing_left(
     wait_for(lambda: not any(alive(pid) for pid in family), "every child gone", within=10)
 
 
-def test_workers_drain_and_exit_when_the_supervisor_is_killed(
-    gateway_process: Start, redis_server: ManagedRedis
-) -> None:
-    gw = gateway_process("--workers", "2", "--redis-url", redis_server.url)
+def test_workers_drain_and_exit_when_the_supervisor_is_killed(gateway_process: Start) -> None:
+    gw = gateway_process("--workers", "2", "--embedded-redis")
     pids, _ = supervisor_started(gw)
+    family = children(gw.proc.pid)  # the workers and the managed redis-server
+    assert set(pids) < family and len(family) == 3
     gw.proc.kill()
     gw.proc.wait(10)
-    wait_for(lambda: not any(alive(pid) for pid in pids), "no orphaned worker", within=20)
+    wait_for(lambda: not any(alive(pid) for pid in family), "no orphaned process", within=20)
     out = gw.output()
     for index in (0, 1):
         assert f"cachegw[w{index}]: stopping: NOT_SERVING" in out
