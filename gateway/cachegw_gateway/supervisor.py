@@ -56,13 +56,19 @@ STOP_MARGIN = 10.0  # seconds past drain delay + grace before a worker is killed
 
 def reserve_port(listen: str) -> tuple[socket.socket, str]:
     """A socket bound (not listening) to `listen` with SO_REUSEPORT, and host:port with
-    the port it got. Raises OSError when the address cannot be bound."""
+    the port it got. Raises OSError when the address cannot be bound.
+
+    The port is first bound without SO_REUSEPORT, which fails while anything holds it,
+    SO_REUSEPORT or not: another supervisor's workers must never share it by accident."""
     host, _, port = listen.rpartition(":")
     bare = host.strip("[]")
     infos = socket.getaddrinfo(
         bare or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
     family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.bind(addr)
+        addr = (addr[0], probe.getsockname()[1], *addr[2:])
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

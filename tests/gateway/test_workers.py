@@ -268,6 +268,20 @@ def test_workers_drain_and_exit_when_the_supervisor_is_killed(gateway_process: S
         assert f"cachegw[w{index}]: stopping: NOT_SERVING" in out
 
 
+def test_a_second_supervisor_cannot_share_the_port(
+    gateway_process: Start, redis_server: ManagedRedis
+) -> None:
+    gw = gateway_process("--workers", "2", "--redis-url", redis_server.url)
+    second = subprocess.run(
+        [str(BIN / "cachegw"), "serve", "--workers", "2", "--listen", gw.address,
+         "--redis-url", redis_server.url],
+        capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert second.returncode == 1, second
+    assert f"cannot listen on {gw.address}" in second.stderr.decode()
+    assert gw.stop() == 0
+
+
 def test_workers_setting(tmp_path: Path) -> None:
     assert resolve_count(3) == 3
     assert resolve_count("auto") == cores() == len(os.sched_getaffinity(0))
