@@ -92,7 +92,8 @@ pytest: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # h2load (Debian's nghttp2-client) drives gRPC calls from C for bench_gateway.py's
-# server-ceiling cases; without it that script says what to install and exits 2.
+# server-ceiling cases and bench_workers.py; without it they say what to install and
+# exit 2. Only `make bench` needs it, never `make test`.
 h2load:
 	@command -v h2load >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

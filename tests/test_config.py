@@ -137,12 +137,14 @@ def test_every_env_var_sets_its_key(tmp_path: Path) -> None:
         "CACHEGW_LOG_FORMAT": "json",
         "CACHEGW_EMBEDDED_REDIS": "yes",
         "CACHEGW_REDIS_ADDRESS_MAP": "10.0.0.5:6379=127.0.0.1:7001",
+        "CACHEGW_WORKERS": "4",
     }
     assert set(values) == set(ENV_VARS)
     config = load_config(env=values)
     parsed = {
         "CACHEGW_EMBEDDED_REDIS": True,
         "CACHEGW_REDIS_ADDRESS_MAP": {"10.0.0.5:6379": "127.0.0.1:7001"},
+        "CACHEGW_WORKERS": 4,
     }
     for var, dotted in ENV_VARS.items():
         table, key = dotted.split(".")

@@ -56,6 +56,9 @@ class ServerConfig:
     max_subscribers: int = 10_000  # Subscribe streams open
     max_subscribers_per_peer: int = 1000  # ... from one client host
     max_response_bytes: int = 32 * 1024 * 1024  # one GetMany answer
+    # Gateway processes sharing `listen` under one supervisor (supervisor.py): a count,
+    # or "auto" for one per core this process may run on. 1 = no supervisor.
+    workers: int | str = 1
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,7 @@ ENV_VARS: Mapping[str, str] = {
     "CACHEGW_METRICS_LISTEN": "telemetry.metrics_listen",
     "CACHEGW_LOG_FORMAT": "telemetry.log_format",
     "CACHEGW_REDIS_ADDRESS_MAP": "redis.address_map",
+    "CACHEGW_WORKERS": "server.workers",
 }
 ADMISSION_POLICIES = ("lru", "tinylfu")
 JITTER_MODES = ("random", "deterministic")
@@ -315,6 +319,7 @@ _KIND_NAMES = {
     "str": "a string",
     "tuple[str, ...]": "a list of strings",
     "RateLimitConfig | None": "a table, e.g. { rate = 100, period_seconds = 60 }",
+    "int | str": "a positive integer or 'auto'",
     "dict[str, str]": f"a table of announced = target addresses, e.g. {{ {address_map.EXAMPLE} }}",
 }
 _RATE_LIMIT_KEYS = {"rate": "int", "period_seconds": "float", "burst": "int", "algorithm": "str"}
@@ -349,6 +354,14 @@ def _coerce(where: str, value: object, kind: str, text_ok: bool) -> object:
     elif kind == "str":
         if isinstance(value, str):
             return value
+    elif kind == "int | str":  # server.workers
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        text = value.strip() if text_ok and isinstance(value, str) else ""
+        if _INT.fullmatch(text) and int(text) >= 1:
+            return int(text)
     elif kind == "tuple[str, ...]":
         if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             return tuple(value)

@@ -26,7 +26,15 @@ from cachegw_gateway.config import (
 )
 from cachegw_gateway.managed_redis import ManagedRedis, RedisServerNotFound
 from cachegw_gateway.server import GatewayServer
+from cachegw_gateway.supervisor import Supervisor
 from cachegw_gateway.telemetry import logs, tracing
+from cachegw_gateway.workers import (
+    WorkersError,
+    WorkerSlot,
+    report_ready,
+    resolve_count,
+    watch_parent,
+)
 
 log = logging.getLogger("cachegw")
 
@@ -55,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         "ANNOUNCED: for NAT, port-forwards or a proxy per node",
     )
     p.add_argument("--gateway-id", help="name of this gateway in events and stats")
+    p.add_argument(
+        "--workers",
+        help="gateway processes sharing the port under one supervisor: a count, or 'auto' "
+        "for one per core (default 1: no supervisor)",
+    )
     p.add_argument("--grace", type=float, help="seconds to drain in-flight calls on stop")
     p.add_argument(
         "--drain-delay",
@@ -82,6 +95,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "redis.prefix": args.redis_prefix,
         "redis.address_map": args.redis_address_map,
         "server.gateway_id": args.gateway_id,
+        "server.workers": args.workers,
         "server.grace_seconds": args.grace,
         "server.drain_delay_seconds": args.drain_delay,
         "telemetry.log_format": args.log_format,
@@ -94,9 +108,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def serve(
-    config: GatewayConfig, redis_url: str, tracer_provider: TracerProvider | None = None
+    config: GatewayConfig,
+    redis_url: str,
+    tracer_provider: TracerProvider | None = None,
+    worker: WorkerSlot | None = None,
 ) -> int:
-    server = GatewayServer(config, redis_url, tracer_provider=tracer_provider)
+    server = GatewayServer(config, redis_url, tracer_provider=tracer_provider, worker=worker)
     try:
         await server.start()
     except (OSError, RuntimeError) as exc:
@@ -138,7 +155,13 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    orphaned = None
+    if worker is not None:
+        report_ready(worker, port=server.port, metrics=metrics)
+        orphaned = asyncio.create_task(watch_parent(stopping.set))
     await stopping.wait()
+    if orphaned is not None:
+        orphaned.cancel()
     log.info(
         "stopping: NOT_SERVING; serving %.1fs more while load balancers notice, then ending "
         "Subscribe streams and draining in-flight calls for up to %.1fs",
@@ -166,11 +189,14 @@ def _redacted(url: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        worker = WorkerSlot.from_env()  # set when a supervisor started this process
         config = load_config(args.config, overrides=_overrides(args))
         check_redis_choice(config)
-    except ConfigError as exc:
+        count = 1 if worker is not None else resolve_count(config.server.workers)
+    except (ConfigError, WorkersError) as exc:
         fmt = args.log_format or os.environ.get("CACHEGW_LOG_FORMAT") or "text"
         if fmt == "json":
             logs.setup(args.log_level, "json")
@@ -178,9 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"cachegw: configuration error: {exc}", file=sys.stderr)
         return 2
-    logs.setup(args.log_level, config.telemetry.log_format)
-    for problem in config_warnings(config):
-        log.warning("configuration: %s", problem, extra={"event": "config_warning"})
+    logs.setup(
+        args.log_level,
+        config.telemetry.log_format,
+        worker=worker.index if worker is not None else None,
+    )
+    if worker is None:  # the supervisor's log says it once for all workers
+        for problem in config_warnings(config):
+            log.warning("configuration: %s", problem, extra={"event": "config_warning"})
 
     managed: ManagedRedis | None = None
     redis_url = config.redis.url
@@ -198,12 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             managed.pid,
             extra={"event": "managed_redis_start", "redis": redis_url},
         )
-    # The one place a tracer provider is made: libraries use the application's.
-    provider = tracing.build_provider(config.telemetry, config.server.gateway_id)
-    if provider is not None:
-        trace.set_tracer_provider(provider)
+    provider = None
     try:
-        return asyncio.run(serve(config, redis_url, provider))
+        if count > 1:
+            return Supervisor(config, redis_url, argv, count).run()
+        # The one place a tracer provider is made: libraries use the application's.
+        provider = tracing.build_provider(config.telemetry, config.server.gateway_id)
+        if provider is not None:
+            trace.set_tracer_provider(provider)
+        return asyncio.run(serve(config, redis_url, provider, worker))
     finally:
         if provider is not None:
             provider.shutdown()  # flushes the spans still batched

@@ -71,10 +71,14 @@ _PRCTL = _resolve_prctl()
 _PR_SET_PDEATHSIG = 1
 
 
-def _child_setup(parent_pid: int) -> Callable[[], None]:
+def dies_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A preexec_fn: the child gets `sig` when its parent (`parent_pid`) dies (Linux; the
+    gateway's workers ask for SIGTERM, to drain). Fork from a thread that lives as long as
+    the parent, as `_spawn` does."""
+
     def setup() -> None:  # runs in the child, between fork and exec
         if _PRCTL is not None:
-            _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))  # nothing to save: KILL is fine
+            _PRCTL(_PR_SET_PDEATHSIG, int(sig))
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(1)
 
@@ -96,7 +100,7 @@ def _spawn(args: list[str], out: int) -> subprocess.Popen[bytes]:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            preexec_fn=_child_setup(os.getpid()),
+            preexec_fn=dies_with_parent(os.getpid()),  # KILL: nothing to save
             start_new_session=False,
             # Its own process group: a ^C at the terminal must not stop Redis while the
             # gateway is still draining calls that need it; the gateway stops it after.

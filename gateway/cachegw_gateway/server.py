@@ -34,6 +34,7 @@ from cachegw_gateway.stats import GatewayStats
 from cachegw_gateway.subscriptions import SubscriberHub
 from cachegw_gateway.telemetry.service import Telemetry
 from cachegw_gateway.warmup import HOT_KEYS_TRACKED
+from cachegw_gateway.workers import WorkerSlot
 from cachegw_native.hotkeys import HotKeys
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,11 @@ class GatewayServer:
         redis_url: str,
         *,
         tracer_provider: TracerProvider | None = None,
+        worker: WorkerSlot | None = None,
     ) -> None:
         self.config = config
+        # Under a supervisor (workers.py): every worker binds the same port.
+        self.worker = worker
         self.redis_url = redis_url
         self.policy = PolicyTable.from_config(config)
         self.stats = GatewayStats()
@@ -128,9 +132,13 @@ class GatewayServer:
             policy=self.policy,
             tracer_provider=tracer_provider,
             origins=self.origins,
+            worker_index=worker.index if worker is not None else 0,
+            workers=worker.count if worker is not None else 0,
         )
         self.health = health_aio.HealthServicer()
-        self._server = grpc.aio.server(options=server_options(config.server))
+        self._server = grpc.aio.server(
+            options=server_options(config.server, reuse_port=worker is not None)
+        )
         self.servicer = CacheServicer(
             self.cache,
             self.policy,
@@ -250,9 +258,11 @@ KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def server_options(c: ServerConfig) -> list[tuple[str, int]]:
+def server_options(c: ServerConfig, *, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """gRPC server options. SO_REUSEPORT only for workers, which share their supervisor's
+    port on purpose; anywhere else it would let two gateways share a port by accident."""
     options = [
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         *KEEPALIVE_OPTIONS,

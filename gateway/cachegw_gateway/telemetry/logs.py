@@ -36,10 +36,12 @@ def extras(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class TextFormatter(logging.Formatter):
-    """The classic one-line format, plus ``trace_id=... span_id=...`` inside a span."""
+    """The classic one-line format, plus ``trace_id=... span_id=...`` inside a span; a
+    worker's lines (`cachegw serve --workers N`) name it after the logger: ``cachegw[w1]``."""
 
-    def __init__(self) -> None:
-        super().__init__(TEXT_FORMAT)
+    def __init__(self, worker: int | None = None) -> None:
+        tag = f"[w{worker}]" if worker is not None else ""
+        super().__init__(TEXT_FORMAT.replace("%(name)s", f"%(name)s{tag}"))
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -50,7 +52,12 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """``{"ts", "level", "logger", "msg", <extra fields>, "trace_id", "span_id", "exc"}``."""
+    """``{"ts", "level", "logger", "msg", <extra fields>, "trace_id", "span_id", "exc"}``,
+    and ``"worker": <index>`` in a worker's lines."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -59,6 +66,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self._worker is not None:
+            out["worker"] = self._worker
         for key, value in extras(record).items():
             out.setdefault(key, value)
         ids = trace_ids()
@@ -74,10 +83,17 @@ def _iso(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{ms:03d}Z"
 
 
-def setup(level: str = "INFO", fmt: str = "text", stream: IO[str] | None = None) -> None:
-    """Route every logger through one handler on `stream` (stderr) in `fmt`."""
+def setup(
+    level: str = "INFO",
+    fmt: str = "text",
+    stream: IO[str] | None = None,
+    *,
+    worker: int | None = None,
+) -> None:
+    """Route every logger through one handler on `stream` (stderr) in `fmt`; `worker` is
+    the index of a worker process, named in each of its lines."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(worker) if fmt == "json" else TextFormatter(worker))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -108,14 +108,14 @@ _L1_COUNTERS = {
 def families(snap: Snapshot) -> Iterator[Metric]:
     """Every metric family of one snapshot."""
     info = InfoMetricFamily(f"{P}gateway", "This gateway's identity and tracing setup.")
-    info.add_metric(
-        [],
-        {
-            "gateway_id": snap.gateway_id,
-            "trace_exporter": snap.trace_exporter,
-            "trace_sample_ratio": f"{snap.sample_ratio:g}",
-        },
-    )
+    labels = {
+        "gateway_id": snap.gateway_id,
+        "trace_exporter": snap.trace_exporter,
+        "trace_sample_ratio": f"{snap.sample_ratio:g}",
+    }
+    if snap.workers:  # a worker under a supervisor (`--workers N`)
+        labels["worker"] = str(snap.worker_index)
+    info.add_metric([], labels)
     yield info
     yield GaugeMetricFamily(
         f"{P}uptime_seconds", "Seconds since the gateway started.", value=snap.uptime_seconds

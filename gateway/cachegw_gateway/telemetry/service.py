@@ -44,6 +44,8 @@ class Telemetry:
         policy: PolicyTable,
         tracer_provider: TracerProvider | None = None,
         origins: Origins | None = None,
+        worker_index: int = 0,
+        workers: int = 0,
     ) -> None:
         t = config.telemetry
         self.latency = RpcLatency()
@@ -63,6 +65,8 @@ class Telemetry:
             trace_exporter=exporter,
             sample_ratio=t.sample_ratio if tracer_provider is not None else 0.0,
             origins=origins,
+            worker_index=worker_index,
+            workers=workers,
         )
         self._spans: tracing.ServerSpans | None = None
         if tracer_provider is not None:

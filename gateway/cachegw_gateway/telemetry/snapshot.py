@@ -71,6 +71,10 @@ class Snapshot:
     process: dict[str, int] = field(default_factory=dict)
     # Origin address -> its breaker's figures (every origin the classes name).
     origins: dict[str, OriginFigures] = field(default_factory=dict)
+    # Under a supervisor (`--workers N`): this worker's index and N; 0 workers = none.
+    worker_index: int = 0
+    workers: int = 0
+    pid: int = 0
 
 
 @dataclass
@@ -87,6 +91,8 @@ class Sources:
     trace_exporter: str
     sample_ratio: float
     origins: Origins | None = None
+    worker_index: int = 0
+    workers: int = 0
 
     def snapshot(self, top_keys: int = 0) -> Snapshot:
         s = self.stats
@@ -116,6 +122,9 @@ class Sources:
             breaker_nodes=dict(s.breaker_nodes),
             process=process_figures(),
             origins=origin_figures(self.origins),
+            worker_index=self.worker_index,
+            workers=self.workers,
+            pid=os.getpid(),
         )
 
 
@@ -195,6 +204,9 @@ def stats_response(snap: Snapshot, classes: Sequence[str] = ()) -> pb.StatsRespo
         trace_exporter=snap.trace_exporter,
         trace_sample_ratio=snap.sample_ratio,
         warmups_running=g.get("warmups_running", 0),
+        worker_index=snap.worker_index,
+        workers=snap.workers,
+        pid=snap.pid,
     )
     proto_fields = pb.ClassStats.DESCRIPTOR.fields_by_name
     for name in wanted:

@@ -149,6 +149,18 @@ class TopView:
                     behind.add_row(w.now.gateway_id, c.name, *self._behind_cells(w, c))
             for h in w.now.hot_keys[: self.hot_keys]:
                 hot.add_row(w.now.gateway_id, h.key, f"{h.count:,}")
+        workers = [
+            r.target
+            for r in (self._last.get(t) for t in self.targets)
+            if r is not None and r.stats is not None and r.stats.workers
+        ]
+        if workers:
+            gateways.caption = (
+                f"{', '.join(workers)}: worker processes share the port; each row is the "
+                "one worker its connection reached (the deployment's totals are on the "
+                "supervisor's /metrics)"
+            )
+            gateways.caption_justify = "left"
         parts: list[RenderableType] = [gateways, classes]
         if behind.row_count:
             parts.append(behind)
@@ -196,8 +208,9 @@ class TopView:
             redis.append(f" breaker half-open{nodes}", style="yellow")
         if now.redis.errors:
             redis.append(f" ({now.redis.errors:,} errors)")
+        worker = f" (worker {now.worker_index} of {now.workers})" if now.workers else ""
         return [
-            now.gateway_id,
+            now.gateway_id + worker,
             _duration(now.uptime_ms / 1000),
             _number(calls / w.seconds if w.seconds > 0 else math.nan),
             _percent(hits, reads),

@@ -1206,6 +1206,9 @@ class StatsResponse(_message.Message):
     PROCESS_FIELD_NUMBER: _builtins.int
     WARMUPS_RUNNING_FIELD_NUMBER: _builtins.int
     ORIGINS_FIELD_NUMBER: _builtins.int
+    WORKER_INDEX_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
     gateway_id: _builtins.str
     uptime_ms: _builtins.int
     envelope_mismatches: _builtins.int
@@ -1228,6 +1231,14 @@ class StatsResponse(_message.Message):
     trace_sample_ratio: _builtins.float
     warmups_running: _builtins.int
     """Warmup calls loading from origins right now (a gauge)."""
+    worker_index: _builtins.int
+    """Worker processes (`cachegw serve --workers N`): this answer is one worker's figures,
+    the one the connection reached (a caller cannot choose); the deployment's totals are
+    on the supervisor's /metrics. `workers` is 0 for a gateway without a supervisor.
+    """
+    workers: _builtins.int
+    pid: _builtins.int
+    """The process that answered (a worker's own pid under a supervisor)."""
     @_builtins.property
     def classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassStats]: ...
     @_builtins.property
@@ -1283,10 +1294,13 @@ class StatsResponse(_message.Message):
         process: Global___ProcessStats | None = ...,
         warmups_running: _builtins.int = ...,
         origins: _abc.Iterable[Global___OriginStats] | None = ...,
+        worker_index: _builtins.int = ...,
+        workers: _builtins.int = ...,
+        pid: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "l1", b"l1", "process", b"process", "redis", b"redis"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "origins", b"origins", "process", b"process", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms", "warmups_running", b"warmups_running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "origins", b"origins", "pid", b"pid", "process", b"process", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms", "warmups_running", b"warmups_running", "worker_index", b"worker_index", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
