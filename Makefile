@@ -9,9 +9,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 NATIVE_SRC := $(wildcard native/cachegw_native/*.pyx native/cachegw_native/*.pxd) setup.py
 ARGS ?=
-PYTEST_ARGS ?=
+# `make test` leaves out the long chaos runs (marker `slow`); CI runs them after it
+# (`make test-slow`, .ci/run), and `make test PYTEST_ARGS=` runs everything.
+PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: run test setup redis postgres promtool h2load lint typecheck pytest bench chaos soak protos clean
+.PHONY: run test test-slow setup redis postgres promtool h2load lint typecheck pytest bench chaos soak protos clean
 
 # --embedded-redis: with no Redis URL (ARGS, $CACHEGW_REDIS_URL, a config file), a private
 # redis-server; cachegw serve refuses to start without a URL unless asked for one.
@@ -90,6 +92,9 @@ typecheck: setup
 
 pytest: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -m slow
 
 # h2load (Debian's nghttp2-client) drives gRPC calls from C for bench_gateway.py's
 # server-ceiling cases and bench_workers.py; without it they say what to install and

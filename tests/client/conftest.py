@@ -44,6 +44,8 @@ class FakeGateway(cache_pb2_grpc.CacheServiceServicer):
         self.canned: dict[str, pb.GetResponse] = {}
         self.requests: list[Message] = []
         self.failure: tuple[grpc.StatusCode, str] | None = None
+        # Keys whose reads answer UNAVAILABLE (their Redis node down), alone or in a batch.
+        self.unavailable_keys: set[str] = set()
         self.delay = 0.0
         self._versions = 0
 
@@ -53,6 +55,9 @@ class FakeGateway(cache_pb2_grpc.CacheServiceServicer):
             await asyncio.sleep(self.delay)
         if self.failure is not None:
             await context.abort(*self.failure)
+        keys = [getattr(request, "key", ""), *getattr(request, "keys", ())]
+        if any(k in self.unavailable_keys for k in keys):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "that key's redis node is down")
 
     def _read(self, key: str, *, lease: bool = False) -> pb.GetResponse:
         if key in self.canned:

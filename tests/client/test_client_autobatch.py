@@ -44,6 +44,26 @@ async def test_a_bad_key_fails_its_own_caller_only(gateway_factory: GatewayFacto
         await client.close()
 
 
+async def test_a_key_whose_node_is_down_fails_its_own_caller_only(
+    fake_gateway: Gateway,
+) -> None:
+    """A GetMany fails whole when one key's Redis node is down; batched, the other keys'
+    callers still get their values (the batch is asked for key by key), as they would
+    without batching. GetMany itself is not resent by the channel (it would fail alike)."""
+    fake_gateway.servicer.unavailable_keys = {"down"}
+    client = AsyncClient(fake_gateway.target)
+    try:
+        await client.set("up", b"v")
+        got = client.get("up"), client.get("down")
+        up, down = await asyncio.gather(*got, return_exceptions=True)
+        assert up == b"v"
+        assert isinstance(down, Unavailable)
+        many = [r for r in fake_gateway.servicer.requests if hasattr(r, "keys")]
+        assert len(many) == 1  # one GetMany, not resent
+    finally:
+        await client.close()
+
+
 async def test_each_caller_keeps_its_own_deadline(fake_gateway: Gateway) -> None:
     fake_gateway.servicer.delay = 0.5
     client = AsyncClient(fake_gateway.target)

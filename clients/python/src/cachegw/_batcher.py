@@ -10,9 +10,12 @@ in further batches) and hands each caller its value. Nothing is delayed by a tim
 lone `get()` goes out one loop iteration later than it would have.
 
 Each caller keeps its own deadline (it stops waiting when it is up, DEADLINE_EXCEEDED);
-the batch runs until the latest of them. A failure of the whole GetMany is every
-caller's failure, except INVALID_ARGUMENT, which one bad key would cause for all: the
-batch's keys are then asked for one by one, so only the bad key's caller gets it.
+the batch runs until the latest of them. A GetMany fails whole when one of its keys
+fails: INVALID_ARGUMENT for one bad key, UNAVAILABLE when one key's Redis node is down
+(a Cluster primary failing over) and no copy was set aside for it. Then the batch's keys
+are asked for one by one, so that only those keys' callers get the error, as without
+batching. (GetMany is not among the calls the channel resends on UNAVAILABLE, for this
+reason: see _channel.py.) Any other failure is every caller's.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from cachegw.errors import CacheError, DeadlineExceeded, InvalidArgument
+from cachegw.errors import CacheError, DeadlineExceeded, InvalidArgument, Unavailable
 
 Fetch = Callable[[list[str], float | None], Awaitable[list[bytes | None]]]
 FetchOne = Callable[[str, float | None], Awaitable[bytes | None]]
@@ -87,7 +90,9 @@ class GetBatcher:
         self.batches += 1
         try:
             values = await self._fetch(keys, timeout)
-        except InvalidArgument:
+        except (InvalidArgument, Unavailable):
+            # One key may be the cause (a bad key; its Redis node down, with no copy set
+            # aside for it): asked one by one, only its callers get the error.
             await asyncio.gather(*(self._one(key, batch[key], timeout) for key in keys))
             return
         except Exception as exc:

@@ -1,8 +1,11 @@
 """How the clients' channel behaves: retries, keepalive, and Subscribe streams that resume.
 
 **Retries** are gRPC's own (the channel's service config, gRFC A6), for the calls that
-can be repeated without changing the outcome: reads (Get, GetMany, Ttl, Stats) and the
-removals (Delete, DeleteMany, Invalidate, ReleaseLease: removing twice removes once).
+can be repeated without changing the outcome: reads (Get, Ttl, Stats) and the removals
+(Delete, DeleteMany, Invalidate, ReleaseLease: removing twice removes once). Not
+GetMany: it fails whole when one of its keys' Redis node is down, and resending it all
+would fail the same way until the node is back; the asyncio client's auto-batching asks
+such a batch's keys one by one instead (_batcher.py).
 They are sent again only on UNAVAILABLE, which the gateway answers when the call did not
 run (its circuit breaker refused it, Redis could not be reached, the gateway is draining)
 or when nothing reached the gateway (no connection), with exponential backoff, within
@@ -41,7 +44,6 @@ SERVICE = "cachegw.v1.CacheService"
 # Calls that may be sent again (see the module's docstring).
 RETRIED_METHODS = (
     "Get",
-    "GetMany",
     "Ttl",
     "Stats",
     "Delete",
