@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import pytest
 
 from cachegw import AsyncClient, Tier
 from cachegw.errors import CacheError
@@ -19,6 +20,9 @@ from cachegw.v1 import cache_pb2_grpc
 from tests.cluster.load import DEADLINE, Load
 from tests.cluster_topology import ClusterTopology
 from tests.conftest import GatewayCluster, GatewayProcess
+
+# Minutes of real topology under load: CI runs them after `make test` (`make test-slow`).
+pytestmark = pytest.mark.slow
 
 CLASSES = """
 [[classes]]

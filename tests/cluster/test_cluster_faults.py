@@ -14,6 +14,9 @@ from tests.cluster.load import Load
 from tests.cluster_topology import ClusterTopology
 from tests.conftest import GatewayCluster
 
+# Minutes of real topology under load: CI runs them after `make test` (`make test-slow`).
+pytestmark = pytest.mark.slow
+
 CLASSES = """
 [[classes]]
 name = "product"

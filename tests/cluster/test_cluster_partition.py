@@ -43,6 +43,9 @@ from tests.cluster_topology import ClusterTopology
 from tests.conftest import GatewayProcess
 from tests.tcpproxy import TcpProxy
 
+# Minutes of real topology under load: CI runs them after `make test` (`make test-slow`).
+pytestmark = pytest.mark.slow
+
 # Short Redis timeouts so that a silent partition shows within a second or two; the
 # pub/sub connection's own timeout (5 s) and its ping (bus.DEAD_AFTER = 6 s) are fixed.
 CONFIG = """
