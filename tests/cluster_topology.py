@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -19,6 +21,30 @@ import redis
 from cachegw_gateway.managed_redis import ManagedRedis
 
 NODE_TIMEOUT_MS = 1500  # how long a silent primary takes to be failed over
+
+
+def _free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _node_port(taken: set[int]) -> int:
+    """A port for a cluster node. Its cluster bus listens on port + 10000, so the port
+    must be 55535 or less (a free port picked by the kernel was above that about one time
+    in five: the node refused to start) and both must be free. Picked below the kernel's
+    ephemeral range (32768 up), so that no client socket takes them before the node
+    starts."""
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(10_000, 22_768)
+        if port not in taken and _free(port) and _free(port + 10_000):
+            taken.add(port)
+            return port
+    raise RuntimeError("no free port pair (port, port + 10000) for a cluster node")
 
 
 def _cli() -> str:
@@ -41,7 +67,11 @@ class ClusterTopology:
             "--cluster-replica-validity-factor", "0",
             "--cluster-require-full-coverage", "no",
         ]  # fmt: skip
-        self.nodes = [ManagedRedis(extra_args=flags) for _ in range(primaries * (1 + replicas))]
+        taken: set[int] = set()
+        self.nodes = [
+            ManagedRedis(port=_node_port(taken), extra_args=flags)
+            for _ in range(primaries * (1 + replicas))
+        ]
         self._primaries = primaries
         self._replicas = replicas
 
