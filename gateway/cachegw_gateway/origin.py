@@ -189,9 +189,12 @@ class OriginClient:
         config: OriginConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.address = address
         self.config = config
+        # Sent with every call (a tenant's space names its tenant: space.py).
+        self._metadata = metadata or None
         self._clock = clock
         self._channel: grpc.aio.Channel | None = None
         self._slots = asyncio.Semaphore(config.max_in_flight)
@@ -276,7 +279,9 @@ class OriginClient:
                 response_deserializer=None,
             )
             try:
-                answer: bytes = await call(request, timeout=max(left, 0.001))
+                answer: bytes = await call(
+                    request, timeout=max(left, 0.001), metadata=self._metadata
+                )
             except grpc.aio.AioRpcError as exc:
                 err = self._failure(method, exc, timeout)
                 raise err from None
@@ -579,8 +584,16 @@ def _checked_load(
 class Origins:
     """The origin clients of one gateway, one per address the classes name."""
 
-    def __init__(self, config: OriginConfig, addresses: Sequence[str]) -> None:
-        self._clients = {a: OriginClient(a, config) for a in dict.fromkeys(addresses) if a}
+    def __init__(
+        self,
+        config: OriginConfig,
+        addresses: Sequence[str],
+        *,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self._clients = {
+            a: OriginClient(a, config, metadata=metadata) for a in dict.fromkeys(addresses) if a
+        }
 
     def __bool__(self) -> bool:
         return bool(self._clients)

@@ -6,9 +6,7 @@ adds processes and signals.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import secrets
 import time
 
 import grpc
@@ -17,25 +15,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.trace import TracerProvider
 
-from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.admission import Admission, MethodHandler
-from cachegw_gateway.bus import EventBus
-from cachegw_gateway.cache import Cache
 from cachegw_gateway.config import MAX_MESSAGE_BYTES, GatewayConfig, ServerConfig
-from cachegw_gateway.flusher import Flusher
-from cachegw_gateway.journal import Journal
-from cachegw_gateway.l1tier import new_l1
-from cachegw_gateway.l2 import L2Unavailable, RedisStore
-from cachegw_gateway.lastknown import LastKnown
-from cachegw_gateway.origin import Origins
 from cachegw_gateway.policy import PolicyTable
-from cachegw_gateway.servicer import SERVICE_NAME, CacheServicer
+from cachegw_gateway.servicer import SERVICE_NAME
+from cachegw_gateway.space import Space
 from cachegw_gateway.stats import GatewayStats
-from cachegw_gateway.subscriptions import SubscriberHub
 from cachegw_gateway.telemetry.service import Telemetry
-from cachegw_gateway.warmup import HOT_KEYS_TRACKED
 from cachegw_gateway.workers import WorkerSlot
-from cachegw_native.hotkeys import HotKeys
 
 log = logging.getLogger(__name__)
 
@@ -63,63 +50,22 @@ class GatewayServer:
         self.redis_url = redis_url
         self.policy = PolicyTable.from_config(config)
         self.stats = GatewayStats()
-        self.store = RedisStore.from_config(config.redis, redis_url, self.stats)
-        self.l1 = new_l1(config.l1)
-        self.hotkeys = HotKeys(HOT_KEYS_TRACKED)
-        # Stale-if-error's last known copies, only when a class asks for them.
-        self.last_known = (
-            LastKnown(config.l1.max_entries, config.l1.stale_if_error_max_bytes)
-            if any(kc.stale_if_error_ms for kc in self.policy.classes)
-            else None
-        )
+        # Without tenants, one key space at redis.prefix (space.py); the attributes below
+        # are its parts, as tests and tools reach them.
+        self.space = Space(config, redis_url, self.policy, stats=self.stats)
+        self.store = self.space.store
+        self.l1 = self.space.l1
+        self.hotkeys = self.space.hotkeys
+        self.last_known = self.space.last_known
         self.gateway_id = config.server.gateway_id
-        # Events carry this as their origin; the random part tells this process's own
-        # events apart even when two gateways were given the same id.
-        self.origin = f"{self.gateway_id}/{secrets.token_hex(3)}"
-        # One client per origin address the classes name (read- and write-through).
-        self.origins = Origins(
-            config.origin,
-            [
-                kc.origin
-                for kc in self.policy.classes
-                if kc.read_through or kc.write_through or kc.write_behind
-            ],
-        )
-        # Write-behind: the journal in Redis, and this gateway's flusher of it.
-        wb = config.write_behind
-        self.journal = Journal(self.store, wb.shards, wb.dead_letter_max_len)
-        self.flusher = Flusher(
-            self.journal, self.origins, self.policy, self.stats, wb, self.gateway_id
-        )
-        self.cache = Cache(
-            self.store,
-            self.l1,
-            self.policy,
-            self.hotkeys,
-            origin=self.origin,
-            invalidation=config.invalidation,
-            last_known=self.last_known,
-            origins=self.origins,
-            journal=self.journal,
-            max_ttl_ms=round(config.server.max_ttl_seconds * 1000),
-            max_key_bytes=config.server.max_key_bytes,
-        )
-        self.hub = SubscriberHub(
-            self.origin,
-            config.invalidation.subscriber_queue,
-            self.stats,
-            max_bytes=config.invalidation.subscriber_queue_bytes,
-        )
-        self.bus = EventBus(
-            self.store.pubsub_client,
-            self.store.events_channel,
-            self.store.fills_channel,
-            on_event=self._on_event,
-            on_fill=self.cache.on_fill,
-            on_lost=self._on_lost,
-            on_live=self.cache.subscription_live,
-            max_backoff=config.invalidation.resubscribe_max_backoff_seconds,
-        )
+        self.origin = self.space.origin
+        self.origins = self.space.origins
+        self.journal = self.space.journal
+        self.flusher = self.space.flusher
+        self.cache = self.space.cache
+        self.hub = self.space.hub
+        self.bus = self.space.bus
+        self.servicer = self.space.servicer
         # Tracing is on exactly when a provider is given (main.py builds it from config).
         self.telemetry = Telemetry(
             config,
@@ -135,16 +81,10 @@ class GatewayServer:
             worker_index=worker.index if worker is not None else 0,
             workers=worker.count if worker is not None else 0,
         )
+        self.servicer.stats_source = self.telemetry.stats
         self.health = health_aio.HealthServicer()
         self._server = grpc.aio.server(
             options=server_options(config.server, reuse_port=worker is not None)
-        )
-        self.servicer = CacheServicer(
-            self.cache,
-            self.policy,
-            config.server,
-            self.hub,
-            stats=self.telemetry.stats,
         )
         # Telemetry outside admission: refused calls show in the RPC figures too.
         self.admission = Admission(config.server, self.stats)
@@ -157,20 +97,8 @@ class GatewayServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        self._background: list[asyncio.Task[None]] = []
-        self._refresher: asyncio.Task[None] | None = None
         self.port = 0
         self.started_at = 0.0
-
-    # -- the invalidation bus -------------------------------------------------------------
-
-    def _on_event(self, event: pb.InvalidationEvent) -> None:
-        self.cache.on_event(event)
-        self.hub.deliver(event)
-
-    def _on_lost(self, reason: str) -> None:
-        self.cache.subscription_lost(reason)
-        self.hub.reset_all()
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -183,20 +111,9 @@ class GatewayServer:
         self.port = self._server.add_insecure_port(self.config.server.listen)
         if self.port == 0:
             raise OSError(f"could not listen on {self.config.server.listen}")
-        try:
-            await self.store.load_scripts()
-        except L2Unavailable as exc:
-            log.warning("could not load the Lua scripts at start (loaded on first use): %s", exc)
-        if not await self.bus.start(wait=2.0):
-            log.warning("invalidation subscription not live yet: serving without L1 fills")
-        if self.config.l1.warm_keys and self.bus.live:
-            await self.cache.warm_from_hot_keys(self.config.l1.warm_keys)
+        await self.space.start()
         await self._server.start()
         self.started_at = time.monotonic()
-        self._background.append(asyncio.create_task(self.cache.record_hot_keys_forever()))
-        self.flusher.start()
-        if self.cache.refresh_ahead is not None:
-            self._refresher = asyncio.create_task(self.cache.refresh_ahead.run_forever())
         await self.telemetry.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
@@ -217,23 +134,10 @@ class GatewayServer:
         delay = self.config.server.drain_delay_seconds if drain_delay is None else drain_delay
         if delay > 0:
             await asyncio.sleep(delay)
-        self.hub.drain()
+        self.space.end_streams()
         await self._server.stop(grace)
-        if self._refresher is not None:  # before drain closes the origins' channels
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-        await self.flusher.stop(within=grace)
-        await self.cache.drain()
-        for task in self._background:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        with contextlib.suppress(L2Unavailable):
-            await self.record_hot_keys()
-        await self.bus.stop()
-        await self.telemetry.stop()
-        await self.store.close()
+        await self.telemetry.stop()  # its Redis probe before the store closes
+        await self.space.close(grace)
 
     @property
     def metrics_address(self) -> str | None:

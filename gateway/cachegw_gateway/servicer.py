@@ -101,7 +101,8 @@ class CacheServicer:
         self._cache = cache
         self._policy = policy
         self._hub = hub
-        self._stats = stats
+        # The Stats answer (the gateway's telemetry, or a tenant's own figures).
+        self.stats_source = stats
         self._max_key = limits.max_key_bytes
         self._max_batch = limits.max_batch_keys
         self._max_response = limits.max_response_bytes
@@ -473,10 +474,10 @@ class CacheServicer:
     ) -> pb.StatsResponse:
         if isinstance(request, BadMessage):
             await self._reject(context, request)
-        if self._stats is None:
+        if self.stats_source is None:
             await _abort_unimplemented(context, "Stats", "observability")
         try:
-            return self._stats(request)
+            return self.stats_source(request)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
