@@ -121,6 +121,33 @@ class WriteBehindConfig:
 
 
 @dataclass(frozen=True)
+class TenantsConfig:
+    """Tenants (with ``[auth]`` on every call names one; tenancy.py): ``[tenants]``. Each
+    tenant's keys live in their own key space (space.py); the quotas below apply to every
+    tenant unless a ``[[tenant]]`` entry names its own."""
+
+    max_per_gateway: int = 16  # tenant spaces one gateway process holds at once
+    # Each tenant's L1; 0 = l1.max_bytes / max_per_gateway (the L1 bound holds in all).
+    l1_max_bytes: int = 0
+    l1_max_entries: int = 0  # 0 = l1.max_entries / max_per_gateway
+    # Calls per second across every gateway (a token bucket in Redis); 0 = no limit.
+    requests_per_second: float = 0.0
+    burst: int = 0  # calls allowed at once after a quiet spell; 0 = one second's worth
+    max_subscribers: int = 0  # Subscribe streams open at once across gateways; 0 = no limit
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    """One ``[[tenant]]`` entry: a tenant's own quotas (unset = the ``[tenants]`` value);
+    the tenants named here get their key space at start."""
+
+    name: str
+    requests_per_second: float | None = None
+    burst: int | None = None
+    max_subscribers: int | None = None
+
+
+@dataclass(frozen=True)
 class L1Config:
     max_entries: int = 100_000
     max_bytes: int = 256 * 1024 * 1024
@@ -240,6 +267,8 @@ class GatewayConfig:
     write_behind: WriteBehindConfig = field(default_factory=WriteBehindConfig)
     classes: tuple[KeyClassConfig, ...] = ()
     default_class: KeyClassConfig = field(default_factory=lambda: KeyClassConfig("default"))
+    tenants: TenantsConfig = field(default_factory=TenantsConfig)
+    tenant: tuple[TenantConfig, ...] = ()
 
 
 CONFIG_ENV = "CACHEGW_CONFIG"
@@ -277,9 +306,10 @@ _TABLES: dict[str, type[Any]] = {
     "origin": OriginConfig,
     "origin.breaker": BreakerConfig,
     "write_behind": WriteBehindConfig,
+    "tenants": TenantsConfig,
 }
 _FIXED = {"default_class": ("name", "patterns")}
-_TOP_LEVEL = (*(t for t in _TABLES if "." not in t), "classes")
+_TOP_LEVEL = (*(t for t in _TABLES if "." not in t), "classes", "tenant")
 _CLASS_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _INT = re.compile(r"[+-]?[0-9][0-9_]*")
 _OTLP_ENDPOINT = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):[0-9]{1,5}/?")
@@ -296,6 +326,7 @@ def _keys(cls: type[Any], table: str = "") -> dict[str, str]:
 
 
 _CLASS_KEYS = _keys(KeyClassConfig)
+_TENANT_KEYS = _keys(TenantConfig)
 _DOTTED = [f"{t}.{k}" for t, cls in _TABLES.items() for k in _keys(cls, t)]
 
 
@@ -328,6 +359,8 @@ _RATE_LIMIT_KEYS = {"rate": "int", "period_seconds": "float", "burst": "int", "a
 def _coerce(where: str, value: object, kind: str, text_ok: bool) -> object:
     """Check a value against a field's type. Env vars and flags arrive as text (`text_ok`),
     so only those may be parsed; a TOML value must already have the right type."""
+    if kind.endswith(" | None") and kind != "RateLimitConfig | None":
+        kind = kind.removesuffix(" | None")  # optional in [[tenant]]: left out = unset
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -444,7 +477,7 @@ def _layer_file(
     for top, value in doc.items():
         if top not in _TOP_LEVEL:
             raise _unknown(src, top, _TOP_LEVEL)
-        if top == "classes":
+        if top in ("classes", "tenant"):
             continue
         if not isinstance(value, dict):
             raise ConfigError(f"{src}: {top} must be a table ([{top}]), got {value!r}")
@@ -483,6 +516,27 @@ def _layer_file(
             raise ConfigError(f"{src}: {at}.name is required")
         classes.append((f"{src}: {at}", values))
     return classes
+
+
+def _tenant_entries(src: str, doc: Mapping[str, Any]) -> list[TenantConfig]:
+    """The [[tenant]] entries, checked and coerced."""
+    entries = doc.get("tenant", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{src}: tenant must be an array of tables: write [[tenant]]")
+    out: list[TenantConfig] = []
+    for i, entry in enumerate(entries):
+        at = f"tenant[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{src}: {at} must be a table (got {entry!r})")
+        values: dict[str, object] = {}
+        for key, item in entry.items():
+            if key not in _TENANT_KEYS:
+                raise _unknown(src, f"{at}.{key}", [f"{at}.{k}" for k in _TENANT_KEYS])
+            values[key] = _coerce(f"{src}: {at}.{key}", item, _TENANT_KEYS[key], text_ok=False)
+        if "name" not in values:
+            raise ConfigError(f"{src}: {at}.name is required")
+        out.append(_make(TenantConfig, values))
+    return out
 
 
 def _layer_subtable(
@@ -847,6 +901,7 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
         )
     _check_breaker(w, c.origin.breaker, "origin.breaker.")
     _check_write_behind(w, c.write_behind)
+    _check_tenants(w, c)
 
     for key in ("stream_max_len", "subscriber_queue", "subscriber_queue_bytes"):
         _positive(w(f"invalidation.{key}"), getattr(c.invalidation, key))
@@ -882,6 +937,42 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
         seen[kc.name] = at.rpartition(": ")[2]
     _check_class(lambda key: w(f"default_class.{key}"), c.default_class, c.server.max_ttl_seconds)
     _check_fail_safe_and_refresh(lambda key: w(f"default_class.{key}"), c.default_class, c.origin)
+
+
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def _check_quota(where: str, rate: float | None, burst: int | None, subs: int | None) -> None:
+    if rate is not None and not 0 <= rate <= MAX_RATE:
+        raise ConfigError(
+            f"{where}requests_per_second must be in [0, {MAX_RATE}], 0 = no limit "
+            f"(got {_num(rate)})"
+        )
+    if burst is not None and not 0 <= burst <= MAX_RATE:
+        raise ConfigError(f"{where}burst must be in [0, {MAX_RATE}] (got {burst})")
+    if subs is not None and subs < 0:
+        raise ConfigError(f"{where}max_subscribers must be >= 0, 0 = no limit (got {subs})")
+
+
+def _check_tenants(w: Callable[[str], str], c: GatewayConfig) -> None:
+    t = c.tenants
+    _positive(w("tenants.max_per_gateway"), t.max_per_gateway)
+    for key in ("l1_max_bytes", "l1_max_entries"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"{w(f'tenants.{key}')} must be >= 0 (got {getattr(t, key)})")
+    _check_quota("tenants.", t.requests_per_second, t.burst, t.max_subscribers)
+    seen: set[str] = set()
+    for i, e in enumerate(c.tenant):
+        at = f"tenant[{i}]."
+        if not TENANT_NAME.fullmatch(e.name):
+            raise ConfigError(
+                f"{at}name must be 1-32 of a-z, 0-9, '_' and '-', starting with a letter or "
+                f"digit (got {e.name!r})"
+            )
+        if e.name in seen:
+            raise ConfigError(f"{at}name: tenant {e.name!r} is named twice")
+        seen.add(e.name)
+        _check_quota(at, e.requests_per_second, e.burst, e.max_subscribers)
 
 
 def _check_write_behind(w: Callable[[str], str], wb: WriteBehindConfig) -> None:
@@ -1078,8 +1169,11 @@ def load_config(
     tables: dict[str, dict[str, object]] = {name: {} for name in _TABLES}
 
     class_entries: list[tuple[str, dict[str, object]]] = []
+    tenant_entries: list[TenantConfig] = []
     if path is not None:
-        class_entries = _layer_file(src, _read_file(path), tables, sources)
+        doc = _read_file(path)
+        class_entries = _layer_file(src, doc, tables, sources)
+        tenant_entries = _tenant_entries(src, doc)
     for var, dotted in ENV_VARS.items():
         if env.get(var):
             _layer_text(f"environment {var}", dotted, env[var], tables, sources)
@@ -1104,6 +1198,8 @@ def load_config(
         default_class=_make(
             KeyClassConfig, {"name": DEFAULT_CLASS_NAME, **tables["default_class"]}
         ),
+        tenants=_make(TenantsConfig, tables["tenants"]),
+        tenant=tuple(tenant_entries),
     )
     _validate(config, sources, [at for at, _ in class_entries])
     if not config.server.gateway_id:

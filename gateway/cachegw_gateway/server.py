@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio is
@@ -16,13 +17,26 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.trace import TracerProvider
 
 from cachegw_gateway.admission import Admission, MethodHandler
-from cachegw_gateway.config import MAX_MESSAGE_BYTES, GatewayConfig, ServerConfig
+from cachegw_gateway.bus import EventBus
+from cachegw_gateway.cache import Cache
+from cachegw_gateway.config import MAX_MESSAGE_BYTES, GatewayConfig, L1Config, ServerConfig
+from cachegw_gateway.flusher import Flusher
+from cachegw_gateway.journal import Journal
+from cachegw_gateway.l1tier import new_l1
+from cachegw_gateway.l2 import RedisStore
+from cachegw_gateway.lastknown import LastKnown
+from cachegw_gateway.origin import Origins
 from cachegw_gateway.policy import PolicyTable
-from cachegw_gateway.servicer import SERVICE_NAME
+from cachegw_gateway.servicer import SERVICE_NAME, CacheServicer
 from cachegw_gateway.space import Space
 from cachegw_gateway.stats import GatewayStats
+from cachegw_gateway.subscriptions import SubscriberHub
 from cachegw_gateway.telemetry.service import Telemetry
+from cachegw_gateway.tenancy import Principal, TenantRouter
 from cachegw_gateway.workers import WorkerSlot
+from cachegw_native.coalescer import Coalescer
+from cachegw_native.hotkeys import HotKeys
+from cachegw_native.l1 import L1Cache
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +57,7 @@ class GatewayServer:
         *,
         tracer_provider: TracerProvider | None = None,
         worker: WorkerSlot | None = None,
+        principal: Callable[[], Principal | None] | None = None,
     ) -> None:
         self.config = config
         # Under a supervisor (workers.py): every worker binds the same port.
@@ -50,38 +65,63 @@ class GatewayServer:
         self.redis_url = redis_url
         self.policy = PolicyTable.from_config(config)
         self.stats = GatewayStats()
-        # Without tenants, one key space at redis.prefix (space.py); the attributes below
-        # are its parts, as tests and tools reach them.
-        self.space = Space(config, redis_url, self.policy, stats=self.stats)
-        self.store = self.space.store
-        self.l1 = self.space.l1
-        self.hotkeys = self.space.hotkeys
-        self.last_known = self.space.last_known
         self.gateway_id = config.server.gateway_id
-        self.origin = self.space.origin
-        self.origins = self.space.origins
-        self.journal = self.space.journal
-        self.flusher = self.space.flusher
-        self.cache = self.space.cache
-        self.hub = self.space.hub
-        self.bus = self.space.bus
-        self.servicer = self.space.servicer
-        # Tracing is on exactly when a provider is given (main.py builds it from config).
-        self.telemetry = Telemetry(
-            config,
-            service=SERVICE_NAME,
-            stats=self.stats,
-            l1=self.l1,
-            reads=self.cache.reads,
-            hotkeys=self.hotkeys,
-            store=self.store,
-            policy=self.policy,
-            tracer_provider=tracer_provider,
-            origins=self.origins,
-            worker_index=worker.index if worker is not None else 0,
-            workers=worker.count if worker is not None else 0,
-        )
-        self.servicer.stats_source = self.telemetry.stats
+        worker_index = worker.index if worker is not None else 0
+        workers = worker.count if worker is not None else 0
+        self.space: Space | None = None
+        self.tenants: TenantRouter | None = None
+        target: CacheServicer | TenantRouter
+        if principal is None:
+            # Without tenants: one key space at redis.prefix (space.py).
+            self.space = space = Space(config, redis_url, self.policy, stats=self.stats)
+            self.store = space.store
+            self.telemetry = Telemetry(
+                config,
+                service=SERVICE_NAME,
+                stats=self.stats,
+                l1=space.l1,
+                reads=space.cache.reads,
+                hotkeys=space.hotkeys,
+                store=space.store,
+                policy=self.policy,
+                tracer_provider=tracer_provider,
+                origins=space.origins,
+                worker_index=worker_index,
+                workers=workers,
+            )
+            space.servicer.stats_source = self.telemetry.stats
+            target = space.servicer
+        else:
+            # With tenants (tenancy.py): a space per tenant; this store, at redis.prefix,
+            # holds the tenants' quotas and answers the Redis probe.
+            self.store = RedisStore.from_config(config.redis, redis_url, self.stats)
+            t = config.telemetry
+            exporter = t.exporter if tracer_provider is not None else "none"
+            self.tenants = TenantRouter(
+                config,
+                redis_url,
+                self.policy,
+                self.store,
+                principal,
+                ping_seconds=lambda: self.telemetry.redis_watch.ping_seconds,
+                trace_exporter=exporter,
+                sample_ratio=t.sample_ratio if tracer_provider is not None else 0.0,
+            )
+            self.telemetry = Telemetry(
+                config,
+                service=SERVICE_NAME,
+                stats=self.stats,
+                l1=new_l1(L1Config(max_entries=1, max_bytes=1 << 20, warm_keys=0)),
+                reads=Coalescer(),
+                hotkeys=HotKeys(1),
+                store=self.store,
+                policy=self.policy,
+                tracer_provider=tracer_provider,
+                worker_index=worker_index,
+                workers=workers,
+                parts=self.tenants.snapshots,
+            )
+            target = self.tenants
         self.health = health_aio.HealthServicer()
         self._server = grpc.aio.server(
             options=server_options(config.server, reuse_port=worker is not None)
@@ -92,13 +132,64 @@ class GatewayServer:
         def wrap(method: str, handler: MethodHandler) -> MethodHandler:
             return self.telemetry.wrap(method, self.admission.wrap(method, handler))
 
-        self._server.add_generic_rpc_handlers((self.servicer.handler(wrap=wrap),))
+        self._server.add_generic_rpc_handlers((target.handler(wrap=wrap),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
         self.port = 0
         self.started_at = 0.0
+
+    # -- the key space of a gateway without tenants, as tests and tools reach it ----------
+
+    def _space(self) -> Space:
+        if self.space is None:
+            raise AttributeError("a gateway with tenants has a key space per tenant")
+        return self.space
+
+    @property
+    def cache(self) -> Cache:
+        return self._space().cache
+
+    @property
+    def l1(self) -> L1Cache:
+        return self._space().l1
+
+    @property
+    def hotkeys(self) -> HotKeys:
+        return self._space().hotkeys
+
+    @property
+    def hub(self) -> SubscriberHub:
+        return self._space().hub
+
+    @property
+    def bus(self) -> EventBus:
+        return self._space().bus
+
+    @property
+    def journal(self) -> Journal:
+        return self._space().journal
+
+    @property
+    def flusher(self) -> Flusher:
+        return self._space().flusher
+
+    @property
+    def origins(self) -> Origins:
+        return self._space().origins
+
+    @property
+    def origin(self) -> str:
+        return self._space().origin
+
+    @property
+    def last_known(self) -> LastKnown | None:
+        return self._space().last_known
+
+    @property
+    def servicer(self) -> CacheServicer:
+        return self._space().servicer
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -111,7 +202,10 @@ class GatewayServer:
         self.port = self._server.add_insecure_port(self.config.server.listen)
         if self.port == 0:
             raise OSError(f"could not listen on {self.config.server.listen}")
-        await self.space.start()
+        if self.space is not None:
+            await self.space.start()
+        if self.tenants is not None:
+            await self.tenants.start()
         await self._server.start()
         self.started_at = time.monotonic()
         await self.telemetry.start()
@@ -121,7 +215,11 @@ class GatewayServer:
         return self.port
 
     async def record_hot_keys(self) -> None:
-        await self.cache.record_hot_keys()
+        if self.space is not None:
+            await self.space.cache.record_hot_keys()
+        if self.tenants is not None:
+            for t in self.tenants.tenants.values():
+                await t.space.cache.record_hot_keys()
 
     async def stop(self, grace: float | None = None, drain_delay: float | None = None) -> None:
         """Drain: NOT_SERVING (calls still served for `server.drain_delay_seconds`, while
@@ -134,10 +232,17 @@ class GatewayServer:
         delay = self.config.server.drain_delay_seconds if drain_delay is None else drain_delay
         if delay > 0:
             await asyncio.sleep(delay)
-        self.space.end_streams()
+        if self.space is not None:
+            self.space.end_streams()
+        if self.tenants is not None:
+            self.tenants.end_streams()
         await self._server.stop(grace)
         await self.telemetry.stop()  # its Redis probe before the store closes
-        await self.space.close(grace)
+        if self.space is not None:
+            await self.space.close(grace)
+        if self.tenants is not None:
+            await self.tenants.close(grace)
+            await self.store.close()
 
     @property
     def metrics_address(self) -> str | None:

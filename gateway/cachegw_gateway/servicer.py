@@ -567,40 +567,44 @@ class CacheServicer:
 
     def handler(self, wrap: HandlerWrap | None = None) -> grpc.GenericRpcHandler[Any, Any]:
         """The service's handlers; `wrap(method, handler)` may decorate each (telemetry)."""
+        return service_handler(self, wrap)
 
-        def unary(
-            fn: Callable[..., Awaitable[Any]], req: Any, resp: Any | None
-        ) -> grpc.RpcMethodHandler[Any, Any]:
-            return grpc.unary_unary_rpc_method_handler(
-                fn,
-                request_deserializer=lenient_parser(req),  # type: ignore[arg-type]
-                response_serializer=None if resp is None else resp.SerializeToString,
-            )
 
-        handlers = {
-            # None: the handler already returns encoded bytes.
-            "Get": unary(self.get, pb.GetRequest, None),
-            "GetMany": unary(self.get_many, pb.GetManyRequest, None),
-            "Set": unary(self.set, pb.SetRequest, pb.SetResponse),
-            "SetMany": unary(self.set_many, pb.SetManyRequest, pb.SetManyResponse),
-            "DeleteMany": unary(self.delete_many, pb.DeleteManyRequest, pb.DeleteManyResponse),
-            "Delete": unary(self.delete, pb.DeleteRequest, pb.DeleteResponse),
-            "Invalidate": unary(self.invalidate, pb.InvalidateRequest, pb.InvalidateResponse),
-            "Warmup": unary(self.warmup, pb.WarmupRequest, pb.WarmupResponse),
-            "Stats": unary(self.stats, pb.StatsRequest, pb.StatsResponse),
-            "Allow": unary(self.allow, pb.AllowRequest, pb.AllowResponse),
-            "Incr": unary(self.incr, pb.IncrRequest, pb.IncrResponse),
-            "Touch": unary(self.touch, pb.TouchRequest, pb.TouchResponse),
-            "Ttl": unary(self.ttl, pb.TtlRequest, pb.TtlResponse),
-            "ReleaseLease": unary(
-                self.release_lease, pb.ReleaseLeaseRequest, pb.ReleaseLeaseResponse
-            ),
-            "Subscribe": grpc.unary_stream_rpc_method_handler(
-                self.subscribe,
-                request_deserializer=lenient_parser(pb.SubscribeRequest),  # type: ignore[arg-type]
-                response_serializer=pb.InvalidationEvent.SerializeToString,
-            ),
-        }
-        if wrap is not None:
-            handlers = {name: wrap(name, h) for name, h in handlers.items()}
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+def service_handler(
+    target: Any, wrap: HandlerWrap | None = None
+) -> grpc.GenericRpcHandler[Any, Any]:
+    """CacheService's handlers calling `target`'s methods (a CacheServicer, or the
+    tenant router with the same methods); `wrap(method, handler)` may decorate each."""
+
+    def unary(name: str, req: Any, resp: Any | None) -> grpc.RpcMethodHandler[Any, Any]:
+        return grpc.unary_unary_rpc_method_handler(
+            getattr(target, name),
+            request_deserializer=lenient_parser(req),  # type: ignore[arg-type]
+            response_serializer=None if resp is None else resp.SerializeToString,
+        )
+
+    handlers = {
+        # None: the handler already returns encoded bytes.
+        "Get": unary("get", pb.GetRequest, None),
+        "GetMany": unary("get_many", pb.GetManyRequest, None),
+        "Set": unary("set", pb.SetRequest, pb.SetResponse),
+        "SetMany": unary("set_many", pb.SetManyRequest, pb.SetManyResponse),
+        "DeleteMany": unary("delete_many", pb.DeleteManyRequest, pb.DeleteManyResponse),
+        "Delete": unary("delete", pb.DeleteRequest, pb.DeleteResponse),
+        "Invalidate": unary("invalidate", pb.InvalidateRequest, pb.InvalidateResponse),
+        "Warmup": unary("warmup", pb.WarmupRequest, pb.WarmupResponse),
+        "Stats": unary("stats", pb.StatsRequest, pb.StatsResponse),
+        "Allow": unary("allow", pb.AllowRequest, pb.AllowResponse),
+        "Incr": unary("incr", pb.IncrRequest, pb.IncrResponse),
+        "Touch": unary("touch", pb.TouchRequest, pb.TouchResponse),
+        "Ttl": unary("ttl", pb.TtlRequest, pb.TtlResponse),
+        "ReleaseLease": unary("release_lease", pb.ReleaseLeaseRequest, pb.ReleaseLeaseResponse),
+        "Subscribe": grpc.unary_stream_rpc_method_handler(
+            target.subscribe,
+            request_deserializer=lenient_parser(pb.SubscribeRequest),  # type: ignore[arg-type]
+            response_serializer=pb.InvalidationEvent.SerializeToString,
+        ),
+    }
+    if wrap is not None:
+        handlers = {name: wrap(name, h) for name, h in handlers.items()}
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

@@ -5,6 +5,7 @@ and the Stats answer. `GatewayServer` creates one and starts and stops it with i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, TypeAlias, cast
 
 import grpc
@@ -20,7 +21,7 @@ from cachegw_gateway.telemetry import tracing
 from cachegw_gateway.telemetry.latency import RpcLatency
 from cachegw_gateway.telemetry.metrics import MetricsServer
 from cachegw_gateway.telemetry.redis_watch import RedisWatch
-from cachegw_gateway.telemetry.snapshot import Snapshot, Sources, stats_response
+from cachegw_gateway.telemetry.snapshot import Snapshot, Sources, merge_snapshots, stats_response
 from cachegw_native.coalescer import Coalescer
 from cachegw_native.hotkeys import HotKeys
 from cachegw_native.l1 import L1Cache
@@ -46,8 +47,11 @@ class Telemetry:
         origins: Origins | None = None,
         worker_index: int = 0,
         workers: int = 0,
+        parts: Callable[[], list[Snapshot]] | None = None,
     ) -> None:
         t = config.telemetry
+        # With tenants: each tenant space's figures, added to this gateway's own.
+        self._parts = parts
         self.latency = RpcLatency()
         self.redis_watch = RedisWatch(store)
         self.tracer_provider = tracer_provider
@@ -82,7 +86,8 @@ class Telemetry:
         return self._spans is not None
 
     def snapshot(self, top_keys: int = 0) -> Snapshot:
-        return self.sources.snapshot(top_keys)
+        own = self.sources.snapshot(top_keys)
+        return own if self._parts is None else merge_snapshots(own, self._parts())
 
     def stats(self, request: pb.StatsRequest) -> pb.StatsResponse:
         """The Stats answer; raises InvalidRequest for an unknown class."""

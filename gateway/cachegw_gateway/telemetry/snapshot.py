@@ -259,3 +259,46 @@ def origin_figures(origins: Origins | None) -> dict[str, OriginFigures]:
         )
         for c in origins.clients
     }
+
+
+def merge_snapshots(base: Snapshot, parts: list[Snapshot]) -> Snapshot:
+    """The gateway-wide figures: `base` (calls per RPC, admission, the process) plus every
+    tenant space's counts. Levels that are states (Redis up, breaker) take the worst."""
+    if not parts:
+        return base
+    gateway = dict(base.gateway)
+    classes = {name: dict(c) for name, c in base.classes.items()}
+    l1 = dict(base.l1)
+    errors = dict(base.redis_error_replies)
+    nodes = dict(base.breaker_nodes)
+    coalesced, reads = base.coalesced, base.redis_reads
+    for p in parts:
+        for k, v in p.gateway.items():
+            if k == "redis_up":
+                gateway[k] = min(gateway.get(k, 1), v)
+            elif k == "breaker_state":
+                gateway[k] = max(gateway.get(k, -1), v)
+            else:
+                gateway[k] = gateway.get(k, 0) + v
+        for name, counts in p.classes.items():
+            into = classes.setdefault(name, {})
+            for k, v in counts.items():
+                into[k] = into.get(k, 0) + v
+        for k, v in p.l1.items():
+            l1[k] = l1.get(k, 0) + v
+        for k, v in p.redis_error_replies.items():
+            errors[k] = errors.get(k, 0) + v
+        for k, v in p.breaker_nodes.items():
+            nodes[k] = max(nodes.get(k, 0), v)
+        coalesced += p.coalesced
+        reads += p.redis_reads
+    return dataclasses.replace(
+        base,
+        gateway=gateway,
+        classes=classes,
+        l1=l1,
+        redis_error_replies=errors,
+        breaker_nodes=nodes,
+        coalesced=coalesced,
+        redis_reads=reads,
+    )
