@@ -64,7 +64,7 @@ async def test_a_refused_gateway_backs_off_without_asking_redis(stores: list[Red
 async def test_redis_down_lets_calls_through(redis_server: ManagedRedis) -> None:
     store = RedisStore.from_config(RedisConfig(), redis_server.url)
     quota = RateQuota(RateLimiter(store), "tenant-rate:x", 1.0, 1)
-    streams = StreamQuota(store, "cgw:tenant-streams:x", 1)
+    streams = StreamQuota(store, "cg:tenant-streams:x", 1)
     redis_server.stop()
     try:
         assert await quota.take() == 0
@@ -77,7 +77,7 @@ async def test_redis_down_lets_calls_through(redis_server: ManagedRedis) -> None
 
 
 async def test_streams_counted_across_gateways(stores: list[RedisStore]) -> None:
-    key = "cgw:tenant-streams:acme"
+    key = "cg:tenant-streams:acme"
     q = [StreamQuota(s, key, 2, lapse_seconds=1.0) for s in stores]
     assert await q[0].open("gw0/a")
     assert await q[1].open("gw1/b")

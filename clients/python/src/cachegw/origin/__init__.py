@@ -20,15 +20,18 @@ past 2^53 are the origin's bug: the call fails INTERNAL with the reason, logged 
 raise `OriginUnavailable` (or let an `OSError` / `TimeoutError` escape) when the data
 cannot be reached now: the gateway answers its callers UNAVAILABLE and tries again for
 the next one. `store`, `remove` and `list_keys` are optional: a method not overridden
-answers UNIMPLEMENTED. Every call is logged at INFO (method and keys) on the
-``cachegw.origin`` logger. `cachegw.origin.postgres` is a complete example over a
-PostgreSQL table.
+answers UNIMPLEMENTED. Behind a gateway with tenants, `current_tenant()` names the
+tenant a call is made for ("" without tenants): an origin serving several tenants keeps
+their data apart by it, as the gateway does in Redis. Every call is logged at INFO
+(method and keys) on the ``cachegw.origin`` logger. `cachegw.origin.postgres` is a
+complete example over a PostgreSQL table.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -49,6 +52,7 @@ __all__ = [
     "StoreAnswer",
     "Stored",
     "Write",
+    "current_tenant",
 ]
 
 log = logging.getLogger("cachegw.origin")
@@ -59,6 +63,22 @@ MAX_VERSION = 2**53 - 1
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
+
+# The gateway names the tenant of each call in this metadata (gateway: space.py).
+TENANT_METADATA = "cachegw-tenant"
+_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("cachegw_origin_tenant", default="")
+
+
+def current_tenant() -> str:
+    """The tenant the call being served is made for; "" from a gateway without tenants."""
+    return _tenant.get()
+
+
+def _tenant_of(context: Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_METADATA:
+            return value if isinstance(value, str) else value.decode()
+    return ""
 
 
 class OriginUnavailable(Exception):
@@ -227,6 +247,7 @@ class Origin:
     # -- the gRPC face ---------------------------------------------------------------------
 
     async def _call(self, context: Context, method: str, work: Callable[[], Awaitable[T]]) -> T:
+        _tenant.set(_tenant_of(context))  # this call's task only
         try:
             return await work()
         except NotImplementedError:
