@@ -31,6 +31,7 @@ from cachegw_gateway.servicer import SERVICE_NAME, CacheServicer
 from cachegw_gateway.space import Space
 from cachegw_gateway.stats import GatewayStats
 from cachegw_gateway.subscriptions import SubscriberHub
+from cachegw_gateway.telemetry import tracing
 from cachegw_gateway.telemetry.service import Telemetry
 from cachegw_gateway.tenancy import Principal, TenantRouter
 from cachegw_gateway.workers import WorkerSlot
@@ -106,6 +107,7 @@ class GatewayServer:
                 ping_seconds=lambda: self.telemetry.redis_watch.ping_seconds,
                 trace_exporter=exporter,
                 sample_ratio=t.sample_ratio if tracer_provider is not None else 0.0,
+                on_space=lambda space: self._traced(space, tracer_provider),
             )
             self.telemetry = Telemetry(
                 config,
@@ -139,6 +141,12 @@ class GatewayServer:
         )
         self.port = 0
         self.started_at = 0.0
+
+    @staticmethod
+    def _traced(space: Space, provider: TracerProvider | None) -> None:
+        """A tenant's space: its Redis commands traced as the gateway's are."""
+        if provider is not None:
+            tracing.instrument_redis(space.store.client, provider)
 
     # -- the key space of a gateway without tenants, as tests and tools reach it ----------
 

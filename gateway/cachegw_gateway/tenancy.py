@@ -86,6 +86,7 @@ class TenantRouter:
         ping_seconds: Callable[[], float] = lambda: 0.0,
         trace_exporter: str = "none",
         sample_ratio: float = 0.0,
+        on_space: Callable[[Space], None] = lambda space: None,
     ) -> None:
         self._config = config
         self._redis_url = redis_url
@@ -99,6 +100,7 @@ class TenantRouter:
         self._ping_seconds = ping_seconds
         self._trace_exporter = trace_exporter
         self._sample_ratio = sample_ratio
+        self._on_space = on_space  # e.g. tracing of the space's Redis client
         t = config.tenants
         n = t.max_per_gateway
         self._l1 = dataclasses.replace(
@@ -145,6 +147,7 @@ class TenantRouter:
             l1=self._l1,
         )
         space.servicer.stats_source = self._stats_source(space)
+        self._on_space(space)
         await space.start()
         rate, streams = self._quotas(name)
         tenant = Tenant(name, space, rate, streams)
@@ -162,6 +165,8 @@ class TenantRouter:
             return found
         task = self._starting.get(name)
         if task is None:
+            if self.draining:
+                raise RuntimeError("the gateway is shutting down: call another gateway")
             if len(self._tenants) + len(self._starting) >= self._config.tenants.max_per_gateway:
                 raise RuntimeError(
                     f"this gateway already holds {self._config.tenants.max_per_gateway} tenants "
