@@ -170,9 +170,8 @@ async def test_subscribe_never_shows_the_other_tenants_events(
     client = redis.Redis.from_url(redis_server.url)
     try:
         entries = client.xrange("cg:t:beta:events")
-        assert entries and b"alpha-secret" not in b"".join(
-            v for _, fields in entries for v in fields.values()
-        )
+        assert entries
+        assert "alpha-secret" not in repr(entries)
     finally:
         client.close()
 
@@ -251,7 +250,7 @@ async def test_rate_quota_answers_resource_exhausted_with_retry_after(
         except grpc.aio.AioRpcError as exc:
             codes.append(exc.code().name)
             assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            trailing = dict(exc.trailing_metadata() or ())
+            trailing = {m.key: m.value for m in exc.trailing_metadata() or ()}
             assert int(trailing["retry-after-ms"]) > 0
             assert "alpha" in (exc.details() or "") and "retry after" in (exc.details() or "")
     assert 5 <= codes.count("OK") <= 7, codes
