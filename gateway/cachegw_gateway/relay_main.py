@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 
 from cachegw_gateway.config import LOG_FORMATS, RedisConfig
 from cachegw_gateway.l2 import RedisStore
-from cachegw_gateway.main import _redacted
+from cachegw_gateway.redis_url import redact
 from cachegw_gateway.relay import Link, LinkStats, Region
 from cachegw_gateway.telemetry import logs
 
@@ -270,9 +270,9 @@ async def _forever(args: argparse.Namespace, links: Sequence[Link]) -> int:
         "relaying %s: %s (%s) <-> %s (%s); metrics %s",
         " and ".join(link.name for link in links),
         links[0].source.name,
-        _redacted(links[0].source.url),
+        redact(links[0].source.url),
         links[0].dest.name,
-        _redacted(links[0].dest.url),
+        redact(links[0].dest.url),
         f"http://{metrics.address}/metrics" if metrics else "off",
         extra={"event": "relay_start", "metrics": metrics.address if metrics else None},
     )
