@@ -3,6 +3,8 @@ wrong setting looks like. Real redis-server processes with certificates made her
 
 from __future__ import annotations
 
+import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import redis
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.config import ConfigError
-from tests.conftest import GatewayFactory, make_config
+from tests.conftest import BIN, GatewayFactory, make_config
 from tests.redis_certs import Pki, TlsRedis, make_pki
 
 
@@ -127,3 +129,47 @@ def test_tls_files_are_checked_at_start(tmp_path: Path, pki: Pki) -> None:
         )
     with pytest.raises(ConfigError, match=r"redis.tls_ca names .* holds no PEM CA"):
         make_config(tmp_path, url, redis__tls_ca=str(pki.client_key))
+
+
+def test_the_relay_speaks_tls_with_an_acl_user(pki: Pki, tmp_path: Path) -> None:
+    password = "relay-s3cret-QUUX"
+    secret = tmp_path / "pw"
+    secret.write_text(password + "\n")
+    with TlsRedis(pki, auth_clients=True) as eu, TlsRedis(pki, auth_clients=True) as us:
+        for region in (eu, us):
+            with redis.Redis(port=region.server.port) as admin:
+                admin.execute_command(
+                    "ACL", "SETUSER", "relay", "on", f">{password}", "~*", "&*", "+@all"
+                )
+        done = subprocess.run(
+            [
+                str(BIN / "cachegw"),
+                "relay",
+                "--once",
+                "--region",
+                f"eu={eu.url()}",
+                "--region",
+                f"us={us.url(auth=f'relay:{password}@')}",
+                "--username",
+                "eu=relay",
+                "--password-file",
+                f"eu={secret}",
+                "--tls-ca",
+                str(pki.ca),
+                "--tls-cert",
+                str(pki.client_cert),
+                "--tls-key",
+                str(pki.client_key),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.strip().splitlines()[-1]).keys() == {"eu->us", "us->eu"}
+        for region in (eu, us):
+            with redis.Redis(port=region.server.port) as admin:
+                users = {c["user"] for c in admin.client_list()}
+            assert "relay" not in users  # --once closed its connections
+        assert password not in done.stdout + done.stderr
