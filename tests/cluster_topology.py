@@ -1,6 +1,12 @@
 """A real Redis Cluster for the tests and benchmarks: redis-server processes started with
 ``--cluster-enabled yes`` on free loopback ports and joined by ``redis-cli --cluster
 create``, the way an operator builds one. Everything it starts, it stops.
+
+With ``tls=`` (a `tests.redis_certs.Pki`) every node also has a TLS port, its cluster bus
+and replication speak TLS (``tls-cluster yes``, ``tls-replication yes``), the cluster is
+created over TLS, and `url` is the ``rediss+cluster://`` of the TLS ports. The plaintext
+ports stay, for the topology's own looks inside (CLUSTER SLOTS answers a plaintext
+client with plaintext ports).
 """
 
 from __future__ import annotations
@@ -15,10 +21,14 @@ import subprocess
 import time
 from collections.abc import Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import redis
 
 from cachegw_gateway.managed_redis import ManagedRedis
+
+if TYPE_CHECKING:
+    from tests.redis_certs import Pki
 
 NODE_TIMEOUT_MS = 1500  # how long a silent primary takes to be failed over
 
@@ -57,7 +67,7 @@ def _cli() -> str:
 class ClusterTopology:
     """`primaries` primaries with `replicas` replicas each, all on 127.0.0.1."""
 
-    def __init__(self, primaries: int = 3, replicas: int = 1) -> None:
+    def __init__(self, primaries: int = 3, replicas: int = 1, tls: Pki | None = None) -> None:
         flags = [
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",
@@ -68,10 +78,21 @@ class ClusterTopology:
             "--cluster-require-full-coverage", "no",
         ]  # fmt: skip
         taken: set[int] = set()
-        self.nodes = [
-            ManagedRedis(port=_node_port(taken), extra_args=flags)
-            for _ in range(primaries * (1 + replicas))
-        ]
+        self.tls = tls
+        self.tls_ports: dict[int, int] = {}  # plaintext port -> TLS port (with `tls`)
+        self.nodes = []
+        for _ in range(primaries * (1 + replicas)):
+            extra = list(flags)
+            if tls is not None:
+                from tests.redis_certs import server_tls_args
+
+                tls_port = _node_port(taken)  # the bus is on tls_port + 10000
+                extra += server_tls_args(tls, tls_port, auth_clients=True)
+                extra += ["--tls-cluster", "yes", "--tls-replication", "yes"]
+            node = ManagedRedis(port=_node_port(taken), extra_args=extra)
+            if tls is not None:
+                self.tls_ports[node.port] = tls_port
+            self.nodes.append(node)
         self._primaries = primaries
         self._replicas = replicas
 
@@ -80,10 +101,10 @@ class ClusterTopology:
     def start(self, timeout: float = 30.0) -> None:
         for node in self.nodes:
             node.start()
-        addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        addrs = [f"127.0.0.1:{self._port(n)}" for n in self.nodes]
         replicas = ["--cluster-replicas", str(self._replicas)]
         done = subprocess.run(
-            [_cli(), "--cluster", "create", *addrs, *replicas, "--cluster-yes"],
+            [_cli(), *self._cli_tls(), "--cluster", "create", *addrs, *replicas, "--cluster-yes"],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -116,12 +137,31 @@ class ClusterTopology:
     ) -> None:
         self.stop()
 
+    def _port(self, node: ManagedRedis) -> int:
+        """The port clients use: the TLS one with `tls`."""
+        return self.tls_ports.get(node.port, node.port)
+
+    def _cli_tls(self) -> list[str]:
+        if self.tls is None:
+            return []
+        t = self.tls
+        return [
+            "--tls",
+            "--cacert",
+            str(t.ca),
+            "--cert",
+            str(t.client_cert),
+            "--key",
+            str(t.client_key),
+        ]
+
     # -- views --------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        """The gateway's URL: every node as a seed."""
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        """The gateway's URL: every node as a seed (``rediss+cluster://`` with `tls`)."""
+        scheme = "rediss+cluster://" if self.tls is not None else "redis+cluster://"
+        return scheme + ",".join(f"127.0.0.1:{self._port(n)}" for n in self.nodes)
 
     def client(self, node: ManagedRedis) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=2.0)
@@ -251,7 +291,7 @@ class ClusterTopology:
         with self.client(target) as c:
             dst_id = c.execute_command("CLUSTER", "MYID")
         args = [
-            _cli(), "--cluster", "reshard", f"127.0.0.1:{source.port}",
+            _cli(), *self._cli_tls(), "--cluster", "reshard", f"127.0.0.1:{self._port(source)}",
             "--cluster-from", _s(src_id), "--cluster-to", _s(dst_id),
             "--cluster-slots", str(count), "--cluster-yes",
             "--cluster-pipeline", "100",

@@ -32,6 +32,7 @@ from cachegw_gateway.config import (
     load_config,
 )
 from cachegw_gateway.policy import PolicyTable, RateLimit
+from tests.redis_certs import make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "cachegw.example.toml"
@@ -126,6 +127,9 @@ def test_precedence_cli_over_env_over_file(tmp_path: Path) -> None:
 
 
 def test_every_env_var_sets_its_key(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    secret = tmp_path / "secret"
+    secret.write_text("pw\n")
     values = {
         "CACHEGW_REDIS_URL": "rediss://cache.internal:6380/0",
         "CACHEGW_LISTEN": "0.0.0.0:9000",
@@ -138,6 +142,16 @@ def test_every_env_var_sets_its_key(tmp_path: Path) -> None:
         "CACHEGW_EMBEDDED_REDIS": "yes",
         "CACHEGW_REDIS_ADDRESS_MAP": "10.0.0.5:6379=127.0.0.1:7001",
         "CACHEGW_WORKERS": "4",
+        "CACHEGW_REDIS_USERNAME": "gw",
+        "CACHEGW_REDIS_PASSWORD": "from-env",
+        "CACHEGW_REDIS_PASSWORD_FILE": str(secret),
+        "CACHEGW_REDIS_SENTINEL_USERNAME": "sentinel-user",
+        "CACHEGW_REDIS_SENTINEL_PASSWORD": "sentinel-secret",
+        "CACHEGW_REDIS_SENTINEL_PASSWORD_FILE": str(secret),
+        "CACHEGW_REDIS_TLS_CA": str(pki.ca),
+        "CACHEGW_REDIS_TLS_CERT": str(pki.client_cert),
+        "CACHEGW_REDIS_TLS_KEY": str(pki.client_key),
+        "CACHEGW_REDIS_TLS_CHECK_HOSTNAME": "no",
     }
     assert set(values) == set(ENV_VARS)
     config = load_config(env=values)
@@ -145,6 +159,7 @@ def test_every_env_var_sets_its_key(tmp_path: Path) -> None:
         "CACHEGW_EMBEDDED_REDIS": True,
         "CACHEGW_REDIS_ADDRESS_MAP": {"10.0.0.5:6379": "127.0.0.1:7001"},
         "CACHEGW_WORKERS": 4,
+        "CACHEGW_REDIS_TLS_CHECK_HOSTNAME": False,
     }
     for var, dotted in ENV_VARS.items():
         table, key = dotted.split(".")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cachegw_gateway.redis_url import RedisTarget, RedisUrlError, parse, redact
+from cachegw_gateway.redis_url import RedisTarget, RedisUrlError, parse, redact, without_credentials
 
 
 @pytest.mark.parametrize(
@@ -103,3 +103,39 @@ def test_redact() -> None:
     assert redact("redis://h:1/0") == "redis://h:1/0"
     assert redact("redis://u@h:1/0") == "redis://u@h:1/0"  # a user alone is no secret
     assert redact("redis+sentinel://:p@a:1,b:2/s?db=1") == "redis+sentinel://:***@a:1,b:2/s?db=1"
+
+
+def test_redact_hides_a_password_in_the_query() -> None:
+    assert redact("rediss://h:1/0?password=p%40ss&db=2") == "rediss://h:1/0?password=***&db=2"
+    assert redact("redis://u:pw@h:1/0?ssl_password=k") == "redis://u:***@h:1/0?ssl_password=***"
+    assert redact("redis://h:1/0?db=2") == "redis://h:1/0?db=2"
+
+
+def test_credentials_come_out_of_a_standalone_url() -> None:
+    assert without_credentials("rediss://gw:s%2Fcret@h:6380/1?db=1") == (
+        "rediss://h:6380/1?db=1",
+        "gw",
+        "s/cret",
+    )
+    assert without_credentials("redis://h:1/0?username=gw&password=pw&db=3") == (
+        "redis://h:1/0?db=3",
+        "gw",
+        "pw",
+    )
+    assert without_credentials("redis://h:1/0") == ("redis://h:1/0", None, None)
+    t = parse("rediss://gw:pw@h:6380/0")
+    assert (t.username, t.password, t.tls) == ("gw", "pw", True)
+    assert "pw" not in repr(t)
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("rediss+sentinel://:pw@127.0.0.1:26380/svc", "sentinel"),
+        ("rediss+cluster://127.0.0.1:7000,127.0.0.1:7001", "cluster"),
+    ],
+)
+def test_tls_sentinel_and_cluster_urls(url: str, kind: str) -> None:
+    t = parse(url)
+    assert (t.kind, t.tls) == (kind, True)
+    assert not parse(url.replace("rediss+", "redis+")).tls

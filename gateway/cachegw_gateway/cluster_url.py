@@ -1,27 +1,32 @@
-"""``redis+cluster://`` URLs: the seed nodes of a Redis Cluster (config.py validates
-them at start, l2_cluster.py connects with them)."""
+"""``redis+cluster://`` URLs (``rediss+cluster://`` with TLS): the seed nodes of a Redis
+Cluster (config.py validates them at start, l2_cluster.py connects with them)."""
 
 from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit
 
 SCHEME = "redis+cluster://"
+TLS_SCHEME = "rediss+cluster://"
+
+
+def is_cluster(url: str) -> bool:
+    return url.startswith((SCHEME, TLS_SCHEME))
 
 
 def parse_seeds(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
     """(seed nodes, username, password) of ``redis+cluster://[user:pass@]h:p[,h:p...]``.
 
     Raises ValueError with a message that never repeats the password."""
-    if not url.startswith(SCHEME):
-        raise ValueError(f"a cluster URL starts with {SCHEME}")
-    rest = url[len(SCHEME) :]
+    if not is_cluster(url):
+        raise ValueError(f"a cluster URL starts with {SCHEME} or {TLS_SCHEME}")
+    rest = url.partition("://")[2]
     userinfo, at, hosts = rest.rpartition("@")
     if not at:
         userinfo, hosts = "", rest
     hosts, _, tail = hosts.partition("/")
     if tail.strip("/") or "?" in hosts:
         raise ValueError(
-            "a cluster URL names seed nodes only (redis+cluster://host:port[,host:port...]); "
+            "a cluster URL names seed nodes only (redis[s]+cluster://host:port[,host:port...]); "
             "a cluster has one database, so no /db or options"
         )
     username = password = None

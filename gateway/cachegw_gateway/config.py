@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cachegw_gateway import address_map, redis_url
+from cachegw_gateway import address_map, cluster_url, redis_auth, redis_tls, redis_url
 
 
 class ConfigError(ValueError):
@@ -87,6 +87,25 @@ class RedisConfig:
     # Redis Cluster: node address as the cluster announces it ("host:port") -> where this
     # gateway connects instead (NAT, port-forwards, proxies); see address_map.py.
     address_map: dict[str, str] = field(default_factory=dict)
+    # ACL user and password when the URL carries none (redis_auth.py: precedence). The
+    # password itself only from the environment, never from the config file; or a file
+    # holding it, read again for every new connection (rotation without a restart).
+    username: str = ""
+    password: str = field(default="", repr=False)
+    password_file: str = ""
+    # The Sentinels' own credentials (requirepass / an ACL user on the Sentinels).
+    sentinel_username: str = ""
+    sentinel_password: str = field(default="", repr=False)
+    sentinel_password_file: str = ""
+    # TLS (rediss://, rediss+sentinel://, rediss+cluster://; redis_tls.py): PEM files of
+    # the CA that signed Redis's certificate ("" = the system's CAs) and of this
+    # gateway's client certificate and key (mutual TLS, `tls-auth-clients yes`).
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Check that Redis's certificate names the host connected to. Turn off only for
+    # certificates that name neither the host nor its IP (the chain is checked anyway).
+    tls_check_hostname: bool = True
     breaker: BreakerConfig = field(default_factory=BreakerConfig)  # [redis.breaker]
 
 
@@ -283,6 +302,16 @@ ENV_VARS: Mapping[str, str] = {
     "CACHEGW_METRICS_LISTEN": "telemetry.metrics_listen",
     "CACHEGW_LOG_FORMAT": "telemetry.log_format",
     "CACHEGW_REDIS_ADDRESS_MAP": "redis.address_map",
+    "CACHEGW_REDIS_USERNAME": "redis.username",
+    "CACHEGW_REDIS_PASSWORD": "redis.password",
+    "CACHEGW_REDIS_PASSWORD_FILE": "redis.password_file",
+    "CACHEGW_REDIS_SENTINEL_USERNAME": "redis.sentinel_username",
+    "CACHEGW_REDIS_SENTINEL_PASSWORD": "redis.sentinel_password",
+    "CACHEGW_REDIS_SENTINEL_PASSWORD_FILE": "redis.sentinel_password_file",
+    "CACHEGW_REDIS_TLS_CA": "redis.tls_ca",
+    "CACHEGW_REDIS_TLS_CERT": "redis.tls_cert",
+    "CACHEGW_REDIS_TLS_KEY": "redis.tls_key",
+    "CACHEGW_REDIS_TLS_CHECK_HOSTNAME": "redis.tls_check_hostname",
     "CACHEGW_WORKERS": "server.workers",
 }
 ADMISSION_POLICIES = ("lru", "tinylfu")
@@ -309,6 +338,12 @@ _TABLES: dict[str, type[Any]] = {
     "tenants": TenantsConfig,
 }
 _FIXED = {"default_class": ("name", "patterns")}
+# Secrets a config file must not hold (files get shared and committed): the environment
+# or a file of their own instead. Their values are never quoted in a message.
+_ENV_ONLY = {
+    "redis.password": "$CACHEGW_REDIS_PASSWORD, redis.password_file or the URL",
+    "redis.sentinel_password": ("$CACHEGW_REDIS_SENTINEL_PASSWORD or redis.sentinel_password_file"),
+}
 _TOP_LEVEL = (*(t for t in _TABLES if "." not in t), "classes", "tenant")
 _CLASS_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _INT = re.compile(r"[+-]?[0-9][0-9_]*")
@@ -494,6 +529,11 @@ def _layer_file(
                 )
             if key not in allowed:
                 raise _unknown(src, dotted, [f"{top}.{k}" for k in allowed])
+            if dotted in _ENV_ONLY:
+                raise ConfigError(
+                    f"{src}: {dotted} is not read from a config file (files get shared and "
+                    f"committed); give it in {_ENV_ONLY[dotted]}"
+                )
             tables[top][key] = _coerce(f"{src}: {dotted}", item, allowed[key], text_ok=False)
             sources.origin[dotted] = src
 
@@ -884,6 +924,7 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
     except ValueError as exc:
         raise ConfigError(f"{w('redis.address_map')}{exc}") from None
     _check_breaker(w, c.redis.breaker, "redis.breaker.")
+    _check_redis_secrets(w, c.redis)
     _positive(w("origin.timeout_seconds"), c.origin.timeout_seconds)
     if c.origin.timeout_seconds > 3600:
         raise ConfigError(
@@ -973,6 +1014,22 @@ def _check_tenants(w: Callable[[str], str], c: GatewayConfig) -> None:
             raise ConfigError(f"{at}name: tenant {e.name!r} is named twice")
         seen.add(e.name)
         _check_quota(at, e.requests_per_second, e.burst, e.max_subscribers)
+
+
+def _check_redis_secrets(w: Callable[[str], str], r: RedisConfig) -> None:
+    """The password files and TLS files can be read (and the TLS ones are PEM that
+    belongs together), so that a typo shows at start, not at the first connection."""
+    for key in ("password_file", "sentinel_password_file"):
+        path = getattr(r, key)
+        if path:
+            try:
+                redis_auth.read_password_file(path)
+            except ValueError as exc:
+                raise ConfigError(f"{w(f'redis.{key}')} {exc}") from None
+    try:
+        redis_tls.check(r)
+    except redis_tls.TlsConfigError as exc:
+        raise ConfigError(f"{w(f'redis.{exc.key}')} {exc}") from None
 
 
 def _check_write_behind(w: Callable[[str], str], wb: WriteBehindConfig) -> None:
@@ -1113,15 +1170,46 @@ def config_warnings(c: GatewayConfig) -> list[str]:
             "while the origin is down, another gateway may claim a live gateway's batch "
             "between two of its attempts"
         )
-    if c.redis.address_map and not c.redis.url.startswith("redis+cluster://"):
+    if c.redis.address_map and not cluster_url.is_cluster(c.redis.url):
         out.append(
             "redis.address_map is not used: it maps the node addresses a Redis Cluster "
             "announces, and redis.url is not a redis+cluster:// URL"
         )
+    out += _redis_warnings(c.redis)
     if t.exporter == "none" and t.sample_ratio != 1.0:
         out.append("telemetry.sample_ratio has no effect: telemetry.exporter is 'none'")
     if t.exporter != "none" and t.sample_ratio == 0:
         out.append("telemetry.sample_ratio is 0: only calls whose caller sampled them are traced")
+    return out
+
+
+def _redis_warnings(r: RedisConfig) -> list[str]:
+    out: list[str] = []
+    if not r.url:
+        return out
+    target = redis_url.parse(r.url)
+    tls_keys = [k for k in ("tls_ca", "tls_cert", "tls_key") if getattr(r, k)]
+    if tls_keys and not target.tls:
+        out.append(
+            f"redis.{', redis.'.join(tls_keys)} not used: redis.url is not a TLS URL "
+            "(rediss://, rediss+sentinel:// or rediss+cluster://)"
+        )
+    if target.password is not None and (r.password or r.password_file):
+        out.append(
+            "redis.url carries a password: it is used, and $CACHEGW_REDIS_PASSWORD / "
+            "redis.password_file are not"
+        )
+    elif r.password and r.password_file:
+        out.append(
+            "redis.password_file is not used: $CACHEGW_REDIS_PASSWORD is set and comes first"
+        )
+    sentinel = [
+        k
+        for k in ("sentinel_username", "sentinel_password", "sentinel_password_file")
+        if getattr(r, k)
+    ]
+    if sentinel and target.kind != "sentinel":
+        out.append(f"redis.{sentinel[0]} is not used: redis.url is not a Sentinel URL")
     return out
 
 

@@ -45,7 +45,7 @@ from typing import Any, Literal, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from cachegw_gateway import envelope, redis_connect, redis_errors
+from cachegw_gateway import cluster_url, envelope, redis_connect, redis_errors
 from cachegw_gateway.breaker import Breaker, BreakerOpen
 from cachegw_gateway.config import BreakerConfig, RedisConfig
 from cachegw_gateway.redis_errors import UNAVAILABLE_ERRORS as UNAVAILABLE_ERRORS
@@ -447,6 +447,9 @@ class RedisStore:
         # The kind of error reply (READONLY, MASTERDOWN, ...) that said Redis refuses
         # every write, until a write goes through again; "" while writes are accepted.
         self._writes_refused = ""
+        # Why the last health probe failed (None: it did not): logged by the start line
+        # and by the watch when Redis goes down.
+        self.last_probe_error: L2Unavailable | None = None
         self.probe_key = f"{prefix}:probe"
         self.stats = GatewayStats() if stats is None else stats
         # None (no breaker) unless given; from_config passes redis.breaker.
@@ -503,7 +506,7 @@ class RedisStore:
     ) -> RedisStore:
         """The store for `url`: standalone or Sentinel (redis_connect.py, which also says
         why redis-py never retries a command here), or a Cluster (l2_cluster.py)."""
-        if url.startswith("redis+cluster://"):
+        if cluster_url.is_cluster(url):
             from cachegw_gateway.l2_cluster import ClusterStore  # imports this module
 
             return ClusterStore.from_url(config, url, stats)
@@ -970,6 +973,7 @@ class RedisStore:
         else:
             if refused and self._writes_refused == refused:
                 self._writes_refused = ""
+        self.last_probe_error = err
         if decides and self.breaker is not None:
             self.breaker.probed(err)
         up = up and not self._writes_refused

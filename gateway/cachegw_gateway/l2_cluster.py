@@ -58,10 +58,9 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from cachegw_gateway import redis_errors
+from cachegw_gateway import redis_connect, redis_errors, redis_url
 from cachegw_gateway.address_map import AddressMap, follow_redirections
 from cachegw_gateway.breaker import CLOSED, NodeBreakers
-from cachegw_gateway.cluster_url import parse_seeds
 from cachegw_gateway.config import BreakerConfig, RedisConfig
 from cachegw_gateway.l2 import (
     _INDEX_STEP,
@@ -178,16 +177,18 @@ class ClusterStore(RedisStore):
     def from_url(
         cls, config: RedisConfig, url: str, stats: GatewayStats | None = None
     ) -> ClusterStore:
-        seeds, username, password = parse_seeds(url)
+        target = redis_url.parse(url)
         # Every node address goes through redis.address_map once: the seeds here, the
         # slot map's (address_remap) and redirections' in redis-py, the bus's below.
         remap = AddressMap(config.address_map)
-        seeds = [remap(seed) for seed in seeds]
+        seeds = [remap(seed) for seed in target.hosts]
+        # Credentials (a provider, redis_auth.py) and TLS (rediss+cluster://) of every
+        # node connection: the cluster client's and the bus's.
+        secure = redis_connect.security(config, target)
         common: dict[str, Any] = {
-            "username": username,
-            "password": password,
             "socket_timeout": config.socket_timeout,
             "socket_connect_timeout": config.connect_timeout,
+            **secure,
         }
         client = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in seeds],
@@ -197,6 +198,7 @@ class ClusterStore(RedisStore):
             retry=Retry(NoBackoff(), 0),
             require_full_coverage=False,
             address_remap=remap if remap else None,
+            ssl=target.tls,
             **common,
         )
         if remap:
@@ -207,6 +209,7 @@ class ClusterStore(RedisStore):
             return aioredis.Redis(
                 host=host,
                 port=port,
+                ssl=target.tls,
                 retry=Retry(NoBackoff(), 0),
                 **{**common, "socket_timeout": max(config.socket_timeout, 5.0)},
             )

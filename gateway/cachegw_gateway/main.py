@@ -25,6 +25,9 @@ from cachegw_gateway.config import (
     load_config,
 )
 from cachegw_gateway.managed_redis import ManagedRedis, RedisServerNotFound
+from cachegw_gateway.redis_auth import describe as describe_credentials
+from cachegw_gateway.redis_url import parse as parse_redis_url
+from cachegw_gateway.redis_url import redact
 from cachegw_gateway.server import GatewayServer
 from cachegw_gateway.supervisor import Supervisor
 from cachegw_gateway.telemetry import logs, tracing
@@ -37,6 +40,8 @@ from cachegw_gateway.workers import (
 )
 
 log = logging.getLogger("cachegw")
+# Error replies that say the gateway's credentials or permissions are wrong.
+AUTH_FAILURES = ("NOAUTH", "WRONGPASS", "NOPERM")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ANNOUNCED=TARGET[,...]",
         help="on a Redis Cluster, connect to TARGET (host:port) wherever the cluster names "
         "ANNOUNCED: for NAT, port-forwards or a proxy per node",
+    )
+    p.add_argument(
+        "--redis-username", help="Redis ACL user when the URL names none ($CACHEGW_REDIS_USERNAME)"
+    )
+    p.add_argument(
+        "--redis-password-file",
+        metavar="FILE",
+        help="file holding the Redis password, read for each new connection (the password "
+        "itself: in the URL or $CACHEGW_REDIS_PASSWORD, never a flag)",
+    )
+    p.add_argument("--redis-tls-ca", metavar="FILE", help="PEM CA of Redis's certificate")
+    p.add_argument(
+        "--redis-tls-cert", metavar="FILE", help="PEM client certificate for Redis (mTLS)"
+    )
+    p.add_argument("--redis-tls-key", metavar="FILE", help="PEM key of --redis-tls-cert")
+    p.add_argument(
+        "--redis-tls-no-check-hostname",
+        action="store_false",
+        dest="redis_tls_check_hostname",
+        default=None,
+        help="accept a Redis certificate that does not name the host (chain still verified)",
     )
     p.add_argument("--gateway-id", help="name of this gateway in events and stats")
     p.add_argument(
@@ -94,6 +120,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "redis.embedded": args.embedded_redis,
         "redis.prefix": args.redis_prefix,
         "redis.address_map": args.redis_address_map,
+        "redis.username": args.redis_username,
+        "redis.password_file": args.redis_password_file,
+        "redis.tls_ca": args.redis_tls_ca,
+        "redis.tls_cert": args.redis_tls_cert,
+        "redis.tls_key": args.redis_tls_key,
+        "redis.tls_check_hostname": args.redis_tls_check_hostname,
         "server.gateway_id": args.gateway_id,
         "server.workers": args.workers,
         "server.grace_seconds": args.grace,
@@ -126,25 +158,43 @@ async def serve(
         await server.telemetry.stop()
         await server.store.close()
         return 1
+    target = parse_redis_url(redis_url)
+    credentials = describe_credentials(config.redis, target)
     if not await server.store.ping():
-        log.warning(
-            "redis at %s does not answer yet; serving L1 only until it does",
-            _redacted(redis_url),
-            extra={"event": "redis_down", "redis": _redacted(redis_url)},
-        )
+        why = server.store.last_probe_error
+        if why is not None and why.kind in AUTH_FAILURES:
+            # Retrying cannot help: say so loudly, with what to fix (never the secret).
+            log.error(
+                "redis at %s refused this gateway (%s; %s): %s",
+                redact(redis_url),
+                why.kind,
+                credentials,
+                why,
+                extra={"event": "redis_auth_failed", "redis": redact(redis_url), "kind": why.kind},
+            )
+        else:
+            log.warning(
+                "redis at %s does not answer yet; serving L1 only until it does%s",
+                redact(redis_url),
+                f" ({why})" if why is not None else "",
+                extra={"event": "redis_down", "redis": redact(redis_url)},
+            )
     t = config.telemetry
     metrics = server.metrics_address
     log.info(
-        "serving on %s (redis %s; metrics %s; tracing %s)",
+        "serving on %s (redis %s%s, %s; metrics %s; tracing %s)",
         server.address,
-        _redacted(redis_url),
+        redact(redis_url),
+        " over TLS" if target.tls else "",
+        credentials,
         f"http://{metrics}/metrics" if metrics else "off",
         f"{t.exporter} at {t.sample_ratio:g}" if tracer_provider is not None else "off",
         extra={
             "event": "start",
             "listen": server.address,
             "gateway_id": config.server.gateway_id,
-            "redis": _redacted(redis_url),
+            "redis": redact(redis_url),
+            "redis_tls": target.tls,
             "metrics": metrics,
             "trace_exporter": t.exporter if tracer_provider is not None else "none",
             "sample_ratio": t.sample_ratio,
@@ -176,16 +226,6 @@ async def serve(
     await server.stop()
     log.info("stopped", extra={"event": "stop"})
     return 0
-
-
-def _redacted(url: str) -> str:
-    """`url` without its password, for logs."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not sep or not at:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else url
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,7 +4,9 @@ Two clients: the command client (a blocking pool of `redis.max_connections`) and
 factory of pub/sub clients (bus.py takes a fresh one per subscription). Either way no
 command is ever sent twice by redis-py (see `no_retry`).
 
-Standalone: redis-py's URL handling, as given. Sentinel: redis-py's asyncio `Sentinel`
+Standalone: redis-py's URL handling, the URL without its credentials. Every connection
+authenticates through a credential provider (redis_auth.py) and, for a TLS URL, speaks
+TLS with ``redis.tls_*`` (redis_tls.py). Sentinel: redis-py's asyncio `Sentinel`
 asks the listed Sentinels for the service's primary whenever a connection is opened, so
 a connection lost in a failover reconnects to whichever node they name then. A demoted
 primary answers writes with READONLY while its connections stay open; `_PrimaryConnection`
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import BlockingConnectionPool, Connection
+from redis.asyncio.connection import BlockingConnectionPool, Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
     MasterNotFoundError,
@@ -34,7 +36,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cachegw_gateway import redis_url
+from cachegw_gateway import redis_auth, redis_tls, redis_url
 from cachegw_gateway.config import RedisConfig
 
 
@@ -70,10 +72,24 @@ def connect(config: RedisConfig, url: str) -> RedisClients:
     target = redis_url.parse(url)
     if target.kind == "sentinel":
         return _sentinel(config, target)
-    return _standalone(config, target.url)
+    return _standalone(config, target)
 
 
-def _standalone(config: RedisConfig, url: str) -> RedisClients:
+def security(config: RedisConfig, target: redis_url.RedisTarget) -> dict[str, Any]:
+    """The credential provider and TLS arguments of every connection to `target`'s
+    nodes (redis-py keyword arguments; empty for a plaintext Redis without AUTH)."""
+    out: dict[str, Any] = {}
+    credentials = redis_auth.node_credentials(config, target)
+    if credentials is not None:
+        out["credential_provider"] = credentials
+    if target.tls:
+        out.update(redis_tls.kwargs(config))
+    return out
+
+
+def _standalone(config: RedisConfig, target: redis_url.RedisTarget) -> RedisClients:
+    url, _, _ = redis_url.without_credentials(target.url)
+    secure = security(config, target)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=config.max_connections,
@@ -81,6 +97,7 @@ def _standalone(config: RedisConfig, url: str) -> RedisClients:
         socket_connect_timeout=config.connect_timeout,
         retry=no_retry(),
         health_check_interval=HEALTH_CHECK_INTERVAL,
+        **secure,
     )
 
     def pubsub_client() -> aioredis.Redis:
@@ -91,6 +108,7 @@ def _standalone(config: RedisConfig, url: str) -> RedisClients:
             socket_connect_timeout=config.connect_timeout,
             retry=no_retry(),
             single_connection_client=False,
+            **secure,
         )
 
     return RedisClients(aioredis.Redis(connection_pool=pool), pubsub_client, _nothing)
@@ -113,6 +131,10 @@ class _PrimaryConnection(SentinelManagedConnection):
                 await pool.update_active_connections_for_reconnect()
                 await pool.disconnect(inuse_connections=False)
             raise
+
+
+class _PrimarySSLConnection(_PrimaryConnection, SSLConnection):
+    """`_PrimaryConnection` over TLS (rediss+sentinel://)."""
 
 
 class _Sentinels(Sentinel):
@@ -149,27 +171,35 @@ class _BlockingPrimaryPool(SentinelConnectionPool, BlockingConnectionPool):
 
 
 def _sentinel(config: RedisConfig, target: redis_url.RedisTarget) -> RedisClients:
+    # Sentinels are asked with their own credentials (redis.sentinel_*, not the nodes'),
+    # one after the other: a dead one costs a refused connection or connect_timeout,
+    # never a retry loop. TLS, when the URL asks for it, to the Sentinels and the nodes.
+    tls: dict[str, Any] = {"ssl": True, **redis_tls.kwargs(config)} if target.tls else {}
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": config.socket_timeout,
+        "socket_connect_timeout": config.connect_timeout,
+        "retry": no_retry(),
+        **tls,
+    }
+    sentinel_auth = redis_auth.sentinel_credentials(config)
+    if sentinel_auth is not None:
+        sentinel_kwargs["credential_provider"] = sentinel_auth
     sentinel = _Sentinels(  # type: ignore[no-untyped-call]
-        list(target.hosts),
-        # Sentinels are asked without the nodes' credentials, one after the other: a
-        # dead one costs a refused connection or connect_timeout, never a retry loop.
-        sentinel_kwargs={
-            "socket_timeout": config.socket_timeout,
-            "socket_connect_timeout": config.connect_timeout,
-            "retry": no_retry(),
-        },
+        list(target.hosts), sentinel_kwargs=sentinel_kwargs
     )
     node: dict[str, Any] = {
         "db": target.db,
-        "username": target.username,
-        "password": target.password,
         "socket_connect_timeout": config.connect_timeout,
         "retry": no_retry(),
+        **tls,
     }
+    node_auth = redis_auth.node_credentials(config, target)
+    if node_auth is not None:
+        node["credential_provider"] = node_auth
     client = sentinel.master_for(
         target.service,
         connection_pool_class=_BlockingPrimaryPool,
-        connection_class=_PrimaryConnection,
+        connection_class=_PrimarySSLConnection if target.tls else _PrimaryConnection,
         max_connections=config.max_connections,
         socket_timeout=config.socket_timeout,
         health_check_interval=HEALTH_CHECK_INTERVAL,

@@ -144,15 +144,22 @@ REPLIES: dict[str, ReplyRule] = {
     "ASK": _CLUSTER,
     "CROSSSLOT": _CLUSTER,
     "NOAUTH": ReplyRule(
-        "Redis requires a password; give it in --redis-url (redis://user:password@host:port/db)",
+        "Redis requires a password and the gateway gave none; give it in the URL "
+        "(redis://user:password@host:port/db), $CACHEGW_REDIS_PASSWORD or "
+        "redis.password_file",
         mark_down=True,
     ),
     "WRONGPASS": ReplyRule(
-        "Redis refused the user or password in --redis-url; correct them", mark_down=True
+        "Redis refused the gateway's user or password (from the URL, "
+        "$CACHEGW_REDIS_USERNAME/$CACHEGW_REDIS_PASSWORD or redis.password_file: the start "
+        "log line says which); correct them",
+        mark_down=True,
     ),
     "NOPERM": ReplyRule(
-        "the Redis user in --redis-url lacks a permission the gateway needs (its keys "
-        "and channels, EVALSHA, SCRIPT LOAD, XADD, PUBLISH, ...); grant it with ACL SETUSER"
+        "the gateway's Redis user lacks a permission the gateway needs (its keys and "
+        "channels, EVALSHA, SCRIPT LOAD, XADD, PUBLISH, ...); grant the ACL rules in "
+        "docs/config.md (TLS and an ACL user for Redis) with ACL SETUSER; ACL LOG on Redis "
+        "names what was denied"
     ),
     "WRONGTYPE": ReplyRule(
         "a key under the gateway's --redis-prefix holds another type of value; is another "
@@ -181,6 +188,8 @@ _CLASS_CODES: tuple[tuple[type[BaseException], str], ...] = (
     (ExecAbortError, "EXECABORT"),
 )
 _LEADING_CODE = re.compile(r"([A-Z]{2,32})(?: |$)")
+# What Redis answers (as ERR) when a command inside a Lua script is denied by the ACL.
+_SCRIPT_DENIED = "The user executing the script can't"
 
 
 class L2Unavailable(Exception):
@@ -210,6 +219,8 @@ class L2ErrorReply(L2Unavailable):
 
     def __init__(self, code: str, text: str) -> None:
         kind = code if code in REPLIES else "OTHER"
+        if code == "ERR" and text.startswith(_SCRIPT_DENIED):
+            kind = "NOPERM"  # an ACL denial inside a Lua script: the same fix
         rule = REPLIES[kind]
         said = f"{code} {text}".strip()
         if len(said) > _MESSAGE_LIMIT:

@@ -9,10 +9,16 @@
                                                  a Redis Cluster, from its seed nodes
                                                  (cluster_url.py)
 
-Standalone URLs are handed to redis-py as they are (`RedisTarget.url`); this module only
-sorts them. A Sentinel URL is parsed here, because redis-py has no URL form for it:
-credentials are those of the Redis nodes (the Sentinels are asked without them), and
-`db` is the database on the primary. Credentials never appear in a message: `redacted`.
+An extra ``s`` turns TLS on, as ``rediss://`` does for one node: ``rediss+sentinel://``
+speaks TLS to the Sentinels and to the primary they name, ``rediss+cluster://`` to every
+node of the Cluster (redis_tls.py says with which CA and client certificate).
+
+Standalone URLs are handed to redis-py without their credentials (`without_credentials`:
+they go through a credential provider, redis_auth.py). A Sentinel URL is parsed here,
+because redis-py has no URL form for it: credentials are those of the Redis nodes (the
+Sentinels' own are ``redis.sentinel_username``/``sentinel_password``), and `db` is the
+database on the primary. Credentials never appear in a message: `redact` is the one
+helper every log line, error and figure that shows a Redis URL goes through.
 """
 
 from __future__ import annotations
@@ -26,11 +32,16 @@ from cachegw_gateway import cluster_url
 
 STANDALONE_SCHEMES = ("redis", "rediss", "unix")
 SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_TLS_SCHEME = "rediss+sentinel"
 SENTINEL_PORT = 26379
 _SERVICE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _SENTINEL_QUERY = ("db",)
 
 CLUSTER_SCHEME = "redis+cluster"
+CLUSTER_TLS_SCHEME = "rediss+cluster"
+TLS_SCHEMES = ("rediss", SENTINEL_TLS_SCHEME, CLUSTER_TLS_SCHEME)
+# Query parameters whose value is a secret (redis-py reads a password from the query too).
+_SECRET_PARAMS = frozenset({"password", "sentinel_password", "ssl_password"})
 
 Kind = Literal["standalone", "sentinel", "cluster"]
 
@@ -58,36 +69,84 @@ class RedisTarget:
 
 
 def redact(url: str) -> str:
-    """`url` with its password (if any) replaced by ``***``. Everything up to the last
-    '@' before the query counts as credentials, so that even a password holding an
-    unescaped '/' or '@' is hidden whole."""
+    """`url` with its password (if any) replaced by ``***``: in the user info and in a
+    ``password=`` query parameter. Everything up to the last '@' before the query counts
+    as credentials, so that even a password holding an unescaped '/' or '@' is hidden
+    whole. Every URL of a Redis that reaches a log line, an error or a figure goes
+    through here."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
     body, q, query = rest.partition("?")
+    if query:
+        query = "&".join(_redact_param(item) for item in query.split("&"))
     userinfo, at, after = body.rpartition("@")
     if not at or ":" not in userinfo:
-        return url
+        return f"{scheme}://{body}{q}{query}"
     user = userinfo.split(":", 1)[0]
     return f"{scheme}://{user}:***@{after}{q}{query}"
+
+
+def _redact_param(item: str) -> str:
+    name, eq, value = item.partition("=")
+    if eq and unquote(name).lower() in _SECRET_PARAMS and value:
+        return f"{name}=***"
+    return item
+
+
+def without_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """(`url` without user info and without username/password query parameters, the
+    username, the password), for a standalone URL: redis-py then takes the credentials
+    from a provider (redis_auth.py) and never holds them in its connection arguments."""
+    scheme, sep, rest = url.partition("://")
+    body, q, query = rest.partition("?")
+    userinfo, at, after = body.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+        body = after
+    kept = []
+    for item in query.split("&") if query else []:
+        name, _, value = item.partition("=")
+        key = unquote(name).lower()
+        if key == "password":
+            password = password if password is not None else unquote(value)
+        elif key == "username":
+            username = username if username is not None else (unquote(value) or None)
+        else:
+            kept.append(item)
+    rest_query = "&".join(kept)
+    return f"{scheme}{sep}{body}{q if rest_query else ''}{rest_query}", username, password
 
 
 def parse(url: str) -> RedisTarget:
     """The target `url` names; RedisUrlError (quoting `url` redacted) when it names none."""
     scheme, sep, _ = url.partition("://")
+    tls = scheme in TLS_SCHEMES
     if sep and scheme in STANDALONE_SCHEMES:
-        return RedisTarget("standalone", url, tls=scheme == "rediss")
-    if sep and scheme == SENTINEL_SCHEME:
+        _, username, password = without_credentials(url)
+        return RedisTarget("standalone", url, username=username, password=password, tls=tls)
+    if sep and scheme in (SENTINEL_SCHEME, SENTINEL_TLS_SCHEME):
         return _parse_sentinel(url)
-    if sep and scheme == CLUSTER_SCHEME:
+    if sep and scheme in (CLUSTER_SCHEME, CLUSTER_TLS_SCHEME):
         try:
             seeds, username, password = cluster_url.parse_seeds(url)
         except ValueError as exc:
             raise RedisUrlError(
                 f"is not a valid Cluster URL: {exc} (got {redact(url)!r})"
             ) from None
-        return RedisTarget("cluster", url, hosts=tuple(seeds), username=username, password=password)
-    schemes = (*STANDALONE_SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME)
+        return RedisTarget(
+            "cluster", url, hosts=tuple(seeds), username=username, password=password, tls=tls
+        )
+    schemes = (
+        *STANDALONE_SCHEMES,
+        SENTINEL_SCHEME,
+        SENTINEL_TLS_SCHEME,
+        CLUSTER_SCHEME,
+        CLUSTER_TLS_SCHEME,
+    )
     raise RedisUrlError(
         f"must start with {', '.join(s + '://' for s in schemes)} or be empty (got {redact(url)!r})"
     )
@@ -96,7 +155,7 @@ def parse(url: str) -> RedisTarget:
 def _fail(url: str, why: str) -> RedisUrlError:
     return RedisUrlError(
         f"is not a valid Sentinel URL: {why}; expected "
-        f"redis+sentinel://[user:pass@]host:port[,host:port...]/SERVICE[?db=N] "
+        f"redis[s]+sentinel://[user:pass@]host:port[,host:port...]/SERVICE[?db=N] "
         f"(got {redact(url)!r})"
     )
 
@@ -165,4 +224,5 @@ def _parse_sentinel(url: str) -> RedisTarget:
         db=db,
         username=username,
         password=password,
+        tls=url.startswith(SENTINEL_TLS_SCHEME + "://"),
     )

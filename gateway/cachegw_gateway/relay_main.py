@@ -3,6 +3,10 @@
     cachegw relay --region eu=redis://10.0.0.1:6379/0 --region us=redis://10.1.0.1:6379/0 \\
         [--prefix cg | --prefix eu=cg --prefix us=cg] [--metrics-listen 127.0.0.1:9465]
 
+TLS Redis (rediss://...) takes --tls-ca / --tls-cert / --tls-key / --tls-no-check-hostname,
+for both regions; an ACL user and password come from each region's URL, or from
+--username [NAME=]USER and --password-file [NAME=]FILE (redis_auth.py's precedence).
+
 It logs each link's lag every --report-every seconds and serves Prometheus metrics when
 asked; `--once` applies what is pending each way, prints the figures as JSON and exits.
 The work itself is in relay.py; docs/regions.md says what it guarantees.
@@ -28,9 +32,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from cachegw_gateway import redis_tls
 from cachegw_gateway.config import LOG_FORMATS, RedisConfig
 from cachegw_gateway.l2 import RedisStore
-from cachegw_gateway.main import _redacted
+from cachegw_gateway.redis_auth import read_password_file
+from cachegw_gateway.redis_url import redact
 from cachegw_gateway.relay import Link, LinkStats, Region
 from cachegw_gateway.telemetry import logs
 
@@ -69,6 +75,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=100_000,
         help="MAXLEN of the events the relay appends (the gateways' invalidation."
         "stream_max_len; default 100000)",
+    )
+    p.add_argument("--tls-ca", metavar="FILE", help="PEM CA of the Redis certificates")
+    p.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM key of --tls-cert")
+    p.add_argument(
+        "--tls-no-check-hostname",
+        action="store_true",
+        help="accept a Redis certificate that does not name the host (chain still verified)",
+    )
+    p.add_argument(
+        "--username",
+        action="append",
+        default=[],
+        metavar="[NAME=]USER",
+        help="Redis ACL user when a region's URL names none (of one region with NAME=)",
+    )
+    p.add_argument(
+        "--password-file",
+        action="append",
+        default=[],
+        metavar="[NAME=]FILE",
+        help="file holding the Redis password when a region's URL carries none",
     )
     p.add_argument("--block-ms", type=int, default=1000, help="XREAD BLOCK (default 1000)")
     p.add_argument("--report-every", type=float, default=5.0, help="seconds between lag log lines")
@@ -118,9 +146,51 @@ def parse_regions(specs: Sequence[str], prefixes: Sequence[str]) -> tuple[Region
     return a, b
 
 
-def open_store(region: Region, block_ms: int) -> RedisStore:
-    # A blocked XREAD must not look like a dead connection.
-    config = RedisConfig(prefix=region.prefix, socket_timeout=block_ms / 1000 + 4.0)
+def per_region(items: Sequence[str], names: Sequence[str], flag: str) -> dict[str, str]:
+    """``[NAME=]VALUE`` flags: VALUE for region NAME, or for every region."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if sep and name in names:
+            out[name] = value
+        elif sep and _NAME.fullmatch(name) and "/" not in item:
+            raise UsageError(f"{flag} {item!r}: no region is named {name!r}")
+        else:
+            out.update({n: item for n in names})
+    return out
+
+
+def region_configs(args: argparse.Namespace, regions: Sequence[Region]) -> dict[str, RedisConfig]:
+    """Each region's Redis settings: TLS for all, credentials per region (UsageError)."""
+    names = [r.name for r in regions]
+    users = per_region(args.username, names, "--username")
+    files = per_region(args.password_file, names, "--password-file")
+    out = {}
+    for region in regions:
+        config = RedisConfig(
+            prefix=region.prefix,
+            # A blocked XREAD must not look like a dead connection.
+            socket_timeout=args.block_ms / 1000 + 4.0,
+            username=users.get(region.name, ""),
+            password_file=files.get(region.name, ""),
+            tls_ca=args.tls_ca or "",
+            tls_cert=args.tls_cert or "",
+            tls_key=args.tls_key or "",
+            tls_check_hostname=not args.tls_no_check_hostname,
+        )
+        try:
+            redis_tls.check(config)
+            if config.password_file:
+                read_password_file(config.password_file)
+        except redis_tls.TlsConfigError as exc:
+            raise UsageError(f"--{exc.key.replace('_', '-')} {exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"--password-file of region {region.name} {exc}") from None
+        out[region.name] = config
+    return out
+
+
+def open_store(region: Region, config: RedisConfig) -> RedisStore:
     return RedisStore.from_config(config, region.url)
 
 
@@ -215,8 +285,9 @@ class MetricsEndpoint:
 
 async def run(args: argparse.Namespace, a: Region, b: Region) -> int:
     try:
-        stores = {r.name: open_store(r, args.block_ms) for r in (a, b)}
-    except ValueError as exc:  # a URL the gateway's Redis layer does not take
+        configs = region_configs(args, (a, b))
+        stores = {r.name: open_store(r, configs[r.name]) for r in (a, b)}
+    except (UsageError, ValueError) as exc:  # ValueError: a URL the Redis layer refuses
         print(f"cachegw relay: {exc}", file=sys.stderr)
         return 2
     links = [
@@ -270,9 +341,9 @@ async def _forever(args: argparse.Namespace, links: Sequence[Link]) -> int:
         "relaying %s: %s (%s) <-> %s (%s); metrics %s",
         " and ".join(link.name for link in links),
         links[0].source.name,
-        _redacted(links[0].source.url),
+        redact(links[0].source.url),
         links[0].dest.name,
-        _redacted(links[0].dest.url),
+        redact(links[0].dest.url),
         f"http://{metrics.address}/metrics" if metrics else "off",
         extra={"event": "relay_start", "metrics": metrics.address if metrics else None},
     )

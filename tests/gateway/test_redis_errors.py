@@ -76,9 +76,11 @@ REPLIES = [
      "persist to disk.", "MISCONF", True, True, "persist"),
     ("NOREPLICAS Not enough good replicas to write.", "NOREPLICAS", True, True,
      "min-replicas-to-write"),
-    ("NOAUTH Authentication required.", "NOAUTH", True, False, "--redis-url"),
+    ("NOAUTH Authentication required.", "NOAUTH", True, False, "redis.password_file"),
     ("WRONGPASS invalid username-password pair or user is disabled.", "WRONGPASS", True,
-     False, "--redis-url"),
+     False, "$CACHEGW_REDIS_PASSWORD"),
+    ("ERR The user executing the script can't run this command or subcommand script: "
+     "abc, on @user_script:5.", "NOPERM", False, False, "ACL LOG"),  # (in a script)
     ("NOPERM User default has no permissions to run the 'evalsha' command", "NOPERM",
      False, False, "ACL SETUSER"),
     ("WRONGTYPE Operation against a key holding the wrong kind of value", "WRONGTYPE",

@@ -49,9 +49,15 @@ class RedisWatch:
                     extra={"event": "redis_up", "down_seconds": round(down_for, 3)},
                 )
             else:
+                why = self._store.last_probe_error
                 log.warning(
-                    "redis connection lost; serving L1 only until it answers again",
-                    extra={"event": "redis_down", "redis_errors": self._store.stats.redis_errors},
+                    "redis connection lost; serving L1 only until it answers again%s",
+                    f" ({why})" if why is not None else "",
+                    extra={
+                        "event": "redis_down",
+                        "redis_errors": self._store.stats.redis_errors,
+                        "kind": why.kind if why is not None else None,
+                    },
                 )
         if not up and self._up is not False:
             self._down_since = time.monotonic()
