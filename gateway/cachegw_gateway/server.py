@@ -33,7 +33,9 @@ from cachegw_gateway.servicer import SERVICE_NAME, CacheServicer
 from cachegw_gateway.stats import GatewayStats
 from cachegw_gateway.subscriptions import SubscriberHub
 from cachegw_gateway.telemetry.service import Telemetry
+from cachegw_gateway.telemetry.snapshot import worker_summaries
 from cachegw_gateway.warmup import HOT_KEYS_TRACKED
+from cachegw_gateway.worker_status import fetch_summaries
 from cachegw_gateway.workers import WorkerSlot
 from cachegw_native.hotkeys import HotKeys
 
@@ -145,6 +147,7 @@ class GatewayServer:
             config.server,
             self.hub,
             stats=self.telemetry.stats,
+            workers=self._worker_summaries if worker and worker.status_address else None,
         )
         # Telemetry outside admission: refused calls show in the RPC figures too.
         self.admission = Admission(config.server, self.stats)
@@ -234,6 +237,10 @@ class GatewayServer:
         await self.bus.stop()
         await self.telemetry.stop()
         await self.store.close()
+
+    async def _worker_summaries(self) -> list[pb.WorkerSummary]:
+        assert self.worker is not None
+        return worker_summaries(await fetch_summaries(self.worker.status_address))
 
     @property
     def metrics_address(self) -> str | None:

@@ -85,6 +85,8 @@ def _status_of(err: L2Unavailable) -> grpc.StatusCode:
 
 
 StatsSource = Callable[[pb.StatsRequest], pb.StatsResponse]
+# Under a supervisor: every worker's summary (worker_status.py), for Stats answers.
+WorkersSource = Callable[[], Awaitable[list[pb.WorkerSummary]]]
 HandlerWrap = Callable[[str, "grpc.RpcMethodHandler[Any, Any]"], "grpc.RpcMethodHandler[Any, Any]"]
 
 
@@ -97,11 +99,13 @@ class CacheServicer:
         hub: SubscriberHub,
         *,
         stats: StatsSource | None = None,
+        workers: WorkersSource | None = None,
     ) -> None:
         self._cache = cache
         self._policy = policy
         self._hub = hub
         self._stats = stats
+        self._workers = workers
         self._max_key = limits.max_key_bytes
         self._max_batch = limits.max_batch_keys
         self._max_response = limits.max_response_bytes
@@ -476,9 +480,12 @@ class CacheServicer:
         if self._stats is None:
             await _abort_unimplemented(context, "Stats", "observability")
         try:
-            return self._stats(request)
+            reply = self._stats(request)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self._workers is not None:
+            reply.worker_summaries.extend(await self._workers())
+        return reply
 
     # -- counters, Touch, Ttl ------------------------------------------------------------
 
