@@ -3,19 +3,20 @@
 Run:  .venv/bin/python benchmarks/bench_autobatch.py [--rounds 3] [--seconds 3] [--callers 64]
 
 One `cachegw serve` process on a managed redis-server; 1,000 keys of 100 B, held in the
-gateway's L1. The same AsyncClient code runs with ``batch_gets=False`` (one unary Get per
-`get()`) and ``batch_gets=True`` (the `get()`s of one event-loop tick as one GetMany),
-in interleaved rounds:
+gateway's L1. The same AsyncClient code runs three ways: ``batch_gets=False`` (one unary
+Get per `get()`), ``batch_gets=True`` (the `get()`s of one event-loop tick as one
+GetMany) and ``stream_gets=True`` (each `get()` a message with an id on one GetStream
+bidi call), in interleaved rounds (the order rotates each round):
 
 - **closed loop**: `--callers` tasks each awaiting `get()` of a random key in a loop:
   Gets/s, p50/p99, and the gateway's CPU per Get;
 - **same offered load**: an open loop issuing `get()`s at half the unary rate just
-  measured (each on its own task, on a fixed schedule), both ways: p50/p99 of each Get.
+  measured (each on its own task, on a fixed schedule), every way: p50/p99 of each Get.
 
 Aims (from the issue): batched >= 3x the unary Gets/s at 64 callers, and a p99 no worse
-than unary's at the same offered load. The client and the gateway share this machine's
-two cores; a multiplexed bidi stream, the other way the issue names, was not built: its
-own measurement here was ~3x unary messages/s, below what batching gives.
+than unary's at the same offered load. The stream is measured against both (ratios of
+the same round), without an aim of its own: the issue asks to keep whichever wins. The
+client and the gateway share this machine's two cores.
 """
 
 from __future__ import annotations
@@ -91,17 +92,24 @@ async def main(args: argparse.Namespace) -> int:
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         redis = stack.enter_context(ManagedRedis())
         gw = start_gateways(stack, 1, redis.url, CONFIG, Path(tmp))[0]
-        unary = AsyncClient(gw.address, batch_gets=False)
-        batched = AsyncClient(gw.address, batch_gets=True)
+        clients = {
+            "unary": AsyncClient(gw.address, batch_gets=False),
+            "batched": AsyncClient(gw.address, batch_gets=True),
+            "stream": AsyncClient(gw.address, batch_gets=False, stream_gets=True),
+        }
+        unary = clients["unary"]
+        closed: dict[str, list[Sample]] = {name: [] for name in clients}
+        fixed: dict[str, list[list[int]]] = {name: [] for name in clients}
         try:
             await unary.set_many([(k, VALUE) for k in KEYS])
             for chunk in range(0, len(KEYS), 500):
                 await unary.get_many(KEYS[chunk : chunk + 500])  # into the gateway's L1
             rng = random.Random(1)
-            closed: dict[str, list[Sample]] = {"unary": [], "batched": []}
-            fixed: dict[str, list[list[int]]] = {"unary": [], "batched": []}
+            names = list(clients)
             for r in range(args.rounds):
-                for name, client in (("unary", unary), ("batched", batched)):
+                order = names[r % len(names) :] + names[: r % len(names)]
+                for name in order:
+                    client = clients[name]
 
                     async def get(c: AsyncClient = client) -> object:
                         return await c.get(rng.choice(KEYS))
@@ -114,14 +122,14 @@ async def main(args: argparse.Namespace) -> int:
                         flush=True,
                     )
                 rate = LOAD_SHARE * closed["unary"][-1].ops_per_s
-                for name, client in (("unary", unary), ("batched", batched)):
-                    lat = await open_loop(client, rate, args.seconds)
+                for name in order:
+                    lat = await open_loop(clients[name], rate, args.seconds)
                     fixed[name].append(lat)
                     p99 = percentile(sorted(lat), 99) / 1e6
                     print(f"round {r + 1} {rate:,.0f}/s {name}: p99 {p99:.1f} ms", flush=True)
         finally:
-            await unary.close()
-            await batched.close()
+            for client in clients.values():
+                await client.close()
 
     def row(name: str) -> list[str]:
         s = closed[name]
@@ -153,19 +161,31 @@ async def main(args: argparse.Namespace) -> int:
                 "p50 ms @half unary",
                 "p99 ms @half unary",
             ],
-            [row("unary"), row("batched")],
+            [row(name) for name in closed],
             right="lrrrrrr",
         )
     )
-    ratios = [
-        b.ops_per_s / u.ops_per_s for b, u in zip(closed["batched"], closed["unary"], strict=True)
-    ]
-    p99s = [
-        percentile(sorted(b), 99) / percentile(sorted(u), 99)
-        for b, u in zip(fixed["batched"], fixed["unary"], strict=True)
-    ]
+
+    def ratios(a: str, b: str) -> list[float]:
+        return [x.ops_per_s / y.ops_per_s for x, y in zip(closed[a], closed[b], strict=True)]
+
+    def p99_ratios(a: str, b: str) -> list[float]:
+        return [
+            percentile(sorted(x), 99) / percentile(sorted(y), 99)
+            for x, y in zip(fixed[a], fixed[b], strict=True)
+        ]
+
     print()
-    ok = check_aims(AIMS, {"throughput": median(ratios), "p99": median(p99s)})
+    for a, b in (("batched", "unary"), ("stream", "unary"), ("stream", "batched")):
+        t, p = ratios(a, b), p99_ratios(a, b)
+        print(
+            f"{a} / {b}: Gets/s {median(t):.2f}x (rounds {min(t):.2f}-{max(t):.2f}), "
+            f"p99 at the same load {median(p):.2f}x (rounds {min(p):.2f}-{max(p):.2f})"
+        )
+    ratios_bu = ratios("batched", "unary")
+    p99s = p99_ratios("batched", "unary")
+    print()
+    ok = check_aims(AIMS, {"throughput": median(ratios_bu), "p99": median(p99s)})
     return 0 if ok else 1
 
 
