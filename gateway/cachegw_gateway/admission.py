@@ -92,24 +92,6 @@ class Admission:
             )
         return handler
 
-    def admit_one(self) -> str | None:
-        """For a Get read from a GetStream (getstream.py): None when admitted (counted in
-        flight until `release_one()`), else why it is refused."""
-        if self.in_flight >= self._max_rpcs:
-            self._stats.rpcs_shed += 1
-            return (
-                f"the gateway is overloaded: {self.in_flight} calls in flight, "
-                f"server.max_concurrent_rpcs is {self._max_rpcs}; nothing was done, "
-                f"retry after {RETRY_AFTER_MS} ms or on another gateway"
-            )
-        self.in_flight += 1
-        self._stats.rpcs_in_flight = self.in_flight
-        return None
-
-    def release_one(self) -> None:
-        self.in_flight -= 1
-        self._stats.rpcs_in_flight = self.in_flight
-
     def _unary(self, fn: Unary, exempt: Callable[[Any], bool] | None = None) -> Unary:
         stats = self._stats
 

@@ -141,8 +141,6 @@ class GatewayServer:
         self._server = grpc.aio.server(
             options=server_options(config.server, reuse_port=worker is not None)
         )
-        # Telemetry outside admission: refused calls show in the RPC figures too.
-        self.admission = Admission(config.server, self.stats)
         self.servicer = CacheServicer(
             self.cache,
             self.policy,
@@ -150,8 +148,9 @@ class GatewayServer:
             self.hub,
             stats=self.telemetry.stats,
             workers=self._worker_summaries if worker and worker.status_address else None,
-            admission=self.admission,
         )
+        # Telemetry outside admission: refused calls show in the RPC figures too.
+        self.admission = Admission(config.server, self.stats)
 
         def wrap(method: str, handler: MethodHandler) -> MethodHandler:
             return self.telemetry.wrap(method, self.admission.wrap(method, handler))
@@ -222,7 +221,6 @@ class GatewayServer:
         if delay > 0:
             await asyncio.sleep(delay)
         self.hub.drain()
-        self.servicer.streams.drain()
         await self._server.stop(grace)
         if self._refresher is not None:  # before drain closes the origins' channels
             self._refresher.cancel()

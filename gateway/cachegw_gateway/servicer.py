@@ -16,12 +16,10 @@ import grpc
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway import events
-from cachegw_gateway.admission import Admission
 from cachegw_gateway.cache import Cache, SetItem, WriteOutcome
 from cachegw_gateway.config import ServerConfig
 from cachegw_gateway.counters import CounterOverflow, NotACounter
 from cachegw_gateway.events import StreamId
-from cachegw_gateway.getstream import GetStreams
 from cachegw_gateway.l2 import L2Unavailable
 from cachegw_gateway.leases import LeaseToken
 from cachegw_gateway.origin import OriginError
@@ -86,27 +84,6 @@ def _status_of(err: L2Unavailable) -> grpc.StatusCode:
     return grpc.StatusCode.UNAVAILABLE
 
 
-def failure_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """The status and message a failure of the cache's paths answers (docs/errors.md);
-    None for anything else (a bug). An L2Unavailable's message says what happened and
-    what to do."""
-    if isinstance(exc, InvalidRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, L2Unavailable):
-        return _status_of(exc), str(exc)
-    if isinstance(exc, OriginError):
-        return exc.code, str(exc)
-    if isinstance(exc, FAILURES):
-        # A Redis failure that bypassed RedisStore (a bug there): still a status a
-        # caller can act on, never UNKNOWN.
-        log.warning("redis failure outside RedisStore: %r", exc)
-        err = classify(exc)
-        return _status_of(err), str(err)
-    return None
-
-
-_MAPPED: tuple[type[BaseException], ...] = (InvalidRequest, L2Unavailable, OriginError, *FAILURES)
-
 StatsSource = Callable[[pb.StatsRequest], pb.StatsResponse]
 # Under a supervisor: every worker's summary (worker_status.py), for Stats answers.
 WorkersSource = Callable[[], Awaitable[list[pb.WorkerSummary]]]
@@ -123,7 +100,6 @@ class CacheServicer:
         *,
         stats: StatsSource | None = None,
         workers: WorkersSource | None = None,
-        admission: Admission | None = None,
     ) -> None:
         self._cache = cache
         self._policy = policy
@@ -135,10 +111,6 @@ class CacheServicer:
         self._max_response = limits.max_response_bytes
         self._max_ttl_ms = int(limits.max_ttl_seconds * 1000)
         self._class_names = [kc.name for kc in policy.classes]
-        admission = admission or Admission(limits, cache.stats)
-        self.streams = GetStreams(
-            cache, self._max_key, failure_status, admission.admit_one, admission.release_one
-        )
 
     async def _guard(self, context: Context, work: Awaitable[T]) -> T:
         """Run `work` within the caller's deadline and map failures to status codes
@@ -147,6 +119,12 @@ class CacheServicer:
         try:
             async with asyncio.timeout(remaining):
                 return await work
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except L2Unavailable as exc:
+            await context.abort(_status_of(exc), str(exc))
+        except OriginError as exc:
+            await context.abort(exc.code, str(exc))
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -154,10 +132,12 @@ class CacheServicer:
                 "write already sent may or may not have been applied; a read-through load "
                 "goes on for the next caller)",
             )
-        except _MAPPED as exc:
-            status = failure_status(exc)
-            assert status is not None
-            await context.abort(*status)
+        except FAILURES as exc:
+            # A Redis failure that bypassed RedisStore (a bug there): still a status a
+            # caller can act on, never UNKNOWN.
+            log.warning("redis failure outside RedisStore: %r", exc)
+            err = classify(exc)
+            await context.abort(_status_of(err), str(err))
 
     @staticmethod
     async def _reject(context: Context, bad: BadMessage) -> NoReturn:
@@ -620,12 +600,6 @@ class CacheServicer:
             "Ttl": unary(self.ttl, pb.TtlRequest, pb.TtlResponse),
             "ReleaseLease": unary(
                 self.release_lease, pb.ReleaseLeaseRequest, pb.ReleaseLeaseResponse
-            ),
-            # Not wrapped by admission (each Get it carries is) nor timed (a stream).
-            "GetStream": grpc.stream_stream_rpc_method_handler(
-                self.streams.serve,
-                request_deserializer=lenient_parser(pb.GetStreamRequest),  # type: ignore[arg-type]
-                response_serializer=None,
             ),
             "Subscribe": grpc.unary_stream_rpc_method_handler(
                 self.subscribe,

@@ -18,7 +18,7 @@ from typing import Any, Self, TypeVar
 import grpc
 import grpc.aio
 
-from cachegw import _batcher, _calls, _channel, _getstream, _protocol, _tracing
+from cachegw import _batcher, _calls, _channel, _protocol, _tracing
 from cachegw._calls import DEFAULT, Call, Timeout
 from cachegw._protocol import Load, NearCacheKeeper, Rpc, Step, Steps
 from cachegw.client import DEFAULT_TARGET
@@ -54,7 +54,6 @@ class AsyncClient:
         near_cache: NearCache | None = None,
         retries: bool = True,
         batch_gets: bool = True,
-        stream_gets: bool = False,
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -72,9 +71,6 @@ class AsyncClient:
         self._batcher = (
             _batcher.GetBatcher(self._fetch_batch, self._fetch_one) if batch_gets else None
         )
-        # Or: each `get()` multiplexed over one GetStream (_getstream.py); measured
-        # against batching in benchmarks/bench_autobatch.py.
-        self._mux = _getstream.GetStreamMux(self._stub) if stream_gets else None
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stream_task: asyncio.Task[None] | None = None
@@ -94,9 +90,6 @@ class AsyncClient:
             value = near.get(key)
             if value is not None:
                 return value
-        if self._mux is not None and near is None and not _tracing.recording():
-            request = _calls.get(key).request  # a bad key fails here, not on the stream
-            return await self._mux.get(request, _calls.deadline(self.timeout, timeout))
         if self._batcher is not None and not _tracing.recording():
             _calls.get(key)  # a bad key fails its own caller here, not the batch
             return await self._batcher.get(key, _calls.deadline(self.timeout, timeout))
@@ -442,8 +435,6 @@ class AsyncClient:
             await asyncio.wait(self._tasks, timeout=5)
         if self._batcher is not None:
             await self._batcher.close()
-        if self._mux is not None:
-            await self._mux.close()
         await self._channel.close(None)
 
     async def __aenter__(self) -> Self:

@@ -1316,66 +1316,6 @@ class StatsResponse(_message.Message):
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
 
 @_typing.final
-class GetStreamRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ID_FIELD_NUMBER: _builtins.int
-    GET_FIELD_NUMBER: _builtins.int
-    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
-    id: _builtins.int
-    """The caller's number for this Get, echoed in its answer."""
-    timeout_ms: _builtins.int
-    """This Get's deadline, from when the gateway reads it (0: the stream's own deadline)."""
-    @_builtins.property
-    def get(self) -> Global___GetRequest: ...
-    def __init__(
-        self,
-        *,
-        id: _builtins.int = ...,
-        get: Global___GetRequest | None = ...,
-        timeout_ms: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["get", b"get"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["get", b"get", "id", b"id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___GetStreamRequest: _TypeAlias = GetStreamRequest  # noqa: Y015
-
-@_typing.final
-class GetStreamResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ID_FIELD_NUMBER: _builtins.int
-    GET_FIELD_NUMBER: _builtins.int
-    CODE_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    id: _builtins.int
-    code: _builtins.int
-    """Otherwise the gRPC status code of this Get alone (the stream goes on) and why."""
-    message: _builtins.str
-    @_builtins.property
-    def get(self) -> Global___GetResponse:
-        """The Get's answer when `code` is 0 (OK)."""
-
-    def __init__(
-        self,
-        *,
-        id: _builtins.int = ...,
-        get: Global___GetResponse | None = ...,
-        code: _builtins.int = ...,
-        message: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["get", b"get"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "get", b"get", "id", b"id", "message", b"message"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___GetStreamResponse: _TypeAlias = GetStreamResponse  # noqa: Y015
-
-@_typing.final
 class WorkerSummary(_message.Message):
     """One worker process of `cachegw serve --workers N`, from its supervisor."""
 

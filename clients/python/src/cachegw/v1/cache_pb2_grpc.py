@@ -111,11 +111,6 @@ class CacheServiceStub:
                 request_serializer=cachegw_dot_v1_dot_cache__pb2.TtlRequest.SerializeToString,
                 response_deserializer=cachegw_dot_v1_dot_cache__pb2.TtlResponse.FromString,
                 _registered_method=True)
-        self.GetStream = channel.stream_stream(
-                '/cachegw.v1.CacheService/GetStream',
-                request_serializer=cachegw_dot_v1_dot_cache__pb2.GetStreamRequest.SerializeToString,
-                response_deserializer=cachegw_dot_v1_dot_cache__pb2.GetStreamResponse.FromString,
-                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -239,14 +234,6 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetStream(self, request_iterator, context):
-        """Gets multiplexed over one stream: each request carries an id the answer echoes;
-        answers come in the order they are ready (an L1 hit before an earlier Redis read).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -324,11 +311,6 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.Ttl,
                     request_deserializer=cachegw_dot_v1_dot_cache__pb2.TtlRequest.FromString,
                     response_serializer=cachegw_dot_v1_dot_cache__pb2.TtlResponse.SerializeToString,
-            ),
-            'GetStream': grpc.stream_stream_rpc_method_handler(
-                    servicer.GetStream,
-                    request_deserializer=cachegw_dot_v1_dot_cache__pb2.GetStreamRequest.FromString,
-                    response_serializer=cachegw_dot_v1_dot_cache__pb2.GetStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -738,33 +720,6 @@ class CacheService:
             '/cachegw.v1.CacheService/Ttl',
             cachegw_dot_v1_dot_cache__pb2.TtlRequest.SerializeToString,
             cachegw_dot_v1_dot_cache__pb2.TtlResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetStream(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/cachegw.v1.CacheService/GetStream',
-            cachegw_dot_v1_dot_cache__pb2.GetStreamRequest.SerializeToString,
-            cachegw_dot_v1_dot_cache__pb2.GetStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -113,10 +113,6 @@ class CacheServiceStub:
     """Give a stored value (and its counter) a new TTL without rewriting it."""
     Ttl: _grpc.UnaryUnaryMultiCallable[_cache_pb2.TtlRequest, _cache_pb2.TtlResponse]
     """The remaining TTL and version of a stored value, without reading the value."""
-    GetStream: _grpc.StreamStreamMultiCallable[_cache_pb2.GetStreamRequest, _cache_pb2.GetStreamResponse]
-    """Gets multiplexed over one stream: each request carries an id the answer echoes;
-    answers come in the order they are ready (an L1 hit before an earlier Redis read).
-    """
 
 @_typing.type_check_only
 class CacheServiceAsyncStub(CacheServiceStub):
@@ -175,10 +171,6 @@ class CacheServiceAsyncStub(CacheServiceStub):
     """Give a stored value (and its counter) a new TTL without rewriting it."""
     Ttl: _aio.UnaryUnaryMultiCallable[_cache_pb2.TtlRequest, _cache_pb2.TtlResponse]  # type: ignore[assignment]
     """The remaining TTL and version of a stored value, without reading the value."""
-    GetStream: _aio.StreamStreamMultiCallable[_cache_pb2.GetStreamRequest, _cache_pb2.GetStreamResponse]  # type: ignore[assignment]
-    """Gets multiplexed over one stream: each request carries an id the answer echoes;
-    answers come in the order they are ready (an L1 hit before an earlier Redis read).
-    """
 
 class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     """The cache gateway. One instance per host or pod; every instance sharing a Redis
@@ -324,15 +316,5 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.TtlResponse, _abc.Awaitable[_cache_pb2.TtlResponse]]:
         """The remaining TTL and version of a stored value, without reading the value."""
-
-    @_abc_1.abstractmethod
-    def GetStream(
-        self,
-        request_iterator: _MaybeAsyncIterator[_cache_pb2.GetStreamRequest],
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_cache_pb2.GetStreamResponse], _abc.AsyncIterator[_cache_pb2.GetStreamResponse]]:
-        """Gets multiplexed over one stream: each request carries an id the answer echoes;
-        answers come in the order they are ready (an L1 hit before an earlier Redis read).
-        """
 
 def add_CacheServiceServicer_to_server(servicer: CacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
