@@ -14,8 +14,16 @@ in interleaved rounds:
 
 Aims (from the issue): batched >= 3x the unary Gets/s at 64 callers, and a p99 no worse
 than unary's at the same offered load. The client and the gateway share this machine's
-two cores; a multiplexed bidi stream, the other way the issue names, was not built: its
-own measurement here was ~3x unary messages/s, below what batching gives.
+two cores.
+
+The other way the issue names, Gets multiplexed over one bidi stream with ids, was built
+and measured by this script at commit fbb1990 (a GetStream RPC: L1 hits answered inline
+from pre-encoded bytes, other Gets as tasks with their own deadlines, admission per Get,
+drain; ``AsyncClient(stream_gets=True)``; the three ways in rotating interleaved rounds):
+1.84x and 1.63x unary's Gets/s in two runs, but 0.16x and 0.19x batching's (132-151 us of
+gateway CPU per Get, against 9-11 for batching: each message still costs the server a
+read and a write through gRPC). It was removed (fbb1990 reverted): an RPC with no
+advantage over GetMany. ``git checkout fbb1990`` reproduces it.
 """
 
 from __future__ import annotations

@@ -29,7 +29,9 @@ In one run, against one managed redis-server this script starts and stops:
   and for L1 hits (answered without awaiting anything). Goodput is calls answered OK per
   second (h2load's answers with a message, plus the probes'); the p99 is over the
   probes' admitted (OK) calls. A run is about `calls/s x 6 s` calls (rate measured
-  first, without shedding).
+  first, without shedding). Other levers were tried with this script and not kept
+  (grpc-core's max_pending_requests, grpc.aio's maximum_concurrent_rpcs, HTTP/2
+  max_concurrent_streams per connection): the README's row says what each did.
 
 The aim (issue 15): N workers deliver >= 0.8 N times one worker's calls/s when the cores
 are free for them. This machine has 2 cores, and h2load needs part of one: 2 workers

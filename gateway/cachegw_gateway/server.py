@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.trace import TracerProvider
 
+from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.admission import Admission, MethodHandler
 from cachegw_gateway.bus import EventBus
 from cachegw_gateway.cache import Cache
@@ -33,7 +34,9 @@ from cachegw_gateway.stats import GatewayStats
 from cachegw_gateway.subscriptions import SubscriberHub
 from cachegw_gateway.telemetry import tracing
 from cachegw_gateway.telemetry.service import Telemetry
+from cachegw_gateway.telemetry.snapshot import worker_summaries
 from cachegw_gateway.tenancy import Principal, TenantRouter
+from cachegw_gateway.worker_status import fetch_summaries
 from cachegw_gateway.workers import WorkerSlot
 from cachegw_native.coalescer import Coalescer
 from cachegw_native.hotkeys import HotKeys
@@ -91,6 +94,8 @@ class GatewayServer:
                 workers=workers,
             )
             space.servicer.stats_source = self.telemetry.stats
+            if worker is not None and worker.status_address:
+                space.servicer.workers = self._worker_summaries
             target = space.servicer
         else:
             # With tenants (tenancy.py): a space per tenant; this store, at redis.prefix,
@@ -251,6 +256,10 @@ class GatewayServer:
         if self.tenants is not None:
             await self.tenants.close(grace)
             await self.store.close()
+
+    async def _worker_summaries(self) -> list[pb.WorkerSummary]:
+        assert self.worker is not None
+        return worker_summaries(await fetch_summaries(self.worker.status_address))
 
     @property
     def metrics_address(self) -> str | None:

@@ -85,6 +85,8 @@ def _status_of(err: L2Unavailable) -> grpc.StatusCode:
 
 
 StatsSource = Callable[[pb.StatsRequest], pb.StatsResponse]
+# Under a supervisor: every worker's summary (worker_status.py), for Stats answers.
+WorkersSource = Callable[[], Awaitable[list[pb.WorkerSummary]]]
 HandlerWrap = Callable[[str, "grpc.RpcMethodHandler[Any, Any]"], "grpc.RpcMethodHandler[Any, Any]"]
 
 
@@ -97,12 +99,15 @@ class CacheServicer:
         hub: SubscriberHub,
         *,
         stats: StatsSource | None = None,
+        workers: WorkersSource | None = None,
     ) -> None:
         self._cache = cache
         self._policy = policy
         self._hub = hub
-        # The Stats answer (the gateway's telemetry, or a tenant's own figures).
+        # The Stats answer (the gateway's telemetry, or a tenant's own figures), and the
+        # workers' summaries under a supervisor (gateway-wide: not in a tenant's Stats).
         self.stats_source = stats
+        self.workers = workers
         self._max_key = limits.max_key_bytes
         self._max_batch = limits.max_batch_keys
         self._max_response = limits.max_response_bytes
@@ -477,9 +482,12 @@ class CacheServicer:
         if self.stats_source is None:
             await _abort_unimplemented(context, "Stats", "observability")
         try:
-            return self.stats_source(request)
+            reply = self.stats_source(request)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.workers is not None:
+            reply.worker_summaries.extend(await self.workers())
+        return reply
 
     # -- counters, Touch, Ttl ------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from cachegw_gateway.config import GatewayConfig
 from cachegw_gateway.managed_redis import dies_with_parent
 from cachegw_gateway.redis_url import redact
 from cachegw_gateway.telemetry.aggregate import WorkersCollector, WorkerView
+from cachegw_gateway.worker_status import StatusServer
 from cachegw_gateway.workers import WORKER_ENV, WorkerSlot
 
 log = logging.getLogger("cachegw.supervisor")
@@ -104,8 +105,13 @@ class _Worker:
 
     def view(self) -> WorkerView:
         proc = self.proc
+        running = proc is not None and proc.returncode is None
         return WorkerView(
-            self.index, proc.pid if proc is not None else 0, self.metrics, self.restarts
+            self.index,
+            proc.pid if running and proc is not None else 0,
+            self.metrics,
+            self.restarts,
+            self.serving,
         )
 
 
@@ -125,6 +131,8 @@ class Supervisor:
         self._metrics: WSGIServer | None = None
         self._metrics_thread: threading.Thread | None = None
         self.metrics_address: str | None = None
+        # Every worker's figures, for the workers' Stats answers (worker_status.py).
+        self._status = StatusServer(self.views)
 
     # -- running --------------------------------------------------------------------------
 
@@ -144,6 +152,7 @@ class Supervisor:
         }
         try:
             self._start_metrics()
+            self._status.start()
             for w in self._workers:
                 self._spawn(w)
             if not self._wait_all_serving():
@@ -160,6 +169,7 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._stop_metrics()
+            self._status.stop()
             for w in self._workers:
                 self._close_status(w)
             reserved.close()
@@ -196,7 +206,7 @@ class Supervisor:
     def _spawn(self, w: _Worker) -> None:
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
-        slot = WorkerSlot(w.index, self.count, write_fd)
+        slot = WorkerSlot(w.index, self.count, write_fd, self._status.address)
         try:
             w.proc = subprocess.Popen(
                 self._command(slot),

@@ -3,12 +3,14 @@
 A worker is a whole gateway in a fresh interpreter (its own L1, coalescer, invalidation
 subscription and Subscribe streams), started by the supervisor as
 ``python -m cachegw_gateway.main <the user's flags> --listen host:PORT ...`` with
-``CACHEGW_WORKER=<index>/<count>/<fd>`` in its environment. It binds the supervisor's
-port with SO_REUSEPORT (the kernel spreads new connections over the workers), writes one
-JSON line to the inherited pipe `fd` once it serves (its pid, port and private metrics
-address), and drains and exits when its supervisor is gone: Linux delivers SIGTERM then
-(PR_SET_PDEATHSIG, set by the supervisor between fork and exec), and `watch_parent`
-notices a changed parent elsewhere.
+``CACHEGW_WORKER=<index>/<count>/<fd>/<status>`` in its environment. It binds the
+supervisor's port with SO_REUSEPORT (the kernel spreads new connections over the
+workers), writes one JSON line to the inherited pipe `fd` once it serves (its pid, port
+and private metrics address), adds the summaries of every worker that the supervisor
+serves at `status` (host:port, worker_status.py) to its Stats answers, and drains and
+exits when its supervisor is gone: Linux delivers SIGTERM then (PR_SET_PDEATHSIG, set by
+the supervisor between fork and exec), and `watch_parent` notices a changed parent
+elsewhere.
 
 Nothing here imports gRPC: the supervisor imports this module too.
 """
@@ -32,14 +34,16 @@ class WorkersError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class WorkerSlot:
-    """Which worker this process is: `index` of `count` (0-based), and where it reports."""
+    """Which worker this process is: `index` of `count` (0-based), where it reports, and
+    where the supervisor tells every worker's figures (empty: nowhere)."""
 
     index: int
     count: int
     status_fd: int = -1
+    status_address: str = ""
 
     def env_value(self) -> str:
-        return f"{self.index}/{self.count}/{self.status_fd}"
+        return f"{self.index}/{self.count}/{self.status_fd}/{self.status_address}"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSlot | None:
@@ -47,13 +51,18 @@ class WorkerSlot:
         value = (os.environ if environ is None else environ).get(WORKER_ENV, "")
         if not value:
             return None
+        parts = value.split("/")
         try:
-            index, count, fd = (int(part) for part in value.split("/"))
+            if len(parts) not in (3, 4):
+                raise ValueError
+            index, count, fd = (int(part) for part in parts[:3])
         except ValueError:
-            raise WorkersError(f"{WORKER_ENV} must be index/count/fd (got {value!r})") from None
+            raise WorkersError(
+                f"{WORKER_ENV} must be index/count/fd[/status host:port] (got {value!r})"
+            ) from None
         if not 0 <= index < count:
             raise WorkersError(f"{WORKER_ENV}: index {index} is not below count {count}")
-        return cls(index, count, fd)
+        return cls(index, count, fd, parts[3] if len(parts) == 4 else "")
 
     def gateway_id(self, base: str) -> str:
         return f"{base}-w{self.index}"

@@ -16,17 +16,20 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import grpc
 import pytest
+from rich.console import Console
 
+from cachegw import top
 from cachegw.v1 import cache_pb2 as pb
 from cachegw.v1 import cache_pb2_grpc
 from cachegw_gateway.config import ConfigError, load_config
 from cachegw_gateway.managed_redis import ManagedRedis
 from cachegw_gateway.telemetry.aggregate import merge
-from cachegw_gateway.workers import cores, resolve_count
+from cachegw_gateway.workers import WORKER_ENV, WorkersError, WorkerSlot, cores, resolve_count
 from tests.conftest import BIN, GatewayProcess
 
 Start = Callable[..., GatewayProcess]
@@ -168,7 +171,83 @@ def test_both_workers_serve_the_port_and_metrics_add_up(
     text = proc.stdout.decode()
     assert proc.returncode == 0, proc.stderr.decode()
     assert re.search(r"gw-w[01] \(worker [01] of 2\)", text), text
-    assert "each row is the one worker its connection reached" in " ".join(text.split())
+    assert "every worker is under 'workers'" in " ".join(text.split())
+    for pid in pids:  # a row per worker process, whichever worker answered Stats
+        assert re.search(rf"\b{pid}\b.*serving", text), text
+    assert gw.stop() == 0
+
+
+def summaries(stub: cache_pb2_grpc.CacheServiceStub) -> dict[int, pb.WorkerSummary]:
+    reply = stub.Stats(pb.StatsRequest(), timeout=5)
+    return {w.index: w for w in reply.worker_summaries}
+
+
+def calls_seen(
+    stub: cache_pb2_grpc.CacheServiceStub, calls: tuple[int, int]
+) -> dict[int, pb.WorkerSummary] | None:
+    """The summaries once they show `calls` for workers 0 and 1."""
+    rows = summaries(stub)
+    return rows if tuple(rows[i].calls for i in (0, 1) if i in rows) == calls else None
+
+
+def render(view: top.TopView) -> str:
+    console = Console(record=True, width=250, color_system=None)
+    console.print(view.render())
+    return console.export_text()
+
+
+def test_any_workers_stats_and_top_show_every_worker(
+    gateway_process: Start, redis_server: ManagedRedis
+) -> None:
+    gw = gateway_process("--workers", "2", "--redis-url", redis_server.url)
+    pids, _ = supervisor_started(gw)
+    with pinned(gw.address, 0) as w0, pinned(gw.address, 1) as w1:
+        w0.Set(pb.SetRequest(key="k", value=b"v"), timeout=5)
+        for _ in range(30):
+            w0.Get(pb.GetRequest(key="k"), timeout=5)
+        for _ in range(5):
+            w1.Get(pb.GetRequest(key="k"), timeout=5)
+        for stub, index in ((w0, 0), (w1, 1)):
+            assert stub.Stats(pb.StatsRequest(), timeout=5).worker_index == index
+            # The supervisor reuses a round of scrapes for half a second: wait for one
+            # taken after the calls above (Stats and Subscribe are not counted).
+            rows = wait_for(
+                partial(calls_seen, stub, (31, 5)),
+                f"worker {index}'s Stats showing both workers' calls",
+            )
+            assert isinstance(rows, dict) and sorted(rows) == [0, 1]
+            assert {w.pid for w in rows.values()} == set(pids)
+            for w in rows.values():
+                assert w.serving and w.answered and w.restarts == 0
+                assert w.rss_bytes > 0 and w.uptime_ms > 0
+                assert w.rpcs_in_flight <= 1  # at most a Stats call being answered
+                assert w.l1_entries == 1 and w.l1_bytes > 0  # each holds its own copy of k
+
+        # `cachegw top`: one row per worker, rates over two polls.
+        view = top.TopView([gw.address])
+        with grpc.insecure_channel(gw.address) as ch:
+            stubs = {gw.address: cache_pb2_grpc.CacheServiceStub(ch)}
+            view.update(top.poll(stubs, timeout=5, top_keys=0))
+            for _ in range(20):
+                w1.Get(pb.GetRequest(key="k"), timeout=5)
+            time.sleep(0.6)  # past the supervisor's reuse of its last scrapes
+            view.update(top.poll(stubs, timeout=5, top_keys=0))
+        text = render(view)
+        rows = [line for line in text.splitlines() if gw.address in line and "serving" in line]
+        assert len(rows) == 2, text
+        cells = [[c.strip() for c in row.strip("│ ").split("│")] for row in rows]
+        for index, (row, pid) in enumerate(zip(cells, pids, strict=True)):
+            assert row[1:5] == [str(index), str(pid), "serving", "0"], text
+        assert float(cells[1][5].replace(",", "")) > 0, text  # worker 1's calls/s
+
+        # A killed worker shows restarting or starting, then serving again with a new pid.
+        os.kill(pids[1], signal.SIGKILL)
+        replaced = wait_for(
+            lambda: (w := summaries(w0)[1]).restarts == 1 and w.serving and w.answered and w,
+            "worker 1 replaced in worker 0's Stats",
+        )
+        assert isinstance(replaced, pb.WorkerSummary) and replaced.pid not in pids
+        assert replaced.calls == 0  # a new process: its counters start again
     assert gw.stop() == 0
 
 
@@ -328,3 +407,13 @@ def test_merged_figures_sum_counters_and_take_the_worst_state() -> None:
     assert merged[("cachegw_rpc_duration_seconds_count", (("method", "Get"),))] == 12
     bucket = (("le", "+Inf"), ("method", "Get"))
     assert merged[("cachegw_rpc_duration_seconds_bucket", bucket)] == 12
+
+
+def test_worker_slot_from_env() -> None:
+    slot = WorkerSlot(1, 2, 7, "127.0.0.1:4000")
+    assert WorkerSlot.from_env({WORKER_ENV: slot.env_value()}) == slot
+    assert WorkerSlot.from_env({WORKER_ENV: "1/2/7"}) == WorkerSlot(1, 2, 7, "")
+    assert WorkerSlot.from_env({}) is None
+    for bad in ("1/2", "2/2/7", "a/2/7", "1/2/7/x/y"):
+        with pytest.raises(WorkersError):
+            WorkerSlot.from_env({WORKER_ENV: bad})

@@ -46,6 +46,7 @@ class WorkerView:
     pid: int  # 0 while none runs
     metrics: str | None  # host:port of its private /metrics, once it serves
     restarts: int
+    serving: bool = False  # reported serving and not exited since
 
 
 def scrape(address: str, timeout: float = SCRAPE_TIMEOUT) -> str:
@@ -90,6 +91,31 @@ def calls_served(text: str) -> float:
             if s.name == _CALLS:
                 total += s.value
     return total
+
+
+# What a worker's summary (StatsResponse.worker_summaries) takes from its exposition.
+_SUMMARY_GAUGES = {
+    f"{P}rpcs_in_flight": "rpcs_in_flight",
+    f"{P}l1_entries": "l1_entries",
+    f"{P}l1_bytes": "l1_bytes",
+    "process_resident_memory_bytes": "rss_bytes",
+}
+_NOT_TRAFFIC = frozenset({"Stats", "Subscribe"})  # the viewer itself, long-lived streams
+
+
+def summarize(text: str) -> dict[str, int]:
+    """One worker's summary from its exposition: calls answered (without Stats and
+    Subscribe), calls in flight, L1 entries and bytes, RSS, uptime in ms."""
+    out = dict.fromkeys(("calls", *_SUMMARY_GAUGES.values(), "uptime_ms"), 0)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == _CALLS and s.labels.get("method") not in _NOT_TRAFFIC:
+                out["calls"] += int(s.value)
+            elif s.name in _SUMMARY_GAUGES:
+                out[_SUMMARY_GAUGES[s.name]] = int(s.value)
+            elif s.name == f"{P}uptime_seconds":
+                out["uptime_ms"] = int(s.value * 1000)
+    return out
 
 
 class WorkersCollector(Collector):

@@ -248,6 +248,18 @@ class OriginFigures:
     breaker_refused: int
 
 
+def worker_summaries(rows: Sequence[dict[str, Any]]) -> list[pb.WorkerSummary]:
+    """The supervisor's summaries (worker_status.py) on the wire; unknown keys ignored."""
+    names = set(pb.WorkerSummary.DESCRIPTOR.fields_by_name)
+    out = []
+    for row in rows:
+        try:
+            out.append(pb.WorkerSummary(**{k: v for k, v in row.items() if k in names}))
+        except (TypeError, ValueError):  # not what this gateway's supervisor sends
+            continue
+    return out
+
+
 def origin_figures(origins: Origins | None) -> dict[str, OriginFigures]:
     if origins is None:
         return {}

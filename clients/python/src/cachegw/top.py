@@ -149,24 +149,45 @@ class TopView:
                     behind.add_row(w.now.gateway_id, c.name, *self._behind_cells(w, c))
             for h in w.now.hot_keys[: self.hot_keys]:
                 hot.add_row(w.now.gateway_id, h.key, f"{h.count:,}")
-        workers = [
+        workers = self._workers_table()
+        supervised = [
             r.target
             for r in (self._last.get(t) for t in self.targets)
             if r is not None and r.stats is not None and r.stats.workers
         ]
-        if workers:
+        if supervised:
             gateways.caption = (
-                f"{', '.join(workers)}: worker processes share the port; each row is the "
-                "one worker its connection reached (the deployment's totals are on the "
-                "supervisor's /metrics)"
+                f"{', '.join(supervised)}: worker processes share the port; the row above "
+                "is the worker the connection reached, every worker is under 'workers' "
+                "(the deployment's totals are on the supervisor's /metrics)"
             )
             gateways.caption_justify = "left"
-        parts: list[RenderableType] = [gateways, classes]
+        parts: list[RenderableType] = [gateways]
+        if workers.row_count:
+            parts.append(workers)
+        parts.append(classes)
         if behind.row_count:
             parts.append(behind)
         if hot.row_count:
             parts.append(hot)
         return Group(*parts)
+
+    def _workers_table(self) -> Table:
+        """One row per worker process of each target under a supervisor, from the
+        summaries its Stats answer carries (StatsResponse.worker_summaries)."""
+        table = Table(title="workers", title_justify="left")
+        for name in ("target", "worker", "pid", "state", "restarts", "calls/s", "in flight",
+                     "L1 entries", "L1 bytes", "RSS", "uptime"):  # fmt: skip
+            table.add_column(name, justify="left" if name in ("target", "state") else "right")
+        for target in self.targets:
+            reading = self._last.get(target)
+            if reading is None or reading.stats is None:
+                continue
+            before = self._previous.get(target)
+            old = {w.index: w for w in before.worker_summaries} if before is not None else {}
+            for w in reading.stats.worker_summaries:
+                table.add_row(target, *_worker_cells(w, old.get(w.index)))
+        return table
 
     # -- cells ---------------------------------------------------------------------------
 
@@ -260,6 +281,39 @@ class TopView:
             f"{c.wb_lag_ms / 1000:.1f} s",
             f"{c.wb_dead_lettered:,}",
         ]
+
+
+def _worker_cells(w: pb.WorkerSummary, before: pb.WorkerSummary | None) -> list[str | Text]:
+    if not w.pid:
+        state = Text("restarting", style="bold red")
+    elif not w.serving:
+        state = Text("starting", style="yellow")
+    elif not w.answered:
+        state = Text("no answer", style="yellow")
+    else:
+        state = Text("serving", style="green")
+    if not w.answered:
+        return [str(w.index), str(w.pid or "-"), state, f"{w.restarts:,}", *["-"] * 6]
+    # Rates over the time between two summaries of the same process (its own uptime).
+    same = before is not None and before.answered and before.pid == w.pid
+    if before is not None and same and before.uptime_ms < w.uptime_ms:
+        calls = (w.calls - before.calls) / ((w.uptime_ms - before.uptime_ms) / 1000)
+    elif before is not None and same:
+        calls = math.nan  # the same figures as last time (the supervisor's half-second cache)
+    else:
+        calls = w.calls / (w.uptime_ms / 1000) if w.uptime_ms > 0 else math.nan
+    return [
+        str(w.index),
+        str(w.pid),
+        state,
+        f"{w.restarts:,}",
+        _number(calls),
+        f"{w.rpcs_in_flight:,}",
+        f"{w.l1_entries:,}",
+        _size(w.l1_bytes),
+        _size(w.rss_bytes),
+        _duration(w.uptime_ms / 1000),
+    ]
 
 
 def _hits_reads(c: pb.ClassStats) -> tuple[int, int]:

@@ -1209,6 +1209,7 @@ class StatsResponse(_message.Message):
     WORKER_INDEX_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
+    WORKER_SUMMARIES_FIELD_NUMBER: _builtins.int
     gateway_id: _builtins.str
     uptime_ms: _builtins.int
     envelope_mismatches: _builtins.int
@@ -1269,6 +1270,13 @@ class StatsResponse(_message.Message):
     def origins(self) -> _containers.RepeatedCompositeFieldContainer[Global___OriginStats]:
         """Every origin the classes name (read- and write-through), by address."""
 
+    @_builtins.property
+    def worker_summaries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerSummary]:
+        """Under a supervisor: every worker of the deployment, this one included, as the
+        supervisor saw them (their private /metrics read at most half a second ago). Empty
+        for a gateway without a supervisor, or when the supervisor did not answer in time.
+        """
+
     def __init__(
         self,
         *,
@@ -1297,14 +1305,72 @@ class StatsResponse(_message.Message):
         worker_index: _builtins.int = ...,
         workers: _builtins.int = ...,
         pid: _builtins.int = ...,
+        worker_summaries: _abc.Iterable[Global___WorkerSummary] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "l1", b"l1", "process", b"process", "redis", b"redis"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "origins", b"origins", "pid", b"pid", "process", b"process", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms", "warmups_running", b"warmups_running", "worker_index", b"worker_index", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "origins", b"origins", "pid", b"pid", "process", b"process", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms", "warmups_running", b"warmups_running", "worker_index", b"worker_index", "worker_summaries", b"worker_summaries", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class WorkerSummary(_message.Message):
+    """One worker process of `cachegw serve --workers N`, from its supervisor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    SERVING_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
+    ANSWERED_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    RPCS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    L1_ENTRIES_FIELD_NUMBER: _builtins.int
+    L1_BYTES_FIELD_NUMBER: _builtins.int
+    RSS_BYTES_FIELD_NUMBER: _builtins.int
+    UPTIME_MS_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    pid: _builtins.int
+    """0 while no process runs in the slot (between an exit and its restart)."""
+    serving: _builtins.bool
+    """It reported serving and has not exited since."""
+    restarts: _builtins.int
+    """Times the slot's process was started again after it exited."""
+    answered: _builtins.bool
+    """The figures below were read from its /metrics (false: starting, gone, or no answer)."""
+    calls: _builtins.int
+    """RPCs it has answered since it started (all methods; a viewer takes differences)."""
+    rpcs_in_flight: _builtins.int
+    l1_entries: _builtins.int
+    l1_bytes: _builtins.int
+    rss_bytes: _builtins.int
+    uptime_ms: _builtins.int
+    """Its uptime when read: the clock for rates from two summaries of the same pid."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        pid: _builtins.int = ...,
+        serving: _builtins.bool = ...,
+        restarts: _builtins.int = ...,
+        answered: _builtins.bool = ...,
+        calls: _builtins.int = ...,
+        rpcs_in_flight: _builtins.int = ...,
+        l1_entries: _builtins.int = ...,
+        l1_bytes: _builtins.int = ...,
+        rss_bytes: _builtins.int = ...,
+        uptime_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered", b"answered", "calls", b"calls", "index", b"index", "l1_bytes", b"l1_bytes", "l1_entries", b"l1_entries", "pid", b"pid", "restarts", b"restarts", "rpcs_in_flight", b"rpcs_in_flight", "rss_bytes", b"rss_bytes", "serving", b"serving", "uptime_ms", b"uptime_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerSummary: _TypeAlias = WorkerSummary  # noqa: Y015
 
 @_typing.final
 class ProcessStats(_message.Message):
