@@ -138,6 +138,9 @@ def test_every_env_var_sets_its_key(tmp_path: Path) -> None:
         "CACHEGW_EMBEDDED_REDIS": "yes",
         "CACHEGW_REDIS_ADDRESS_MAP": "10.0.0.5:6379=127.0.0.1:7001",
         "CACHEGW_WORKERS": "4",
+        "CACHEGW_AUTH": "true",
+        "CACHEGW_TOKENS_FILE": "/etc/cachegw/tokens.toml",
+        "CACHEGW_JWT_KEY_FILE": "/etc/cachegw/issuer.pem",
     }
     assert set(values) == set(ENV_VARS)
     config = load_config(env=values)
@@ -145,6 +148,7 @@ def test_every_env_var_sets_its_key(tmp_path: Path) -> None:
         "CACHEGW_EMBEDDED_REDIS": True,
         "CACHEGW_REDIS_ADDRESS_MAP": {"10.0.0.5:6379": "127.0.0.1:7001"},
         "CACHEGW_WORKERS": 4,
+        "CACHEGW_AUTH": True,
     }
     for var, dotted in ENV_VARS.items():
         table, key = dotted.split(".")

@@ -19,6 +19,7 @@ from opentelemetry.trace import TracerProvider
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.admission import Admission, MethodHandler
+from cachegw_gateway.auth import Authenticator
 from cachegw_gateway.bus import EventBus
 from cachegw_gateway.cache import Cache
 from cachegw_gateway.config import MAX_MESSAGE_BYTES, GatewayConfig, ServerConfig
@@ -146,17 +147,23 @@ class GatewayServer:
             self.hub,
             stats=self.telemetry.stats,
         )
-        # Telemetry outside admission: refused calls show in the RPC figures too.
+        # Telemetry outside admission: refused calls show in the RPC figures too. Auth
+        # before admission: a caller without a valid token takes no admission slot.
         self.admission = Admission(config.server, self.stats)
+        self.auth = Authenticator(config.auth, self.stats) if config.auth.enabled else None
 
         def wrap(method: str, handler: MethodHandler) -> MethodHandler:
-            return self.telemetry.wrap(method, self.admission.wrap(method, handler))
+            handler = self.admission.wrap(method, handler)
+            if self.auth is not None:
+                handler = self.auth.wrap(method, handler)
+            return self.telemetry.wrap(method, handler)
 
         self._server.add_generic_rpc_handlers((self.servicer.handler(wrap=wrap),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        if config.server.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            )
         self._background: list[asyncio.Task[None]] = []
         self._refresher: asyncio.Task[None] | None = None
         self.port = 0
@@ -193,6 +200,8 @@ class GatewayServer:
             await self.cache.warm_from_hot_keys(self.config.l1.warm_keys)
         await self._server.start()
         self.started_at = time.monotonic()
+        if self.auth is not None:
+            self.auth.start()
         self._background.append(asyncio.create_task(self.cache.record_hot_keys_forever()))
         self.flusher.start()
         if self.cache.refresh_ahead is not None:
@@ -231,6 +240,8 @@ class GatewayServer:
                 await task
         with contextlib.suppress(L2Unavailable):
             await self.record_hot_keys()
+        if self.auth is not None:
+            await self.auth.stop()
         await self.bus.stop()
         await self.telemetry.stop()
         await self.store.close()
