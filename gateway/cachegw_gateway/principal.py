@@ -12,7 +12,7 @@ import enum
 import functools
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # A tenant names a space of keys (and later a Redis namespace): a conservative charset,
 # so that it can be put into keys, metric labels and log lines without escaping.
@@ -94,6 +94,12 @@ class Principal:
     permissions: Permission
     prefixes: tuple[str, ...] = ()
     expires_at: float | None = None
+    # `permissions` as a plain int: the per-call check is one `&` of ints (Flag
+    # arithmetic builds enum members and costs a microsecond).
+    mask: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mask", self.permissions.value)
 
     def may(self, permission: Permission) -> bool:
         """Whether every permission in `permission` is granted."""
