@@ -5,6 +5,7 @@ through a real gRPC server (auth.current_principal)."""
 from __future__ import annotations
 
 import io
+import os
 import sys
 import time
 from pathlib import Path
@@ -261,3 +262,17 @@ async def test_the_principal_reaches_the_handler(tmp_path: Path) -> None:
     assert current_principal() is None
     with pytest.raises(KeyError):
         authn.wrap("NewMethod", plain)  # a method without a permission is a bug
+
+
+def test_a_file_rewritten_in_place_is_seen_even_with_the_same_size_and_mtime(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "tokens.toml"
+    path.write_text("a" * 10)
+    watched = auth._Watched(str(path))
+    assert watched.first() == b"a" * 10
+    stat = path.stat()
+    path.write_text("b" * 10)  # same size; the timestamps put back as they were
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert watched.changed() == b"b" * 10
+    assert watched.changed() is None  # read once per change
