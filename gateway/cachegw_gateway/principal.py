@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import functools
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 # A tenant names a space of keys (and later a Redis namespace): a conservative charset,
@@ -169,17 +168,3 @@ def check_prefixes(values: object, where: str) -> tuple[str, ...]:
         if len(value.encode()) > MAX_PREFIX_BYTES:
             raise CredentialError(f"{where}: a prefix must be at most {MAX_PREFIX_BYTES} bytes")
     return tuple(dict.fromkeys(values))
-
-
-def describe(principal: Principal) -> str:
-    """A principal for logs and messages: name, tenant, permissions (no secret)."""
-    return (
-        f"{principal.name} (tenant {principal.tenant}: {permission_names(principal.permissions)})"
-    )
-
-
-def union(permissions: Iterable[Permission]) -> Permission:
-    out = Permission.NONE
-    for p in permissions:
-        out |= p
-    return out
