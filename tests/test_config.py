@@ -152,6 +152,9 @@ def test_every_env_var_sets_its_key(tmp_path: Path) -> None:
         "CACHEGW_REDIS_TLS_CERT": str(pki.client_cert),
         "CACHEGW_REDIS_TLS_KEY": str(pki.client_key),
         "CACHEGW_REDIS_TLS_CHECK_HOSTNAME": "no",
+        "CACHEGW_AUTH": "true",
+        "CACHEGW_TOKENS_FILE": "/etc/cachegw/tokens.toml",
+        "CACHEGW_JWT_KEY_FILE": "/etc/cachegw/issuer.pem",
     }
     assert set(values) == set(ENV_VARS)
     config = load_config(env=values)
@@ -160,6 +163,7 @@ def test_every_env_var_sets_its_key(tmp_path: Path) -> None:
         "CACHEGW_REDIS_ADDRESS_MAP": {"10.0.0.5:6379": "127.0.0.1:7001"},
         "CACHEGW_WORKERS": 4,
         "CACHEGW_REDIS_TLS_CHECK_HOSTNAME": False,
+        "CACHEGW_AUTH": True,
     }
     for var, dotted in ENV_VARS.items():
         table, key = dotted.split(".")

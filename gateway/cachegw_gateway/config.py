@@ -59,6 +59,27 @@ class ServerConfig:
     # Gateway processes sharing `listen` under one supervisor (supervisor.py): a count,
     # or "auto" for one per core this process may run on. 1 = no supervisor.
     workers: int | str = 1
+    # gRPC server reflection (grpcurl and the like list the services); health stays on.
+    reflection: bool = True
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer tokens and permissions on every CacheService call (auth.py): ``[auth]``.
+    Off by default: `make run` serves loopback without tokens."""
+
+    enabled: bool = False
+    # TOML of [[tokens]] (hashes of static tokens) and [[identities]] (client
+    # certificates), reloaded when it changes; see tokens.py.
+    tokens_file: str = ""
+    # Signed tokens (JWT): the key(s) to verify them with, reloaded when the file changes.
+    jwt_key_file: str = ""
+    jwt_algorithm: str = "HS256"  # HS256/384/512 (shared secret), RS*, PS256, ES256/384, EdDSA
+    jwt_issuer: str = ""  # "" = any iss
+    jwt_audience: str = ""  # "" = tokens must carry no aud
+    jwt_leeway_seconds: float = 0.0  # clock skew allowed on exp/nbf
+    reload_seconds: float = 1.0  # how often the files are checked, and open streams
+    cache_size: int = 10_000  # verified tokens remembered (a known token costs no hash)
 
 
 @dataclass(frozen=True)
@@ -284,6 +305,7 @@ class GatewayConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     origin: OriginConfig = field(default_factory=OriginConfig)
     write_behind: WriteBehindConfig = field(default_factory=WriteBehindConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     classes: tuple[KeyClassConfig, ...] = ()
     default_class: KeyClassConfig = field(default_factory=lambda: KeyClassConfig("default"))
     tenants: TenantsConfig = field(default_factory=TenantsConfig)
@@ -313,6 +335,9 @@ ENV_VARS: Mapping[str, str] = {
     "CACHEGW_REDIS_TLS_KEY": "redis.tls_key",
     "CACHEGW_REDIS_TLS_CHECK_HOSTNAME": "redis.tls_check_hostname",
     "CACHEGW_WORKERS": "server.workers",
+    "CACHEGW_AUTH": "auth.enabled",
+    "CACHEGW_TOKENS_FILE": "auth.tokens_file",
+    "CACHEGW_JWT_KEY_FILE": "auth.jwt_key_file",
 }
 ADMISSION_POLICIES = ("lru", "tinylfu")
 JITTER_MODES = ("random", "deterministic")
@@ -336,6 +361,7 @@ _TABLES: dict[str, type[Any]] = {
     "origin.breaker": BreakerConfig,
     "write_behind": WriteBehindConfig,
     "tenants": TenantsConfig,
+    "auth": AuthConfig,
 }
 _FIXED = {"default_class": ("name", "patterns")}
 # Secrets a config file must not hold (files get shared and committed): the environment
@@ -943,6 +969,7 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
     _check_breaker(w, c.origin.breaker, "origin.breaker.")
     _check_write_behind(w, c.write_behind)
     _check_tenants(w, c)
+    _check_auth(w, c.auth)
 
     for key in ("stream_max_len", "subscriber_queue", "subscriber_queue_bytes"):
         _positive(w(f"invalidation.{key}"), getattr(c.invalidation, key))
@@ -1055,6 +1082,45 @@ def _check_write_behind(w: Callable[[str], str], wb: WriteBehindConfig) -> None:
     if wb.max_attempts < 1:
         raise ConfigError(f"{w(at + 'max_attempts')} must be >= 1 (got {wb.max_attempts})")
     _positive(w(at + "dead_letter_max_len"), wb.dead_letter_max_len)
+
+
+JWT_ALGORITHMS = (
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "ES256",
+    "ES384",
+    "EdDSA",
+)
+
+
+def _check_auth(w: Callable[[str], str], a: AuthConfig) -> None:
+    if a.jwt_algorithm not in JWT_ALGORITHMS:
+        raise ConfigError(
+            f"{w('auth.jwt_algorithm')} must be one of {', '.join(JWT_ALGORITHMS)} "
+            f"(got {a.jwt_algorithm!r})"
+        )
+    if not 0.05 <= a.reload_seconds <= 60:
+        raise ConfigError(
+            f"{w('auth.reload_seconds')} must be in [0.05, 60]: a removed token keeps working "
+            f"this long (got {_num(a.reload_seconds)})"
+        )
+    if not 0 <= a.jwt_leeway_seconds <= 300:
+        raise ConfigError(
+            f"{w('auth.jwt_leeway_seconds')} must be in [0, 300] (got {_num(a.jwt_leeway_seconds)})"
+        )
+    if not 1 <= a.cache_size <= 10_000_000:
+        raise ConfigError(f"{w('auth.cache_size')} must be in [1, 10000000] (got {a.cache_size})")
+    if a.enabled and not a.tokens_file and not a.jwt_key_file:
+        raise ConfigError(
+            f"{w('auth.enabled')} is true, but neither auth.tokens_file nor auth.jwt_key_file is "
+            "set: no call could be authenticated (`cachegw token hash` makes a token and its "
+            "entry for a tokens file)"
+        )
 
 
 def _check_breaker(w: Callable[[str], str], b: BreakerConfig, at: str) -> None:
@@ -1176,6 +1242,11 @@ def config_warnings(c: GatewayConfig) -> list[str]:
             "announces, and redis.url is not a redis+cluster:// URL"
         )
     out += _redis_warnings(c.redis)
+    if not c.auth.enabled and (c.auth.tokens_file or c.auth.jwt_key_file):
+        out.append(
+            "auth.tokens_file or auth.jwt_key_file is set but auth.enabled is false: every "
+            "call is served without a token"
+        )
     if t.exporter == "none" and t.sample_ratio != 1.0:
         out.append("telemetry.sample_ratio has no effect: telemetry.exporter is 'none'")
     if t.exporter != "none" and t.sample_ratio == 0:
@@ -1282,6 +1353,7 @@ def load_config(
             {**tables["origin"], "breaker": _make(BreakerConfig, tables["origin.breaker"])},
         ),
         write_behind=_make(WriteBehindConfig, tables["write_behind"]),
+        auth=_make(AuthConfig, tables["auth"]),
         classes=tuple(_make(KeyClassConfig, values) for _, values in class_entries),
         default_class=_make(
             KeyClassConfig, {"name": DEFAULT_CLASS_NAME, **tables["default_class"]}

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from opentelemetry import trace
 from opentelemetry.trace import TracerProvider
 
+from cachegw_gateway import auth
 from cachegw_gateway.config import (
     LOG_FORMATS,
     TRACE_EXPORTERS,
@@ -94,6 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="gateway processes sharing the port under one supervisor: a count, or 'auto' "
         "for one per core (default 1: no supervisor)",
     )
+    p.add_argument(
+        "--auth",
+        action="store_true",
+        default=None,
+        help="require a token on every CacheService call ([auth] enabled; needs "
+        "--tokens-file or --jwt-key-file)",
+    )
+    p.add_argument(
+        "--tokens-file",
+        metavar="FILE",
+        help="TOML of token hashes and certificate identities, reloaded on change",
+    )
+    p.add_argument("--jwt-key-file", metavar="FILE", help="key(s) that verify signed tokens (JWT)")
+    p.add_argument(
+        "--no-reflection",
+        dest="reflection",
+        action="store_false",
+        default=None,
+        help="do not serve gRPC server reflection (health checking stays)",
+    )
     p.add_argument("--grace", type=float, help="seconds to drain in-flight calls on stop")
     p.add_argument(
         "--drain-delay",
@@ -128,6 +149,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "redis.tls_check_hostname": args.redis_tls_check_hostname,
         "server.gateway_id": args.gateway_id,
         "server.workers": args.workers,
+        "server.reflection": args.reflection,
+        "auth.enabled": args.auth,
+        "auth.tokens_file": args.tokens_file,
+        "auth.jwt_key_file": args.jwt_key_file,
         "server.grace_seconds": args.grace,
         "server.drain_delay_seconds": args.drain_delay,
         "telemetry.log_format": args.log_format,
@@ -235,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker = WorkerSlot.from_env()  # set when a supervisor started this process
         config = load_config(args.config, overrides=_overrides(args))
         check_redis_choice(config)
+        auth.check_config(config.auth)
         count = 1 if worker is not None else resolve_count(config.server.workers)
     except (ConfigError, WorkersError) as exc:
         fmt = args.log_format or os.environ.get("CACHEGW_LOG_FORMAT") or "text"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio is
@@ -18,6 +17,7 @@ from opentelemetry.trace import TracerProvider
 
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.admission import Admission, MethodHandler
+from cachegw_gateway.auth import Authenticator, current_principal
 from cachegw_gateway.bus import EventBus
 from cachegw_gateway.cache import Cache
 from cachegw_gateway.config import MAX_MESSAGE_BYTES, GatewayConfig, L1Config, ServerConfig
@@ -35,7 +35,7 @@ from cachegw_gateway.subscriptions import SubscriberHub
 from cachegw_gateway.telemetry import tracing
 from cachegw_gateway.telemetry.service import Telemetry
 from cachegw_gateway.telemetry.snapshot import worker_summaries
-from cachegw_gateway.tenancy import Principal, TenantRouter
+from cachegw_gateway.tenancy import TenantRouter
 from cachegw_gateway.worker_status import fetch_summaries
 from cachegw_gateway.workers import WorkerSlot
 from cachegw_native.coalescer import Coalescer
@@ -61,7 +61,6 @@ class GatewayServer:
         *,
         tracer_provider: TracerProvider | None = None,
         worker: WorkerSlot | None = None,
-        principal: Callable[[], Principal | None] | None = None,
     ) -> None:
         self.config = config
         # Under a supervisor (workers.py): every worker binds the same port.
@@ -75,7 +74,8 @@ class GatewayServer:
         self.space: Space | None = None
         self.tenants: TenantRouter | None = None
         target: CacheServicer | TenantRouter
-        if principal is None:
+        # With auth on, every token names a tenant, and each tenant has its own key space.
+        if not config.auth.enabled:
             # Without tenants: one key space at redis.prefix (space.py).
             self.space = space = Space(config, redis_url, self.policy, stats=self.stats)
             self.store = space.store
@@ -108,7 +108,7 @@ class GatewayServer:
                 redis_url,
                 self.policy,
                 self.store,
-                principal,
+                current_principal,
                 ping_seconds=lambda: self.telemetry.redis_watch.ping_seconds,
                 trace_exporter=exporter,
                 sample_ratio=t.sample_ratio if tracer_provider is not None else 0.0,
@@ -133,17 +133,23 @@ class GatewayServer:
         self._server = grpc.aio.server(
             options=server_options(config.server, reuse_port=worker is not None)
         )
-        # Telemetry outside admission: refused calls show in the RPC figures too.
+        # Telemetry outside admission: refused calls show in the RPC figures too. Auth
+        # before admission: a caller without a valid token takes no admission slot.
         self.admission = Admission(config.server, self.stats)
+        self.auth = Authenticator(config.auth, self.stats) if config.auth.enabled else None
 
         def wrap(method: str, handler: MethodHandler) -> MethodHandler:
-            return self.telemetry.wrap(method, self.admission.wrap(method, handler))
+            handler = self.admission.wrap(method, handler)
+            if self.auth is not None:
+                handler = self.auth.wrap(method, handler)
+            return self.telemetry.wrap(method, handler)
 
         self._server.add_generic_rpc_handlers((target.handler(wrap=wrap),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        if config.server.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            )
         self.port = 0
         self.started_at = 0.0
 
@@ -221,6 +227,8 @@ class GatewayServer:
             await self.tenants.start()
         await self._server.start()
         self.started_at = time.monotonic()
+        if self.auth is not None:
+            self.auth.start()
         await self.telemetry.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
@@ -251,6 +259,8 @@ class GatewayServer:
             self.tenants.end_streams()
         await self._server.stop(grace)
         await self.telemetry.stop()  # its Redis probe before the store closes
+        if self.auth is not None:
+            await self.auth.stop()
         if self.space is not None:
             await self.space.close(grace)
         if self.tenants is not None:

@@ -121,6 +121,15 @@ class GatewayStats:
     # its state. Exported with a `node` label (snapshot.py, metrics.py).
     breaker_nodes: dict[str, int] = field(default_factory=dict)
     warmups_running: int = 0  # Warmup calls loading from origins now (a gauge)
+    # Authentication (auth.py): calls refused UNAUTHENTICATED or PERMISSION_DENIED,
+    # Subscribe streams ended because their credential stopped holding, reloads of the
+    # tokens or key file that failed (the previous contents stayed), and the tokens,
+    # identities and JWT keys in force (a gauge).
+    auth_unauthenticated: int = 0
+    auth_permission_denied: int = 0
+    auth_streams_ended: int = 0
+    auth_reload_errors: int = 0
+    auth_credentials: int = 0
 
     def for_class(self, name: str) -> ClassCounters:
         counters = self.classes.get(name)

@@ -88,6 +88,13 @@ _GATEWAY_HELP = {
     "subscribers_refused": "Subscribe streams refused: too many in all or from one host.",
     "answers_too_large": "GetMany answers refused for exceeding server.max_response_bytes.",
     "warmups_running": "Warmup calls loading from origins now.",
+    "auth_unauthenticated": "Calls and streams refused or ended UNAUTHENTICATED (auth).",
+    "auth_permission_denied": "Calls refused PERMISSION_DENIED: the method needs a permission "
+    "the credential lacks.",
+    "auth_streams_ended": "Subscribe streams ended because their credential was removed, "
+    "expired or no longer verifies.",
+    "auth_reload_errors": "Reloads of the tokens or JWT key file that failed (kept the previous).",
+    "auth_credentials": "Tokens, certificate identities and JWT keys in force.",
 }
 _L1_GAUGES = {
     "entries": "Entries in the L1 now.",

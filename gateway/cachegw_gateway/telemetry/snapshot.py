@@ -26,7 +26,14 @@ from cachegw_native.l1 import L1Cache
 
 # GatewayStats fields that are gauges (a level now); every other int field is a count.
 GAUGE_FIELDS = frozenset(
-    {"subscribers", "redis_up", "breaker_state", "rpcs_in_flight", "warmups_running"}
+    {
+        "subscribers",
+        "redis_up",
+        "breaker_state",
+        "rpcs_in_flight",
+        "warmups_running",
+        "auth_credentials",
+    }
 )
 # GatewayStats.breaker_state (breaker.py: -1 none, 0 closed, 1 open, 2 half-open) on the wire.
 _BREAKER_STATES = {
@@ -199,6 +206,13 @@ def stats_response(snap: Snapshot, classes: Sequence[str] = ()) -> pb.StatsRespo
             rpcs_expired_on_arrival=g.get("rpcs_expired_on_arrival", 0),
             subscribers_refused=g.get("subscribers_refused", 0),
             answers_too_large=g.get("answers_too_large", 0),
+        ),
+        auth=pb.AuthStats(
+            unauthenticated=g.get("auth_unauthenticated", 0),
+            permission_denied=g.get("auth_permission_denied", 0),
+            streams_ended=g.get("auth_streams_ended", 0),
+            reload_errors=g.get("auth_reload_errors", 0),
+            credentials=g.get("auth_credentials", 0),
         ),
         latency_bounds_ms=[b * 1000 for b in BOUNDS],
         trace_exporter=snap.trace_exporter,

@@ -2,6 +2,7 @@
 
     cachegw serve [gateway flags...]        # needs the cachegw-gateway package
     cachegw relay --region A=URL --region B=URL [...]  # link two regions (the same)
+    cachegw token hash|sign [...]           # provision tokens for [auth] (the same)
     cachegw get KEY [--verbose]             # the value on stdout; a miss exits 1
     cachegw set KEY VALUE [--ttl S] [--tag T ...]   # VALUE "-" reads stdin
     cachegw del KEY [KEY ...]               # prints how many existed
@@ -35,7 +36,11 @@ __all__ = ["main"]
 
 TARGET_ENV = "CACHEGW_TARGET"
 # Commands that belong to the gateway package: their flags go to its module's main().
-_GATEWAY_COMMANDS = {"serve": "cachegw_gateway.main", "relay": "cachegw_gateway.relay_main"}
+_GATEWAY_COMMANDS = {
+    "serve": "cachegw_gateway.main",
+    "relay": "cachegw_gateway.relay_main",
+    "token": "cachegw_gateway.token_main",
+}
 _COMMON_OPTIONS = ("--target", "--timeout")
 
 
@@ -86,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    # Only for --help: `serve` and `relay` never reach argparse (see _gateway_command).
+    # Only for --help: `serve`, `relay` and `token` never reach argparse (_gateway_command).
     commands.add_parser(
         "serve", help="start a gateway (needs cachegw-gateway); `cachegw serve --help`"
     )
@@ -94,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
         "relay",
         help="carry invalidations between two regions (needs cachegw-gateway); "
         "`cachegw relay --help`",
+    )
+    commands.add_parser(
+        "token",
+        help="make a token and its tokens-file entry, or sign a JWT (needs cachegw-gateway); "
+        "`cachegw token --help`",
     )
 
     get = commands.add_parser("get", parents=[common], help="print a key's value")

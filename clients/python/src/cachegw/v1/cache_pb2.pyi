@@ -1210,6 +1210,7 @@ class StatsResponse(_message.Message):
     WORKERS_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     WORKER_SUMMARIES_FIELD_NUMBER: _builtins.int
+    AUTH_FIELD_NUMBER: _builtins.int
     gateway_id: _builtins.str
     uptime_ms: _builtins.int
     envelope_mismatches: _builtins.int
@@ -1277,6 +1278,10 @@ class StatsResponse(_message.Message):
         for a gateway without a supervisor, or when the supervisor did not answer in time.
         """
 
+    @_builtins.property
+    def auth(self) -> Global___AuthStats:
+        """Authentication ([auth] enabled; all 0 when off)."""
+
     def __init__(
         self,
         *,
@@ -1306,10 +1311,11 @@ class StatsResponse(_message.Message):
         workers: _builtins.int = ...,
         pid: _builtins.int = ...,
         worker_summaries: _abc.Iterable[Global___WorkerSummary] | None = ...,
+        auth: Global___AuthStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "l1", b"l1", "process", b"process", "redis", b"redis"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "auth", b"auth", "l1", b"l1", "process", b"process", "redis", b"redis"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "origins", b"origins", "pid", b"pid", "process", b"process", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms", "warmups_running", b"warmups_running", "worker_index", b"worker_index", "worker_summaries", b"worker_summaries", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "auth", b"auth", "classes", b"classes", "coalesced", b"coalesced", "envelope_mismatches", b"envelope_mismatches", "gateway_id", b"gateway_id", "hot_keys", b"hot_keys", "invalidations_published", b"invalidations_published", "invalidations_received", b"invalidations_received", "l1", b"l1", "l1_flushes", b"l1_flushes", "latency_bounds_ms", b"latency_bounds_ms", "origins", b"origins", "pid", b"pid", "process", b"process", "redis", b"redis", "redis_reads", b"redis_reads", "rpcs", b"rpcs", "subscriber_resets", b"subscriber_resets", "subscribers", b"subscribers", "trace_exporter", b"trace_exporter", "trace_sample_ratio", b"trace_sample_ratio", "uptime_ms", b"uptime_ms", "warmups_running", b"warmups_running", "worker_index", b"worker_index", "worker_summaries", b"worker_summaries", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1371,6 +1377,46 @@ class WorkerSummary(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerSummary: _TypeAlias = WorkerSummary  # noqa: Y015
+
+@_typing.final
+class AuthStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNAUTHENTICATED_FIELD_NUMBER: _builtins.int
+    PERMISSION_DENIED_FIELD_NUMBER: _builtins.int
+    STREAMS_ENDED_FIELD_NUMBER: _builtins.int
+    RELOAD_ERRORS_FIELD_NUMBER: _builtins.int
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
+    unauthenticated: _builtins.int
+    """Calls refused UNAUTHENTICATED (no, malformed, unknown or expired credential), and
+    Subscribe streams ended so when their credential stopped holding.
+    """
+    permission_denied: _builtins.int
+    """Calls refused PERMISSION_DENIED: the method needs a permission the credential lacks."""
+    streams_ended: _builtins.int
+    """Subscribe streams ended because their credential was removed, expired or no longer
+    verifies (counted in unauthenticated or permission_denied too).
+    """
+    reload_errors: _builtins.int
+    """Reloads of the tokens or JWT key file that failed; the previous contents stayed."""
+    credentials: _builtins.int
+    """Tokens, certificate identities and JWT keys in force now."""
+    def __init__(
+        self,
+        *,
+        unauthenticated: _builtins.int = ...,
+        permission_denied: _builtins.int = ...,
+        streams_ended: _builtins.int = ...,
+        reload_errors: _builtins.int = ...,
+        credentials: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "permission_denied", b"permission_denied", "reload_errors", b"reload_errors", "streams_ended", b"streams_ended", "unauthenticated", b"unauthenticated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthStats: _TypeAlias = AuthStats  # noqa: Y015
 
 @_typing.final
 class ProcessStats(_message.Message):
