@@ -249,7 +249,7 @@ async def test_rate_quota_answers_resource_exhausted_with_retry_after(
         except grpc.aio.AioRpcError as exc:
             codes.append(exc.code().name)
             assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            trailing = {k: v for k, v in exc.trailing_metadata() or ()}
+            trailing: dict[str, str] = dict(exc.trailing_metadata() or ())  # type: ignore[arg-type]
             assert int(trailing["retry-after-ms"]) > 0
             assert "alpha" in (exc.details() or "") and "retry after" in (exc.details() or "")
     assert 5 <= codes.count("OK") <= 7, codes
