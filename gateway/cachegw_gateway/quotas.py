@@ -130,6 +130,7 @@ class StreamQuota:
         self._open = Script(store.client, _OPEN_STREAM)
         self._renew = Script(store.client, _RENEW_STREAMS)
         self._mine: set[str] = set()
+        self.refused = 0  # streams refused on this gateway
         self.unchecked = 0
 
     async def open(self, member: str) -> bool:
@@ -142,9 +143,11 @@ class StreamQuota:
         except L2Unavailable:
             self.unchecked += 1
             admitted = 1
-        if int(admitted):
-            self._mine.add(member)
-        return bool(int(admitted))
+        if not int(admitted):
+            self.refused += 1
+            return False
+        self._mine.add(member)
+        return True
 
     async def close(self, member: str) -> None:
         self._mine.discard(member)

@@ -127,6 +127,7 @@ class GatewayServer:
                 worker_index=worker_index,
                 workers=workers,
                 parts=self.tenants.snapshots,
+                tenants=self.tenants.figures,
             )
             target = self.tenants
         self.health = health_aio.HealthServicer()

@@ -231,6 +231,20 @@ class TenantRouter:
 
         return answer
 
+    def figures(self) -> dict[str, dict[str, int]]:
+        """Per tenant, on this gateway: calls refused over its rate, Subscribe streams
+        refused over its limit, its L1's entries and bytes (for /metrics)."""
+        out: dict[str, dict[str, int]] = {}
+        for name, t in self._tenants.items():
+            l1 = t.space.l1.stats()
+            out[name] = {
+                "rate_refused": t.rate.refused if t.rate is not None else 0,
+                "streams_refused": t.streams.refused if t.streams is not None else 0,
+                "l1_entries": int(l1.get("entries", 0)),
+                "l1_bytes": int(l1.get("bytes", 0)),
+            }
+        return out
+
     def snapshots(self) -> list[Snapshot]:
         """Every tenant space's figures (for the gateway-wide /metrics)."""
         return [self._sources(t.space).snapshot() for t in self._tenants.values()]

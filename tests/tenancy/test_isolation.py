@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -256,3 +257,28 @@ async def test_rate_quota_answers_resource_exhausted_with_retry_after(
     # Beta has no quota of its own and is not slowed by alpha's.
     for _ in range(20):
         await b("Get", pb.GetRequest(key="k"))
+
+
+async def test_operators_see_tenants_on_metrics(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    quota = '[[tenant]]\nname = "alpha"\nrequests_per_second = 1\nburst = 1\n'
+    gw = await gateway_factory(
+        auth_toml(tokens_file(tmp_path), quota), telemetry__metrics_listen="127.0.0.1:0"
+    )
+    a, b = As(gw.stub, "alpha"), As(gw.stub, "beta")
+    await a("Set", pb.SetRequest(key="k", value=b"v"))
+    await b("Set", pb.SetRequest(key="k", value=b"v"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await a("Get", pb.GetRequest(key="k"))
+    address = gw.server.metrics_address
+    assert address is not None
+    text = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
+    )
+    assert "cachegw_tenants 2.0" in text
+    assert 'cachegw_tenant_quota_refused_total{quota="rate",tenant="alpha"} 1.0' in text
+    assert 'cachegw_tenant_quota_refused_total{quota="rate",tenant="beta"} 0.0' in text
+    # The gateway-wide counts add up both tenants' Sets.
+    sets = [ln for ln in text.splitlines() if ln.startswith("cachegw_sets_total")]
+    assert sum(float(ln.rsplit(" ", 1)[1]) for ln in sets) == 2

@@ -197,6 +197,7 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     yield origin_state
     yield origin_trips
     yield origin_refused
+    yield from _tenant_metrics(snap)
     yield GaugeMetricFamily(
         f"{P}redis_ping_seconds",
         "Round trip of the last successful Redis health probe (PING).",
@@ -311,3 +312,35 @@ class MetricsServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+def _tenant_metrics(snap: Snapshot) -> Iterable[Metric]:
+    """With tenants ([auth] on): their number here, and per tenant its quota refusals and
+    L1 use (the operator's view; a tenant sees its own figures in its Stats)."""
+    if not snap.tenants:
+        return
+    yield GaugeMetricFamily(
+        f"{P}tenants", "Tenant key spaces this gateway holds.", value=len(snap.tenants)
+    )
+    refused = CounterMetricFamily(
+        f"{P}tenant_quota_refused",
+        "Calls refused RESOURCE_EXHAUSTED over a tenant's quota: `rate` (calls per second "
+        "across gateways) or `streams` (Subscribe streams open across gateways).",
+        labels=["tenant", "quota"],
+    )
+    entries = GaugeMetricFamily(
+        f"{P}tenant_l1_entries", "Entries in a tenant's L1 on this gateway.", labels=["tenant"]
+    )
+    size = GaugeMetricFamily(
+        f"{P}tenant_l1_bytes", "Bytes charged to a tenant's L1 on this gateway.",
+        labels=["tenant"],
+    )  # fmt: skip
+    for name in sorted(snap.tenants):
+        t = snap.tenants[name]
+        refused.add_metric([name, "rate"], t.get("rate_refused", 0))
+        refused.add_metric([name, "streams"], t.get("streams_refused", 0))
+        entries.add_metric([name], t.get("l1_entries", 0))
+        size.add_metric([name], t.get("l1_bytes", 0))
+    yield refused
+    yield entries
+    yield size

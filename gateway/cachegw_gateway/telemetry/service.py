@@ -4,6 +4,7 @@ and the Stats answer. `GatewayServer` creates one and starts and stops it with i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any, TypeAlias, cast
@@ -48,10 +49,12 @@ class Telemetry:
         worker_index: int = 0,
         workers: int = 0,
         parts: Callable[[], list[Snapshot]] | None = None,
+        tenants: Callable[[], dict[str, dict[str, int]]] | None = None,
     ) -> None:
         t = config.telemetry
         # With tenants: each tenant space's figures, added to this gateway's own.
         self._parts = parts
+        self._tenants = tenants
         self.latency = RpcLatency()
         self.redis_watch = RedisWatch(store)
         self.tracer_provider = tracer_provider
@@ -87,7 +90,11 @@ class Telemetry:
 
     def snapshot(self, top_keys: int = 0) -> Snapshot:
         own = self.sources.snapshot(top_keys)
-        return own if self._parts is None else merge_snapshots(own, self._parts())
+        if self._parts is not None:
+            own = merge_snapshots(own, self._parts())
+        if self._tenants is not None:
+            own = dataclasses.replace(own, tenants=self._tenants())
+        return own
 
     def stats(self, request: pb.StatsRequest) -> pb.StatsResponse:
         """The Stats answer; raises InvalidRequest for an unknown class."""

@@ -82,6 +82,9 @@ class Snapshot:
     worker_index: int = 0
     workers: int = 0
     pid: int = 0
+    # With tenants: tenant -> its quota refusals and L1 use on this gateway (metrics.py
+    # exports them with a `tenant` label; never in a tenant's Stats).
+    tenants: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
