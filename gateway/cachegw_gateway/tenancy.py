@@ -64,6 +64,10 @@ def tenant_prefix(redis_prefix: str, tenant: str) -> str:
     return f"{redis_prefix}:t:{tenant}"
 
 
+class ShuttingDown(RuntimeError):
+    """No new tenant space while the gateway drains (UNAVAILABLE: call another)."""
+
+
 @dataclass
 class Tenant:
     name: str
@@ -159,14 +163,15 @@ class TenantRouter:
 
     async def tenant(self, name: str) -> Tenant:
         """The tenant's state, its space started on first use (concurrent first calls
-        wait for the same start). RuntimeError past tenants.max_per_gateway."""
+        wait for the same start). RuntimeError past tenants.max_per_gateway, ShuttingDown
+        while the gateway drains."""
         found = self._tenants.get(name)
         if found is not None:
             return found
         task = self._starting.get(name)
         if task is None:
             if self.draining:
-                raise RuntimeError("the gateway is shutting down: call another gateway")
+                raise ShuttingDown("the gateway is shutting down: call another gateway")
             if len(self._tenants) + len(self._starting) >= self._config.tenants.max_per_gateway:
                 raise RuntimeError(
                     f"this gateway already holds {self._config.tenants.max_per_gateway} tenants "
@@ -256,10 +261,14 @@ class TenantRouter:
         principal = self._principal()
         if principal is None:  # the auth wrap lets no call through without one
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no credentials")
-        try:
-            tenant = await self.tenant(principal.tenant)
-        except RuntimeError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        tenant = self._tenants.get(principal.tenant)  # the hit path: no coroutine
+        if tenant is None:
+            try:
+                tenant = await self.tenant(principal.tenant)
+            except ShuttingDown as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            except RuntimeError as exc:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         if principal.prefixes and not isinstance(request, BadMessage):
             try:
                 check(method, request, principal.prefixes, principal.name)

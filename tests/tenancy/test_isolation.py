@@ -282,3 +282,18 @@ async def test_operators_see_tenants_on_metrics(
     # The gateway-wide counts add up both tenants' Sets.
     sets = [ln for ln in text.splitlines() if ln.startswith("cachegw_sets_total")]
     assert sum(float(ln.rsplit(" ", 1)[1]) for ln in sets) == 2
+
+
+async def test_a_gateway_holds_at_most_max_per_gateway_tenants(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    gw = await gateway_factory(auth_toml(tokens_file(tmp_path), "[tenants]\nmax_per_gateway = 1\n"))
+    assert await As(gw.stub, "alpha").value("k") is None
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await As(gw.stub, "beta").value("k")
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "tenants.max_per_gateway" in (err.value.details() or "")
+    # Each tenant's L1 is its share of the gateway's bound.
+    assert gw.server.tenants is not None
+    alpha = gw.server.tenants.tenants["alpha"].space
+    assert alpha.l1.stats()["max_bytes"] == gw.server.config.l1.max_bytes
