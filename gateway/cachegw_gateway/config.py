@@ -59,6 +59,12 @@ class ServerConfig:
     # Gateway processes sharing `listen` under one supervisor (supervisor.py): a count,
     # or "auto" for one per core this process may run on. 1 = no supervisor.
     workers: int | str = 1
+    # TLS on the gRPC port (tls.py): PEM certificate (chain) and its unencrypted key; with
+    # a client CA, client certificates signed by it are required (mutual TLS). The files
+    # are read again when they change: new connections get the new certificate.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
 
 @dataclass(frozen=True)
@@ -255,6 +261,9 @@ ENV_VARS: Mapping[str, str] = {
     "CACHEGW_LOG_FORMAT": "telemetry.log_format",
     "CACHEGW_REDIS_ADDRESS_MAP": "redis.address_map",
     "CACHEGW_WORKERS": "server.workers",
+    "CACHEGW_SERVER_TLS_CERT": "server.tls_cert",
+    "CACHEGW_SERVER_TLS_KEY": "server.tls_key",
+    "CACHEGW_SERVER_TLS_CLIENT_CA": "server.tls_client_ca",
 }
 ADMISSION_POLICIES = ("lru", "tinylfu")
 JITTER_MODES = ("random", "deterministic")
@@ -801,6 +810,7 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
         value = getattr(c.server, key)
         if not value >= 0:
             raise ConfigError(f"{w(f'server.{key}')} must be >= 0 (got {_num(value)})")
+    _check_tls_keys(w, c.server)
     if any(not ch.isprintable() or ch.isspace() for ch in c.server.gateway_id):
         raise ConfigError(
             f"{w('server.gateway_id')} must not contain spaces or control characters "
@@ -882,6 +892,26 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
         seen[kc.name] = at.rpartition(": ")[2]
     _check_class(lambda key: w(f"default_class.{key}"), c.default_class, c.server.max_ttl_seconds)
     _check_fail_safe_and_refresh(lambda key: w(f"default_class.{key}"), c.default_class, c.origin)
+
+
+def _check_tls_keys(w: Callable[[str], str], server: ServerConfig) -> None:
+    """The TLS keys go together; the files themselves are read and checked by tls.py
+    when the gateway starts."""
+    if server.tls_cert and not server.tls_key:
+        raise ConfigError(
+            f"{w('server.tls_cert')} needs server.tls_key (--tls-key): the certificate's "
+            "private key, PEM, unencrypted"
+        )
+    if server.tls_key and not server.tls_cert:
+        raise ConfigError(
+            f"{w('server.tls_key')} needs server.tls_cert (--tls-cert): the server's "
+            "certificate, PEM, for that key"
+        )
+    if server.tls_client_ca and not server.tls_cert:
+        raise ConfigError(
+            f"{w('server.tls_client_ca')} needs server.tls_cert and server.tls_key "
+            "(--tls-cert, --tls-key): client certificates are asked for over TLS only"
+        )
 
 
 def _check_write_behind(w: Callable[[str], str], wb: WriteBehindConfig) -> None:

@@ -28,6 +28,7 @@ from cachegw_gateway.managed_redis import ManagedRedis, RedisServerNotFound
 from cachegw_gateway.server import GatewayServer
 from cachegw_gateway.supervisor import Supervisor
 from cachegw_gateway.telemetry import logs, tracing
+from cachegw_gateway.tls import TlsFiles
 from cachegw_gateway.workers import (
     WorkersError,
     WorkerSlot,
@@ -68,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="gateway processes sharing the port under one supervisor: a count, or 'auto' "
         "for one per core (default 1: no supervisor)",
     )
+    p.add_argument(
+        "--tls-cert", metavar="FILE", help="serve gRPC over TLS with this PEM certificate (chain)"
+    )
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    p.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="require client certificates signed by this PEM CA (mutual TLS)",
+    )
     p.add_argument("--grace", type=float, help="seconds to drain in-flight calls on stop")
     p.add_argument(
         "--drain-delay",
@@ -96,6 +106,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "redis.address_map": args.redis_address_map,
         "server.gateway_id": args.gateway_id,
         "server.workers": args.workers,
+        "server.tls_cert": args.tls_cert,
+        "server.tls_key": args.tls_key,
+        "server.tls_client_ca": args.tls_client_ca,
         "server.grace_seconds": args.grace,
         "server.drain_delay_seconds": args.drain_delay,
         "telemetry.log_format": args.log_format,
@@ -135,14 +148,16 @@ async def serve(
     t = config.telemetry
     metrics = server.metrics_address
     log.info(
-        "serving on %s (redis %s; metrics %s; tracing %s)",
+        "serving on %s%s (redis %s; metrics %s; tracing %s)",
         server.address,
+        _security(server),
         _redacted(redis_url),
         f"http://{metrics}/metrics" if metrics else "off",
         f"{t.exporter} at {t.sample_ratio:g}" if tracer_provider is not None else "off",
         extra={
             "event": "start",
             "listen": server.address,
+            "tls": "mtls" if server.tls and server.tls.mutual else "tls" if server.tls else "off",
             "gateway_id": config.server.gateway_id,
             "redis": _redacted(redis_url),
             "metrics": metrics,
@@ -178,6 +193,15 @@ async def serve(
     return 0
 
 
+def _security(server: GatewayServer) -> str:
+    tls = server.tls
+    if tls is None:
+        return " in plaintext"
+    if tls.mutual:
+        return f" with mutual TLS (certificate {tls.files.cert}, client CA {tls.files.client_ca})"
+    return f" with TLS (certificate {tls.files.cert})"
+
+
 def _redacted(url: str) -> str:
     """`url` without its password, for logs."""
     scheme, sep, rest = url.partition("://")
@@ -195,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker = WorkerSlot.from_env()  # set when a supervisor started this process
         config = load_config(args.config, overrides=_overrides(args))
         check_redis_choice(config)
+        TlsFiles.check(config.server)  # a bad file stops here, before any worker starts
         count = 1 if worker is not None else resolve_count(config.server.workers)
     except (ConfigError, WorkersError) as exc:
         fmt = args.log_format or os.environ.get("CACHEGW_LOG_FORMAT") or "text"

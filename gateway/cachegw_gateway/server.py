@@ -33,6 +33,7 @@ from cachegw_gateway.servicer import SERVICE_NAME, CacheServicer
 from cachegw_gateway.stats import GatewayStats
 from cachegw_gateway.subscriptions import SubscriberHub
 from cachegw_gateway.telemetry.service import Telemetry
+from cachegw_gateway.tls import ServerTls
 from cachegw_gateway.warmup import HOT_KEYS_TRACKED
 from cachegw_gateway.workers import WorkerSlot
 from cachegw_native.hotkeys import HotKeys
@@ -135,6 +136,8 @@ class GatewayServer:
             worker_index=worker.index if worker is not None else 0,
             workers=worker.count if worker is not None else 0,
         )
+        # TLS when configured (tls.py); raises TlsError for files that cannot be used.
+        self.tls = ServerTls.from_config(config.server)
         self.health = health_aio.HealthServicer()
         self._server = grpc.aio.server(
             options=server_options(config.server, reuse_port=worker is not None)
@@ -180,7 +183,11 @@ class GatewayServer:
         return f"{host}:{self.port}"
 
     async def start(self) -> int:
-        self.port = self._server.add_insecure_port(self.config.server.listen)
+        listen = self.config.server.listen
+        if self.tls is None:
+            self.port = self._server.add_insecure_port(listen)
+        else:  # health and reflection share the port, so they are over TLS too
+            self.port = self._server.add_secure_port(listen, self.tls.credentials())
         if self.port == 0:
             raise OSError(f"could not listen on {self.config.server.listen}")
         try:
