@@ -138,6 +138,9 @@ def test_every_env_var_sets_its_key(tmp_path: Path) -> None:
         "CACHEGW_EMBEDDED_REDIS": "yes",
         "CACHEGW_REDIS_ADDRESS_MAP": "10.0.0.5:6379=127.0.0.1:7001",
         "CACHEGW_WORKERS": "4",
+        "CACHEGW_SERVER_TLS_CERT": "/etc/cachegw/tls.crt",
+        "CACHEGW_SERVER_TLS_KEY": "/etc/cachegw/tls.key",
+        "CACHEGW_SERVER_TLS_CLIENT_CA": "/etc/cachegw/clients-ca.crt",
     }
     assert set(values) == set(ENV_VARS)
     config = load_config(env=values)

@@ -282,13 +282,22 @@ def security(ns: argparse.Namespace) -> tuple[TLSConfig | None, TokenSource]:
     tls = None
     if wanted or ca or cert or key or server_name:
         tls = TLSConfig(ca=ca, cert=cert, key=key, server_name=server_name)
-    token: TokenSource = _setting(ns, "token") or None
-    token_file = _setting(ns, "token_file")
-    if token is not None and token_file and getattr(ns, "token_file", None) is not None:
+    return tls, _token(ns)
+
+
+def _token(ns: argparse.Namespace) -> TokenSource:
+    """--token-file or --token, else $CACHEGW_TOKEN, else $CACHEGW_TOKEN_FILE."""
+    flag, file_flag = getattr(ns, "token", None), getattr(ns, "token_file", None)
+    if flag and file_flag:
         raise ValueError("give --token or --token-file, not both")
-    if token_file and (token is None or getattr(ns, "token_file", None) is not None):
-        token = _token_file(token_file)
-    return tls, token
+    if file_flag:
+        return _token_file(file_flag)
+    if flag:
+        return str(flag)
+    if os.environ.get(SECURITY_ENV["token"]):
+        return os.environ[SECURITY_ENV["token"]]
+    path = os.environ.get(SECURITY_ENV["token_file"])
+    return _token_file(path) if path else None
 
 
 def _token_file(path: str) -> Callable[[], str]:
