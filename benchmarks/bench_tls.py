@@ -13,6 +13,10 @@ rounds (the order rotates every round):
 - plaintext; plaintext+token (the `authorization` metadata on every call);
 - tls; tls+token; mtls (a client certificate too); mtls+token.
 
+With `--call-credentials`, bare generated stubs over TLS too: no token, the token as
+call metadata (what the clients do), and the token as gRPC call credentials (which grpc
+Python runs on a new thread per call).
+
 The token is `--token` (give a real one once the gateways check tokens: `--gateway-arg`
 passes flags, e.g. `--gateway-arg=--config=auth.toml`, to every gateway), else a
 placeholder that the gateway does not look at: then the figure is the cost of carrying it.
@@ -50,6 +54,8 @@ from benchmarks.harness import (
     run_interleaved,
 )
 from cachegw import Client, TLSConfig
+from cachegw.v1 import cache_pb2 as pb
+from cachegw.v1 import cache_pb2_grpc
 from cachegw_gateway.managed_redis import ManagedRedis, free_port
 from tests.tlscerts import CA
 
@@ -125,6 +131,22 @@ def main(args: argparse.Namespace) -> int:
             get: Callable[[], object] = lambda: c.get(KEY)  # noqa: E731
             return Case(name, lambda: measure_sync(get, budget, server_pid=pid))
 
+        def raw(
+            name: str,
+            credentials: grpc.ChannelCredentials,
+            metadata: tuple[tuple[str, str], ...] | None = None,
+        ) -> Case:
+            """A bare generated stub on a channel with these credentials (no Client)."""
+            channel = grpc.secure_channel(tls_gw.address, credentials)
+            stack.callback(channel.close)
+            stub = cache_pb2_grpc.CacheServiceStub(channel)
+            request = pb.GetRequest(key=KEY)
+            assert stub.Get(request, timeout=5).value == VALUE
+            get: Callable[[], object] = lambda: stub.Get(  # noqa: E731
+                request, timeout=5, metadata=metadata
+            )
+            return Case(name, lambda: measure_sync(get, budget, server_pid=tls_gw.pid))
+
         cases = [
             case("plaintext", client(plain_gw, None, False), plain_gw.pid),
             case("plaintext+token", client(plain_gw, None, True), plain_gw.pid),
@@ -133,6 +155,20 @@ def main(args: argparse.Namespace) -> int:
             case("mtls", client(mtls_gw, mtls, False), mtls_gw.pid),
             case("mtls+token", client(mtls_gw, mtls, True), mtls_gw.pid),
         ]
+        if args.call_credentials:  # why the clients send the token as plain metadata
+            call_creds = grpc.access_token_call_credentials(token)
+            cases += [
+                raw("stub tls", server_only),
+                raw(
+                    "stub tls+metadata",
+                    server_only,
+                    (("authorization", f"Bearer {token}"),),
+                ),
+                raw(
+                    "stub tls+call-creds",
+                    grpc.composite_channel_credentials(server_only, call_creds),
+                ),
+            ]
 
         def progress(r: int, c: Case, s: Sample) -> None:
             print(
@@ -200,6 +236,12 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument(
         "--token", default="", help="the bearer token to send (default: a placeholder)"
+    )
+    parser.add_argument(
+        "--call-credentials",
+        action="store_true",
+        help="also time bare stubs over TLS: no token, the token as metadata, the token "
+        "as gRPC call credentials",
     )
     parser.add_argument(
         "--gateway-arg",

@@ -184,6 +184,18 @@ def test_certificates_replaced_while_serving(
     assert gw.stop() == 0
 
 
+def test_a_replaced_client_ca_takes_effect_for_new_connections(
+    gateway_process: Start, redis_server: ManagedRedis, tmp_path: Path, ca: CA, other_ca: CA
+) -> None:
+    gw, _, _ = serve_tls(gateway_process, redis_server, tmp_path, ca, ca.server(), mutual=True)
+    ours, theirs = creds(ca, ca.client("orders")), creds(ca, other_ca.client("billing"))
+    assert get_code(gw.address, ours) == grpc.StatusCode.OK
+    assert get_code(gw.address, theirs) == grpc.StatusCode.UNAVAILABLE
+    replace(tmp_path / "clients-ca.crt", other_ca.pem)  # now only the other CA's clients
+    assert get_code(gw.address, theirs) == grpc.StatusCode.OK
+    assert get_code(gw.address, ours) == grpc.StatusCode.UNAVAILABLE
+
+
 def test_an_expired_server_certificate_is_refused_by_clients(
     gateway_process: Start, redis_server: ManagedRedis, tmp_path: Path, ca: CA
 ) -> None:
