@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from cachegw import AsyncClient, Client, TLSConfig, Unavailable, cli
+from cachegw import AsyncClient, Client, NearCache, TLSConfig, Unavailable, cli
 from cachegw._security import is_loopback
 from cachegw.v1 import cache_pb2 as pb
 from cachegw_gateway.managed_redis import ManagedRedis
@@ -304,3 +305,24 @@ def test_a_token_never_goes_over_plaintext_to_another_host() -> None:
 )
 def test_loopback_targets(target: str, loopback: bool) -> None:
     assert is_loopback(target) is loopback
+
+
+def test_near_cache_stream_survives_a_failing_token_function(
+    token_server: TokenServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = itertools.count(1)
+
+    def flaky() -> str:
+        if next(calls) <= 2:
+            raise RuntimeError("the token service is down")
+        return "ok"
+
+    near = NearCache(ttl=5)
+    with Client(token_server.target, tls=token_server.tls, token=flaky, near_cache=near):
+        deadline = time.monotonic() + 10
+        while ("Subscribe", "Bearer ok") not in token_server.recorder.seen:
+            assert time.monotonic() < deadline, "the near cache's stream never opened"
+            time.sleep(0.02)
+    failures = [r for r in caplog.records if "token function raised" in r.getMessage()]
+    assert len(failures) == 2
+    assert "the token service is down" not in caplog.text

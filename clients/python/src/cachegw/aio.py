@@ -421,7 +421,13 @@ class AsyncClient:
     async def _keep_near_cache(self, keeper: NearCacheKeeper) -> None:
         """The near cache's stream: live while registered, dark (and empty) otherwise."""
         while not self._closed:
-            stream = self._stub.Subscribe(keeper.request, metadata=self._metadata())
+            try:
+                metadata = self._metadata()
+            except Exception as exc:  # the application's token function failed
+                keeper.no_token(exc)
+                await asyncio.sleep(keeper.ended())
+                continue
+            stream = self._stub.Subscribe(keeper.request, metadata=metadata)
             try:
                 await stream.initial_metadata()  # sent once the gateway registered the stream
                 keeper.registered()

@@ -369,7 +369,13 @@ class Client:
     def _keep_near_cache(self, keeper: NearCacheKeeper) -> None:
         """The near cache's stream: live while registered, dark (and empty) otherwise."""
         while not self._closed.is_set():
-            stream = self._stream = self._stub.Subscribe(keeper.request, metadata=self._metadata())
+            try:
+                metadata = self._metadata()
+            except Exception as exc:  # the application's token function failed
+                keeper.no_token(exc)
+                self._closed.wait(keeper.ended())
+                continue
+            stream = self._stream = self._stub.Subscribe(keeper.request, metadata=metadata)
             try:
                 stream.initial_metadata()  # sent once the gateway registered the stream
                 if self._closed.is_set():
