@@ -334,11 +334,22 @@ def run_interleaved(
 # -- processes ------------------------------------------------------------------------
 
 
-def wait_serving(address: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
-    """Poll standard gRPC health (overall service "") until SERVING, at most `timeout` s."""
+def wait_serving(
+    address: str,
+    timeout: float,
+    alive: Callable[[], bool] = lambda: True,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
+    """Poll standard gRPC health (overall service "") until SERVING, at most `timeout` s;
+    over TLS with `credentials`."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
-    with grpc.insecure_channel(address) as channel:
+    channel = (
+        grpc.insecure_channel(address)
+        if credentials is None
+        else grpc.secure_channel(address, credentials)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if not alive():
@@ -367,8 +378,10 @@ class ServerProcess:
         address: str,
         log: Path,
         env: dict[str, str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.name = name
+        self.credentials = credentials  # for the health check of a TLS port
         self.argv = list(argv)
         self.address = address
         self.log = log
@@ -392,7 +405,12 @@ class ServerProcess:
                 start_new_session=True,
             )
         try:
-            wait_serving(self.address, ready_timeout, alive=lambda: self.running)
+            wait_serving(
+                self.address,
+                ready_timeout,
+                alive=lambda: self.running,
+                credentials=self.credentials,
+            )
         except BaseException as exc:
             self.stop()
             if not isinstance(exc, KeyboardInterrupt):

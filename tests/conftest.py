@@ -115,12 +115,21 @@ async def gateway(gateway_factory: GatewayFactory) -> RunningGateway:
 
 
 def wait_serving(
-    address: str, timeout: float = 20.0, alive: Callable[[], bool] = lambda: True
+    address: str,
+    timeout: float = 20.0,
+    alive: Callable[[], bool] = lambda: True,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> None:
-    """Poll standard gRPC health until SERVING (bounded; over at once when not `alive()`)."""
+    """Poll standard gRPC health until SERVING (bounded; over at once when not `alive()`);
+    over TLS with `credentials`."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
-    with grpc.insecure_channel(address) as channel:
+    channel = (
+        grpc.insecure_channel(address)
+        if credentials is None
+        else grpc.secure_channel(address, credentials)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline and alive():
             try:
@@ -164,10 +173,15 @@ def _running(proc: subprocess.Popen[bytes]) -> bool:
 
 @pytest.fixture
 def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
-    """start(*flags, env=None) -> a `cachegw serve` process on a free port, SERVING."""
+    """start(*flags, env=None, credentials=None) -> a `cachegw serve` process on a free
+    port, SERVING (its health checked over TLS with `credentials`)."""
     started: list[GatewayProcess] = []
 
-    def start(*flags: str, env: dict[str, str] | None = None) -> GatewayProcess:
+    def start(
+        *flags: str,
+        env: dict[str, str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> GatewayProcess:
         for attempt in range(PORT_ATTEMPTS):
             address = f"127.0.0.1:{free_port()}"
             log = tmp_path / f"gateway-{len(started)}.log"
@@ -181,7 +195,7 @@ def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
             gp = GatewayProcess(proc, address, log)
             started.append(gp)
             try:
-                wait_serving(address, alive=partial(_running, proc))
+                wait_serving(address, alive=partial(_running, proc), credentials=credentials)
             except TimeoutError as exc:
                 gp.stop(signal.SIGKILL)
                 # The port was free when picked; another process (a parallel test run)

@@ -155,6 +155,9 @@ def test_every_env_var_sets_its_key(tmp_path: Path) -> None:
         "CACHEGW_AUTH": "true",
         "CACHEGW_TOKENS_FILE": "/etc/cachegw/tokens.toml",
         "CACHEGW_JWT_KEY_FILE": "/etc/cachegw/issuer.pem",
+        "CACHEGW_SERVER_TLS_CERT": "/etc/cachegw/tls.crt",
+        "CACHEGW_SERVER_TLS_KEY": "/etc/cachegw/tls.key",
+        "CACHEGW_SERVER_TLS_CLIENT_CA": "/etc/cachegw/clients-ca.crt",
     }
     assert set(values) == set(ENV_VARS)
     config = load_config(env=values)

@@ -61,6 +61,12 @@ class ServerConfig:
     workers: int | str = 1
     # gRPC server reflection (grpcurl and the like list the services); health stays on.
     reflection: bool = True
+    # TLS on the gRPC port (tls.py): PEM certificate (chain) and its unencrypted key; with
+    # a client CA, client certificates signed by it are required (mutual TLS). The files
+    # are read again when they change: new connections get the new certificate.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
 
 @dataclass(frozen=True)
@@ -338,6 +344,9 @@ ENV_VARS: Mapping[str, str] = {
     "CACHEGW_AUTH": "auth.enabled",
     "CACHEGW_TOKENS_FILE": "auth.tokens_file",
     "CACHEGW_JWT_KEY_FILE": "auth.jwt_key_file",
+    "CACHEGW_SERVER_TLS_CERT": "server.tls_cert",
+    "CACHEGW_SERVER_TLS_KEY": "server.tls_key",
+    "CACHEGW_SERVER_TLS_CLIENT_CA": "server.tls_client_ca",
 }
 ADMISSION_POLICIES = ("lru", "tinylfu")
 JITTER_MODES = ("random", "deterministic")
@@ -921,6 +930,7 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
         value = getattr(c.server, key)
         if not value >= 0:
             raise ConfigError(f"{w(f'server.{key}')} must be >= 0 (got {_num(value)})")
+    _check_tls_keys(w, c.server)
     if any(not ch.isprintable() or ch.isspace() for ch in c.server.gateway_id):
         raise ConfigError(
             f"{w('server.gateway_id')} must not contain spaces or control characters "
@@ -1057,6 +1067,26 @@ def _check_redis_secrets(w: Callable[[str], str], r: RedisConfig) -> None:
         redis_tls.check(r)
     except redis_tls.TlsConfigError as exc:
         raise ConfigError(f"{w(f'redis.{exc.key}')} {exc}") from None
+
+
+def _check_tls_keys(w: Callable[[str], str], server: ServerConfig) -> None:
+    """The TLS keys go together; the files themselves are read and checked by tls.py
+    when the gateway starts."""
+    if server.tls_cert and not server.tls_key:
+        raise ConfigError(
+            f"{w('server.tls_cert')} needs server.tls_key (--tls-key): the certificate's "
+            "private key, PEM, unencrypted"
+        )
+    if server.tls_key and not server.tls_cert:
+        raise ConfigError(
+            f"{w('server.tls_key')} needs server.tls_cert (--tls-cert): the server's "
+            "certificate, PEM, for that key"
+        )
+    if server.tls_client_ca and not server.tls_cert:
+        raise ConfigError(
+            f"{w('server.tls_client_ca')} needs server.tls_cert and server.tls_key "
+            "(--tls-cert, --tls-key): client certificates are asked for over TLS only"
+        )
 
 
 def _check_write_behind(w: Callable[[str], str], wb: WriteBehindConfig) -> None:

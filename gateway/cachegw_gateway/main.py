@@ -32,6 +32,7 @@ from cachegw_gateway.redis_url import redact
 from cachegw_gateway.server import GatewayServer
 from cachegw_gateway.supervisor import Supervisor
 from cachegw_gateway.telemetry import logs, tracing
+from cachegw_gateway.tls import TlsFiles
 from cachegw_gateway.workers import (
     WorkersError,
     WorkerSlot,
@@ -115,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="do not serve gRPC server reflection (health checking stays)",
     )
+    p.add_argument(
+        "--tls-cert", metavar="FILE", help="serve gRPC over TLS with this PEM certificate (chain)"
+    )
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    p.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="require client certificates signed by this PEM CA (mutual TLS)",
+    )
     p.add_argument("--grace", type=float, help="seconds to drain in-flight calls on stop")
     p.add_argument(
         "--drain-delay",
@@ -153,6 +163,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "auth.enabled": args.auth,
         "auth.tokens_file": args.tokens_file,
         "auth.jwt_key_file": args.jwt_key_file,
+        "server.tls_cert": args.tls_cert,
+        "server.tls_key": args.tls_key,
+        "server.tls_client_ca": args.tls_client_ca,
         "server.grace_seconds": args.grace,
         "server.drain_delay_seconds": args.drain_delay,
         "telemetry.log_format": args.log_format,
@@ -207,8 +220,9 @@ async def serve(
     t = config.telemetry
     metrics = server.metrics_address
     log.info(
-        "serving on %s (redis %s%s, %s; metrics %s; tracing %s)",
+        "serving on %s%s (redis %s%s, %s; metrics %s; tracing %s)",
         server.address,
+        _security(server),
         redact(redis_url),
         " over TLS" if target.tls else "",
         credentials,
@@ -217,6 +231,7 @@ async def serve(
         extra={
             "event": "start",
             "listen": server.address,
+            "tls": "mtls" if server.tls and server.tls.mutual else "tls" if server.tls else "off",
             "gateway_id": config.server.gateway_id,
             "redis": redact(redis_url),
             "redis_tls": target.tls,
@@ -253,6 +268,15 @@ async def serve(
     return 0
 
 
+def _security(server: GatewayServer) -> str:
+    tls = server.tls
+    if tls is None:
+        return " in plaintext"
+    if tls.mutual:
+        return f" with mutual TLS (certificate {tls.files.cert}, client CA {tls.files.client_ca})"
+    return f" with TLS (certificate {tls.files.cert})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -261,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, overrides=_overrides(args))
         check_redis_choice(config)
         auth.check_config(config.auth)
+        TlsFiles.check(config.server)  # a bad file stops here, before any worker starts
         count = 1 if worker is not None else resolve_count(config.server.workers)
     except (ConfigError, WorkersError) as exc:
         fmt = args.log_format or os.environ.get("CACHEGW_LOG_FORMAT") or "text"

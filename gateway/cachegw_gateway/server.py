@@ -36,6 +36,7 @@ from cachegw_gateway.telemetry import tracing
 from cachegw_gateway.telemetry.service import Telemetry
 from cachegw_gateway.telemetry.snapshot import worker_summaries
 from cachegw_gateway.tenancy import TenantRouter
+from cachegw_gateway.tls import ServerTls
 from cachegw_gateway.worker_status import fetch_summaries
 from cachegw_gateway.workers import WorkerSlot
 from cachegw_native.coalescer import Coalescer
@@ -130,6 +131,8 @@ class GatewayServer:
                 tenants=self.tenants.figures,
             )
             target = self.tenants
+        # TLS when configured (tls.py); raises TlsError for files that cannot be used.
+        self.tls = ServerTls.from_config(config.server)
         self.health = health_aio.HealthServicer()
         self._server = grpc.aio.server(
             options=server_options(config.server, reuse_port=worker is not None)
@@ -219,7 +222,11 @@ class GatewayServer:
         return f"{host}:{self.port}"
 
     async def start(self) -> int:
-        self.port = self._server.add_insecure_port(self.config.server.listen)
+        listen = self.config.server.listen
+        if self.tls is None:
+            self.port = self._server.add_insecure_port(listen)
+        else:  # health and reflection share the port, so they are over TLS too
+            self.port = self._server.add_secure_port(listen, self.tls.credentials())
         if self.port == 0:
             raise OSError(f"could not listen on {self.config.server.listen}")
         if self.space is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -204,8 +204,16 @@ class FakeGateway(cache_pb2_grpc.CacheServiceServicer):
 class ServerThread:
     """A grpc.aio server on 127.0.0.1:0 in a thread with its own event loop."""
 
-    def __init__(self, servicer: FakeGateway) -> None:
+    def __init__(
+        self,
+        servicer: FakeGateway,
+        *,
+        interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
         self.servicer = servicer
+        self._interceptors = interceptors
+        self._credentials = credentials
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fake-gateway")
         self._server: grpc.aio.Server | None = None
@@ -217,9 +225,12 @@ class ServerThread:
         self.port = future.result(timeout=START_TIMEOUT)
 
     async def _start(self) -> int:
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(interceptors=self._interceptors)
         cache_pb2_grpc.add_CacheServiceServicer_to_server(self.servicer, self._server)
-        port = self._server.add_insecure_port("127.0.0.1:0")
+        if self._credentials is None:
+            port = self._server.add_insecure_port("127.0.0.1:0")
+        else:
+            port = self._server.add_secure_port("127.0.0.1:0", self._credentials)
         await self._server.start()
         return port
 

@@ -7,9 +7,11 @@
         value = cache.get("product:42")
 
 `AsyncClient` is the same API for asyncio. Failures raise `CacheError` subclasses.
+Over TLS, with a token: ``Client(target, tls=TLSConfig(ca="ca.pem"), token="...")``.
 """
 
 from cachegw._calls import DEFAULT, Timeout
+from cachegw._security import TLSConfig, TokenSource
 from cachegw.aio import AsyncClient
 from cachegw.client import DEFAULT_TARGET, Client
 from cachegw.errors import (
@@ -60,8 +62,10 @@ __all__ = [
     "SetOutcome",
     "SetResult",
     "Status",
+    "TLSConfig",
     "Tier",
     "Timeout",
+    "TokenSource",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",

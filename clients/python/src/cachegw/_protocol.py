@@ -226,6 +226,13 @@ class NearCacheKeeper:
     def dropped(self, error: grpc.RpcError) -> None:
         log.info("cachegw: near-cache stream dropped (%s); flushed", error.code())
 
+    def no_token(self, error: Exception) -> None:
+        # The type only: the application's message might quote the token.
+        log.warning(
+            "cachegw: near-cache stream not opened: the token function raised %s; flushed",
+            type(error).__name__,
+        )
+
     def ended(self) -> float:
         """Flush (events may be missed until the next stream registers); the pause, in
         seconds, before subscribing again: doubling up to BACKOFF_MAX while it fails."""

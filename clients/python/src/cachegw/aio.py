@@ -18,9 +18,10 @@ from typing import Any, Self, TypeVar
 import grpc
 import grpc.aio
 
-from cachegw import _batcher, _calls, _channel, _protocol, _tracing
+from cachegw import _batcher, _calls, _channel, _protocol, _security, _tracing
 from cachegw._calls import DEFAULT, Call, Timeout
 from cachegw._protocol import Load, NearCacheKeeper, Rpc, Step, Steps
+from cachegw._security import TLSConfig, TokenSource
 from cachegw.client import DEFAULT_TARGET
 from cachegw.errors import CacheError, error_from_rpc
 from cachegw.models import AllowResult, Entry, Event, InvalidateResult, SetResult
@@ -53,6 +54,8 @@ class AsyncClient:
         channel_options: Sequence[tuple[str, Any]] = (),
         near_cache: NearCache | None = None,
         retries: bool = True,
+        tls: TLSConfig | bool | None = None,
+        token: TokenSource = None,
         batch_gets: bool = True,
     ) -> None:
         self.target = target
@@ -60,10 +63,15 @@ class AsyncClient:
         # Retries of idempotent calls and keepalive (see _channel.py); `channel_options`
         # override them. With the application's OpenTelemetry set up, calls carry its
         # trace context.
-        self._channel = grpc.aio.insecure_channel(
+        # TLS when `tls` is given (True: the system's trusted CAs); the token in the
+        # metadata of every call (see _security.py).
+        self.tls = _security.resolve_tls(tls)
+        self._bearer = _security.bearer(token, target=target, secure=self.tls is not None)
+        self._channel = _security.aio_channel(
             target,
-            options=_channel.channel_options(channel_options, retries=retries),
-            interceptors=_tracing.aio_interceptors(),
+            self.tls,
+            _channel.channel_options(channel_options, retries=retries),
+            _tracing.aio_interceptors(),
         )
         self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)
         self.near_cache = near_cache
@@ -319,7 +327,8 @@ class AsyncClient:
         state = _channel.Resumption(since, resume=resume)
         while True:
             stream = self._stub.Subscribe(
-                _calls.subscribe(request_prefixes, request_classes, state.position)
+                _calls.subscribe(request_prefixes, request_classes, state.position),
+                metadata=self._metadata(),  # per stream: a rotated token is picked up
             )
             error: grpc.RpcError | None = None
             try:
@@ -412,7 +421,13 @@ class AsyncClient:
     async def _keep_near_cache(self, keeper: NearCacheKeeper) -> None:
         """The near cache's stream: live while registered, dark (and empty) otherwise."""
         while not self._closed:
-            stream = self._stub.Subscribe(keeper.request)
+            try:
+                metadata = self._metadata()
+            except Exception as exc:  # the application's token function failed
+                keeper.no_token(exc)
+                await asyncio.sleep(keeper.ended())
+                continue
+            stream = self._stub.Subscribe(keeper.request, metadata=metadata)
             try:
                 await stream.initial_metadata()  # sent once the gateway registered the stream
                 keeper.registered()
@@ -448,6 +463,10 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
+    def _metadata(self) -> _security.Metadata | None:
+        bearer = self._bearer
+        return None if bearer is None else bearer.metadata()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r}, timeout={self.timeout!r})"
 
@@ -458,7 +477,11 @@ class AsyncClient:
         timeout: Timeout,  # noqa: ASYNC109
     ) -> _Out:
         try:
-            response = await method(call.request, timeout=_calls.deadline(self.timeout, timeout))
+            response = await method(
+                call.request,
+                timeout=_calls.deadline(self.timeout, timeout),
+                metadata=self._metadata(),
+            )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         return call.decode(response)

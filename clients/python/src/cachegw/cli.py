@@ -15,8 +15,13 @@
     cachegw watch [--prefix P] [--class C] [--since ID] [--count N]   # invalidation events
     cachegw top [TARGET ...] [--interval S] [--count N]  # live view (needs cachegw[top])
 
-`--target` (default $CACHEGW_TARGET, else 127.0.0.1:50051) and `--timeout` go before or
-after the subcommand. Errors print `cachegw: <message>` on stderr and exit 1.
+`--target` (default $CACHEGW_TARGET, else 127.0.0.1:50051), `--timeout` and the security
+options go before or after the subcommand: `--tls` (the system's CAs), `--tls-ca FILE`,
+`--tls-cert FILE --tls-key FILE` (mutual TLS), `--tls-server-name NAME`, `--token-file FILE`
+or `--token TOKEN` (each also from the environment: $CACHEGW_TLS, $CACHEGW_TLS_CA,
+$CACHEGW_TLS_CERT, $CACHEGW_TLS_KEY, $CACHEGW_TLS_SERVER_NAME, $CACHEGW_TOKEN_FILE,
+$CACHEGW_TOKEN; a flag wins over its variable). The token is never printed. Errors print
+`cachegw: <message>` on stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import cast
 
+from cachegw._security import TLSConfig, TokenSource
 from cachegw.client import DEFAULT_TARGET, Client
 from cachegw.errors import CacheError
 from cachegw.models import Entry
@@ -41,7 +48,28 @@ _GATEWAY_COMMANDS = {
     "relay": "cachegw_gateway.relay_main",
     "token": "cachegw_gateway.token_main",
 }
-_COMMON_OPTIONS = ("--target", "--timeout")
+_COMMON_OPTIONS = (
+    "--target",
+    "--timeout",
+    "--tls-ca",
+    "--tls-cert",
+    "--tls-key",
+    "--tls-server-name",
+    "--token",
+    "--token-file",
+)
+_COMMON_FLAGS = ("--tls",)
+# Option -> the environment variable read when it is not given.
+SECURITY_ENV = {
+    "tls": "CACHEGW_TLS",
+    "tls_ca": "CACHEGW_TLS_CA",
+    "tls_cert": "CACHEGW_TLS_CERT",
+    "tls_key": "CACHEGW_TLS_KEY",
+    "tls_server_name": "CACHEGW_TLS_SERVER_NAME",
+    "token": "CACHEGW_TOKEN",
+    "token_file": "CACHEGW_TOKEN_FILE",
+}
+_TRUE = ("1", "true", "yes", "on")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,11 +86,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     target = getattr(ns, "target", None) or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
     timeout: float = getattr(ns, "timeout", 5.0)
     try:
-        with Client(target, timeout=timeout if timeout > 0 else None) as client:
+        tls, token = security(ns)
+        client = Client(target, timeout=timeout if timeout > 0 else None, tls=tls, token=token)
+    except (ValueError, TypeError) as exc:  # a TLS file or a token that cannot be used
+        return _fail(str(exc), status=2)
+    try:
+        with client:
             return cast(int, ns.run(client, ns))
     except CacheError as exc:
         return _fail(f"{type(exc).__name__}: {exc}")
-    except OSError as exc:  # reading stdin or writing stdout
+    except (OSError, ValueError) as exc:  # stdin, stdout, or the token file
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130
@@ -83,6 +116,45 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         metavar="SECONDS",
         help="deadline of the call (default: 5; 0 = none)",
+    )
+    common.add_argument(
+        "--tls",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="connect over TLS, trusting the system's CAs (implied by the other --tls-*)",
+    )
+    common.add_argument(
+        "--tls-ca",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="PEM CA certificates that signed the gateway's certificate",
+    )
+    common.add_argument(
+        "--tls-cert",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="this client's PEM certificate, for a gateway asking for one (mutual TLS)",
+    )
+    common.add_argument(
+        "--tls-key", default=argparse.SUPPRESS, metavar="FILE", help="the --tls-cert's PEM key"
+    )
+    common.add_argument(
+        "--tls-server-name",
+        default=argparse.SUPPRESS,
+        metavar="NAME",
+        help="the name in the gateway's certificate, when not the target's host",
+    )
+    common.add_argument(
+        "--token-file",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="a file holding the bearer token (read for each call)",
+    )
+    common.add_argument(
+        "--token",
+        default=argparse.SUPPRESS,
+        help="the bearer token (visible to other users in the process list: prefer "
+        "$CACHEGW_TOKEN or --token-file)",
     )
     parser = argparse.ArgumentParser(
         prog="cachegw",
@@ -200,11 +272,55 @@ def _gateway_command(args: list[str]) -> tuple[str, list[str]] | None:
             return _GATEWAY_COMMANDS[arg], args[i + 1 :]
         if arg in _COMMON_OPTIONS:
             i += 2
-        elif arg.split("=", 1)[0] in _COMMON_OPTIONS:
+        elif arg in _COMMON_FLAGS or arg.split("=", 1)[0] in _COMMON_OPTIONS:
             i += 1
         else:
             return None
     return None
+
+
+def _setting(ns: argparse.Namespace, name: str) -> str:
+    value = getattr(ns, name, None)
+    return str(value) if value is not None else os.environ.get(SECURITY_ENV[name], "")
+
+
+def security(ns: argparse.Namespace) -> tuple[TLSConfig | None, TokenSource]:
+    """The TLS settings and the token source of the options and the environment."""
+    ca, cert, key = (_setting(ns, n) or None for n in ("tls_ca", "tls_cert", "tls_key"))
+    server_name = _setting(ns, "tls_server_name") or None
+    wanted = getattr(ns, "tls", False) or os.environ.get("CACHEGW_TLS", "").lower() in _TRUE
+    tls = None
+    if wanted or ca or cert or key or server_name:
+        tls = TLSConfig(ca=ca, cert=cert, key=key, server_name=server_name)
+    return tls, _token(ns)
+
+
+def _token(ns: argparse.Namespace) -> TokenSource:
+    """--token-file or --token, else $CACHEGW_TOKEN, else $CACHEGW_TOKEN_FILE."""
+    flag, file_flag = getattr(ns, "token", None), getattr(ns, "token_file", None)
+    if flag and file_flag:
+        raise ValueError("give --token or --token-file, not both")
+    if file_flag:
+        return _token_file(file_flag)
+    if flag:
+        return str(flag)
+    if os.environ.get(SECURITY_ENV["token"]):
+        return os.environ[SECURITY_ENV["token"]]
+    path = os.environ.get(SECURITY_ENV["token_file"])
+    return _token_file(path) if path else None
+
+
+def _token_file(path: str) -> Callable[[], str]:
+    """A token source reading `path` for each call, so that a rotated token is used."""
+
+    def read() -> str:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read the token file {path}: {exc.strerror}") from None
+
+    read()  # an unreadable file fails here, before any call
+    return read
 
 
 def _get(client: Client, ns: argparse.Namespace) -> int:
@@ -304,6 +420,8 @@ def _top(client: Client, ns: argparse.Namespace) -> int:
         count=ns.count,
         timeout=client.timeout or 2.0,
         hot_keys=ns.keys,
+        tls=client.tls,
+        token=security(ns)[1],
     )
 
 

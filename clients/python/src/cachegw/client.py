@@ -11,9 +11,10 @@ from typing import Any, Self, TypeVar
 
 import grpc
 
-from cachegw import _calls, _channel, _protocol, _tracing
+from cachegw import _calls, _channel, _protocol, _security, _tracing
 from cachegw._calls import DEFAULT, Call, Timeout
 from cachegw._protocol import InBackground, Load, NearCacheKeeper, Rpc, Step, Steps
+from cachegw._security import TLSConfig, TokenSource
 from cachegw.errors import CacheError, error_from_rpc
 from cachegw.models import AllowResult, Entry, Event, InvalidateResult, SetResult
 from cachegw.near import NearCache
@@ -44,13 +45,19 @@ class Client:
         channel_options: Sequence[tuple[str, Any]] = (),
         near_cache: NearCache | None = None,
         retries: bool = True,
+        tls: TLSConfig | bool | None = None,
+        token: TokenSource = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         # Retries of idempotent calls and keepalive (see _channel.py); `channel_options`
         # override them.
-        self._channel = grpc.insecure_channel(
-            target, options=_channel.channel_options(channel_options, retries=retries)
+        # TLS when `tls` is given (True: the system's trusted CAs); the token in the
+        # metadata of every call (see _security.py).
+        self.tls = _security.resolve_tls(tls)
+        self._bearer = _security.bearer(token, target=target, secure=self.tls is not None)
+        self._channel = _security.sync_channel(
+            target, self.tls, _channel.channel_options(channel_options, retries=retries)
         )
         # With the application's OpenTelemetry set up, calls carry its trace context.
         self._stub = cache_pb2_grpc.CacheServiceStub(_tracing.intercept(self._channel))
@@ -269,7 +276,8 @@ class Client:
         state = _channel.Resumption(since, resume=resume)
         while True:
             stream = self._stub.Subscribe(
-                _calls.subscribe(request_prefixes, request_classes, state.position)
+                _calls.subscribe(request_prefixes, request_classes, state.position),
+                metadata=self._metadata(),  # per stream: a rotated token is picked up
             )
             error: grpc.RpcError | None = None
             try:
@@ -361,7 +369,13 @@ class Client:
     def _keep_near_cache(self, keeper: NearCacheKeeper) -> None:
         """The near cache's stream: live while registered, dark (and empty) otherwise."""
         while not self._closed.is_set():
-            stream = self._stream = self._stub.Subscribe(keeper.request)
+            try:
+                metadata = self._metadata()
+            except Exception as exc:  # the application's token function failed
+                keeper.no_token(exc)
+                self._closed.wait(keeper.ended())
+                continue
+            stream = self._stream = self._stub.Subscribe(keeper.request, metadata=metadata)
             try:
                 stream.initial_metadata()  # sent once the gateway registered the stream
                 if self._closed.is_set():
@@ -398,6 +412,10 @@ class Client:
     ) -> None:
         self.close()
 
+    def _metadata(self) -> _security.Metadata | None:
+        bearer = self._bearer
+        return None if bearer is None else bearer.metadata()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r}, timeout={self.timeout!r})"
 
@@ -408,7 +426,11 @@ class Client:
         timeout: Timeout,
     ) -> _Out:
         try:
-            response = method(call.request, timeout=_calls.deadline(self.timeout, timeout))
+            response = method(
+                call.request,
+                timeout=_calls.deadline(self.timeout, timeout),
+                metadata=self._metadata(),
+            )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         return call.decode(response)

@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from cachegw._security import Bearer, TLSConfig, TokenSource, bearer, resolve_tls, sync_channel
 from cachegw.v1 import cache_pb2 as pb
 from cachegw.v1 import cache_pb2_grpc
 
@@ -39,11 +40,18 @@ class Reading:
 
 
 def poll(
-    stubs: dict[str, cache_pb2_grpc.CacheServiceStub], timeout: float, top_keys: int
+    stubs: dict[str, cache_pb2_grpc.CacheServiceStub],
+    timeout: float,
+    top_keys: int,
+    bearer: Bearer | None = None,
 ) -> list[Reading]:
-    """Stats of every target, asked in parallel."""
+    """Stats of every target, asked in parallel (with the token of `bearer`, if any)."""
     request = pb.StatsRequest(top_keys=top_keys)
-    futures = {t: stub.Stats.future(request, timeout=timeout) for t, stub in stubs.items()}
+    metadata = bearer.metadata() if bearer is not None else None
+    futures = {
+        t: stub.Stats.future(request, timeout=timeout, metadata=metadata)
+        for t, stub in stubs.items()
+    }
     readings = []
     for target, future in futures.items():
         try:
@@ -376,11 +384,18 @@ def run(
     timeout: float = 2.0,
     hot_keys: int = 5,
     console: Console | None = None,
+    tls: TLSConfig | bool | None = None,
+    token: TokenSource = None,
 ) -> int:
     """Draw the view until Ctrl-C, or `count` frames (0 = no limit); one frame without a
-    live screen when `count` is 1 or the output is not a terminal."""
+    live screen when `count` is 1 or the output is not a terminal. `tls` and `token` as
+    for `cachegw.Client`, the same for every target."""
     console = console or Console()
-    channels = {t: grpc.insecure_channel(t) for t in targets}
+    settings = resolve_tls(tls)
+    auth = None
+    for t in targets:  # each is checked: over plaintext a token goes to loopback only
+        auth = bearer(token, target=t, secure=settings is not None)
+    channels = {t: sync_channel(t, settings, ()) for t in targets}
     try:
         stubs = {t: cache_pb2_grpc.CacheServiceStub(ch) for t, ch in channels.items()}
         view = TopView(list(targets), hot_keys)
@@ -389,15 +404,15 @@ def run(
             for i in range(frames):
                 if i:
                     time.sleep(interval)
-                view.update(poll(stubs, timeout, hot_keys))
+                view.update(poll(stubs, timeout, hot_keys, auth))
             console.print(view.render())
             return 0
-        view.update(poll(stubs, timeout, hot_keys))
+        view.update(poll(stubs, timeout, hot_keys, auth))
         with Live(view.render(), console=console, auto_refresh=False) as live:
             frame = 1
             while count == 0 or frame < count:
                 time.sleep(interval)
-                view.update(poll(stubs, timeout, hot_keys))
+                view.update(poll(stubs, timeout, hot_keys, auth))
                 live.update(view.render(), refresh=True)
                 frame += 1
         return 0
