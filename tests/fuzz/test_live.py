@@ -109,5 +109,4 @@ def test_gateway_healthy_afterwards(fuzz_client: FuzzClient, fuzz_gateway: Gatew
     log = fuzz_gateway.output()
     assert "Traceback" not in log, log[-4000:]
     assert " ERROR " not in log, log[-4000:]
-    print(fuzz_client.report())
     assert not fuzz_client.unexpected, fuzz_client.report()
