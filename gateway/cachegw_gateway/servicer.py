@@ -210,7 +210,7 @@ class CacheServicer:
         kc = self._policy.classify(key)
         check_value(value, kc.max_value_bytes, kc.name)
         if ttl_ms is not None:
-            check_ttl_ms(ttl_ms, self._max_ttl_ms)
+            check_ttl_ms(ttl_ms, self._max_ttl_ms, f"{where}ttl_ms")
         return kc
 
     @staticmethod

@@ -72,11 +72,11 @@ def check_keys(keys: Sequence[str], max_key_bytes: int, max_batch: int) -> None:
         check_key(key, max_key_bytes, f"keys[{i}]")
 
 
-def check_ttl_ms(ttl_ms: int, max_ttl_ms: int) -> None:
+def check_ttl_ms(ttl_ms: int, max_ttl_ms: int, field: str = "ttl_ms") -> None:
     if ttl_ms <= 0:
-        raise InvalidRequest(f"ttl_ms must be positive (got {ttl_ms}); omit it for the class TTL")
+        raise InvalidRequest(f"{field} must be positive (got {ttl_ms}); omit it for the class TTL")
     if ttl_ms > max_ttl_ms:
-        raise InvalidRequest(f"ttl_ms must be at most {max_ttl_ms} (got {ttl_ms})")
+        raise InvalidRequest(f"{field} must be at most {max_ttl_ms} (got {ttl_ms})")
 
 
 def check_value(value: bytes, limit: int, key_class: str) -> None:
