@@ -54,8 +54,8 @@ async def test_ttl_fields_at_their_limits(gw: RunningGateway) -> None:
     assert stored.outcome == pb.SET_OUTCOME_STORED and 0 < stored.ttl_ms <= MAX_TTL_MS
     touched = await s.Touch(pb.TouchRequest(key="k", ttl_ms=MAX_TTL_MS))
     assert touched.touched and 0 < touched.ttl_ms <= MAX_TTL_MS
-    ttl = await s.Ttl(pb.TtlRequest(key="k"))
-    assert ttl.exists and 0 < ttl.ttl_remaining_ms <= MAX_TTL_MS
+    left = await s.Ttl(pb.TtlRequest(key="k"))
+    assert left.exists and 0 < left.ttl_remaining_ms <= MAX_TTL_MS
 
 
 async def test_incr_at_the_int64_limits(gw: RunningGateway) -> None:
@@ -88,9 +88,10 @@ async def test_compare_and_set_versions_at_the_uint64_limit(gw: RunningGateway) 
 async def test_enums_out_of_range(gw: RunningGateway) -> None:
     s = gw.stub
     for condition in (3, -1, 2**31 - 1, -(2**31)):
-        await _invalid(s.Set(pb.SetRequest(key="e", value=b"v", condition=condition)), "condition")
+        request = pb.SetRequest(key="e", value=b"v", condition=condition)  # type: ignore[arg-type]
+        await _invalid(s.Set(request), "condition")
     for algorithm in (3, -1, 2**31 - 1):
-        limit = pb.RateLimit(rate=1, period_ms=1000, algorithm=algorithm)
+        limit = pb.RateLimit(rate=1, period_ms=1000, algorithm=algorithm)  # type: ignore[arg-type]
         await _invalid(s.Allow(pb.AllowRequest(key="e", limit=limit)), "limit.algorithm")
 
 
@@ -106,15 +107,22 @@ async def test_allow_limits_at_their_extremes(gw: RunningGateway) -> None:
         (pb.RateLimit(rate=1, period_ms=1000, burst=UINT64_MAX), 0, "limit.burst"),
         (pb.RateLimit(rate=1, period_ms=day, burst=10**9), 0, "limit.burst"),
         (pb.RateLimit(rate=5, period_ms=1000), UINT64_MAX, "cost"),
-        (pb.RateLimit(rate=5, period_ms=1000, algorithm=2), 6, "cost"),
+        (
+            pb.RateLimit(rate=5, period_ms=1000, algorithm=pb.RATE_ALGORITHM_SLIDING_WINDOW),
+            6,
+            "cost",
+        ),
     ]
     for limit, cost, field in refused:
         await _invalid(s.Allow(pb.AllowRequest(key="a", limit=limit, cost=cost)), field)
     accepted = [
         (pb.RateLimit(rate=10**9, period_ms=day, burst=10**9), 10**9),
-        (pb.RateLimit(rate=10**9, period_ms=day, algorithm=2), 10**9),
+        (
+            pb.RateLimit(rate=10**9, period_ms=day, algorithm=pb.RATE_ALGORITHM_SLIDING_WINDOW),
+            10**9,
+        ),
         (pb.RateLimit(rate=1, period_ms=1), 1),
-        (pb.RateLimit(rate=1, period_ms=1, algorithm=2), 1),
+        (pb.RateLimit(rate=1, period_ms=1, algorithm=pb.RATE_ALGORITHM_SLIDING_WINDOW), 1),
         (pb.RateLimit(rate=1000, period_ms=1), 1000),
     ]
     for i, (limit, cost) in enumerate(accepted):
