@@ -228,7 +228,7 @@ class CacheServicer:
         ttl_ms = request.ttl_ms if request.HasField("ttl_ms") else None
         tags = list(request.tags)
         kc = self._checked_write(request.key, request.value, ttl_ms, where)
-        check_tags(tags, self._max_key)
+        check_tags(tags, self._max_key, where)
         token: LeaseToken | None = None
         if request.lease_token:
             try:
