@@ -5,11 +5,13 @@ be healthy afterwards: health SERVING, a Set/Get round trip, the same process, n
 traceback in its log.
 
 FUZZ_EXAMPLES=<n> runs n examples per RPC and kind (`make fuzz`); the default keeps the
-module to seconds in `make test`. Examples are derandomized: a run is reproducible.
+module to seconds in `make test`. Examples are derandomized (a run is reproducible)
+unless FUZZ_RANDOM=1.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -27,7 +29,7 @@ from tests.fuzz.strategies import edgy_text, messages, wire_inputs
 LIVE = settings(
     max_examples=examples(12),
     deadline=None,
-    derandomize=True,
+    derandomize=not os.environ.get("FUZZ_RANDOM"),
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -50,6 +52,8 @@ OVERRIDES = {
         ]
     ),
     "resume": st.one_of(st.just(""), edgy_text(MAX_KEY_BYTES)),
+    # Tokens of the right size (forged), and of any size.
+    "lease_token": st.one_of(st.binary(min_size=28, max_size=28), st.binary(max_size=40)),
     "key": st.one_of(
         edgy_text(MAX_KEY_BYTES), st.sampled_from(["rl:a", "win:a", "rl:{}", "win:*"])
     ),
