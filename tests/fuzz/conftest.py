@@ -20,7 +20,10 @@ from tests.fuzz.harness import FuzzClient
 MAX_KEY_BYTES = 64  # small, so that keys past the limit are cheap to generate
 
 # Classes for every kind of key the RPCs treat differently: a default class, one with a
-# rate limit of each algorithm, one without L1.
+# rate limit of each algorithm, one without L1. Leases are short: a fuzzed Get takes
+# leases it never fills, and a later Get of the key (max_wait_ms up to 49 days) waits
+# until the lease ends or its deadline is near.
+LEASES = "lease_timeout_seconds = 0.2\nmax_wait_seconds = 0.5"
 CONFIG = f"""
 [server]
 max_key_bytes = {MAX_KEY_BYTES}
@@ -29,16 +32,19 @@ max_ttl_seconds = 86400
 
 [default_class]
 max_value_bytes = 1024
+{LEASES}
 
 [[classes]]
 name = "limited"
 patterns = ["rl:*"]
 rate_limit = {{ rate = 5, period_seconds = 1, burst = 3 }}
+{LEASES}
 
 [[classes]]
 name = "window"
 patterns = ["win:*"]
 l1 = false
+{LEASES}
 [classes.rate_limit]
 rate = 4
 period_seconds = 1
