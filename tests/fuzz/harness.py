@@ -56,15 +56,17 @@ class FuzzClient:
     timeout: float = 10.0
     seen: Counter[tuple[str, grpc.StatusCode]] = field(default_factory=Counter)
     unexpected: list[Outcome] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # calls from threads
 
     def _path(self, method: str) -> str:
         return f"/{SERVICE.full_name}/{method}"
 
     def _record(self, method: str, request: bytes, code: grpc.StatusCode, details: str) -> Outcome:
         out = Outcome(method, request, code, details)
-        self.seen[method, code] += 1
-        if code not in DOCUMENTED[method]:
-            self.unexpected.append(out)
+        with self._lock:
+            self.seen[method, code] += 1
+            if code not in DOCUMENTED[method]:
+                self.unexpected.append(out)
         return out
 
     def unary(self, method: str, request: bytes) -> Outcome:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from google.protobuf.message import Message
@@ -102,6 +103,28 @@ def test_mutated_and_random_bytes(
     events = data.draw(st.integers(1, 3), label="events")
     after_s = data.draw(st.sampled_from([0.0, 0.01, 0.05]), label="after_s")
     _check(fuzz_client, method, raw, events, after_s)
+
+
+@LIVE
+@given(data=st.data())
+def test_concurrent_bursts(fuzz_client: FuzzClient, data: st.DataObject) -> None:
+    """Up to 24 calls of any RPCs at once (Subscribe streams cancelled among them)."""
+    burst = data.draw(
+        st.lists(
+            st.sampled_from(ALL).flatmap(
+                lambda m: st.tuples(
+                    st.just(m), wire_inputs(request_class(m), MAX_KEY_BYTES, OVERRIDES)
+                )
+            ),
+            min_size=2,
+            max_size=24,
+        ),
+        label="burst",
+    )
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outs = list(pool.map(lambda c: fuzz_client.call(c[0], c[1], events=2, after_s=0.05), burst))
+    for out in outs:
+        assert out.code in DOCUMENTED[out.method], (out.method, out.code, out.details, out.request)
 
 
 def test_gateway_healthy_afterwards(fuzz_client: FuzzClient, fuzz_gateway: GatewayProcess) -> None:
