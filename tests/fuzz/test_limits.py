@@ -162,3 +162,18 @@ async def test_subscribe_since_past_a_stream_id(gw: RunningGateway) -> None:
     first = await asyncio.wait_for(stream.read(), 5)
     assert isinstance(first, pb.InvalidationEvent) and first.kind == pb.EVENT_KIND_RESET
     stream.cancel()
+
+
+async def test_very_long_tags_and_many_tags(gw: RunningGateway) -> None:
+    s = gw.stub
+    longest = "t" * 511 + "{"  # server.max_key_bytes (512) bytes
+    stored = await s.Set(pb.SetRequest(key="tagged", value=b"v", tags=[longest, "\x00*"]))
+    assert stored.outcome == pb.SET_OUTCOME_STORED
+    for tag in ("t" * 513, "é" * 257, "x" * 1_000_000):
+        await _invalid(s.Set(pb.SetRequest(key="k", value=b"v", tags=[tag])), "tags[0]")
+        await _invalid(s.Invalidate(pb.InvalidateRequest(tags=[tag])), "tags[0]")
+    many = [f"t{i}" for i in range(33)]
+    await _invalid(s.Set(pb.SetRequest(key="k", value=b"v", tags=many)), "tags has 33")
+    out = await s.Invalidate(pb.InvalidateRequest(tags=[longest]))
+    assert out.removed == 1
+    assert (await s.Get(pb.GetRequest(key="tagged"))).status == pb.STATUS_MISS
