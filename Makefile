@@ -13,7 +13,7 @@ ARGS ?=
 # (`make test-slow`, .ci/run), and `make test PYTEST_ARGS=` runs everything.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: run test test-slow setup redis postgres promtool h2load lint typecheck pytest bench chaos soak protos clean
+.PHONY: run test test-slow setup redis postgres promtool h2load lint typecheck pytest bench chaos soak fuzz protos clean
 
 # --embedded-redis: with no Redis URL (ARGS, $CACHEGW_REDIS_URL, a config file), a private
 # redis-server; cachegw serve refuses to start without a URL unless asked for one.
@@ -126,6 +126,14 @@ chaos: setup
 
 soak: setup
 	$(PY) benchmarks/soak.py $(ARGS)
+
+# A longer fuzz run than make test's (tests/fuzz): FUZZ_EXAMPLES examples per RPC and
+# kind against a served gateway, and per parser property; FUZZ_RANDOM=1 draws new
+# examples each run (hypothesis prints the seed of a failure) instead of the fixed ones.
+FUZZ_EXAMPLES ?= 500
+fuzz: setup
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/fuzz tests/cluster/test_cluster_odd_keys.py \
+	  -o timeout=3600 -q $(ARGS)
 
 protos: $(VENV)/.deps
 	$(PY) protos/generate.py

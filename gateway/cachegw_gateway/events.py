@@ -16,6 +16,7 @@ from cachegw.v1 import cache_pb2 as pb
 StreamId = tuple[int, int]
 
 _STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_MAX_PART = 2**64 - 1
 
 
 def parse_id(event_id: str) -> StreamId:
@@ -25,7 +26,12 @@ def parse_id(event_id: str) -> StreamId:
         raise ValueError(
             f"{event_id!r} is not an event id (expected <ms>-<seq>, e.g. 1700000000000-0)"
         )
-    return int(m.group(1)), int(m.group(2))
+    ms, seq = int(m.group(1)), int(m.group(2))
+    # Redis stream ids are two unsigned 64-bit integers: a larger part would reach Redis
+    # and come back as an error reply (UNAVAILABLE), not as the caller's mistake.
+    if ms > _MAX_PART or seq > _MAX_PART:
+        raise ValueError(f"{event_id!r} is not an event id (each part is at most {_MAX_PART})")
+    return ms, seq
 
 
 def format_id(stream_id: StreamId) -> str:

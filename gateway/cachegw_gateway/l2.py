@@ -357,6 +357,17 @@ def hash_tag(key: str) -> str:
     return "\\" + key if key[:1] in ("}", "\\") else key
 
 
+def key_of_tag(tag: str) -> str:
+    """The cache key whose `hash_tag` is `tag` (its inverse)."""
+    return tag[1:] if tag[:1] == "\\" else tag
+
+
+# The endings of the Redis keys made from one cache key (value, lease, counter, limiter):
+# nothing else under ``<p>:{`` ends so (the write-behind journal's ``{wb:...}:journal``,
+# ``:ver``, ``:dead``; a Cluster's ``{meta}:events``, ``{meta}:gens``).
+_KEY_ENDINGS = (b"}", b"}:lease", b"}:n", b"}:rl")
+
+
 def glob_escape(text: str) -> str:
     """`text` matched literally inside a Redis glob pattern."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
@@ -438,6 +449,7 @@ class RedisStore:
         self._on_close = on_close
         self.pubsub_client: Callable[[], aioredis.Redis] = pubsub_factory or (lambda: client)
         self.prefix = prefix
+        self._key_head = f"{prefix}:{{".encode()  # what every key's Redis keys start with
         self._set_script = Script(client, _SET_SCRIPT)
         self._delete_script = Script(client, _DELETE_SCRIPT)
         self._tag_chunk_script = Script(client, _TAG_CHUNK_SCRIPT)
@@ -784,8 +796,23 @@ class RedisStore:
         """`delete` without an event (Invalidate publishes one event for all it names)."""
         return (await self.delete(keys))[0]
 
+    def _key_starts(self, rkey: bytes, prefix: str) -> bool:
+        """Whether `rkey` is the value, lease, counter or limiter of a cache key starting
+        with `prefix`. The SCAN pattern also matches the gateway's own keys that share
+        the ``<p>:{`` shape (write-behind journals; a Cluster's events and generations):
+        Invalidate(prefixes=["wb"]) must not delete a journal of writes not yet stored."""
+        head = self._key_head
+        if not rkey.startswith(head):
+            return False
+        for ending in _KEY_ENDINGS:
+            if rkey.endswith(ending) and len(rkey) > len(head) + len(ending):
+                tag = rkey[len(head) : -len(ending)].decode(errors="surrogateescape")
+                return key_of_tag(tag).startswith(prefix)
+        return False
+
     async def delete_prefixes(self, prefixes: Sequence[str], batch: int = 1000) -> int:
-        """Delete every value (and lease) whose key starts with one of `prefixes`.
+        """Delete every value (and lease, counter, limiter) whose key starts with one of
+        `prefixes`.
 
         SCAN over the keyspace: O(keys in Redis), in batches, never blocking Redis."""
         removed = 0
@@ -794,6 +821,8 @@ class RedisStore:
                 match = f"{glob_escape(self.redis_key(prefix)[:-1])}*"
                 doomed: list[bytes] = []
                 async for rkey in self._client.scan_iter(match=match, count=batch):
+                    if not self._key_starts(rkey, prefix):
+                        continue
                     doomed.append(rkey)
                     if len(doomed) >= batch:
                         removed += await self._unlink_counting_values(doomed)

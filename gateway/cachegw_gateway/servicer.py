@@ -216,7 +216,7 @@ class CacheServicer:
         kc = self._policy.classify(key)
         check_value(value, kc.max_value_bytes, kc.name)
         if ttl_ms is not None:
-            check_ttl_ms(ttl_ms, self._max_ttl_ms)
+            check_ttl_ms(ttl_ms, self._max_ttl_ms, f"{where}ttl_ms")
         return kc
 
     @staticmethod
@@ -234,7 +234,7 @@ class CacheServicer:
         ttl_ms = request.ttl_ms if request.HasField("ttl_ms") else None
         tags = list(request.tags)
         kc = self._checked_write(request.key, request.value, ttl_ms, where)
-        check_tags(tags, self._max_key)
+        check_tags(tags, self._max_key, where)
         token: LeaseToken | None = None
         if request.lease_token:
             try:

@@ -72,11 +72,11 @@ def check_keys(keys: Sequence[str], max_key_bytes: int, max_batch: int) -> None:
         check_key(key, max_key_bytes, f"keys[{i}]")
 
 
-def check_ttl_ms(ttl_ms: int, max_ttl_ms: int) -> None:
+def check_ttl_ms(ttl_ms: int, max_ttl_ms: int, field: str = "ttl_ms") -> None:
     if ttl_ms <= 0:
-        raise InvalidRequest(f"ttl_ms must be positive (got {ttl_ms}); omit it for the class TTL")
+        raise InvalidRequest(f"{field} must be positive (got {ttl_ms}); omit it for the class TTL")
     if ttl_ms > max_ttl_ms:
-        raise InvalidRequest(f"ttl_ms must be at most {max_ttl_ms} (got {ttl_ms})")
+        raise InvalidRequest(f"{field} must be at most {max_ttl_ms} (got {ttl_ms})")
 
 
 def check_value(value: bytes, limit: int, key_class: str) -> None:
@@ -89,11 +89,12 @@ def check_value(value: bytes, limit: int, key_class: str) -> None:
 MAX_TAGS = 32
 
 
-def check_tags(tags: Sequence[str], max_tag_bytes: int) -> None:
+def check_tags(tags: Sequence[str], max_tag_bytes: int, where: str = "") -> None:
+    """`where` names the request part holding them (e.g. "entries[3].")."""
     if len(tags) > MAX_TAGS:
-        raise InvalidRequest(f"tags has {len(tags)} entries; at most {MAX_TAGS} per value")
+        raise InvalidRequest(f"{where}tags has {len(tags)} entries; at most {MAX_TAGS} per value")
     for i, tag in enumerate(tags):
-        check_key(tag, max_tag_bytes, f"tags[{i}]")
+        check_key(tag, max_tag_bytes, f"{where}tags[{i}]")
 
 
 def check_prefixes(prefixes: Sequence[str], max_key_bytes: int, max_batch: int) -> None:
