@@ -39,7 +39,6 @@ from cachegw_gateway.admission import Context, MethodHandler, Stream, Unary
 from cachegw_gateway.config import AuthConfig, ConfigError
 from cachegw_gateway.jwt_tokens import JwtRefused, JwtRules, VerifyKey, load_keys, looks_like_jwt
 from cachegw_gateway.jwt_tokens import verify as verify_jwt
-from cachegw_gateway.peer_identity import peer_identities
 from cachegw_gateway.principal import (
     METHOD_PERMISSIONS,
     CredentialError,
@@ -48,6 +47,7 @@ from cachegw_gateway.principal import (
     permission_names,
 )
 from cachegw_gateway.stats import GatewayStats
+from cachegw_gateway.tls import peer_identities
 from cachegw_gateway.tokens import MAX_TOKEN_CHARS, TokenTable, parse_tokens_bytes
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
-"""The verified client certificate's identities, as the tokens file's [[identities]] name them.
+"""The verified client certificate's identities, as the tokens file's [[identities]]
+name them; tls.py's `peer_identities(context)` reads them from a call (mTLS).
 
-A stand-in until tls.py's `peer_identities` lands (mTLS); auth.py imports this one name.
 gRPC puts what it verified in the call's auth context: the common name, and the subject
 alternative names by kind where it knows them (peer_uri, peer_dns, ...), else all SANs
 in one list (x509_subject_alternative_name).
@@ -9,8 +9,7 @@ in one list (x509_subject_alternative_name).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 _TYPED_SANS = (
     ("peer_uri", "URI:"),
@@ -20,7 +19,7 @@ _TYPED_SANS = (
 )
 
 
-def identities_of(auth_context: Mapping[str, Sequence[bytes]]) -> tuple[str, ...]:
+def identities_of(auth_context: Mapping[str, Iterable[bytes]]) -> tuple[str, ...]:
     """("URI:spiffe://...", "DNS:host", ..., "CN=name"): SANs first (the more specific),
     then the common name. Empty for a call without a verified client certificate."""
     out: list[str] = []
@@ -37,7 +36,8 @@ def identities_of(auth_context: Mapping[str, Sequence[bytes]]) -> tuple[str, ...
 
 
 def _text(value: bytes | str) -> str:
-    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    # backslashreplace: two different byte strings never become one name.
+    return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
 
 
 def _guess_kind(san: str) -> str:
@@ -49,8 +49,3 @@ def _guess_kind(san: str) -> str:
     except ValueError:
         pass
     return ("email:" if "@" in san else "DNS:") + san
-
-
-def peer_identities(context: Any) -> tuple[str, ...]:
-    """The identities of the call's verified client certificate (empty without mTLS)."""
-    return identities_of(context.auth_context())

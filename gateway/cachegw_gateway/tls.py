@@ -27,6 +27,7 @@ from typing import Protocol, cast
 import grpc
 
 from cachegw_gateway.config import ConfigError, ServerConfig
+from cachegw_gateway.peer_identity import identities_of
 
 log = logging.getLogger(__name__)
 
@@ -263,24 +264,14 @@ class _HasAuthContext(Protocol):
     def auth_context(self) -> Mapping[str, Iterable[bytes]]: ...
 
 
-IDENTITY_KEYS = ("x509_common_name", "x509_subject_alternative_name")
-
-
 def peer_identities(context: _HasAuthContext) -> tuple[str, ...]:
-    """The names of the call's verified client certificate: its common name, then its
-    subject alternative names (DNS, URI, email, IP, as gRPC lists them), without repeats;
-    () for a plaintext call or a TLS call without a client certificate.
+    """The identities of the call's verified client certificate, typed as the tokens
+    file's [[identities]] name them ("URI:spiffe://...", "DNS:host", ..., "CN=name":
+    peer_identity.py); () for a plaintext call or a TLS call without a client certificate.
 
     A certificate only reaches a call when the port requires client certificates
     (``server.tls_client_ca``): gRPC then has verified it against that CA."""
     auth = context.auth_context()
     if not auth or b"ssl" not in auth.get("transport_security_type", ()):
         return ()
-    names: list[str] = []
-    for key in IDENTITY_KEYS:
-        for raw in auth.get(key, ()):
-            # backslashreplace: two different byte strings never become one name.
-            name = raw.decode("utf-8", "backslashreplace")
-            if name and name not in names:
-                names.append(name)
-    return tuple(names)
+    return identities_of(auth)

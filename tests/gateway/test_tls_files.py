@@ -172,7 +172,14 @@ def test_peer_identities_from_an_auth_context() -> None:
         "x509_common_name": [b"orders"],
         "x509_subject_alternative_name": [b"orders.svc", b"orders", b"spiffe://x/\xff"],
     }
-    assert peer_identities(_Context(auth)) == ("orders", "orders.svc", "spiffe://x/\\xff")
+    # Typed as the tokens file names them: SANs (kind guessed when gRPC gives one list),
+    # then the common name.
+    assert peer_identities(_Context(auth)) == (
+        "DNS:orders.svc",
+        "DNS:orders",
+        "URI:spiffe://x/\\xff",
+        "CN=orders",
+    )
 
 
 class _Recorder(cache_pb2_grpc.CacheServiceServicer):
@@ -220,4 +227,4 @@ async def test_peer_identities_of_a_call(
     creds = grpc.ssl_channel_credentials(ca.pem, client.key, client.cert)
     await _get(f"127.0.0.1:{secure}", creds)
     await _get(f"127.0.0.1:{plain}", None)
-    assert recorder.seen == [("orders", "orders.svc", "spiffe://shop/orders"), ()]
+    assert recorder.seen == [("URI:spiffe://shop/orders", "DNS:orders.svc", "CN=orders"), ()]
