@@ -1,25 +1,23 @@
 """What TLS, mutual TLS and a bearer token cost an L1-hit Get, against plaintext.
 
-Run:  .venv/bin/python benchmarks/bench_tls.py [--rounds 5] [--seconds 2] [--token T]
+Run:  .venv/bin/python benchmarks/bench_tls.py [--rounds 9] [--seconds 2]
                                                 [--gateway-arg ARG ...]
 
-Three `cachegw serve` processes on one managed redis-server, the same config: one
-plaintext, one with TLS (`--tls-cert/--tls-key`), one with mutual TLS (`--tls-client-ca`
-too); certificates made here (ECDSA P-256, as tests/tlscerts.py makes them). One blocking
-`cachegw.Client` per case, its connection made before the warm-up, asks `get()` of one
-L1-hot key of 100 B in a loop (one call in flight: time per call). Cases, in interleaved
-rounds (the order rotates every round):
+Six `cachegw serve` processes on one managed redis-server, the same config: plaintext,
+TLS (`--tls-cert/--tls-key`) and mutual TLS (`--tls-client-ca` too), each once without
+auth and once with `--auth` and a tokens file (every call's token checked, and served
+from the token's tenant space: tenancy.py); certificates made here (ECDSA P-256, as
+tests/tlscerts.py makes them). One blocking `cachegw.Client` per case, its connection
+made before the warm-up, asks `get()` of one L1-hot key of 100 B in a loop (one call in
+flight: time per call). Cases, in interleaved rounds (the order rotates every round):
 
-- plaintext; plaintext+token (the `authorization` metadata on every call);
+- plaintext; plaintext+token (auth on: the cost of the token check on the hit path);
 - tls; tls+token; mtls (a client certificate too); mtls+token.
 
 With `--call-credentials`, bare generated stubs over TLS too: no token, the token as
 call metadata (what the clients do), and the token as gRPC call credentials (which grpc
-Python runs on a new thread per call).
-
-The token is `--token` (give a real one once the gateways check tokens: `--gateway-arg`
-passes flags, e.g. `--gateway-arg=--config=auth.toml`, to every gateway), else a
-placeholder that the gateway does not look at: then the figure is the cost of carrying it.
+Python runs on a new thread per call; these go to the TLS gateway without auth, which
+does not look at the token: the cost of carrying it).
 
 Aim (issue 12): an L1-hit Get with TLS and a token takes <= 1.2x the time of a plaintext
 one, measured in the same run (medians of per-round ratios). The table also shows each
@@ -30,6 +28,7 @@ machine shared with other work the times move with the scheduling, the CPU much 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import tempfile
@@ -66,9 +65,16 @@ CONFIG = """
 ttl_seconds = 3600
 l1_ttl_seconds = 3600
 """
-PLACEHOLDER_TOKEN = "bench-token-0123456789abcdef0123456789abcdef"
+TOKEN = "cgw_bench-token-0123456789abcdef0123456789abcdef"
+TOKENS = f"""
+[[tokens]]
+name = "bench"
+hash = "sha256:{hashlib.sha256(TOKEN.encode()).hexdigest()}"
+tenant = "bench"
+permissions = ["all"]
+"""
 AIMS = [
-    Aim("tls+token", "time per L1-hit Get, TLS + token / plaintext", "<=", 1.2),
+    Aim("tls+token", "time per L1-hit Get, TLS + checked token / plaintext", "<=", 1.2),
 ]
 
 
@@ -94,7 +100,7 @@ def start_gateway(
 
 def main(args: argparse.Namespace) -> int:
     budget = Budget(seconds=args.seconds, warmup_seconds=0.5)
-    token = args.token or PLACEHOLDER_TOKEN
+    token = TOKEN
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ca = CA()
@@ -106,18 +112,27 @@ def main(args: argparse.Namespace) -> int:
         mtls = TLSConfig(ca=ca_file, cert=client_cert, key=client_key)
         tls_flags = ["--tls-cert", str(cert), "--tls-key", str(key)]
         extra = list(args.gateway_arg)
+        tokens = work / "tokens.toml"
+        tokens.write_text(TOKENS)
+        auth = ["--auth", "--tokens-file", str(tokens)]
         redis = stack.enter_context(ManagedRedis())
-        plain_gw = start_gateway(stack, "plaintext", redis.url, work, extra, None)
         server_only = grpc.ssl_channel_credentials(ca.pem)
-        tls_gw = start_gateway(stack, "tls", redis.url, work, [*tls_flags, *extra], server_only)
-        mtls_gw = start_gateway(
-            stack,
-            "mtls",
-            redis.url,
-            work,
-            [*tls_flags, "--tls-client-ca", str(ca_file), *extra],
-            grpc.ssl_channel_credentials(ca.pem, client_key.read_bytes(), client_cert.read_bytes()),
+        mutual = grpc.ssl_channel_credentials(
+            ca.pem, client_key.read_bytes(), client_cert.read_bytes()
         )
+        mtls_flags = [*tls_flags, "--tls-client-ca", str(ca_file)]
+        gateways = {
+            name: start_gateway(stack, name, redis.url, work, [*flags, *extra], creds)
+            for name, flags, creds in [
+                ("plaintext", [], None),
+                ("plaintext-auth", auth, None),
+                ("tls", tls_flags, server_only),
+                ("tls-auth", [*tls_flags, *auth], server_only),
+                ("mtls", mtls_flags, mutual),
+                ("mtls-auth", [*mtls_flags, *auth], mutual),
+            ]
+        }
+        tls_gw = gateways["tls"]
 
         def client(gw: ServerProcess, settings: TLSConfig | None, with_token: bool) -> Client:
             made = Client(gw.address, tls=settings, token=token if with_token else None)
@@ -147,13 +162,17 @@ def main(args: argparse.Namespace) -> int:
             )
             return Case(name, lambda: measure_sync(get, budget, server_pid=tls_gw.pid))
 
+        def on(gw: str, settings: TLSConfig | None, with_token: bool) -> Case:
+            name = gw.replace("-auth", "+token")
+            return case(name, client(gateways[gw], settings, with_token), gateways[gw].pid)
+
         cases = [
-            case("plaintext", client(plain_gw, None, False), plain_gw.pid),
-            case("plaintext+token", client(plain_gw, None, True), plain_gw.pid),
-            case("tls", client(tls_gw, tls, False), tls_gw.pid),
-            case("tls+token", client(tls_gw, tls, True), tls_gw.pid),
-            case("mtls", client(mtls_gw, mtls, False), mtls_gw.pid),
-            case("mtls+token", client(mtls_gw, mtls, True), mtls_gw.pid),
+            on("plaintext", None, False),
+            on("plaintext-auth", None, True),
+            on("tls", tls, False),
+            on("tls-auth", tls, True),
+            on("mtls", mtls, False),
+            on("mtls-auth", mtls, True),
         ]
         if args.call_credentials:  # why the clients send the token as plain metadata
             call_creds = grpc.access_token_call_credentials(token)
@@ -206,8 +225,8 @@ def main(args: argparse.Namespace) -> int:
     print()
     print(
         f"L1-hit Get of 100 B, blocking Client, one call in flight, {args.rounds} interleaved "
-        f"rounds of {args.seconds:g} s; token: {'given' if args.token else 'placeholder'}; "
-        "client and gateways share this machine's cores"
+        f"rounds of {args.seconds:g} s; +token: a gateway with auth on checks it (tenant "
+        "space); client and gateways share this machine's cores"
     )
     print(
         render_table(
@@ -234,9 +253,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument(
-        "--token", default="", help="the bearer token to send (default: a placeholder)"
-    )
     parser.add_argument(
         "--call-credentials",
         action="store_true",
