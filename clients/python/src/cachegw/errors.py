@@ -7,6 +7,7 @@ client has no class for come back as a plain `CacheError`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import grpc
@@ -83,9 +84,13 @@ class OutOfRange(CacheError):
 
 
 class ResourceExhausted(CacheError):
-    """A limit on concurrency or size was reached."""
+    """A limit was reached: the gateway's calls in flight or Subscribe streams, an answer's
+    size, or a tenant's quota. Nothing was done. `retry_after_ms` is how long the gateway
+    asks the caller to wait before trying again (its ``retry-after-ms`` trailing
+    metadata), None when it named no delay (a size limit: retrying will not help)."""
 
     default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry_after_ms: int | None = None
 
 
 class Unavailable(CacheError):
@@ -148,7 +153,33 @@ def error_from_rpc(error: grpc.RpcError) -> CacheError:
     details = details_of() if callable(details_of) else None
     if not isinstance(details, str) or not details:
         details = _describe(code)
-    return _BY_CODE.get(code, CacheError)(details, code=code)
+    out = _BY_CODE.get(code, CacheError)(details, code=code)
+    if isinstance(out, ResourceExhausted):
+        out.retry_after_ms = _retry_after_ms(error)
+    return out
+
+
+RETRY_AFTER = "retry-after-ms"
+
+
+def _retry_after_ms(error: grpc.RpcError) -> int | None:
+    """The gateway's ``retry-after-ms`` trailing metadata, if it sent one. Only for a
+    finished sync call or an AioRpcError, whose trailers are already here (never waits)."""
+    trailing_of = getattr(error, "trailing_metadata", None)
+    if not callable(trailing_of):
+        return None
+    try:
+        trailing = trailing_of()
+    except Exception:  # a call object that has no trailers to give
+        return None
+    if not isinstance(trailing, Iterable) or isinstance(trailing, str | bytes):
+        return None  # e.g. an awaitable of a live aio call: not ours to wait on
+    for item in trailing:
+        key, value = item[0], item[1]
+        if key == RETRY_AFTER:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            return int(text) if text.isdigit() else None
+    return None
 
 
 def _describe(code: grpc.StatusCode) -> str:
