@@ -4,24 +4,18 @@
 a client certificate signed by it, and a second, unrelated CA (the "wrong CA"), as PEM
 files. `TlsRedis` is a `ManagedRedis` with a TLS port beside its plaintext one (the
 plaintext port is how ManagedRedis knows its child is up, and how tests look inside).
-(tests/tlscerts.py, another module, makes the gRPC port's certificates.)
+(tests/tlscerts.py makes the certificates, here and for the gRPC port.)
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from cachegw_gateway.managed_redis import ManagedRedis, free_port
+from tests.tlscerts import CA
 
 
 @dataclass(frozen=True)
@@ -34,114 +28,25 @@ class Pki:
     other_ca: Path  # signed nothing here: trusting only it must refuse the server
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-
-
-def _ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def _leaf(
-    cn: str,
-    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
-    *,
-    server: bool,
-    hosts: Sequence[str] = (),
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(ca[0].subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            # Redis uses its server certificate as a client too (replication, the
-            # cluster bus, Sentinel's links): both usages on the server's.
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                if server
-                else [ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-    )
-    if hosts:
-        names: list[x509.GeneralName] = []
-        for host in hosts:
-            try:
-                names.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                names.append(x509.DNSName(host))
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return builder.sign(ca[1], hashes.SHA256()), key
-
-
 def make_pki(directory: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost")) -> Pki:
-    """The PEM files of a CA, a server and a client certificate, and another CA."""
+    """The PEM files of a CA, a server and a client certificate, and another CA
+    (tests/tlscerts.py makes them)."""
     directory.mkdir(parents=True, exist_ok=True)
-    ca = _ca("cachegw test Redis CA")
-    other = _ca("cachegw unrelated CA")
-    server = _leaf("redis.test", ca, server=True, hosts=hosts)
-    client = _leaf("cachegw-gateway", ca, server=False)
-    pem = serialization.Encoding.PEM
+    ca, other = CA("cachegw test Redis CA"), CA("cachegw unrelated CA")
+    server_cert, server_key = ca.node("redis.test", hosts).write(directory, "server")
+    client_cert, client_key = ca.client("cachegw-gateway").write(directory, "client")
+    for key in (server_key, client_key):
+        key.chmod(0o600)
     pki = Pki(
         ca=directory / "ca.pem",
-        server_cert=directory / "server.pem",
-        server_key=directory / "server.key",
-        client_cert=directory / "client.pem",
-        client_key=directory / "client.key",
+        server_cert=server_cert,
+        server_key=server_key,
+        client_cert=client_cert,
+        client_key=client_key,
         other_ca=directory / "other-ca.pem",
     )
-    pki.ca.write_bytes(ca[0].public_bytes(pem))
-    pki.other_ca.write_bytes(other[0].public_bytes(pem))
-    pki.server_cert.write_bytes(server[0].public_bytes(pem))
-    _write_key(pki.server_key, server[1])
-    pki.client_cert.write_bytes(client[0].public_bytes(pem))
-    _write_key(pki.client_key, client[1])
+    pki.ca.write_bytes(ca.pem)
+    pki.other_ca.write_bytes(other.pem)
     return pki
 
 

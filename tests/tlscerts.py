@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,7 @@ class CA:
         self,
         common_name: str,
         sans: list[x509.GeneralName],
-        usage: x509.ObjectIdentifier,
+        usages: list[x509.ObjectIdentifier],
         *,
         expired: bool = False,
     ) -> Pair:
@@ -121,7 +122,7 @@ class CA:
             .not_valid_before(start)
             .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
                 critical=False,
@@ -136,7 +137,7 @@ class CA:
         """A server certificate for localhost, 127.0.0.1 and ::1."""
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in SERVER_NAMES]
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in SERVER_IPS]
-        return self._issue(common_name, sans, ExtendedKeyUsageOID.SERVER_AUTH, expired=expired)
+        return self._issue(common_name, sans, [ExtendedKeyUsageOID.SERVER_AUTH], expired=expired)
 
     def client(
         self,
@@ -149,4 +150,16 @@ class CA:
         """A client certificate: `common_name`, and these DNS and URI names (SANs)."""
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
         sans += [x509.UniformResourceIdentifier(u) for u in uris]
-        return self._issue(common_name, sans, ExtendedKeyUsageOID.CLIENT_AUTH, expired=expired)
+        return self._issue(common_name, sans, [ExtendedKeyUsageOID.CLIENT_AUTH], expired=expired)
+
+    def node(self, common_name: str, hosts: Sequence[str]) -> Pair:
+        """A certificate for a server that is a client too, for `hosts` (IPs or DNS
+        names): Redis uses its own for replication, the cluster bus and Sentinel's links."""
+        sans: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        return self._issue(common_name, sans, usages)

@@ -63,36 +63,34 @@ def fuzz_redis() -> Iterator[ManagedRedis]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def fuzz_gateway(
-    tmp_path_factory: pytest.TempPathFactory, fuzz_redis: ManagedRedis
+def serve_for_fuzzing(
+    folder: Path, config_text: str, redis_url: str, *flags: str
 ) -> Iterator[GatewayProcess]:
-    folder: Path = tmp_path_factory.mktemp("fuzzgw")
+    """A `cachegw serve` process with `config_text`, SERVING, stopped afterwards."""
     config = folder / "cachegw.toml"
-    config.write_text(CONFIG)
+    config.write_text(config_text)
     address = f"127.0.0.1:{free_port()}"
     log = folder / "gateway.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [
-                str(BIN / "cachegw"),
-                "serve",
-                "--listen",
-                address,
-                "--config",
-                str(config),
-                "--redis-url",
-                fuzz_redis.url,
-            ],
+            [str(BIN / "cachegw"), "serve", "--listen", address, "--config", str(config),
+             "--redis-url", redis_url, *flags],
             stdout=out,
             stderr=subprocess.STDOUT,
-        )
+        )  # fmt: skip
     gp = GatewayProcess(proc, address, log)
     try:
         wait_serving(address, alive=lambda: proc.poll() is None)
         yield gp
     finally:
         gp.stop(signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def fuzz_gateway(
+    tmp_path_factory: pytest.TempPathFactory, fuzz_redis: ManagedRedis
+) -> Iterator[GatewayProcess]:
+    yield from serve_for_fuzzing(tmp_path_factory.mktemp("fuzzgw"), CONFIG, fuzz_redis.url)
 
 
 @pytest.fixture(scope="module")

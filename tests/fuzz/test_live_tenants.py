@@ -8,18 +8,16 @@ run here with this module's gateway and client)."""
 from __future__ import annotations
 
 import hashlib
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from cachegw_gateway.managed_redis import ManagedRedis, free_port
-from tests.conftest import BIN, GatewayProcess, wait_serving
+from cachegw_gateway.managed_redis import ManagedRedis
+from tests.conftest import GatewayProcess
 from tests.fuzz import test_live as live
-from tests.fuzz.conftest import CONFIG
+from tests.fuzz.conftest import CONFIG, serve_for_fuzzing
 from tests.fuzz.harness import FuzzClient
 
 TOKEN = "cgw_fuzz-scoped-token"
@@ -50,23 +48,8 @@ def fuzz_gateway(
     folder: Path = tmp_path_factory.mktemp("fuzztenants")
     tokens = folder / "tokens.toml"
     tokens.write_text(TOKENS)
-    config = folder / "cachegw.toml"
-    config.write_text(CONFIG + TENANTS)
-    address = f"127.0.0.1:{free_port()}"
-    log = folder / "gateway.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "cachegw"), "serve", "--listen", address, "--config", str(config),
-             "--redis-url", fuzz_redis.url, "--tokens-file", str(tokens)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    gp = GatewayProcess(proc, address, log)
-    try:
-        wait_serving(address, alive=lambda: proc.poll() is None)
-        yield gp
-    finally:
-        gp.stop(signal.SIGTERM)
+    config = CONFIG + TENANTS
+    yield from serve_for_fuzzing(folder, config, fuzz_redis.url, "--tokens-file", str(tokens))
 
 
 @pytest.fixture(scope="module")
