@@ -572,46 +572,38 @@ def _layer_file(
             tables[top][key] = _coerce(f"{src}: {dotted}", item, allowed[key], text_ok=False)
             sources.origin[dotted] = src
 
-    entries = doc.get("classes", [])
+    return _array_of_tables(src, doc, "classes", _CLASS_KEYS)
+
+
+def _array_of_tables(
+    src: str, doc: Mapping[str, Any], name: str, keys: Mapping[str, str]
+) -> list[tuple[str, dict[str, object]]]:
+    """The entries of [[name]], each checked key by key and coerced; every one needs a
+    name. Returns (where, values) pairs."""
+    entries = doc.get(name, [])
     if isinstance(entries, dict):
-        raise ConfigError(f"{src}: classes must be an array of tables: write [[classes]]")
+        raise ConfigError(f"{src}: {name} must be an array of tables: write [[{name}]]")
     if not isinstance(entries, list):
-        raise ConfigError(f"{src}: classes must be an array of tables ([[classes]])")
-    classes: list[tuple[str, dict[str, object]]] = []
+        raise ConfigError(f"{src}: {name} must be an array of tables ([[{name}]])")
+    out: list[tuple[str, dict[str, object]]] = []
     for i, entry in enumerate(entries):
-        at = f"classes[{i}]"
+        at = f"{name}[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{src}: {at} must be a table (got {entry!r})")
         values: dict[str, object] = {}
         for key, item in entry.items():
-            if key not in _CLASS_KEYS:
-                raise _unknown(src, f"{at}.{key}", [f"{at}.{k}" for k in _CLASS_KEYS])
-            values[key] = _coerce(f"{src}: {at}.{key}", item, _CLASS_KEYS[key], text_ok=False)
+            if key not in keys:
+                raise _unknown(src, f"{at}.{key}", [f"{at}.{k}" for k in keys])
+            values[key] = _coerce(f"{src}: {at}.{key}", item, keys[key], text_ok=False)
         if "name" not in values:
             raise ConfigError(f"{src}: {at}.name is required")
-        classes.append((f"{src}: {at}", values))
-    return classes
+        out.append((f"{src}: {at}", values))
+    return out
 
 
 def _tenant_entries(src: str, doc: Mapping[str, Any]) -> list[TenantConfig]:
     """The [[tenant]] entries, checked and coerced."""
-    entries = doc.get("tenant", [])
-    if not isinstance(entries, list):
-        raise ConfigError(f"{src}: tenant must be an array of tables: write [[tenant]]")
-    out: list[TenantConfig] = []
-    for i, entry in enumerate(entries):
-        at = f"tenant[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{src}: {at} must be a table (got {entry!r})")
-        values: dict[str, object] = {}
-        for key, item in entry.items():
-            if key not in _TENANT_KEYS:
-                raise _unknown(src, f"{at}.{key}", [f"{at}.{k}" for k in _TENANT_KEYS])
-            values[key] = _coerce(f"{src}: {at}.{key}", item, _TENANT_KEYS[key], text_ok=False)
-        if "name" not in values:
-            raise ConfigError(f"{src}: {at}.name is required")
-        out.append(_make(TenantConfig, values))
-    return out
+    return [_make(TenantConfig, v) for _, v in _array_of_tables(src, doc, "tenant", _TENANT_KEYS)]
 
 
 def _layer_subtable(
