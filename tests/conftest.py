@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,6 +50,16 @@ async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
 def redis_server() -> Iterator[ManagedRedis]:
     with ManagedRedis() as server:
         yield server
+
+
+@pytest.fixture
+def dead_address() -> Iterator[str]:
+    """host:port where nothing listens, for the whole test: a bound socket that does not
+    listen holds the port (connections are refused), so no other process of a busy
+    machine can start a server there meanwhile, as a port merely found free could."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{held.getsockname()[1]}"
 
 
 @pytest.fixture

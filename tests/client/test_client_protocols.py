@@ -12,7 +12,6 @@ import time
 import pytest
 
 from cachegw import AsyncClient, Client, EventKind, NearCache, Status
-from cachegw_gateway.managed_redis import free_port
 from tests.conftest import GatewayFactory, RunningGateway, eventually
 
 
@@ -95,9 +94,9 @@ async def test_a_failing_loader_releases_the_lease_at_once(gateway: RunningGatew
 
 
 async def test_get_or_load_without_a_gateway_calls_the_loader(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, dead_address: str
 ) -> None:
-    address = f"127.0.0.1:{free_port()}"  # nothing listens here
+    address = dead_address
     caplog.set_level(logging.WARNING, logger="cachegw")
     async with AsyncClient(address, timeout=1) as client:
         assert await client.get_or_load("k", lambda: b"direct") == b"direct"

@@ -11,7 +11,7 @@ from rich.console import Console
 from cachegw import top
 from cachegw.v1 import cache_pb2 as pb
 from cachegw.v1 import cache_pb2_grpc
-from cachegw_gateway.managed_redis import ManagedRedis, free_port
+from cachegw_gateway.managed_redis import ManagedRedis
 from tests.conftest import BIN, GatewayFactory
 
 CLASSES = '[[classes]]\nname = "catalog"\npatterns = ["catalog:*"]\n'
@@ -29,9 +29,11 @@ def _poll(targets: list[str]) -> list[top.Reading]:
             channel.close()
 
 
-async def test_one_frame_shows_the_gateway(gateway_factory: GatewayFactory) -> None:
+async def test_one_frame_shows_the_gateway(
+    gateway_factory: GatewayFactory, dead_address: str
+) -> None:
     gw = await gateway_factory(CLASSES)
-    down = f"127.0.0.1:{free_port()}"  # nothing listens here
+    down = dead_address
     for i in range(4):
         await gw.stub.Set(pb.SetRequest(key=f"catalog:{i}", value=b"v"))
     view = top.TopView([gw.address, down])

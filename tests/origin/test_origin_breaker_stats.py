@@ -10,7 +10,6 @@ import urllib.request
 import grpc
 
 from cachegw.v1 import cache_pb2 as pb
-from cachegw_gateway.managed_redis import free_port
 from tests.conftest import GatewayFactory
 from tests.origin.flaky import Flaky, flaky
 
@@ -18,9 +17,9 @@ __all__ = ["flaky"]  # the fixture
 
 
 async def test_the_breaker_of_each_origin_is_in_stats_and_metrics(
-    gateway_factory: GatewayFactory, flaky: Flaky
+    gateway_factory: GatewayFactory, flaky: Flaky, dead_address: str
 ) -> None:
-    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    dead = dead_address
     gw = await gateway_factory(
         f"""
 [origin]
