@@ -1031,6 +1031,11 @@ def _check_tenants(w: Callable[[str], str], c: GatewayConfig) -> None:
         if getattr(t, key) < 0:
             raise ConfigError(f"{w(f'tenants.{key}')} must be >= 0 (got {getattr(t, key)})")
     _check_quota("tenants.", t.requests_per_second, t.burst, t.max_subscribers)
+    if len(c.tenant) > t.max_per_gateway:
+        raise ConfigError(
+            f"{len(c.tenant)} [[tenant]] entries, but tenants.max_per_gateway is "
+            f"{t.max_per_gateway}: every tenant named gets its key space at start; raise it"
+        )
     seen: set[str] = set()
     for i, e in enumerate(c.tenant):
         at = f"tenant[{i}]."

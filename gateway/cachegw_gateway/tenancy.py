@@ -152,7 +152,12 @@ class TenantRouter:
         )
         space.servicer.stats_source = self._stats_source(space)
         self._on_space(space)
-        await space.start()
+        try:
+            await space.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await space.close(0)  # its Redis connections and background tasks
+            raise
         rate, streams = self._quotas(name)
         tenant = Tenant(name, space, rate, streams)
         self._tenants[name] = tenant

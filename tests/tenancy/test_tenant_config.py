@@ -42,6 +42,10 @@ def test_quotas_default_and_per_tenant(tmp_path: Path) -> None:
         ("[tenants]\nmax_per_gateway = 0\n", "tenants.max_per_gateway must be > 0"),
         ("[tenants]\nmax_subscribers = -2\n", "max_subscribers must be >= 0"),
         ('[tenant]\nname = "a"\n', "tenant must be an array of tables"),
+        (
+            '[tenants]\nmax_per_gateway = 1\n[[tenant]]\nname = "a"\n[[tenant]]\nname = "b"\n',
+            "2 [[tenant]] entries, but tenants.max_per_gateway is 1",
+        ),
     ],
 )
 def test_bad_tenant_config_is_refused_with_what_to_fix(
