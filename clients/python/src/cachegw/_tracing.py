@@ -45,15 +45,23 @@ def _tracer() -> Tracer | None:
     return provider.get_tracer(INSTRUMENTATION_NAME)
 
 
+# opentelemetry.trace once imported (False: not installed); `recording` runs per get().
+_trace_api: Any = None
+
+
 def recording() -> bool:
     """Whether the caller is inside a sampled span of the application's trace: then its
     call goes out on its own, so that the trace shows it (auto-batching would send it in
     another caller's GetMany, under that caller's trace)."""
-    try:
-        from opentelemetry import trace
-    except ImportError:
-        return False
-    return trace.get_current_span().is_recording()
+    global _trace_api
+    api = _trace_api
+    if api is None:
+        try:
+            from opentelemetry import trace as api
+        except ImportError:
+            api = False
+        _trace_api = api
+    return bool(api) and bool(api.get_current_span().is_recording())
 
 
 def intercept(channel: grpc.Channel) -> grpc.Channel:
