@@ -69,8 +69,10 @@ def str_size(s: str) -> int:
 
 
 def group_charge(name: str) -> int:
-    """What a group with members is charged, with charge_overhead."""
-    return GROUP_OVERHEAD + allocated(str_size(name))
+    """What a group with members is charged, with charge_overhead: its record and its
+    name as allocated (sys.getsizeof: a shared one-character name may carry a UTF-8 copy
+    another test made; str_size is the size without one)."""
+    return GROUP_OVERHEAD + allocated(sys.getsizeof(name))
 
 
 class FrequencySketchModel:

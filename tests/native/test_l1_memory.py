@@ -86,9 +86,13 @@ def test_a_group_is_charged_its_record_and_its_name(name: str) -> None:
     (GROUP_OVERHEAD + the name string's allocation), for names of every str kind."""
     c = L1Cache(10, 1 << 30, charge_overhead=True)
     assert c.set("k", 1, 7, 60.0, (name,))
-    assert str_size(name) == sys.getsizeof(name)
-    assert group_charge(name) == GROUP_OVERHEAD + allocated(sys.getsizeof(name))
-    assert c.nbytes == 7 + ENTRY_OVERHEAD + MEMBERSHIP_OVERHEAD + group_charge(name)
+    # A one-character str is a shared singleton: another test (protobuf encoding it) may
+    # have given it a cached UTF-8 copy, which getsizeof, and the charge, count too.
+    utf8_copy = len(name.encode()) + 1
+    assert sys.getsizeof(name) in (str_size(name), str_size(name) + utf8_copy)
+    charge = GROUP_OVERHEAD + allocated(sys.getsizeof(name))
+    assert group_charge(name) == charge
+    assert c.nbytes == 7 + ENTRY_OVERHEAD + MEMBERSHIP_OVERHEAD + charge
     c.delete("k")
     assert c.nbytes == 0
 
