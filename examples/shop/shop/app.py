@@ -202,6 +202,9 @@ def create_app(
     async def bad_request(request: Request, exc: Exception) -> Response:
         return error(400, str(exc))
 
+    async def cache_unavailable(request: Request, exc: Exception) -> Response:
+        return error(503, f"the cache is unavailable: {type(exc).__name__}: {exc}")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await catalog.start()
@@ -227,6 +230,9 @@ def create_app(
             Route("/_stats", stats, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
         ],
-        exception_handlers={BadRequest: bad_request},
+        exception_handlers={
+            BadRequest: bad_request,
+            **dict.fromkeys(catalog.cache_errors, cache_unavailable),
+        },
         lifespan=lifespan,
     )

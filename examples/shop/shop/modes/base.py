@@ -42,6 +42,9 @@ class Catalog:
     """No cache: reads go to PostgreSQL; writes need no follow-up."""
 
     mode = "none"
+    # Exceptions that mean the cache is unreachable and that this mode lets fail a request
+    # (answered 503, not logged per request).
+    cache_errors: tuple[type[Exception], ...] = ()
 
     def __init__(self, db: Database) -> None:
         self.db = db

@@ -9,6 +9,9 @@
 - every write commits in PostgreSQL first, then invalidates (keys and tags) on every
   gateway at once; stock is an `invalidation = "events"` class, so its L1 copies go with
   the event. An invalidation the gateway could not take is kept and retried until it is;
+- hot values are also kept in the client's near cache (in this process, no network), which
+  the gateway's Subscribe stream keeps honest: every invalidation event evicts what it
+  names, and a dropped stream empties it;
 - when the gateway cannot be reached, each read is answered from PostgreSQL instead, so
   the API keeps working (more slowly) and says so in its counters.
 """
@@ -21,7 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cachegw import AsyncClient, Status
+from cachegw import AsyncClient, Entry, NearCache, Status
 from cachegw.errors import CacheError, DeadlineExceeded, ResourceExhausted, Unavailable
 from cachegw.serializers import JsonCodec, TypedCache
 from shop import keys
@@ -37,10 +40,13 @@ RETRY_INVALIDATIONS_EVERY = 0.2
 class GatewayCatalog(Catalog):
     mode = "cachegw"
 
-    def __init__(self, db: Database, target: str, *, timeout: float = 1.0) -> None:
+    def __init__(
+        self, db: Database, target: str, *, timeout: float = 1.0, near_ttl: float = 10.0
+    ) -> None:
         super().__init__(db)
         self.target = target
         self.timeout = timeout
+        self.near_ttl = near_ttl
         self.codec = JsonCodec(schema=keys.FORMAT)
         self._client: AsyncClient | None = None
         self._typed: TypedCache | None = None
@@ -49,7 +55,8 @@ class GatewayCatalog(Catalog):
         self._background: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
-        self._client = AsyncClient(self.target, timeout=self.timeout)
+        near = NearCache(max_entries=20_000, ttl=self.near_ttl) if self.near_ttl > 0 else None
+        self._client = AsyncClient(self.target, timeout=self.timeout, near_cache=near)
         self._typed = TypedCache(self._client, self.codec)
         self._retrier = asyncio.create_task(self._retry_invalidations())
 
@@ -79,18 +86,32 @@ class GatewayCatalog(Catalog):
 
     # -- read-through classes --------------------------------------------------------------
 
+    async def _lookup(self, key: str, *, lease: bool = False) -> tuple[Entry | None, bytes | None]:
+        """The near cache's copy (no entry), else the gateway's answer, which fills it."""
+        near = self.client.near_cache
+        if near is None:
+            return await self.client.lookup(key, lease=lease), None
+        value = near.get(key)
+        if value is not None:
+            return None, value
+        ticket = near.ticket()
+        entry = await self.client.lookup(key, lease=lease)
+        if entry.value is not None and not entry.lease_token:
+            near.fill(key, entry, ticket)
+        return entry, entry.value
+
     async def _through(self, key: str, load: Callable[[], Awaitable[Row | None]]) -> Row | None:
         for _ in range(2):
             try:
-                entry = await self.client.lookup(key)
+                entry, value = await self._lookup(key)
             except GATEWAY_DOWN as exc:
                 self._fallback(key, exc)
                 return await load()
-            if entry.status is Status.NOT_FOUND:
+            if entry is not None and entry.status is Status.NOT_FOUND:
                 return None
-            if entry.value is None:  # a MISS: the gateway could not load it in time
+            if value is None:  # a MISS: the gateway could not load it in time
                 return await load()
-            row = await self.typed.decode(key, entry.value)
+            row = await self.typed.decode(key, value)
             if row is not None:
                 self.db.counters.decode_failures = self.typed.decode_failures
                 return dict(row)
@@ -132,20 +153,21 @@ class GatewayCatalog(Catalog):
     ) -> Row:
         """The lease protocol of get_or_load, with tags taken from the loaded value."""
         try:
-            entry = await self.client.lookup(key, lease=True)
+            entry, value = await self._lookup(key, lease=True)
         except GATEWAY_DOWN as exc:
             self._fallback(key, exc)
             return await load()
-        if entry.value is not None:
-            page = await self.typed.decode(key, entry.value)
+        if value is not None:
+            page = await self.typed.decode(key, value)
             self.db.counters.decode_failures = self.typed.decode_failures
             if page is not None:
-                if entry.refresh and entry.lease_token:  # picked to refresh it early
+                if entry is not None and entry.refresh and entry.lease_token:  # refresh early
                     task = asyncio.create_task(self._fill(key, load, tags, entry.lease_token))
                     self._background.add(task)
                     task.add_done_callback(self._background.discard)
                 return dict(page)
             return await load()
+        assert entry is not None
         if entry.status is not Status.LEASED:  # waited for another loader in vain
             return await load()
         return await self._fill(key, load, tags, entry.lease_token)

@@ -24,6 +24,7 @@ TTL = 300
 
 class RedisCatalog(Catalog):
     mode = "redis"
+    cache_errors = (redis.RedisError,)
 
     def __init__(self, db: Database, redis_url: str) -> None:
         super().__init__(db)
