@@ -37,6 +37,7 @@ from shop.modes import MODES
 CATEGORIES = 20
 HOT_KEYS = 10
 EXPIRY_WINDOW = 5.0  # seconds after the mass expiry in which hot-key loads are counted
+BURST = 50  # concurrent reads of the hottest product sent as everything expires
 CLASSES = ["product", "catalog", "inventory", "pricing", "quote"]
 QUERIES = (
     "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
@@ -167,6 +168,7 @@ class ModeRun:
         self.api: subprocess.Popen[bytes] | None = None
         self.port = free_port()
         self.hot_result: int | None = None
+        self.burst_errors = 0
 
     def start(self) -> None:
         cmd = [
@@ -273,6 +275,7 @@ async def measure(
     await load
     if name == "mass expiry":
         hot_loads = run.hot_result
+        phase.errors += run.burst_errors
     q1, a1 = await stats.queries(), await stats.api()
     reads = sum(a1["reads"].values()) - sum(a0["reads"].values())
     loads = sum(a1["loads"].values()) - sum(a0["loads"].values())
@@ -304,8 +307,14 @@ async def run_mode(
             rows.append(await measure("steady", run, stats, work, http, args.steady, args.rate))
 
             async def expiry(before: dict[str, Any]) -> None:
-                await run.expire_everything()
                 base, since = await stats.api(), time.monotonic()
+                await run.expire_everything()
+                # A flash crowd on the hottest product as it expires, beside the load.
+                burst = [http.get(f"/products/{hot[0]}") for _ in range(BURST)]
+                answers = await asyncio.gather(*burst, return_exceptions=True)
+                run.burst_errors = sum(
+                    1 for a in answers if not isinstance(a, httpx.Response) or a.status_code != 200
+                )
                 await asyncio.sleep(EXPIRY_WINDOW)
                 after = await stats.api()
                 # Each of its own writes in the window rightly costs a product one reload.
