@@ -13,7 +13,7 @@ ARGS ?=
 # (`make test-slow`, .ci/run), and `make test PYTEST_ARGS=` runs everything.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: run test test-slow setup redis postgres promtool h2load lint typecheck pytest bench chaos soak fuzz protos clean
+.PHONY: run demo test test-slow setup redis postgres promtool h2load lint typecheck pytest bench chaos soak fuzz protos clean
 
 # --embedded-redis: with no Redis URL (ARGS, $CACHEGW_REDIS_URL, a config file), a private
 # redis-server; cachegw serve refuses to start without a URL unless asked for one.
@@ -22,16 +22,23 @@ run: setup
 
 test: setup promtool lint typecheck pytest
 
+# The shop example (examples/shop): the same load against no cache, redis-py cache-aside
+# and cachegw, and the table. ARGS="--products 20000 --rate 100" and so on; --help lists them.
+demo: setup
+	cd examples/shop && ../../$(PY) -m shop demo $(ARGS)
+
 setup: $(VENV)/.deps redis postgres $(VENV)/.native
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Dependencies: reinstalled when a requirements or project file changes.
-$(VENV)/.deps: $(VENV)/bin/python requirements-dev.txt pyproject.toml clients/python/pyproject.toml
+$(VENV)/.deps: $(VENV)/bin/python requirements-dev.txt pyproject.toml clients/python/pyproject.toml \
+		examples/shop/requirements.txt
 	$(PIP) install --upgrade pip
 	$(PIP) install -r requirements-dev.txt
-	$(PIP) install -e 'clients/python[top,tracing,postgres]'
+	$(PIP) install -e 'clients/python[top,tracing,postgres,serializers]'
+	$(PIP) install -r examples/shop/requirements.txt
 	touch $@
 
 # The Cython build: an editable install compiles native/ in place.

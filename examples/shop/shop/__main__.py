@@ -1,0 +1,3 @@
+from shop.server import main
+
+main()

@@ -1,0 +1,369 @@
+"""The catalog in PostgreSQL (asyncpg): schema, a fast seed (COPY) and every query the API
+makes. `Counters` counts what the database was asked for cacheable reads, so each mode's
+hit rate is measured the same way: one minus database loads over reads."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+SCHEMA = """
+CREATE SEQUENCE IF NOT EXISTS shop_versions START 2;
+CREATE SEQUENCE IF NOT EXISTS product_ids START 10000000;
+CREATE TABLE IF NOT EXISTS categories (id int PRIMARY KEY, name text NOT NULL);
+CREATE TABLE IF NOT EXISTS products (
+    id bigint PRIMARY KEY,
+    sku text NOT NULL UNIQUE,
+    name text NOT NULL,
+    description text NOT NULL,
+    category_id int NOT NULL REFERENCES categories (id),
+    version bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS products_category ON products (category_id, id);
+CREATE TABLE IF NOT EXISTS prices (
+    sku text PRIMARY KEY,
+    amount_cents int NOT NULL CHECK (amount_cents >= 0),
+    currency text NOT NULL DEFAULT 'EUR',
+    version bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS inventory (
+    sku text PRIMARY KEY,
+    quantity int NOT NULL CHECK (quantity >= 0),
+    version bigint NOT NULL
+);
+"""
+
+ADJECTIVES = [
+    "red",
+    "blue",
+    "green",
+    "small",
+    "large",
+    "smart",
+    "quiet",
+    "fast",
+    "light",
+    "heavy",
+    "steel",
+    "wooden",
+    "classic",
+    "compact",
+    "premium",
+    "vintage",
+    "modern",
+    "portable",
+    "folding",
+    "eco",
+]
+NOUNS = [
+    "kettle",
+    "lamp",
+    "chair",
+    "desk",
+    "mug",
+    "backpack",
+    "jacket",
+    "headphones",
+    "speaker",
+    "blender",
+    "drill",
+    "tent",
+    "bottle",
+    "notebook",
+    "pan",
+    "knife",
+    "watch",
+    "sofa",
+    "rug",
+    "bicycle",
+]
+CATEGORY_NAMES = [
+    "kitchen",
+    "lighting",
+    "furniture",
+    "office",
+    "outdoor",
+    "audio",
+    "tools",
+    "garden",
+    "sports",
+    "travel",
+    "books",
+    "toys",
+    "beauty",
+    "health",
+    "pets",
+    "baby",
+    "auto",
+    "music",
+    "games",
+    "fashion",
+]
+
+SORTS = {
+    "id": "p.id",
+    "price": "pr.amount_cents, p.id",
+    "-price": "pr.amount_cents DESC, p.id",
+    "name": "p.name, p.id",
+}
+
+PRODUCT_SQL = """
+SELECT p.id, p.sku, p.name, p.description, p.category_id, c.name AS category,
+       pr.amount_cents AS price_cents, pr.currency, p.version
+FROM products p JOIN categories c ON c.id = p.category_id
+LEFT JOIN prices pr ON pr.sku = p.sku
+WHERE p.id = ANY($1::bigint[])
+"""
+
+
+def sku_of(product_id: int) -> str:
+    return f"SKU-{product_id:08d}"
+
+
+@dataclass
+class Counters:
+    """Reads served and database loads, by kind; loads of each product id."""
+
+    reads: Counter[str] = field(default_factory=Counter)
+    loads: Counter[str] = field(default_factory=Counter)
+    product_loads: Counter[int] = field(default_factory=Counter)
+    fallbacks: int = 0  # cachegw mode: gateway unreachable, answered from the database
+    decode_failures: int = 0
+
+    def snapshot(self, product_ids: list[int]) -> dict[str, Any]:
+        return {
+            "reads": dict(self.reads),
+            "loads": dict(self.loads),
+            "product_loads": {str(i): self.product_loads.get(i, 0) for i in product_ids},
+            "fallbacks": self.fallbacks,
+            "decode_failures": self.decode_failures,
+        }
+
+
+class Database:
+    """Every statement of the shop; reads used by caches count their loads."""
+
+    def __init__(self, pool: asyncpg.Pool, counters: Counters) -> None:
+        self.pool = pool
+        self.counters = counters
+
+    # -- reads (cacheable) -------------------------------------------------------------
+
+    async def products(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        self.counters.loads["product"] += len(ids)
+        self.counters.product_loads.update(ids)
+        rows = await self.pool.fetch(PRODUCT_SQL, ids)
+        return {r["id"]: dict(r) for r in rows}
+
+    async def product(self, product_id: int) -> dict[str, Any] | None:
+        return (await self.products([product_id])).get(product_id)
+
+    async def listing(
+        self, category: int | None, q: str | None, sort: str, page: int, page_size: int
+    ) -> dict[str, Any]:
+        self.counters.loads["listing"] += 1
+        order = SORTS[sort]
+        rows = await self.pool.fetch(
+            "SELECT p.id, p.sku, p.name, p.category_id, pr.amount_cents AS price_cents, "
+            "p.version FROM products p JOIN prices pr ON pr.sku = p.sku "
+            "WHERE ($1::int IS NULL OR p.category_id = $1) "
+            "AND ($2::text IS NULL OR p.name ILIKE $2) "
+            f"ORDER BY {order} LIMIT $3 OFFSET $4",
+            category,
+            None if q is None else "%" + q.replace("%", r"\%").replace("_", r"\_") + "%",
+            page_size + 1,
+            (page - 1) * page_size,
+        )
+        items = [dict(r) for r in rows[:page_size]]
+        return {
+            "category": category,
+            "q": q,
+            "sort": sort,
+            "page": page,
+            "page_size": page_size,
+            "items": items,
+            "has_more": len(rows) > page_size,
+        }
+
+    async def prices(self, skus: list[str]) -> dict[str, dict[str, Any]]:
+        self.counters.loads["price"] += len(skus)
+        rows = await self.pool.fetch(
+            "SELECT sku, amount_cents, currency, version FROM prices WHERE sku = ANY($1::text[])",
+            skus,
+        )
+        return {r["sku"]: dict(r) for r in rows}
+
+    async def inventories(self, skus: list[str]) -> dict[str, dict[str, Any]]:
+        self.counters.loads["inventory"] += len(skus)
+        rows = await self.pool.fetch(
+            "SELECT sku, quantity, version FROM inventory WHERE sku = ANY($1::text[])", skus
+        )
+        return {r["sku"]: dict(r) for r in rows}
+
+    async def quote(self, items: list[tuple[str, int]], region: str) -> dict[str, Any]:
+        """The expensive one: prices of the basket and the average price of every
+        category it touches (a scan of thousands of rows), then discounts and shipping."""
+        self.counters.loads["quote"] += 1
+        row = await self.pool.fetchrow(
+            "WITH items AS (SELECT * FROM unnest($1::text[], $2::int[]) AS t(sku, qty)), "
+            "cats AS (SELECT DISTINCT p.category_id FROM products p JOIN items i "
+            "ON i.sku = p.sku) "
+            "SELECT (SELECT sum(pr.amount_cents::bigint * i.qty) FROM items i "
+            "        JOIN prices pr ON pr.sku = i.sku) AS subtotal, "
+            "       (SELECT count(*) FROM items i JOIN prices pr ON pr.sku = i.sku) AS lines, "
+            "       (SELECT avg(pr.amount_cents) FROM products p "
+            "        JOIN prices pr ON pr.sku = p.sku "
+            "        WHERE p.category_id IN (SELECT category_id FROM cats)) AS category_avg",
+            [s for s, _ in items],
+            [q for _, q in items],
+        )
+        subtotal = int(row["subtotal"] or 0)
+        average = float(row["category_avg"] or 0)
+        discount = round(subtotal * 0.05) if subtotal > 4 * average * len(items) else 0
+        shipping = {"eu": 499, "us": 899, "asia": 1299}.get(region, 1999)
+        shipping = 0 if subtotal - discount > 10000 else shipping
+        return {
+            "items": [{"sku": s, "qty": q} for s, q in items],
+            "region": region,
+            "lines": int(row["lines"]),
+            "subtotal_cents": subtotal,
+            "discount_cents": discount,
+            "shipping_cents": shipping,
+            "total_cents": subtotal - discount + shipping,
+        }
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def create_product(
+        self, data: dict[str, Any], product_id: int | None = None
+    ) -> dict[str, Any] | None:
+        """The new product; None when `product_id` is taken."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if product_id is None:
+                product_id = int(await conn.fetchval("SELECT nextval('product_ids')"))
+            sku = sku_of(product_id)
+            done = await conn.fetchval(
+                "INSERT INTO products (id, sku, name, description, category_id, version) "
+                "VALUES ($1, $2, $3, $4, $5, nextval('shop_versions')) "
+                "ON CONFLICT DO NOTHING RETURNING true",
+                product_id,
+                sku,
+                data["name"],
+                data.get("description", ""),
+                data["category_id"],
+            )
+            if not done:
+                return None
+            await conn.execute(
+                "INSERT INTO prices (sku, amount_cents, version) "
+                "VALUES ($1, $2, nextval('shop_versions'))",
+                sku,
+                data["price_cents"],
+            )
+            await conn.execute(
+                "INSERT INTO inventory (sku, quantity, version) "
+                "VALUES ($1, $2, nextval('shop_versions'))",
+                sku,
+                data.get("quantity", 0),
+            )
+            row = await conn.fetchrow(PRODUCT_SQL, [product_id])
+        return dict(row)
+
+    async def update_product(
+        self, product_id: int, data: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(before, after), or None when there is no such product."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            before = await conn.fetchrow(PRODUCT_SQL + " FOR UPDATE OF p", [product_id])
+            if before is None:
+                return None
+            await conn.execute(
+                "UPDATE products SET name = $2, description = $3, category_id = $4, "
+                "version = nextval('shop_versions') WHERE id = $1",
+                product_id,
+                data.get("name", before["name"]),
+                data.get("description", before["description"]),
+                data.get("category_id", before["category_id"]),
+            )
+            if "price_cents" in data:
+                await conn.execute(
+                    "UPDATE prices SET amount_cents = $2, version = nextval('shop_versions') "
+                    "WHERE sku = $1",
+                    before["sku"],
+                    data["price_cents"],
+                )
+            after = await conn.fetchrow(PRODUCT_SQL, [product_id])
+        return dict(before), dict(after)
+
+    async def delete_product(self, product_id: int) -> dict[str, Any] | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            before = await conn.fetchrow(PRODUCT_SQL + " FOR UPDATE OF p", [product_id])
+            if before is None:
+                return None
+            await conn.execute("DELETE FROM products WHERE id = $1", product_id)
+            await conn.execute("DELETE FROM prices WHERE sku = $1", before["sku"])
+            await conn.execute("DELETE FROM inventory WHERE sku = $1", before["sku"])
+        return dict(before)
+
+    async def set_inventory(self, sku: str, quantity: int) -> dict[str, Any] | None:
+        row = await self.pool.fetchrow(
+            "UPDATE inventory SET quantity = $2, version = nextval('shop_versions') "
+            "WHERE sku = $1 RETURNING sku, quantity, version",
+            sku,
+            quantity,
+        )
+        return None if row is None else dict(row)
+
+
+async def create_schema(conn: asyncpg.Connection) -> None:
+    await conn.execute(SCHEMA)
+
+
+async def seed(
+    conn: asyncpg.Connection, products: int, categories: int = 20, seed: int = 1
+) -> None:
+    """Categories, `products` products with prices and stock, loaded with COPY (100k
+    products take a few seconds). Replaces what the tables held."""
+    rng = random.Random(seed)
+    await conn.execute("TRUNCATE products, prices, inventory, categories")
+    await conn.copy_records_to_table(
+        "categories",
+        records=[
+            (i, CATEGORY_NAMES[(i - 1) % len(CATEGORY_NAMES)] + f"-{i}")
+            for i in range(1, categories + 1)
+        ],
+        columns=["id", "name"],
+    )
+    rows = []
+    for i in range(1, products + 1):
+        name = f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {i}"
+        rows.append(
+            (
+                i,
+                sku_of(i),
+                name,
+                f"The {name}: " + "well made. " * 12,
+                rng.randint(1, categories),
+                1,
+            )
+        )
+    await conn.copy_records_to_table(
+        "products",
+        records=rows,
+        columns=["id", "sku", "name", "description", "category_id", "version"],
+    )
+    await conn.copy_records_to_table(
+        "prices",
+        records=[(sku_of(i), rng.randint(199, 99999), "EUR", 1) for i in range(1, products + 1)],
+        columns=["sku", "amount_cents", "currency", "version"],
+    )
+    await conn.copy_records_to_table(
+        "inventory",
+        records=[(sku_of(i), rng.randint(0, 500), 1) for i in range(1, products + 1)],
+        columns=["sku", "quantity", "version"],
+    )
+    await conn.execute("ANALYZE")

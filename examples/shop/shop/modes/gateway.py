@@ -1,0 +1,259 @@
+"""Through cachegw, as the gateway is meant to be used:
+
+- product details, prices and stock are read-through classes: the app just asks; on a
+  miss the gateway loads from this app's origin (shop.origin), once across every caller
+  and gateway, and caches "no such product" for 30 s (negative caching);
+- listing pages and quotes are cache-aside under the gateway's lease (one caller loads,
+  the others wait for its value); each page is tagged with its category and with every
+  product it shows, so a product change evicts exactly the pages it can alter;
+- every write commits in PostgreSQL first, then invalidates (keys and tags) on every
+  gateway at once; stock is an `invalidation = "events"` class, so its L1 copies go with
+  the event. An invalidation the gateway could not take is kept and retried until it is;
+- hot values are also kept in the client's near cache (in this process, no network), which
+  the gateway's Subscribe stream keeps honest: every invalidation event evicts what it
+  names, and a dropped stream empties it;
+- when the gateway cannot be reached, each read is answered from PostgreSQL instead, so
+  the API keeps working (more slowly) and says so in its counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cachegw import AsyncClient, Entry, NearCache, Status
+from cachegw.errors import CacheError, DeadlineExceeded, ResourceExhausted, Unavailable
+from cachegw.serializers import JsonCodec, TypedCache
+from shop import keys
+from shop.db import Database, sku_of
+from shop.modes.base import Catalog, ListingQuery, QuoteInput, Row
+
+log = logging.getLogger("shop.cachegw")
+
+GATEWAY_DOWN = (Unavailable, DeadlineExceeded, ResourceExhausted)
+RETRY_INVALIDATIONS_EVERY = 0.2
+
+
+class GatewayCatalog(Catalog):
+    mode = "cachegw"
+
+    def __init__(
+        self, db: Database, target: str, *, timeout: float = 1.0, near_ttl: float = 10.0
+    ) -> None:
+        super().__init__(db)
+        self.target = target
+        self.timeout = timeout
+        self.near_ttl = near_ttl
+        self.codec = JsonCodec(schema=keys.FORMAT)
+        self._client: AsyncClient | None = None
+        self._typed: TypedCache | None = None
+        self._pending: list[tuple[list[str], list[str]]] = []  # invalidations to retry
+        self._retrier: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        near = NearCache(max_entries=20_000, ttl=self.near_ttl) if self.near_ttl > 0 else None
+        self._client = AsyncClient(self.target, timeout=self.timeout, near_cache=near)
+        self._typed = TypedCache(self._client, self.codec)
+        self._retrier = asyncio.create_task(self._retry_invalidations())
+
+    async def close(self) -> None:
+        if self._retrier is not None:
+            self._retrier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retrier
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
+        if self._client is not None:
+            await self._client.close()
+
+    @property
+    def client(self) -> AsyncClient:
+        assert self._client is not None, "start() first"
+        return self._client
+
+    @property
+    def typed(self) -> TypedCache:
+        assert self._typed is not None, "start() first"
+        return self._typed
+
+    def _fallback(self, what: str, exc: CacheError) -> None:
+        self.db.counters.fallbacks += 1
+        log.debug("gateway unreachable (%s): %s from PostgreSQL", exc, what)
+
+    # -- read-through classes --------------------------------------------------------------
+
+    async def _lookup(self, key: str, *, lease: bool = False) -> tuple[Entry | None, bytes | None]:
+        """The near cache's copy (no entry), else the gateway's answer, which fills it."""
+        near = self.client.near_cache
+        if near is None:
+            return await self.client.lookup(key, lease=lease), None
+        value = near.get(key)
+        if value is not None:
+            return None, value
+        ticket = near.ticket()
+        entry = await self.client.lookup(key, lease=lease)
+        if entry.value is not None and not entry.lease_token:
+            near.fill(key, entry, ticket)
+        return entry, entry.value
+
+    async def _through(self, key: str, load: Callable[[], Awaitable[Row | None]]) -> Row | None:
+        for _ in range(2):
+            try:
+                entry, value = await self._lookup(key)
+            except GATEWAY_DOWN as exc:
+                self._fallback(key, exc)
+                return await load()
+            if entry is not None and entry.status is Status.NOT_FOUND:
+                return None
+            if value is None:  # a MISS: the gateway could not load it in time
+                return await load()
+            row = await self.typed.decode(key, value)
+            if row is not None:
+                self.db.counters.decode_failures = self.typed.decode_failures
+                return dict(row)
+            self.db.counters.decode_failures = self.typed.decode_failures
+        return await load()
+
+    async def product(self, product_id: int) -> Row | None:
+        return await self._through(
+            keys.product_key(id=product_id), lambda: super(GatewayCatalog, self).product(product_id)
+        )
+
+    async def price(self, sku: str) -> Row | None:
+        return await self._through(
+            keys.price_key(sku=sku), lambda: super(GatewayCatalog, self).price(sku)
+        )
+
+    async def inventory(self, sku: str) -> Row | None:
+        return await self._through(
+            keys.inventory_key(sku=sku), lambda: super(GatewayCatalog, self).inventory(sku)
+        )
+
+    # -- cache-aside under the gateway's lease ----------------------------------------------
+
+    async def listing(self, query: ListingQuery) -> Row:
+        key = keys.listing_key.key(query.params())
+
+        def tags(page: Row) -> list[str]:
+            return [keys.category_tag(query.category)] + [
+                keys.product_tag(item["id"]) for item in page["items"]
+            ]
+
+        result: Row = await self._leased(
+            key, lambda: super(GatewayCatalog, self).listing(query), tags
+        )
+        return result
+
+    async def _leased(
+        self, key: str, load: Callable[[], Awaitable[Row]], tags: Callable[[Row], list[str]]
+    ) -> Row:
+        """The lease protocol of get_or_load, with tags taken from the loaded value."""
+        try:
+            entry, value = await self._lookup(key, lease=True)
+        except GATEWAY_DOWN as exc:
+            self._fallback(key, exc)
+            return await load()
+        if value is not None:
+            page = await self.typed.decode(key, value)
+            self.db.counters.decode_failures = self.typed.decode_failures
+            if page is not None:
+                if entry is not None and entry.refresh and entry.lease_token:  # refresh early
+                    task = asyncio.create_task(self._fill(key, load, tags, entry.lease_token))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+                return dict(page)
+            return await load()
+        assert entry is not None
+        if entry.status is not Status.LEASED:  # waited for another loader in vain
+            return await load()
+        return await self._fill(key, load, tags, entry.lease_token)
+
+    async def _fill(
+        self,
+        key: str,
+        load: Callable[[], Awaitable[Row]],
+        tags: Callable[[Row], list[str]],
+        token: bytes,
+    ) -> Row:
+        try:
+            value = await load()
+        except BaseException:
+            with contextlib.suppress(CacheError):
+                await self.client.release_lease(key, token)
+            raise
+        try:
+            stored = await self.client.set(
+                key, self.codec.dumps(value), tags=tags(value), lease_token=token
+            )
+            if not stored.stored:  # invalidated meanwhile: the value may be old, keep it out
+                await self.client.release_lease(key, token)
+        except CacheError as exc:
+            log.debug("could not store %r: %s", key, exc)
+        return value
+
+    async def quote(self, quote: QuoteInput) -> Row:
+        key = keys.quote_key.key(quote.params())
+        try:
+            result: Row = await self.typed.get_or_load(
+                key, lambda: super(GatewayCatalog, self).quote(quote)
+            )
+        except GATEWAY_DOWN as exc:
+            self._fallback(key, exc)
+            return await super().quote(quote)
+        finally:
+            self.db.counters.decode_failures = self.typed.decode_failures
+        return result
+
+    # -- writes: invalidate everywhere, retried until the gateway takes it --------------------
+
+    async def product_written(self, before: Row | None, after: Row | None) -> None:
+        row = after or before
+        assert row is not None
+        product_id = row["id"]
+        names = [
+            keys.product_key(id=product_id),
+            keys.price_key(sku=row["sku"]),
+            keys.inventory_key(sku=sku_of(product_id)),
+        ]
+        tags = [keys.product_tag(product_id)]
+        # Pages that do not show it yet may have to: a new product, a new name, price or
+        # category can move it onto any page of its categories.
+        moved = (
+            before is None
+            or after is None
+            or any(before[f] != after[f] for f in ("name", "price_cents", "category_id"))
+        )
+        if moved:
+            tags += [keys.category_tag(None)] + [
+                keys.category_tag(r["category_id"]) for r in (before, after) if r is not None
+            ]
+        await self._invalidate(names, sorted(set(tags)))
+
+    async def inventory_written(self, sku: str) -> None:
+        await self._invalidate([keys.inventory_key(sku=sku)], [])
+
+    async def _invalidate(self, names: list[str], tags: list[str]) -> None:
+        try:
+            await self.client.invalidate(names, tags=tags)
+        except CacheError as exc:
+            if not self._pending:  # once per outage, not once per write
+                log.warning("invalidations kept for retry until the gateway takes them: %s", exc)
+            self._pending.append((names, tags))
+
+    async def _retry_invalidations(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_INVALIDATIONS_EVERY)
+            while self._pending:
+                names, tags = self._pending[0]
+                try:
+                    await self.client.invalidate(names, tags=tags)
+                except CacheError:
+                    break
+                self._pending.pop(0)
+
+    def stats(self) -> dict[str, Any]:
+        return {"pending_invalidations": len(self._pending)}

@@ -1,0 +1,218 @@
+"""The shop example against a real PostgreSQL, in each mode: every endpoint answers the
+same; in the cachegw mode product changes evict the listing pages they alter, missing
+products are remembered, stock changes reach another gateway's readers, a value that no
+longer decodes is a miss, and an unreachable gateway leaves the API answering from the
+database."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from cachegw import AsyncClient
+from cachegw_gateway.managed_redis import free_port
+from shop import keys
+from shop.modes.gateway import GatewayCatalog
+from tests.shop.conftest import Shop, ShopFactory
+
+MODES = ["none", "redis", "cachegw"]
+
+
+async def get(shop: Shop, path: str, status: int = 200, **params: Any) -> Any:
+    r = await shop.http.get(path, params=params)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+async def send(shop: Shop, method: str, path: str, body: Any, status: int = 200) -> Any:
+    r = await shop.http.request(method, path, json=body)
+    assert r.status_code == status, r.text
+    return r.json() if r.content else None
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_every_endpoint(make_shop: ShopFactory, mode: str) -> None:
+    shop = await make_shop(mode)
+    first = await get(shop, "/products/7")
+    assert first["id"] == 7 and first["sku"] == "SKU-00000007" and first["price_cents"] > 0
+    assert await get(shop, "/products/7") == first
+    await get(shop, "/products/999999", 404)
+    await get(shop, "/products/999999", 404)
+
+    page = await get(shop, "/products", category=first["category_id"], sort="price", page_size=5)
+    prices = [item["price_cents"] for item in page["items"]]
+    assert prices == sorted(prices) and 0 < len(prices) <= 5
+    assert all(item["category_id"] == first["category_id"] for item in page["items"])
+    assert (
+        await get(shop, "/products", category=first["category_id"], sort="price", page_size=5)
+        == page
+    )
+    word = first["name"].split()[1]
+    found = await get(shop, "/products", q=word, page_size=100)
+    assert 7 in [item["id"] for item in found["items"]]
+    assert all(word in item["name"] for item in found["items"])
+    assert (await get(shop, "/products", page=2, page_size=10))["items"][0]["id"] == 11
+
+    price = await get(shop, "/price/SKU-00000007")
+    assert price["amount_cents"] == first["price_cents"]
+    await get(shop, "/price/SKU-99999999", 404)
+    stock = await get(shop, "/inventory/SKU-00000007")
+    changed = await send(
+        shop, "PUT", "/inventory/SKU-00000007", {"quantity": stock["quantity"] + 1}
+    )
+    assert changed["version"] > stock["version"]
+    assert (await get(shop, "/inventory/SKU-00000007"))["quantity"] == stock["quantity"] + 1
+
+    updated = await send(
+        shop, "PUT", "/products/7", {"name": "renamed kettle", "price_cents": 1234}
+    )
+    assert updated["version"] > first["version"]
+    assert (await get(shop, "/products/7"))["name"] == "renamed kettle"
+    assert (await get(shop, "/price/SKU-00000007"))["amount_cents"] == 1234
+
+    created = await send(
+        shop, "POST", "/products", {"name": "new lamp", "category_id": 2, "price_cents": 500}, 201
+    )
+    assert (await get(shop, f"/products/{created['id']}"))["name"] == "new lamp"
+    await send(shop, "DELETE", f"/products/{created['id']}", None, 204)
+    await get(shop, f"/products/{created['id']}", 404)
+    await send(shop, "DELETE", f"/products/{created['id']}", None, 404)
+
+    body = {"items": [{"sku": "SKU-00000007", "qty": 2}, {"sku": "SKU-00000009", "qty": 1}]}
+    quote = await send(shop, "POST", "/quote", body)
+    assert (
+        quote["subtotal_cents"]
+        == 2 * 1234 + (await get(shop, "/price/SKU-00000009"))["amount_cents"]
+    )
+    assert await send(shop, "POST", "/quote", body) == quote
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_bad_requests_are_400s(make_shop: ShopFactory, mode: str) -> None:
+    shop = await make_shop(mode, seed=False)
+    assert (await get(shop, "/products", 400, sort="random"))["error"].startswith("sort must be")
+    await get(shop, "/products", 400, page_size=0)
+    await get(shop, "/products", 400, category="x")
+    await send(shop, "PUT", "/products/7", {"colour": "red"}, 400)
+    await send(shop, "PUT", "/products/7", {"quantity": 3}, 400)
+    await send(shop, "POST", "/products", {"name": "x", "category_id": 999, "price_cents": 1}, 400)
+    await send(shop, "PUT", "/inventory/SKU-00000007", {"quantity": -1}, 400)
+    await send(shop, "POST", "/quote", {"items": []}, 400)
+    r = await shop.http.post("/quote", content=b"{not json")
+    assert r.status_code == 400
+
+
+async def test_a_product_change_evicts_the_listing_pages_that_show_it(
+    make_shop: ShopFactory,
+) -> None:
+    shop = await make_shop("cachegw")
+    product = await get(shop, "/products/7")
+    category = product["category_id"]
+    other = next(c for c in range(1, 21) if c != category)
+    by_price = {"category": category, "sort": "price", "page_size": 100}
+    pages = [by_price, {"category": category}, {}, {"category": other}]
+    before = [await get(shop, "/products", **p) for p in pages]
+    loads = shop.loads.loads["listing"]
+    assert [await get(shop, "/products", **p) for p in pages] == before  # all cached
+    assert shop.loads.loads["listing"] == loads
+
+    # A description changes: only the pages that show product 7 are loaded again.
+    await send(shop, "PUT", "/products/7", {"description": "now in blue"})
+    after = [await get(shop, "/products", **p) for p in pages]
+    assert shop.loads.loads["listing"] == loads + 3  # not the other category's page
+    assert after[3] == before[3]
+    for page in after[:3]:
+        (row,) = [i for i in page["items"] if i["id"] == 7]
+        assert row["version"] > product["version"]
+
+    # A price change can move it onto other pages of its category: they all go.
+    loads = shop.loads.loads["listing"]
+    await send(shop, "PUT", "/products/7", {"price_cents": 1})
+    cheapest = await get(shop, "/products", **by_price)
+    assert cheapest["items"][0]["id"] == 7
+    # A new product shows up in its category's listings at once.
+    created = await send(
+        shop, "POST", "/products", {"name": "new", "category_id": other, "price_cents": 2}, 201
+    )
+    assert created["id"] in [
+        i["id"] for i in (await get(shop, "/products", category=other))["items"]
+    ]
+    await send(shop, "DELETE", f"/products/{created['id']}", None, 204)
+    assert created["id"] not in [
+        i["id"] for i in (await get(shop, "/products", category=other))["items"]
+    ]
+    assert shop.loads.loads["listing"] > loads
+
+
+async def test_missing_products_are_remembered_until_created(make_shop: ShopFactory) -> None:
+    shop = await make_shop("cachegw")
+    for _ in range(3):
+        await get(shop, "/products/5000", 404)
+    assert shop.loads.product_loads[5000] == 1  # negative caching
+    await send(
+        shop,
+        "POST",
+        "/products/5000",
+        {"name": "late arrival", "category_id": 1, "price_cents": 9},
+        201,
+    )
+    assert (await get(shop, "/products/5000"))["name"] == "late arrival"
+    await send(
+        shop, "POST", "/products/5000", {"name": "again", "category_id": 1, "price_cents": 9}, 409
+    )
+
+
+async def test_stock_changes_reach_every_gateways_readers(make_shop: ShopFactory) -> None:
+    writer = await make_shop("cachegw")
+    reader = await make_shop("cachegw", seed=False)  # another gateway, the same Redis
+    sku = "/inventory/SKU-00000003"
+    old = await get(reader, sku)
+    assert await get(reader, sku) == old  # now in the reader's gateway L1
+    await send(writer, "PUT", sku, {"quantity": old["quantity"] + 5})
+    deadline = time.monotonic() + 1.5  # under the class's 2 s L1 TTL: the event must do it
+    while (await get(reader, sku))["quantity"] != old["quantity"] + 5:
+        assert time.monotonic() < deadline, "the stock change did not reach the other gateway"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("mode", ["redis", "cachegw"])
+async def test_a_value_that_no_longer_decodes_is_a_miss(make_shop: ShopFactory, mode: str) -> None:
+    shop = await make_shop(mode)
+    listing_key = keys.listing_key(category=3, q=None, sort="id", page=1, page_size=20)
+    product_key = keys.product_key(id=4)
+    if mode == "redis":
+        import redis.asyncio as aioredis
+
+        from shop.modes.rediscache import RedisCatalog
+
+        assert isinstance(shop.catalog, RedisCatalog)
+        r: aioredis.Redis = shop.catalog.redis
+        await r.set(listing_key, b"\x00 written by an older release")
+        await r.set(product_key, b'{"id": 4}')
+    else:
+        async with AsyncClient(shop.gateway) as cache:
+            await cache.set(listing_key, b"\x00 written by an older release")
+            await cache.set(product_key, b'{"id": 4}')
+    page = await get(shop, "/products", category=3)
+    assert all(item["category_id"] == 3 for item in page["items"]) and page["items"]
+    assert (await get(shop, "/products/4"))["sku"] == "SKU-00000004"
+    assert shop.loads.decode_failures == 2
+    assert await get(shop, "/products", category=3) == page  # cached again, and good
+    assert shop.loads.decode_failures == 2
+
+
+async def test_an_unreachable_gateway_leaves_the_database(make_shop: ShopFactory) -> None:
+    shop = await make_shop("cachegw", gateway=f"127.0.0.1:{free_port()}")
+    assert (await get(shop, "/products/7"))["id"] == 7
+    await get(shop, "/products/999999", 404)
+    assert (await get(shop, "/products", category=2))["items"]
+    assert (await get(shop, "/price/SKU-00000007"))["sku"] == "SKU-00000007"
+    await send(shop, "PUT", "/inventory/SKU-00000007", {"quantity": 3})
+    assert (await get(shop, "/inventory/SKU-00000007"))["quantity"] == 3
+    assert await send(shop, "POST", "/quote", {"items": [{"sku": "SKU-00000001", "qty": 1}]})
+    assert shop.loads.fallbacks == 5  # the quote's get_or_load falls back in the client
+    assert isinstance(shop.catalog, GatewayCatalog)
+    assert shop.catalog.stats()["pending_invalidations"] == 1  # kept, to retry
