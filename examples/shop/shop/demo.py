@@ -244,6 +244,24 @@ class ModeRun:
         await asyncio.to_thread(self.redis.start)
 
 
+async def wait_warm(http: httpx.AsyncClient, limit: float = 600.0) -> None:
+    """The cachegw API rebuilds the catalog in the gateway from its origin at start (a
+    Warmup by prefix, resumed until done): wait for it, and say how long it took."""
+    print("== cachegw: warm start (the whole catalog, by Warmup from the origin)", flush=True)
+    deadline = time.monotonic() + limit
+    while True:
+        r = await http.get("/_stats", params={"ids": ""})
+        r.raise_for_status()
+        warm = r.json().get("warm", {})
+        if warm.get("done"):
+            print(f"   done: {warm}", flush=True)
+            return
+        if time.monotonic() > deadline:
+            print(f"   not done after {limit:g} s, going on: {warm}", flush=True)
+            return
+        await asyncio.sleep(1.0)
+
+
 async def prewarm(http: httpx.AsyncClient, ids: list[int], concurrency: int = 16) -> None:
     queue = iter(ids)
 
@@ -299,6 +317,8 @@ async def run_mode(
         ) as http:
             await run.wait_ready(http)
             stats = Stats(conn, http, hot)
+            if mode == "cachegw":
+                await wait_warm(http)
             print(f"== {mode}: reading the {args.prewarm} most popular products", flush=True)
             await prewarm(http, work.products.hottest(args.prewarm))
             print(f"== {mode}: warming up for {args.warmup:g} s", flush=True)
