@@ -1,7 +1,7 @@
 """Warmup from the origin (rebuild.py) against the example origin over PostgreSQL: keys,
 prefixes (the origin's List, paged) and the hot set are loaded from the origin when Redis
 lacks them, at a rate shared by every gateway, resumably; and against the misbehaving
-origin for the faults."""
+origin for the faults; and the client's `rebuild()`, which calls it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import grpc
 import pytest
 import redis
 
+from cachegw import AsyncClient, Client, InvalidArgument, RebuildProgress
 from cachegw.v1 import cache_pb2 as pb
 from cachegw.v1 import cache_pb2_grpc
 from cachegw_gateway.writes import SetItem
@@ -331,3 +332,31 @@ async def test_a_flushed_cache_is_rebuilt_by_two_gateways_even_when_one_is_kille
         assert redis_client.exists(f"cg:{{item:b:{i:04}}}")
     # Each key loaded once, but those of gw1's batch in flight when it died.
     assert len(pg_origin.calls("Load")) - loads <= n // 100 + 2
+
+
+async def test_the_clients_rebuild_calls_warmup_by_prefix(
+    gateway_factory: GatewayFactory, pg_origin: OriginProcess, db: asyncpg.Connection
+) -> None:
+    for i in range(6):
+        await put_row(db, f"item:c:{i}", b"v")
+    gw = await gateway_factory(toml(pg_origin.address, batch=4))
+    async with AsyncClient(gw.address) as client:
+        got = await client.rebuild(prefixes=["item:c:"], timeout=10)
+        assert (got.done, got.resume, got.listed, got.origin_loaded, got.error) == (
+            True,
+            "",
+            6,
+            6,
+            "",
+        )
+        with pytest.raises(InvalidArgument, match="keys, prefixes or hot_keys"):
+            await client.rebuild()
+        with pytest.raises(TypeError, match="resume"):
+            await client.rebuild(prefixes=["item:c:"], resume=None)  # type: ignore[arg-type]
+
+    def sync() -> RebuildProgress:
+        with Client(gw.address) as client:
+            return client.rebuild(["item:c:0", "item:c:none"], timeout=10)
+
+    again = await asyncio.to_thread(sync)  # Redis holds item:c:0 now
+    assert (again.done, again.loaded, again.origin_loaded, again.not_found) == (True, 1, 0, 1)

@@ -1,8 +1,9 @@
 """The shop example against a real PostgreSQL, in each mode: every endpoint answers the
 same; in the cachegw mode product changes evict the listing pages they alter, missing
 products are remembered, stock changes reach another gateway's readers, a value that no
-longer decodes is a miss, and an unreachable gateway leaves the API answering from the
-database."""
+longer decodes is a miss, an unreachable gateway leaves the API answering from the
+database, and a warm start rebuilds the catalog in the gateway through the origin's
+listing."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import pytest
 from cachegw import AsyncClient
 from cachegw_gateway.managed_redis import free_port
 from shop import keys
+from shop.db import sku_of
 from shop.modes.gateway import GatewayCatalog
-from tests.shop.conftest import Shop, ShopFactory
+from shop.origin import ShopOrigin
+from tests.shop.conftest import PRODUCTS, Shop, ShopFactory
 
 MODES = ["none", "redis", "cachegw"]
 
@@ -216,3 +219,49 @@ async def test_an_unreachable_gateway_leaves_the_database(make_shop: ShopFactory
     assert shop.loads.fallbacks == 5  # the quote's get_or_load falls back in the client
     assert isinstance(shop.catalog, GatewayCatalog)
     assert shop.catalog.stats()["pending_invalidations"] == 1  # kept, to retry
+
+
+async def test_the_origin_lists_every_product_price_and_stock_key(make_shop: ShopFactory) -> None:
+    shop = await make_shop("none")
+    origin = ShopOrigin(shop.db)
+    listed: list[str] = []
+    token = ""
+    for _ in range(50):  # 600 keys in pages of 70: 9 pages and the family changes
+        page, token = await origin.list_keys("", 70, token)
+        assert len(page) <= 70
+        listed += page
+        if not token:
+            break
+    assert not token
+    ids = range(1, PRODUCTS + 1)
+    assert listed == [keys.product_key(id=i) for i in ids] + [
+        keys.price_key(sku=sku_of(i)) for i in ids
+    ] + [keys.inventory_key(sku=sku_of(i)) for i in ids]
+    # A prefix narrows it to one family, or to the keys of some ids within it.
+    assert (await origin.list_keys("price:", 0, ""))[0] == listed[PRODUCTS : 2 * PRODUCTS]
+    assert (await origin.list_keys(keys.product_key(id=1), 0, ""))[0] == [
+        keys.product_key(id=i) for i in [1, *range(10, 20), *range(100, 200)]
+    ]
+    assert await origin.list_keys(keys.product_key(id=1) + "x", 0, "") == ([], "")
+    assert await origin.list_keys("quote:", 0, "") == ([], "")
+    with pytest.raises(ValueError, match="page token"):
+        await origin.list_keys("", 0, "9:x")
+
+
+async def test_a_warm_start_rebuilds_the_catalog_in_the_gateway(make_shop: ShopFactory) -> None:
+    shop = await make_shop("cachegw")
+    catalog = shop.catalog
+    assert isinstance(catalog, GatewayCatalog)
+    await asyncio.wait_for(catalog.warm_catalog(), 30)
+    state = catalog.warm_state
+    assert state["done"] and state["origin_loaded"] == 3 * PRODUCTS, state
+    loads = dict(shop.loads.loads)
+    for i in (1, 77, PRODUCTS):
+        await get(shop, f"/products/{i}")
+        await get(shop, f"/price/{sku_of(i)}")
+        await get(shop, f"/inventory/{sku_of(i)}")
+    assert dict(shop.loads.loads) == loads  # every read a hit: nothing loaded
+    # Again: Redis holds it all, so nothing is loaded from the origin.
+    await asyncio.wait_for(catalog.warm_catalog(), 30)
+    assert catalog.warm_state["origin_loaded"] == 0
+    assert catalog.warm_state["loaded"] == 3 * PRODUCTS

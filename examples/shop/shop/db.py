@@ -236,6 +236,33 @@ class Database:
             "total_cents": subtotal - discount + shipping,
         }
 
+    # -- listing keys (the origin's List, for the gateway's warm rebuild) -----------------
+
+    async def product_ids(self, digits: str, after: int, limit: int) -> list[int]:
+        """Up to `limit` product ids above `after` whose decimal form starts with
+        `digits`, in order."""
+        rows = await self.pool.fetch(
+            "SELECT id FROM products WHERE id > $1 AND ($2 = '' OR id::text LIKE $2 || '%') "
+            "ORDER BY id LIMIT $3",
+            after,
+            digits,
+            limit,
+        )
+        return [r["id"] for r in rows]
+
+    async def skus(self, table: str, start: str, after: str, limit: int) -> list[str]:
+        """Up to `limit` skus of `table` (prices or inventory) above `after` starting
+        with `start`, in order."""
+        assert table in ("prices", "inventory")
+        pattern = start.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_") + "%"
+        rows = await self.pool.fetch(
+            f"SELECT sku FROM {table} WHERE sku > $1 AND sku LIKE $2 ORDER BY sku LIMIT $3",
+            after,
+            pattern,
+            limit,
+        )
+        return [r["sku"] for r in rows]
+
     # -- writes ------------------------------------------------------------------------
 
     async def create_product(

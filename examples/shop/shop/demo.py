@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "once through the API, in every mode alike",
     )
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds, not measured")
+    parser.add_argument(
+        "--no-warm-start",
+        dest="warm_start",
+        action="store_false",
+        help="cachegw mode: no warm start (the API's Warmup of the catalog from its origin)",
+    )
     parser.add_argument("--steady", type=float, default=30.0, help="seconds")
     parser.add_argument("--expiry", type=float, default=20.0, help="seconds")
     parser.add_argument("--outage", type=float, default=10.0, help="seconds Redis is down")
@@ -196,6 +202,8 @@ class ModeRun:
             origin = f"127.0.0.1:{free_port()}"
             self.gateway = services.GatewayProcess(self.redis.url, origin)
             cmd += ["--gateway", self.gateway.address, "--origin-listen", origin]
+            if not self.args.warm_start:
+                cmd.append("--no-warm")
         env = {**os.environ, "PYTHONPATH": str(services.HERE)}
         self.api = subprocess.Popen(cmd, env=env)
 
@@ -242,6 +250,24 @@ class ModeRun:
         await asyncio.to_thread(self.redis.stop)
         await asyncio.sleep(seconds)
         await asyncio.to_thread(self.redis.start)
+
+
+async def wait_warm(http: httpx.AsyncClient, limit: float = 600.0) -> None:
+    """The cachegw API rebuilds the catalog in the gateway from its origin at start (a
+    Warmup by prefix, resumed until done): wait for it, and say how long it took."""
+    print("== cachegw: warm start (the whole catalog, by Warmup from the origin)", flush=True)
+    deadline = time.monotonic() + limit
+    while True:
+        r = await http.get("/_stats", params={"ids": ""})
+        r.raise_for_status()
+        warm = r.json().get("warm", {})
+        if warm.get("done"):
+            print(f"   done: {warm}", flush=True)
+            return
+        if time.monotonic() > deadline:
+            print(f"   not done after {limit:g} s, going on: {warm}", flush=True)
+            return
+        await asyncio.sleep(1.0)
 
 
 async def prewarm(http: httpx.AsyncClient, ids: list[int], concurrency: int = 16) -> None:
@@ -299,6 +325,8 @@ async def run_mode(
         ) as http:
             await run.wait_ready(http)
             stats = Stats(conn, http, hot)
+            if mode == "cachegw" and args.warm_start:
+                await wait_warm(http)
             print(f"== {mode}: reading the {args.prewarm} most popular products", flush=True)
             await prewarm(http, work.products.hottest(args.prewarm))
             print(f"== {mode}: warming up for {args.warmup:g} s", flush=True)

@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="127.0.0.1:0",
         help="cachegw mode: where the shop serves the gateway's loads",
     )
+    parser.add_argument(
+        "--no-warm",
+        dest="warm",
+        action="store_false",
+        help="cachegw mode: do not rebuild the catalog in the gateway from the origin at start",
+    )
     parser.add_argument("--listen", default="127.0.0.1:8000", help="HTTP host:port")
     parser.add_argument("--pool-size", type=int, default=20, help="PostgreSQL connections")
     parser.add_argument("--log-level", default="WARNING")
@@ -73,7 +79,7 @@ async def run(args: argparse.Namespace) -> None:
                 gateway = services.GatewayProcess(redis.url, address)
                 stack.callback(gateway.stop)
                 target = gateway.address
-            catalog = GatewayCatalog(db, target)
+            catalog = GatewayCatalog(db, target, warm=args.warm)
         host, _, http_port = args.listen.rpartition(":")
         app = create_app(catalog)
         config = uvicorn.Config(

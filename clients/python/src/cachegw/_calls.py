@@ -23,6 +23,7 @@ from cachegw.models import (
     Event,
     EventKind,
     InvalidateResult,
+    RebuildProgress,
     SetOutcome,
     SetResult,
     Status,
@@ -229,6 +230,24 @@ def warmup(
     return Call(request, _warmed)
 
 
+def rebuild(
+    keys: Iterable[str], prefixes: Iterable[str], hot_keys: bool, resume: str
+) -> Call[pb.WarmupRequest, pb.WarmupResponse, RebuildProgress]:
+    if not isinstance(resume, str):
+        raise TypeError(
+            f"resume must be the str an earlier answer gave, not {type(resume).__name__}"
+        )
+    request = pb.WarmupRequest(
+        keys=_keys(keys, "keys"),
+        prefixes=_keys(prefixes, "prefixes"),
+        hot_keys=hot_keys,
+        resume=resume,
+    )
+    if not (request.keys or request.prefixes or request.hot_keys):
+        raise InvalidArgument("rebuild needs keys, prefixes or hot_keys")
+    return Call(request, _rebuilt)
+
+
 # --- counters and TTLs ------------------------------------------------------------------
 
 
@@ -392,6 +411,22 @@ def _touched(response: pb.TouchResponse) -> bool:
 
 def _ttl_left(response: pb.TtlResponse) -> float | None:
     return response.ttl_remaining_ms / 1000 if response.exists else None
+
+
+def _rebuilt(response: pb.WarmupResponse) -> RebuildProgress:
+    return RebuildProgress(
+        done=response.done,
+        resume=response.resume,
+        loaded=response.loaded,
+        origin_loaded=response.origin_loaded,
+        not_found=response.not_found,
+        listed=response.listed,
+        skipped=response.skipped,
+        missing=response.missing,
+        failed=response.failed,
+        error=response.error,
+        retry_after_ms=response.retry_after_ms,
+    )
 
 
 def _warmed(response: pb.WarmupResponse) -> tuple[int, int, int]:

@@ -24,7 +24,14 @@ from cachegw._protocol import Load, NearCacheKeeper, Rpc, Step, Steps
 from cachegw._security import TLSConfig, TokenSource
 from cachegw.client import DEFAULT_TARGET
 from cachegw.errors import CacheError, error_from_rpc
-from cachegw.models import AllowResult, Entry, Event, InvalidateResult, SetResult
+from cachegw.models import (
+    AllowResult,
+    Entry,
+    Event,
+    InvalidateResult,
+    RebuildProgress,
+    SetResult,
+)
 from cachegw.near import NearCache
 from cachegw.v1 import cache_pb2_grpc
 
@@ -307,6 +314,23 @@ class AsyncClient:
         """Load keys (and the recorded hot keys) into the gateway's L1, and store entries;
         returns (loaded, missing, stored)."""
         call = _calls.warmup(keys, entries, hot_keys)
+        return await self._call(self._stub.Warmup, call, timeout)
+
+    async def rebuild(
+        self,
+        keys: Iterable[str] = (),
+        *,
+        prefixes: Iterable[str] = (),
+        hot_keys: bool = False,
+        resume: str = "",
+        timeout: Timeout = DEFAULT,  # noqa: ASYNC109
+    ) -> RebuildProgress:
+        """Rebuild from the origins (Warmup): load what Redis lacks of `keys`, of the keys
+        the origins list under `prefixes` and (with `hot_keys`) of the recorded hot set,
+        in batches at the origin's warm rate. One call goes as far as its deadline
+        allows: while the answer is not `done`, call again with its `resume` (loading is
+        idempotent)."""
+        call = _calls.rebuild(keys, prefixes, hot_keys, resume)
         return await self._call(self._stub.Warmup, call, timeout)
 
     async def subscribe(

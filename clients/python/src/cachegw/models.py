@@ -11,6 +11,7 @@ __all__ = [
     "Event",
     "EventKind",
     "InvalidateResult",
+    "RebuildProgress",
     "SetOutcome",
     "SetResult",
     "Status",
@@ -130,6 +131,33 @@ class InvalidateResult:
     """Stored keys removed (a class-wide invalidation counts 0: it is O(1))."""
     event_id: str
     """The published event's id; `subscribe(since=...)` resumes after it."""
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildProgress:
+    """What one `rebuild` call (Warmup from the origins) went through."""
+
+    done: bool
+    """Everything asked was gone through; else call again with `resume`."""
+    resume: str
+    """Where to carry on (pass it back with the same request) when not done."""
+    loaded: int
+    """Keys Redis already held fresh (copied into L1, not loaded again)."""
+    origin_loaded: int
+    """Keys loaded from their origin and stored."""
+    not_found: int
+    """Keys their origin does not have."""
+    listed: int
+    """Keys the origins listed for the prefixes."""
+    skipped: int
+    """Keys another caller was loading at the time (left to it)."""
+    missing: int
+    """Keys of classes without an origin that Redis does not hold."""
+    failed: int
+    """Keys that failed (`error` says why)."""
+    error: str
+    retry_after_ms: int
+    """When the rate stopped the call: how long until its tokens come."""
 
 
 class EventKind(enum.Enum):

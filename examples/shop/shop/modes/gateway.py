@@ -13,7 +13,10 @@
   the gateway's Subscribe stream keeps honest: every invalidation event evicts what it
   names, and a dropped stream empties it;
 - when the gateway cannot be reached, each read is answered from PostgreSQL instead, so
-  the API keeps working (more slowly) and says so in its counters.
+  the API keeps working (more slowly) and says so in its counters;
+- with `warm`, at start the whole catalog (products, prices, stock) is rebuilt from the
+  origin by the gateway's Warmup (the origin lists the keys; the gateway loads what Redis
+  lacks in batches, at its warm rate), resumed until done: no cold start.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,13 +39,23 @@ log = logging.getLogger("shop.cachegw")
 
 GATEWAY_DOWN = (Unavailable, DeadlineExceeded, ResourceExhausted)
 RETRY_INVALIDATIONS_EVERY = 0.2
+# The keys a warm start rebuilds: every product, price and stock record.
+WARM_PREFIXES = ("product:v1:", "price:v1:", "inventory:v1:")
+WARM_CALL_SECONDS = 30.0  # one Warmup call's deadline (the gateway stops before it)
+WARM_RETRY_SECONDS = 1.0  # after a failure (the gateway or the origin unreachable)
 
 
 class GatewayCatalog(Catalog):
     mode = "cachegw"
 
     def __init__(
-        self, db: Database, target: str, *, timeout: float = 1.0, near_ttl: float = 10.0
+        self,
+        db: Database,
+        target: str,
+        *,
+        timeout: float = 1.0,
+        near_ttl: float = 10.0,
+        warm: bool = False,
     ) -> None:
         super().__init__(db)
         self.target = target
@@ -53,14 +67,53 @@ class GatewayCatalog(Catalog):
         self._pending: list[tuple[list[str], list[str]]] = []  # invalidations to retry
         self._retrier: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self.warm = warm
+        self._warming: asyncio.Task[None] | None = None
+        self.warm_state: dict[str, Any] = {"done": not warm}
 
     async def start(self) -> None:
         near = NearCache(max_entries=20_000, ttl=self.near_ttl) if self.near_ttl > 0 else None
         self._client = AsyncClient(self.target, timeout=self.timeout, near_cache=near)
         self._typed = TypedCache(self._client, self.codec)
         self._retrier = asyncio.create_task(self._retry_invalidations())
+        if self.warm:
+            self._warming = asyncio.create_task(self.warm_catalog())
+
+    async def warm_catalog(self) -> None:
+        """Rebuild the catalog in the gateway from the origin, resuming until done (a
+        failure is retried: loading is idempotent). Progress in `warm_state`."""
+        started, resume = time.monotonic(), ""
+        totals: dict[str, int] = {"origin_loaded": 0, "loaded": 0, "not_found": 0, "calls": 0}
+        while True:
+            try:
+                got = await self.client.rebuild(
+                    prefixes=WARM_PREFIXES, resume=resume, timeout=WARM_CALL_SECONDS
+                )
+            except CacheError as exc:
+                self.warm_state = {"done": False, "error": str(exc), **totals}
+                log.warning("warm start: %s (retrying)", exc)
+                await asyncio.sleep(WARM_RETRY_SECONDS)
+                continue
+            totals["calls"] += 1
+            for name in ("origin_loaded", "loaded", "not_found"):
+                totals[name] += getattr(got, name)
+            seconds = round(time.monotonic() - started, 1)
+            self.warm_state = {"done": got.done, "seconds": seconds, "error": got.error, **totals}
+            if got.done:
+                log.info("warm start: done in %.1f s: %s", seconds, totals)
+                return
+            resume = got.resume
+            if got.error:
+                log.warning("warm start: %s (resuming)", got.error)
+                await asyncio.sleep(WARM_RETRY_SECONDS)
+            elif got.retry_after_ms:
+                await asyncio.sleep(got.retry_after_ms / 1000)
 
     async def close(self) -> None:
+        if self._warming is not None:
+            self._warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._warming
         if self._retrier is not None:
             self._retrier.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -256,4 +309,4 @@ class GatewayCatalog(Catalog):
                 self._pending.pop(0)
 
     def stats(self) -> dict[str, Any]:
-        return {"pending_invalidations": len(self._pending)}
+        return {"pending_invalidations": len(self._pending), "warm": self.warm_state}
