@@ -430,6 +430,10 @@ class _Calls:
             breaker.cancelled(ticket)
 
 
+# After a connection failure, the pool's idle connections are dropped at most this often.
+DROP_IDLE_EVERY = 0.2
+
+
 class RedisStore:
     # False: the scripts read class generations from Redis beside the values (one Redis
     # holds every key). A Cluster store holds them in memory instead (l2_cluster.py).
@@ -470,6 +474,8 @@ class RedisStore:
         )
         self._breakers: tuple[Breaker, ...] = () if self.breaker is None else (self.breaker,)
         self._mismatch_logged = -60.0
+        self._idle_dropped_at = -DROP_IDLE_EVERY
+        self._drops: set[asyncio.Task[None]] = set()
         self.events_key = f"{prefix}:events"
         self.events_channel = f"{prefix}:events"
         self.fills_channel = f"{prefix}:fills"
@@ -543,7 +549,29 @@ class RedisStore:
             self._writes_refused = err.kind
         if err.mark_down:
             stats.redis_up = False
+        if not err.is_reply:
+            self._drop_idle_connections()
         return err
+
+    def _drop_idle_connections(self) -> None:
+        """A connection failed: the pool's idle ones may be just as dead (Redis restarted,
+        failed over, or a network path reset). Closing them now makes the next calls
+        connect afresh, rather than each fail once on a dead connection: a write that
+        fails is never sent again, so every such failure would reach a caller. At most
+        once per DROP_IDLE_EVERY while failures go on (a connection in use at the first
+        failure returns to the pool later)."""
+        pool = getattr(self._client, "connection_pool", None)  # none on a Cluster client
+        now = time.monotonic()
+        if pool is None or now - self._idle_dropped_at < DROP_IDLE_EVERY:
+            return
+        self._idle_dropped_at = now
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(pool.disconnect(inuse_connections=False))
+        self._drops.add(task)
+        task.add_done_callback(self._drops.discard)
 
     def _answered(self) -> None:
         """Redis answered a call: it is up, unless it refuses writes. Only the health
@@ -560,6 +588,7 @@ class RedisStore:
         except redis_errors.UNAVAILABLE_ERRORS as exc:
             if not redis_errors.retryable(exc):
                 raise
+            self._drop_idle_connections()  # the others may be as dead as this one
         await asyncio.sleep(READ_RETRY_DELAY)
         return await call()
 
