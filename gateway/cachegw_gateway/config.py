@@ -1010,12 +1010,15 @@ def _validate(c: GatewayConfig, s: _Sources, class_where: list[str]) -> None:
 
 
 TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+# A tenant's call rate is a GCRA bucket of rate x 1000 per 1000 s (quotas.py), whose
+# emission interval must stay at least a microsecond.
+MAX_TENANT_RATE = 1_000_000
 
 
 def _check_quota(where: str, rate: float | None, burst: int | None, subs: int | None) -> None:
-    if rate is not None and not 0 <= rate <= MAX_RATE:
+    if rate is not None and not 0 <= rate <= MAX_TENANT_RATE:
         raise ConfigError(
-            f"{where}requests_per_second must be in [0, {MAX_RATE}], 0 = no limit "
+            f"{where}requests_per_second must be in [0, {MAX_TENANT_RATE}], 0 = no limit "
             f"(got {_num(rate)})"
         )
     if burst is not None and not 0 <= burst <= MAX_RATE:

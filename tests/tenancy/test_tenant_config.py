@@ -38,6 +38,7 @@ def test_quotas_default_and_per_tenant(tmp_path: Path) -> None:
         ("[[tenant]]\nrate = 5\n", "unknown key tenant[0].rate"),
         ("[[tenant]]\nburst = 5\n", "tenant[0].name is required"),
         ('[[tenant]]\nname = "a"\nrequests_per_second = -1\n', "requests_per_second must be"),
+        ("[tenants]\nrequests_per_second = 2000000\n", "must be in [0, 1000000]"),
         ('[[tenant]]\nname = "a"\nburst = "x"\n', "tenant[0].burst"),
         ("[tenants]\nmax_per_gateway = 0\n", "tenants.max_per_gateway must be > 0"),
         ("[tenants]\nmax_subscribers = -2\n", "max_subscribers must be >= 0"),
