@@ -38,6 +38,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar, get_args
 
 Mode = Literal["pass", "reset", "blackhole"]
+_CLOSE_ROUNDS = 50  # x 0.1 s: how long stop() waits for connection handlers to end
 MODES: tuple[str, ...] = get_args(Mode)
 T = TypeVar("T")
 
@@ -76,6 +77,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
         self.port = 0
         # Counters (read from any thread; written on the proxy's loop only).
         self.accepted = 0  # client connections accepted
@@ -188,18 +190,24 @@ class TcpProxy:
             _rst(link.upstream)
 
     async def _close(self) -> None:
+        self._closing = True  # a handler that starts from now on resets its connection
         await self._unlisten()
-        for link in list(self._links):
-            self._cut(link)
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5)
+        # Bounded: every round resets what is open, including connections whose handler
+        # started after the round before (left open, a blackholed one would wait forever
+        # and its socket be found unclosed when the loop is gone).
+        for _ in range(_CLOSE_ROUNDS):
+            for link in list(self._links):
+                self._cut(link)
+            if not self._tasks:
+                break
+            await asyncio.wait(set(self._tasks), timeout=0.1)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.accepted += 1
         link = _Link(writer, silent=self._mode == "blackhole")
-        if self._mode == "reset":  # accepted just before the listener closed
+        if self._mode == "reset" or self._closing:  # accepted just before the listener closed
             _rst(writer)
             return
         self._tasks.add(task)
