@@ -304,12 +304,8 @@ class TenantRouter:
         self, request: pb.SubscribeRequest | BadMessage, context: Context
     ) -> AsyncIterator[pb.InvalidationEvent]:
         tenant = await self._enter("Subscribe", request, context)
-        principal = self._principal()
-        if (
-            principal is not None
-            and principal.prefixes
-            and isinstance(request, pb.SubscribeRequest)
-        ):
+        principal = self._principal()  # set: _enter aborted the call otherwise
+        if principal is not None and principal.prefixes and not isinstance(request, BadMessage):
             try:
                 request = narrow_subscribe(request, principal.prefixes, principal.name)
             except OutOfScope as exc:
