@@ -77,6 +77,32 @@ def _set_response(out: WriteOutcome) -> pb.SetResponse:
     )
 
 
+# Origin versions stay below 2^53 (origin.proto), so that a JSON number holds them.
+MAX_ORIGIN_VERSION = 2**53 - 1
+
+
+def _check_origin_version(
+    version: int, kc: KeyClass, if_version: int | None, condition: str, where: str
+) -> None:
+    """A Set's origin_version: in range, alone, and on a class the caller may version."""
+    if not 1 <= version <= MAX_ORIGIN_VERSION:
+        raise InvalidRequest(
+            f"{where}origin_version must be 1 to 2^53-1 (got {version}): the version of the "
+            "value in the source of truth"
+        )
+    if if_version is not None or condition:
+        raise InvalidRequest(
+            f"{where}origin_version cannot go with if_version or a condition: the origin's "
+            "version orders the writes (a newer cached one stays)"
+        )
+    if kc.write_through or kc.write_behind:
+        policy = "write-through" if kc.write_through else "write-behind"
+        raise InvalidRequest(
+            f"{where}origin_version: class {kc.name} is {policy}, its origin numbers the "
+            "versions; Set without origin_version"
+        )
+
+
 def _status_of(err: L2Unavailable) -> grpc.StatusCode:
     """The status a Redis failure maps to (docs/errors.md)."""
     if isinstance(err, L2OutOfMemory):
@@ -256,13 +282,26 @@ class CacheServicer:
                     f"{where}condition: class {kc.name} is write-through; conditions are not "
                     "passed to its origin: use if_version (0 = only if absent)"
                 )
+        origin_version = request.origin_version if request.HasField("origin_version") else None
+        if origin_version is not None:
+            _check_origin_version(origin_version, kc, if_version, condition, where)
         if kc.write_behind and (token is not None or condition or if_version is not None):
             raise InvalidRequest(
                 f"{where}: class {kc.name} is write-behind: a Set is journaled for its origin "
                 "before the cache could check a lease_token, condition or if_version, so "
                 "none is taken; Set without them (the last write wins, by write version)"
             )
-        return SetItem(request.key, request.value, kc, ttl_ms, if_version, tags, token, condition)
+        return SetItem(
+            request.key,
+            request.value,
+            kc,
+            ttl_ms,
+            if_version,
+            tags,
+            token,
+            condition,
+            origin_version=origin_version,
+        )
 
     async def set(self, request: pb.SetRequest | BadMessage, context: Context) -> pb.SetResponse:
         if isinstance(request, BadMessage):

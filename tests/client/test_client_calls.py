@@ -84,6 +84,13 @@ def test_set_argument_checks() -> None:
         set_(if_version=True)
     assert set_(if_version=0).HasField("if_version")
     assert set_(if_version=2**64 - 1).if_version == 2**64 - 1
+    for bad in (0, 2**53, -1):
+        with pytest.raises(InvalidArgument, match="origin_version"):
+            set_(origin_version=bad)
+    with pytest.raises(TypeError, match="origin_version"):
+        set_(origin_version=1.0)
+    assert set_(origin_version=2**53 - 1).origin_version == 2**53 - 1
+    assert not set_().HasField("origin_version")
 
 
 def test_deadline() -> None:

@@ -64,6 +64,12 @@ async def test_set_sends_ttl_tags_and_version(
     assert isinstance(plain, pb.SetRequest)
     assert not plain.HasField("ttl_ms")
     assert not plain.HasField("if_version")
+    assert not plain.HasField("origin_version")
+
+    await any_client.set("row", b"v", origin_version=12)
+    versioned = fake_gateway.servicer.requests[-1]
+    assert isinstance(versioned, pb.SetRequest)
+    assert versioned.origin_version == 12
 
 
 async def test_compare_and_set(any_client: AsyncClient) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
+import pytest
 import redis
 
 from cachegw.v1 import cache_pb2 as pb
@@ -67,6 +69,75 @@ async def test_versions_increase_and_if_version_guards(gateway: RunningGateway) 
     assert (got.value, got.version) == (b"2", 2)
     ok = await gateway.stub.Set(pb.SetRequest(key="k", value=b"3", if_version=2))
     assert (ok.outcome, ok.version) == (pb.SET_OUTCOME_STORED, 3)
+
+
+async def test_origin_version_orders_writes_by_the_source_of_truths_versions(
+    gateway: RunningGateway,
+) -> None:
+    """An application's own write-through: the committed row goes in with its database
+    version, and an older one landing later (a slower writer) never replaces it."""
+    new = await gateway.stub.Set(pb.SetRequest(key="row", value=b"v7", origin_version=7))
+    assert (new.outcome, new.version) == (pb.SET_OUTCOME_STORED, 7)
+    late = await gateway.stub.Set(pb.SetRequest(key="row", value=b"v5", origin_version=5))
+    assert (late.outcome, late.version) == (pb.SET_OUTCOME_VERSION_CONFLICT, 7)
+    gateway.server.l1.clear()
+    got = await gateway.stub.Get(pb.GetRequest(key="row"))
+    assert (got.value, got.version, got.tier) == (b"v7", 7, pb.TIER_L2)
+    same = await gateway.stub.Set(pb.SetRequest(key="row", value=b"v7", origin_version=7))
+    assert (same.outcome, same.version) == (pb.SET_OUTCOME_STORED, 7)
+    newer = await gateway.stub.Set(pb.SetRequest(key="row", value=b"v9", origin_version=9))
+    assert (newer.outcome, newer.version) == (pb.SET_OUTCOME_STORED, 9)
+    got = await gateway.stub.Get(pb.GetRequest(key="row"))
+    assert (got.value, got.version) == (b"v9", 9)
+    # After an invalidation any version is welcome again (nothing newer is cached).
+    await gateway.stub.Invalidate(pb.InvalidateRequest(keys=["row"]))
+    again = await gateway.stub.Set(pb.SetRequest(key="row", value=b"v8", origin_version=8))
+    assert (again.outcome, again.version) == (pb.SET_OUTCOME_STORED, 8)
+
+
+async def test_an_origin_version_write_ends_a_lease_so_an_older_fill_is_refused(
+    gateway: RunningGateway,
+) -> None:
+    """A loader that read the database before the commit holds the lease; the committed
+    row goes in with its version; the loader's fill (an older state) is refused."""
+    leased = await gateway.stub.Get(pb.GetRequest(key="row", lease=True))
+    assert leased.status == pb.STATUS_LEASED
+    await gateway.stub.Set(pb.SetRequest(key="row", value=b"committed", origin_version=4))
+    fill = await gateway.stub.Set(
+        pb.SetRequest(key="row", value=b"before", lease_token=leased.lease_token)
+    )
+    assert fill.outcome == pb.SET_OUTCOME_LEASE_INVALID
+    got = await gateway.stub.Get(pb.GetRequest(key="row"))
+    assert (got.value, got.version) == (b"committed", 4)
+
+
+@pytest.mark.parametrize(
+    ("request_", "says"),
+    [
+        (pb.SetRequest(key="k", value=b"v", origin_version=0), "1 to 2^53-1"),
+        (pb.SetRequest(key="k", value=b"v", origin_version=2**53), "1 to 2^53-1"),
+        (pb.SetRequest(key="k", value=b"v", origin_version=2, if_version=1), "if_version"),
+        (
+            pb.SetRequest(
+                key="k", value=b"v", origin_version=2, condition=pb.SET_CONDITION_IF_ABSENT
+            ),
+            "condition",
+        ),
+    ],
+)
+async def test_bad_origin_versions_are_refused_before_anything_is_written(
+    gateway: RunningGateway, request_: pb.SetRequest, says: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gateway.stub.Set(request_)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert says in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError):  # a SetMany entry likewise, before any write
+        await gateway.stub.SetMany(
+            pb.SetManyRequest(entries=[pb.SetRequest(key="other", value=b"v"), request_])
+        )
+    got = await gateway.stub.GetMany(pb.GetManyRequest(keys=["k", "other"]))
+    assert [r.status for r in got.results] == [pb.STATUS_MISS, pb.STATUS_MISS]
 
 
 async def test_get_many_keeps_order_across_tiers(gateway: RunningGateway) -> None:

@@ -98,6 +98,7 @@ async def test_a_write_carrying_an_older_origin_version_is_not_applied(
             "if_version",
         ),
         (pb.SetRequest(key="item:x", value=b"v", lease_token=b"t" * 28), "lease_token"),
+        (pb.SetRequest(key="item:x", value=b"v", origin_version=3), "origin numbers"),
     ],
 )
 async def test_set_options_a_write_through_class_cannot_pass_on_are_refused(

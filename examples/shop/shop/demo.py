@@ -307,6 +307,12 @@ async def measure(
     loads = sum(a1["loads"].values()) - sum(a0["loads"].values())
     if phase.error_kinds:
         print(f"  {run.mode} {name}: errors {dict(phase.error_kinds)}", flush=True)
+    by_kind = {
+        kind: n - a0["loads"].get(kind, 0)
+        for kind, n in sorted(a1["loads"].items())
+        if n - a0["loads"].get(kind, 0)
+    }
+    print(f"  {run.mode} {name}: database loads by kind {by_kind}", flush=True)
     return Row(run.mode, name, seconds, phase, q1 - q0, reads, loads, hot_loads)
 
 

@@ -122,11 +122,12 @@ def set_(
     if_version: int | None,
     if_absent: bool = False,
     if_present: bool = False,
+    origin_version: int | None = None,
 ) -> Call[pb.SetRequest, pb.SetResponse, SetResult]:
-    return Call(
-        _set_request(key, value, ttl, tags, lease_token, if_version, if_absent, if_present),
-        decode_set,
-    )
+    request = _set_request(key, value, ttl, tags, lease_token, if_version, if_absent, if_present)
+    if origin_version is not None:
+        request.origin_version = _origin_version(origin_version)
+    return Call(request, decode_set)
 
 
 def _set_request(
@@ -572,6 +573,14 @@ def _if_version(version: int) -> int:
         raise TypeError(f"if_version must be an int, not {type(version).__name__}")
     if not 0 <= version <= _UINT64_MAX:
         raise InvalidArgument(f"if_version must be between 0 and 2**64-1 (got {version})")
+    return version
+
+
+def _origin_version(version: int) -> int:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TypeError(f"origin_version must be an int, not {type(version).__name__}")
+    if not 1 <= version < 2**53:
+        raise InvalidArgument(f"origin_version must be between 1 and 2**53-1 (got {version})")
     return version
 
 

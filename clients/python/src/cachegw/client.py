@@ -140,11 +140,15 @@ class Client:
         if_version: int | None = None,
         if_absent: bool = False,
         if_present: bool = False,
+        origin_version: int | None = None,
         timeout: Timeout = DEFAULT,
     ) -> SetResult:
         """Store `value` (a str is UTF-8 encoded) for `ttl` seconds (None = the class TTL);
         with `if_absent` only when no value is stored, with `if_present` only when one is
-        (else the outcome is CONDITION_FAILED and nothing is written)."""
+        (else the outcome is CONDITION_FAILED and nothing is written). With
+        `origin_version`, `value` is the source of truth's state at that version: stored
+        unless a newer one is cached (the outcome is then VERSION_CONFLICT), so putting a
+        committed row in the cache can never leave it older than the database."""
         call = _calls.set_(
             key,
             value,
@@ -154,6 +158,7 @@ class Client:
             if_version=if_version,
             if_absent=if_absent,
             if_present=if_present,
+            origin_version=origin_version,
         )
         if self.near_cache is not None:
             self.near_cache.forget([key])

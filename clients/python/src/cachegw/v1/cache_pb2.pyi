@@ -410,6 +410,7 @@ class SetRequest(_message.Message):
     LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     IF_VERSION_FIELD_NUMBER: _builtins.int
     CONDITION_FIELD_NUMBER: _builtins.int
+    ORIGIN_VERSION_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     value: _builtins.bytes
     ttl_ms: _builtins.int
@@ -422,6 +423,17 @@ class SetRequest(_message.Message):
     """Compare-and-set: store only if the current version equals this (0 = absent key)."""
     condition: Global___SetCondition.ValueType
     """Store only if no value exists, or only if one does (ANY = either)."""
+    origin_version: _builtins.int
+    """The value is the source of truth's state at this version (origin.proto's "Versions":
+    per key, growing with every write, never reused; 1 to 2^53-1). The cache stores it
+    as the entry's version unless it holds a live entry of a newer one (the answer is
+    then VERSION_CONFLICT with that version; nothing written). For an application that
+    commits a write in its database and then puts the committed row in the cache (a
+    write-through of its own): a concurrent read-through load or an older writer can
+    never leave the cache older than the database, in whatever order they land. Not
+    with if_version or a condition, nor on a write-through or write-behind class (its
+    origin numbers the versions there).
+    """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tags for Invalidate(tags); each a non-empty UTF-8 string."""
@@ -436,17 +448,22 @@ class SetRequest(_message.Message):
         lease_token: _builtins.bytes = ...,
         if_version: _builtins.int | None = ...,
         condition: Global___SetCondition.ValueType = ...,
+        origin_version: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_if_version", b"_if_version", "_ttl_ms", b"_ttl_ms", "if_version", b"if_version", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_if_version", b"_if_version", "_origin_version", b"_origin_version", "_ttl_ms", b"_ttl_ms", "if_version", b"if_version", "origin_version", b"origin_version", "ttl_ms", b"ttl_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_if_version", b"_if_version", "_ttl_ms", b"_ttl_ms", "condition", b"condition", "if_version", b"if_version", "key", b"key", "lease_token", b"lease_token", "tags", b"tags", "ttl_ms", b"ttl_ms", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_if_version", b"_if_version", "_origin_version", b"_origin_version", "_ttl_ms", b"_ttl_ms", "condition", b"condition", "if_version", b"if_version", "key", b"key", "lease_token", b"lease_token", "origin_version", b"origin_version", "tags", b"tags", "ttl_ms", b"ttl_ms", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__if_version: _TypeAlias = _typing.Literal["if_version"]  # noqa: Y015
     _WhichOneofArgType__if_version: _TypeAlias = _typing.Literal["_if_version", b"_if_version"]  # noqa: Y015
+    _WhichOneofReturnType__origin_version: _TypeAlias = _typing.Literal["origin_version"]  # noqa: Y015
+    _WhichOneofArgType__origin_version: _TypeAlias = _typing.Literal["_origin_version", b"_origin_version"]  # noqa: Y015
     _WhichOneofReturnType__ttl_ms: _TypeAlias = _typing.Literal["ttl_ms"]  # noqa: Y015
     _WhichOneofArgType__ttl_ms: _TypeAlias = _typing.Literal["_ttl_ms", b"_ttl_ms"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__if_version) -> _WhichOneofReturnType__if_version | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__origin_version) -> _WhichOneofReturnType__origin_version | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ttl_ms) -> _WhichOneofReturnType__ttl_ms | None: ...
 
