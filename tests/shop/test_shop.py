@@ -1,5 +1,6 @@
 """The shop example against a real PostgreSQL, in each mode: every endpoint answers the
-same; in the cachegw mode product changes evict the listing pages they alter, missing
+same; in the cachegw mode listing pages follow product changes (rebuilding only those
+whose ids moved), writes put the committed rows in the cache, missing
 products are remembered, stock changes reach another gateway's readers, a value that no
 longer decodes is a miss, an unreachable gateway leaves the API answering from the
 database, and a warm start rebuilds the catalog in the gateway through the origin's
@@ -108,7 +109,7 @@ async def test_bad_requests_are_400s(make_shop: ShopFactory, mode: str) -> None:
     assert r.status_code == 400
 
 
-async def test_a_product_change_evicts_the_listing_pages_that_show_it(
+async def test_listing_pages_follow_product_changes_and_only_rebuild_what_moved(
     make_shop: ShopFactory,
 ) -> None:
     shop = await make_shop("cachegw")
@@ -122,32 +123,65 @@ async def test_a_product_change_evicts_the_listing_pages_that_show_it(
     assert [await get(shop, "/products", **p) for p in pages] == before  # all cached
     assert shop.loads.loads["listing"] == loads
 
-    # A description changes: only the pages that show product 7 are loaded again.
+    # A description changes: the pages keep their ids (no page is built again), and
+    # every page that shows product 7 shows its new version at once.
     await send(shop, "PUT", "/products/7", {"description": "now in blue"})
     after = [await get(shop, "/products", **p) for p in pages]
-    assert shop.loads.loads["listing"] == loads + 3  # not the other category's page
+    assert shop.loads.loads["listing"] == loads
     assert after[3] == before[3]
     for page in after[:3]:
         (row,) = [i for i in page["items"] if i["id"] == 7]
         assert row["version"] > product["version"]
 
-    # A price change can move it onto other pages of its category: they all go.
-    loads = shop.loads.loads["listing"]
+    # A price change moves it in the price-sorted pages, which are built again; the
+    # pages sorted by id keep their ids and show the new price.
     await send(shop, "PUT", "/products/7", {"price_cents": 1})
     cheapest = await get(shop, "/products", **by_price)
-    assert cheapest["items"][0]["id"] == 7
-    # A new product shows up in its category's listings at once.
+    assert cheapest["items"][0] == {
+        "id": 7,
+        "sku": sku_of(7),
+        "name": product["name"],
+        "category_id": category,
+        "price_cents": 1,
+        "version": cheapest["items"][0]["version"],
+    }
+    assert shop.loads.loads["listing"] == loads + 1
+    (row,) = [i for i in (await get(shop, "/products", category=category))["items"] if i["id"] == 7]
+    assert row["price_cents"] == 1
+    assert shop.loads.loads["listing"] == loads + 1
+
+    # A new product shows up in its category's listings at once, and goes with its delete.
     created = await send(
         shop, "POST", "/products", {"name": "new", "category_id": other, "price_cents": 2}, 201
     )
     assert created["id"] in [
         i["id"] for i in (await get(shop, "/products", category=other))["items"]
     ]
+    assert (
+        created["id"]
+        == (await get(shop, "/products", category=other, sort="price"))["items"][0]["id"]
+    )
     await send(shop, "DELETE", f"/products/{created['id']}", None, 204)
-    assert created["id"] not in [
-        i["id"] for i in (await get(shop, "/products", category=other))["items"]
-    ]
-    assert shop.loads.loads["listing"] > loads
+    for params in ({"category": other}, {"category": other, "sort": "price"}, {}):
+        shown = [i["id"] for i in (await get(shop, "/products", **params))["items"]]
+        assert created["id"] not in shown
+
+
+async def test_writes_put_the_committed_rows_in_the_cache(make_shop: ShopFactory) -> None:
+    """Stock and product changes are stored with their database versions: the next reads
+    are hits, not loads, and show the change."""
+    shop = await make_shop("cachegw")
+    sku = sku_of(11)
+    old = await get(shop, f"/inventory/{sku}")
+    product = await get(shop, "/products/11")
+    loads = dict(shop.loads.loads)
+    written = await send(shop, "PUT", f"/inventory/{sku}", {"quantity": old["quantity"] + 3})
+    assert await get(shop, f"/inventory/{sku}") == written
+    assert written["version"] > old["version"]
+    edited = await send(shop, "PUT", "/products/11", {"name": "renamed"})
+    assert await get(shop, "/products/11") == edited
+    assert edited["version"] > product["version"]
+    assert dict(shop.loads.loads) == loads
 
 
 async def test_missing_products_are_remembered_until_created(make_shop: ShopFactory) -> None:

@@ -166,7 +166,7 @@ def create_app(
         row = await db.set_inventory(sku, quantity)
         if row is None:
             return error(404, f"no stock record for {sku}")
-        await catalog.inventory_written(sku)
+        await catalog.inventory_written(row)
         return json(row)
 
     async def price(request: Request) -> Response:

@@ -108,7 +108,8 @@ SORTS = {
     "id": "p.id",
     "price": "pr.amount_cents, p.id",
     "-price": "pr.amount_cents DESC, p.id",
-    "name": "p.name, p.id",
+    # Byte order, whatever the database's locale: listing_tags buckets names by code point.
+    "name": 'p.name COLLATE "C", p.id',
 }
 
 PRODUCT_SQL = """
@@ -165,6 +166,21 @@ class Database:
     async def listing(
         self, category: int | None, q: str | None, sort: str, page: int, page_size: int
     ) -> dict[str, Any]:
+        items, following = await self.listing_window(category, q, sort, page, page_size)
+        return {
+            "category": category,
+            "q": q,
+            "sort": sort,
+            "page": page,
+            "page_size": page_size,
+            "items": items,
+            "has_more": following is not None,
+        }
+
+    async def listing_window(
+        self, category: int | None, q: str | None, sort: str, page: int, page_size: int
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """A listing page's rows, and the row after them (None on the last page)."""
         self.counters.loads["listing"] += 1
         order = SORTS[sort]
         rows = await self.pool.fetch(
@@ -179,15 +195,7 @@ class Database:
             (page - 1) * page_size,
         )
         items = [dict(r) for r in rows[:page_size]]
-        return {
-            "category": category,
-            "q": q,
-            "sort": sort,
-            "page": page,
-            "page_size": page_size,
-            "items": items,
-            "has_more": len(rows) > page_size,
-        }
+        return items, dict(rows[page_size]) if len(rows) > page_size else None
 
     async def prices(self, skus: list[str]) -> dict[str, dict[str, Any]]:
         self.counters.loads["price"] += len(skus)

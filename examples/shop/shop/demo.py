@@ -30,7 +30,6 @@ import redis.asyncio as aioredis
 from cachegw import AsyncClient
 from cachegw_gateway.managed_redis import ManagedRedis, free_port
 from shop import services
-from shop.db import sku_of
 from shop.loadgen import STALE_BOUND, Phase, Workload, drive
 from shop.modes import MODES
 
@@ -54,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prewarm",
         type=int,
         default=5000,
-        help="before the warm-up, read the N most popular products (detail, price, stock) "
-        "once through the API, in every mode alike",
+        help="before the warm-up, read the N most popular products (detail, price, stock), "
+        "every listing page asked for without a text search, every quote basket and every "
+        "missing product once through the API, in every mode alike",
     )
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds, not measured")
     parser.add_argument(
@@ -270,14 +270,20 @@ async def wait_warm(http: httpx.AsyncClient, limit: float = 600.0) -> None:
         await asyncio.sleep(1.0)
 
 
-async def prewarm(http: httpx.AsyncClient, ids: list[int], concurrency: int = 16) -> None:
-    queue = iter(ids)
+async def prewarm(
+    http: httpx.AsyncClient,
+    reads: list[tuple[str, str, dict[str, Any] | None]],
+    concurrency: int = 16,
+) -> None:
+    queue = iter(reads)
 
     async def worker() -> None:
-        for pid in queue:
-            for path in (f"/products/{pid}", f"/price/{sku_of(pid)}", f"/inventory/{sku_of(pid)}"):
-                with contextlib.suppress(httpx.HTTPError):
-                    await http.get(path)
+        for method, path, data in queue:
+            with contextlib.suppress(httpx.HTTPError):
+                if method == "GET":
+                    await http.get(path, params=data)
+                else:
+                    await http.request(method, path, json=data)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
@@ -333,8 +339,13 @@ async def run_mode(
             stats = Stats(conn, http, hot)
             if mode == "cachegw" and args.warm_start:
                 await wait_warm(http)
-            print(f"== {mode}: reading the {args.prewarm} most popular products", flush=True)
-            await prewarm(http, work.products.hottest(args.prewarm))
+            known = work.known_reads(args.prewarm)
+            print(
+                f"== {mode}: {len(known)} reads a running cache holds: the {args.prewarm} most "
+                "popular products, the listing pages, quotes and missing products",
+                flush=True,
+            )
+            await prewarm(http, known)
             print(f"== {mode}: warming up for {args.warmup:g} s", flush=True)
             await drive(http, work, Phase(), rate=args.rate, seconds=args.warmup)
             print(f"== {mode}: steady state", flush=True)

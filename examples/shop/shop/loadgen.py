@@ -25,6 +25,8 @@ from shop.db import NOUNS, sku_of
 
 STALE_BOUND = 1.0  # seconds after a write's acknowledgement
 MISSING_BASE = 50_000_000  # ids never created: reads of products that do not exist
+MISSING_IDS = 500  # how many of them the load asks for
+LISTING_PAGES = 5  # the deepest page the load reads
 OVERRUN = 10.0  # seconds a phase may run past its length before the rest is dropped
 
 
@@ -121,11 +123,33 @@ class Workload:
         x = self.rng.random() * self.weights[-1]
         return self.kinds[bisect.bisect_left(self.weights, x)]
 
+    def known_reads(self, popular: int) -> list[tuple[str, str, dict[str, Any] | None]]:
+        """Every read of the mix a cache that has run for a while holds, once: the
+        `popular` most popular products (detail, price, stock), every listing page asked
+        for without a text search, every quote basket and every product that does not
+        exist. As (method, path, params or JSON body)."""
+        reads: list[tuple[str, str, dict[str, Any] | None]] = []
+        for pid in self.products.hottest(popular):
+            sku = sku_of(pid)
+            reads += [("GET", f"/products/{pid}", None), ("GET", f"/price/{sku}", None)]
+            reads.append(("GET", f"/inventory/{sku}", None))
+        for category in [None, *range(1, self.categories_n + 1)]:
+            for sort in ("id", "price", "-price", "name"):
+                for page in range(1, LISTING_PAGES + 1):
+                    params: dict[str, Any] = {"sort": sort, "page": page}
+                    if category is not None:
+                        params["category"] = category
+                    reads.append(("GET", "/products", params))
+        for basket in self.baskets:
+            reads.append(("POST", "/quote", {"items": [{"sku": s, "qty": q} for s, q in basket]}))
+        reads += [("GET", f"/products/{MISSING_BASE + i}", None) for i in range(1, MISSING_IDS + 1)]
+        return reads
+
     def listing_params(self) -> dict[str, Any]:
         r = self.rng.random()
         params: dict[str, Any] = {
             "sort": self.rng.choices(["id", "price", "-price", "name"], [4, 3, 2, 1])[0],
-            "page": 1 if r < 0.6 else 2 if r < 0.85 else self.rng.randint(3, 5),
+            "page": 1 if r < 0.6 else 2 if r < 0.85 else self.rng.randint(3, LISTING_PAGES),
         }
         if self.rng.random() < 0.9:
             params["category"] = self.categories()
@@ -158,7 +182,7 @@ class Workload:
             if r.status_code == 200:
                 self._check(("stock", sku), r.json()["version"], sent, phase)
         elif kind == "missing":
-            r = await http.get(f"/products/{MISSING_BASE + self.rng.randint(1, 500)}")
+            r = await http.get(f"/products/{MISSING_BASE + self.rng.randint(1, MISSING_IDS)}")
             self._expect(r, 404, phase)
         elif kind == "quote":
             items = self.baskets[self.basket()]

@@ -41,9 +41,7 @@ class ShopOrigin(Origin):
         try:
             if products:
                 for pid, row in (await self.db.products(list(products))).items():
-                    found[products[pid]] = Found(
-                        self.codec.dumps(row), version=row["version"], tags=[keys.product_tag(pid)]
-                    )
+                    found[products[pid]] = Found(self.codec.dumps(row), version=row["version"])
             if prices:
                 for sku, row in (await self.db.prices(list(prices))).items():
                     found[prices[sku]] = Found(self.codec.dumps(row), version=row["version"])

@@ -75,8 +75,8 @@ class Catalog:
     async def product_written(self, before: Row | None, after: Row | None) -> None:
         """After a product's create (before None), update or delete (after None) committed."""
 
-    async def inventory_written(self, sku: str) -> None:
-        """After a stock change committed."""
+    async def inventory_written(self, row: Row) -> None:
+        """After a stock change committed: the row as written, with its new version."""
 
     def stats(self) -> dict[str, Any]:
         return {}

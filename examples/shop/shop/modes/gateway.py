@@ -31,18 +31,25 @@ from typing import Any
 from cachegw import AsyncClient, Entry, NearCache, Status
 from cachegw.errors import CacheError, DeadlineExceeded, ResourceExhausted, Unavailable
 from cachegw.serializers import JsonCodec, TypedCache
-from shop import keys
-from shop.db import Database, sku_of
+from shop import keys, listing_tags
+from shop.db import Database
 from shop.modes.base import Catalog, ListingQuery, QuoteInput, Row
 
 log = logging.getLogger("shop.cachegw")
 
 GATEWAY_DOWN = (Unavailable, DeadlineExceeded, ResourceExhausted)
+# What a listing row shows of a product (db.Database.listing's columns).
+LISTING_FIELDS = ("id", "sku", "name", "category_id", "price_cents", "version")
 RETRY_INVALIDATIONS_EVERY = 0.2
 # The keys a warm start rebuilds: every product, price and stock record.
 WARM_PREFIXES = ("product:v1:", "price:v1:", "inventory:v1:")
 WARM_CALL_SECONDS = 30.0  # one Warmup call's deadline (the gateway stops before it)
 WARM_RETRY_SECONDS = 1.0  # after a failure (the gateway or the origin unreachable)
+
+
+def _ids_only(page: Row) -> Row:
+    """What the cache keeps of a listing page: the ids it shows, in order."""
+    return {"ids": [item["id"] for item in page["items"]], "has_more": page["has_more"]}
 
 
 class GatewayCatalog(Catalog):
@@ -189,22 +196,67 @@ class GatewayCatalog(Catalog):
     # -- cache-aside under the gateway's lease ----------------------------------------------
 
     async def listing(self, query: ListingQuery) -> Row:
+        """A page, cached as the ids it shows and tagged by where its last one sits
+        (listing_tags); its rows come from the product cache, so a product's own change
+        reaches every page that shows it without evicting one."""
         key = keys.listing_key.key(query.params())
 
-        def tags(page: Row) -> list[str]:
-            return [keys.category_tag(query.category)] + [
-                keys.product_tag(item["id"]) for item in page["items"]
-            ]
+        async def load() -> Row:
+            items, following = await self.db.listing_window(
+                query.category, query.q, query.sort, query.page, query.page_size
+            )
+            return {
+                **query.params(),
+                "items": items,
+                "has_more": following is not None,
+                "_next": following,
+            }
 
-        result: Row = await self._leased(
-            key, lambda: super(GatewayCatalog, self).listing(query), tags
-        )
-        return result
+        def tags(page: Row) -> list[str]:
+            return listing_tags.page_tags(query.category, query.q, query.sort, page["_next"])
+
+        page: Row = await self._leased(key, load, tags, stored=_ids_only)
+        if "items" in page:  # built by this call from the database
+            del page["_next"]
+            return page
+        ids = [int(i) for i in page["ids"]]
+        rows = await self._products(ids)
+        # A product deleted since the page was cached is left out (its delete evicted the
+        # page everywhere; this copy was read just before).
+        items = [{f: rows[i][f] for f in LISTING_FIELDS} for i in ids if i in rows]
+        return {**query.params(), "items": items, "has_more": page["has_more"]}
+
+    async def _products(self, ids: list[int]) -> dict[int, Row]:
+        """Products by id: the near cache, then one GetMany (the gateway loads its misses
+        from the origin in one batch); what neither answers, from PostgreSQL."""
+        names = [keys.product_key(id=i) for i in ids]
+        try:
+            values = await self.client.get_many(names)
+        except GATEWAY_DOWN as exc:
+            self._fallback("listing rows", exc)
+            return await self.db.products(ids)
+        rows: dict[int, Row] = {}
+        missing: list[int] = []
+        for product_id, name, value in zip(ids, names, values, strict=True):
+            row = None if value is None else await self.typed.decode(name, value)
+            if row is None:
+                missing.append(product_id)
+            else:
+                rows[product_id] = row
+        self.db.counters.decode_failures = self.typed.decode_failures
+        if missing:
+            rows.update(await self.db.products(missing))
+        return rows
 
     async def _leased(
-        self, key: str, load: Callable[[], Awaitable[Row]], tags: Callable[[Row], list[str]]
+        self,
+        key: str,
+        load: Callable[[], Awaitable[Row]],
+        tags: Callable[[Row], list[str]],
+        stored: Callable[[Row], Row],
     ) -> Row:
-        """The lease protocol of get_or_load, with tags taken from the loaded value."""
+        """The lease protocol of get_or_load, with tags taken from the loaded value: the
+        cached value (what `stored` keeps of a loaded one), or the loaded value."""
         try:
             entry, value = await self._lookup(key, lease=True)
         except GATEWAY_DOWN as exc:
@@ -215,7 +267,9 @@ class GatewayCatalog(Catalog):
             self.db.counters.decode_failures = self.typed.decode_failures
             if page is not None:
                 if entry is not None and entry.refresh and entry.lease_token:  # refresh early
-                    task = asyncio.create_task(self._fill(key, load, tags, entry.lease_token))
+                    task = asyncio.create_task(
+                        self._fill(key, load, tags, stored, entry.lease_token)
+                    )
                     self._background.add(task)
                     task.add_done_callback(self._background.discard)
                 return dict(page)
@@ -223,13 +277,14 @@ class GatewayCatalog(Catalog):
         assert entry is not None
         if entry.status is not Status.LEASED:  # waited for another loader in vain
             return await load()
-        return await self._fill(key, load, tags, entry.lease_token)
+        return await self._fill(key, load, tags, stored, entry.lease_token)
 
     async def _fill(
         self,
         key: str,
         load: Callable[[], Awaitable[Row]],
         tags: Callable[[Row], list[str]],
+        stored: Callable[[Row], Row],
         token: bytes,
     ) -> Row:
         try:
@@ -239,10 +294,10 @@ class GatewayCatalog(Catalog):
                 await self.client.release_lease(key, token)
             raise
         try:
-            stored = await self.client.set(
-                key, self.codec.dumps(value), tags=tags(value), lease_token=token
+            out = await self.client.set(
+                key, self.codec.dumps(stored(value)), tags=tags(value), lease_token=token
             )
-            if not stored.stored:  # invalidated meanwhile: the value may be old, keep it out
+            if not out.stored:  # invalidated meanwhile: the value may be old, keep it out
                 await self.client.release_lease(key, token)
         except CacheError as exc:
             log.debug("could not store %r: %s", key, exc)
@@ -264,30 +319,41 @@ class GatewayCatalog(Catalog):
     # -- writes: invalidate everywhere, retried until the gateway takes it --------------------
 
     async def product_written(self, before: Row | None, after: Row | None) -> None:
+        """The committed row goes in the cache with its version (a slower writer or a load
+        that read before the commit cannot replace it: Set's origin_version), so the next
+        reads hit; a deletion, a new product's price and stock, and a changed price are
+        invalidated; so are the listing pages the change can alter (listing_tags)."""
         row = after or before
         assert row is not None
-        product_id = row["id"]
-        names = [
-            keys.product_key(id=product_id),
-            keys.price_key(sku=row["sku"]),
-            keys.inventory_key(sku=sku_of(product_id)),
-        ]
-        tags = [keys.product_tag(product_id)]
-        # Pages that do not show it yet may have to: a new product, a new name, price or
-        # category can move it onto any page of its categories.
-        moved = (
-            before is None
-            or after is None
-            or any(before[f] != after[f] for f in ("name", "price_cents", "category_id"))
-        )
-        if moved:
-            tags += [keys.category_tag(None)] + [
-                keys.category_tag(r["category_id"]) for r in (before, after) if r is not None
-            ]
-        await self._invalidate(names, sorted(set(tags)))
+        product_id, sku = row["id"], row["sku"]
+        names = [keys.price_key(sku=sku)] if before is None or after is None else []
+        if (
+            before is not None
+            and after is not None
+            and before["price_cents"] != after["price_cents"]
+        ):
+            names.append(keys.price_key(sku=sku))
+        if before is None or after is None:
+            names.append(keys.inventory_key(sku=sku))
+        if after is None:
+            names.append(keys.product_key(id=product_id))
+        else:
+            await self._put(keys.product_key(id=product_id), after)
+        tags = listing_tags.change_tags(before, after)
+        if names or tags:
+            await self._invalidate(names, tags)
 
-    async def inventory_written(self, sku: str) -> None:
-        await self._invalidate([keys.inventory_key(sku=sku)], [])
+    async def inventory_written(self, row: Row) -> None:
+        await self._put(keys.inventory_key(sku=row["sku"]), row)
+
+    async def _put(self, key: str, row: Row) -> None:
+        """Store a committed row with its database version. If the gateway cannot take it
+        (or its answer is lost), the key is invalidated instead, retried until taken."""
+        try:
+            await self.client.set(key, self.codec.dumps(row), origin_version=int(row["version"]))
+        except CacheError as exc:
+            log.debug("could not store %r: %s; invalidating it instead", key, exc)
+            await self._invalidate([key], [])
 
     async def _invalidate(self, names: list[str], tags: list[str]) -> None:
         try:

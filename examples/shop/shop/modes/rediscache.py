@@ -87,5 +87,5 @@ class RedisCatalog(Catalog):
             keys.inventory_key(sku=sku_of(row["id"])),
         )
 
-    async def inventory_written(self, sku: str) -> None:
-        await self.redis.delete(keys.inventory_key(sku=sku))
+    async def inventory_written(self, row: Row) -> None:
+        await self.redis.delete(keys.inventory_key(sku=row["sku"]))
