@@ -81,8 +81,19 @@ async def test_every_endpoint(make_shop: ShopFactory, mode: str) -> None:
         shop, "POST", "/products", {"name": "new lamp", "category_id": 2, "price_cents": 500}, 201
     )
     assert (await get(shop, f"/products/{created['id']}"))["name"] == "new lamp"
+    assert created["sku"] == sku_of(created["id"]) and created["price_cents"] == 500
+    assert (await get(shop, f"/inventory/{created['sku']}"))["quantity"] == 0
+    await send(shop, "PUT", f"/products/{created['id']}", {"category_id": 999}, 400)
+    assert await get(shop, f"/products/{created['id']}") == created  # nothing half-applied
     await send(shop, "DELETE", f"/products/{created['id']}", None, 204)
     await get(shop, f"/products/{created['id']}", 404)
+    await get(shop, f"/price/{created['sku']}", 404)
+    await get(shop, f"/inventory/{created['sku']}", 404)
+    big = await send(
+        shop, "POST", "/products/123456789", {"name": "x", "category_id": 1, "price_cents": 1}, 201
+    )
+    assert big["sku"] == sku_of(123456789) == "SKU-123456789"
+    await send(shop, "DELETE", "/products/123456789", None, 204)
     await send(shop, "DELETE", f"/products/{created['id']}", None, 404)
 
     body = {"items": [{"sku": "SKU-00000007", "qty": 2}, {"sku": "SKU-00000009", "qty": 1}]}

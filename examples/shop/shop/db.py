@@ -120,6 +120,70 @@ LEFT JOIN prices pr ON pr.sku = p.sku
 WHERE p.id = ANY($1::bigint[])
 """
 
+PRODUCT_FIELDS = (
+    "id",
+    "sku",
+    "name",
+    "description",
+    "category_id",
+    "category",
+    "price_cents",
+    "currency",
+    "version",
+)
+# The row as it was, locked: a concurrent write of it waits, and this one sees its result.
+_LOCKED = PRODUCT_SQL.replace("= ANY($1::bigint[])", "= $1") + " FOR UPDATE OF p"
+SKU_SQL = "'SKU-' || CASE WHEN n.id < 10000000 THEN lpad(n.id::text, 8, '0') ELSE n.id::text END"
+CREATE_SQL = f"""
+WITH n AS (SELECT coalesce($1::bigint, nextval('product_ids')) AS id),
+product AS (
+  INSERT INTO products (id, sku, name, description, category_id, version)
+  SELECT n.id, {SKU_SQL}, $2, $3, $4, nextval('shop_versions') FROM n
+  ON CONFLICT DO NOTHING
+  RETURNING id, sku, name, description, category_id, version
+),
+price AS (
+  INSERT INTO prices (sku, amount_cents, version)
+  SELECT sku, $5, nextval('shop_versions') FROM product
+  RETURNING sku, amount_cents, currency
+),
+stock AS (
+  INSERT INTO inventory (sku, quantity, version)
+  SELECT sku, $6, nextval('shop_versions') FROM product
+)
+SELECT p.id, p.sku, p.name, p.description, p.category_id, c.name AS category,
+       pr.amount_cents AS price_cents, pr.currency, p.version
+FROM product p JOIN categories c ON c.id = p.category_id JOIN price pr ON pr.sku = p.sku
+"""
+UPDATE_SQL = f"""
+WITH b AS ({_LOCKED}),
+product AS (
+  UPDATE products p SET name = coalesce($2, b.name),
+    description = coalesce($3, b.description),
+    category_id = coalesce($4, b.category_id), version = nextval('shop_versions')
+  FROM b WHERE p.id = b.id
+  RETURNING p.id, p.sku, p.name, p.description, p.category_id, p.version
+),
+price AS (
+  UPDATE prices pr SET amount_cents = $5, version = nextval('shop_versions')
+  FROM b WHERE pr.sku = b.sku AND $5::int IS NOT NULL
+  RETURNING pr.amount_cents, pr.currency
+)
+SELECT {", ".join(f"b.{f} AS b_{f}" for f in PRODUCT_FIELDS)},
+       a.id AS a_id, a.sku AS a_sku, a.name AS a_name, a.description AS a_description,
+       a.category_id AS a_category_id, c.name AS a_category,
+       coalesce((SELECT amount_cents FROM price), b.price_cents) AS a_price_cents,
+       coalesce((SELECT currency FROM price), b.currency) AS a_currency, a.version AS a_version
+FROM b JOIN product a ON a.id = b.id JOIN categories c ON c.id = a.category_id
+"""
+DELETE_SQL = f"""
+WITH b AS ({_LOCKED}),
+gone AS (DELETE FROM products p USING b WHERE p.id = b.id RETURNING p.sku),
+price AS (DELETE FROM prices pr USING gone g WHERE pr.sku = g.sku),
+stock AS (DELETE FROM inventory i USING gone g WHERE i.sku = g.sku)
+SELECT * FROM b
+"""
+
 
 def sku_of(product_id: int) -> str:
     return f"SKU-{product_id:08d}"
@@ -127,7 +191,8 @@ def sku_of(product_id: int) -> str:
 
 @dataclass
 class Counters:
-    """Reads served and database loads, by kind; loads of each product id."""
+    """Reads served and database queries made for them, by kind (a batch of keys is one
+    query); loads of each product id."""
 
     reads: Counter[str] = field(default_factory=Counter)
     loads: Counter[str] = field(default_factory=Counter)
@@ -155,7 +220,7 @@ class Database:
     # -- reads (cacheable) -------------------------------------------------------------
 
     async def products(self, ids: list[int]) -> dict[int, dict[str, Any]]:
-        self.counters.loads["product"] += len(ids)
+        self.counters.loads["product"] += 1
         self.counters.product_loads.update(ids)
         rows = await self.pool.fetch(PRODUCT_SQL, ids)
         return {r["id"]: dict(r) for r in rows}
@@ -198,7 +263,7 @@ class Database:
         return items, dict(rows[page_size]) if len(rows) > page_size else None
 
     async def prices(self, skus: list[str]) -> dict[str, dict[str, Any]]:
-        self.counters.loads["price"] += len(skus)
+        self.counters.loads["price"] += 1
         rows = await self.pool.fetch(
             "SELECT sku, amount_cents, currency, version FROM prices WHERE sku = ANY($1::text[])",
             skus,
@@ -206,7 +271,7 @@ class Database:
         return {r["sku"]: dict(r) for r in rows}
 
     async def inventories(self, skus: list[str]) -> dict[str, dict[str, Any]]:
-        self.counters.loads["inventory"] += len(skus)
+        self.counters.loads["inventory"] += 1
         rows = await self.pool.fetch(
             "SELECT sku, quantity, version FROM inventory WHERE sku = ANY($1::text[])", skus
         )
@@ -273,76 +338,47 @@ class Database:
 
     # -- writes ------------------------------------------------------------------------
 
+    # Each write is one statement (data-modifying CTEs): one round trip, and the row
+    # locked for no longer than that.
+
     async def create_product(
         self, data: dict[str, Any], product_id: int | None = None
     ) -> dict[str, Any] | None:
-        """The new product; None when `product_id` is taken."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            if product_id is None:
-                product_id = int(await conn.fetchval("SELECT nextval('product_ids')"))
-            sku = sku_of(product_id)
-            done = await conn.fetchval(
-                "INSERT INTO products (id, sku, name, description, category_id, version) "
-                "VALUES ($1, $2, $3, $4, $5, nextval('shop_versions')) "
-                "ON CONFLICT DO NOTHING RETURNING true",
-                product_id,
-                sku,
-                data["name"],
-                data.get("description", ""),
-                data["category_id"],
-            )
-            if not done:
-                return None
-            await conn.execute(
-                "INSERT INTO prices (sku, amount_cents, version) "
-                "VALUES ($1, $2, nextval('shop_versions'))",
-                sku,
-                data["price_cents"],
-            )
-            await conn.execute(
-                "INSERT INTO inventory (sku, quantity, version) "
-                "VALUES ($1, $2, nextval('shop_versions'))",
-                sku,
-                data.get("quantity", 0),
-            )
-            row = await conn.fetchrow(PRODUCT_SQL, [product_id])
-        return dict(row)
+        """The new product (with its price and stock); None when `product_id` is taken."""
+        row = await self.pool.fetchrow(
+            CREATE_SQL,
+            product_id,
+            data["name"],
+            data.get("description", ""),
+            data["category_id"],
+            data["price_cents"],
+            data.get("quantity", 0),
+        )
+        return None if row is None else dict(row)
 
     async def update_product(
         self, product_id: int, data: dict[str, Any]
     ) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """(before, after), or None when there is no such product."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            before = await conn.fetchrow(PRODUCT_SQL + " FOR UPDATE OF p", [product_id])
-            if before is None:
-                return None
-            await conn.execute(
-                "UPDATE products SET name = $2, description = $3, category_id = $4, "
-                "version = nextval('shop_versions') WHERE id = $1",
-                product_id,
-                data.get("name", before["name"]),
-                data.get("description", before["description"]),
-                data.get("category_id", before["category_id"]),
-            )
-            if "price_cents" in data:
-                await conn.execute(
-                    "UPDATE prices SET amount_cents = $2, version = nextval('shop_versions') "
-                    "WHERE sku = $1",
-                    before["sku"],
-                    data["price_cents"],
-                )
-            after = await conn.fetchrow(PRODUCT_SQL, [product_id])
-        return dict(before), dict(after)
+        row = await self.pool.fetchrow(
+            UPDATE_SQL,
+            product_id,
+            data.get("name"),
+            data.get("description"),
+            data.get("category_id"),
+            data.get("price_cents"),
+        )
+        if row is None:
+            return None
+        return (
+            {f: row[f"b_{f}"] for f in PRODUCT_FIELDS},
+            {f: row[f"a_{f}"] for f in PRODUCT_FIELDS},
+        )
 
     async def delete_product(self, product_id: int) -> dict[str, Any] | None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            before = await conn.fetchrow(PRODUCT_SQL + " FOR UPDATE OF p", [product_id])
-            if before is None:
-                return None
-            await conn.execute("DELETE FROM products WHERE id = $1", product_id)
-            await conn.execute("DELETE FROM prices WHERE sku = $1", before["sku"])
-            await conn.execute("DELETE FROM inventory WHERE sku = $1", before["sku"])
-        return dict(before)
+        """The product as it was, or None when there was none."""
+        row = await self.pool.fetchrow(DELETE_SQL, product_id)
+        return None if row is None else dict(row)
 
     async def set_inventory(self, sku: str, quantity: int) -> dict[str, Any] | None:
         row = await self.pool.fetchrow(

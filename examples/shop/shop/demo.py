@@ -318,7 +318,8 @@ async def measure(
         for kind, n in sorted(a1["loads"].items())
         if n - a0["loads"].get(kind, 0)
     }
-    print(f"  {run.mode} {name}: database loads by kind {by_kind}", flush=True)
+    print(f"  {run.mode} {name}: database queries for reads, by kind {by_kind}", flush=True)
+    print(f"  {run.mode} {name}: p95 ms by kind {phase.p95_by_kind()}", flush=True)
     return Row(run.mode, name, seconds, phase, q1 - q0, reads, loads, hot_loads)
 
 

@@ -76,12 +76,18 @@ class Phase:
     errors: int = 0
     stale: int = 0
     error_kinds: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    by_kind: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
-    def percentile(self, p: float) -> float:
-        if not self.latencies:
+    def percentile(self, p: float, latencies: list[float] | None = None) -> float:
+        latencies = self.latencies if latencies is None else latencies
+        if not latencies:
             return float("nan")
-        ordered = sorted(self.latencies)
+        ordered = sorted(latencies)
         return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+    def p95_by_kind(self) -> dict[str, float]:
+        """Each kind of request's p95, in ms."""
+        return {k: round(1000 * self.percentile(95, v), 1) for k, v in sorted(self.by_kind.items())}
 
 
 class Workload:
@@ -157,9 +163,8 @@ class Workload:
             params["q"] = self.rng.choice(NOUNS)
         return params
 
-    async def one(self, http: httpx.AsyncClient, phase: Phase) -> None:
-        """Send one request of the mix; count a wrong answer as an error."""
-        kind = self.kind()
+    async def one(self, http: httpx.AsyncClient, phase: Phase, kind: str) -> None:
+        """Send one request of the mix (of `kind`); count a wrong answer as an error."""
         sent = time.monotonic()
         if kind == "detail":
             pid = self.products()
@@ -246,13 +251,15 @@ async def drive(
     total = int(rate * seconds)
 
     async def request(due: float) -> None:
+        kind = work.kind()
         try:
-            await work.one(http, phase)
+            await work.one(http, phase, kind)
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             phase.errors += 1
             phase.error_kinds[type(exc).__name__] += 1
         finally:
             phase.latencies.append(time.monotonic() - due)
+            phase.by_kind[kind].append(phase.latencies[-1])
             phase.requests += 1
             slots.release()
 
