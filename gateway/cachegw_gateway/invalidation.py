@@ -86,8 +86,8 @@ class Invalidation:
                 removed += await self._store.unlink(keys)
             if prefixes:
                 removed += await self._store.delete_prefixes(prefixes)
-            for tag in tags:
-                removed += await self._store.delete_tag(tag)
+            if tags:
+                removed += await self._store.delete_tags(tags)
             if classes:
                 self._gens.update(await self._store.bump_generations(classes))
         except BaseException:

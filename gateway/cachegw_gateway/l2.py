@@ -870,6 +870,31 @@ class RedisStore:
         # Values end with the closing brace of their hash tag; leases end with ":lease".
         return sum(int(r) for k, r in zip(rkeys, replies, strict=True) if k.endswith(b"}"))
 
+    async def delete_tags(self, tags: Sequence[str], chunk: int = 1000) -> int:
+        """`delete_tag` for each of `tags`, with the first chunk of every index read in
+        one round trip: a call naming dozens of tags, most of them empty, costs about
+        what one tag does (tag by tag, a page's worth took tens of ms of client CPU).
+        An index with more than a chunk is walked on by `delete_tag`. Returns the values
+        removed."""
+        if len(tags) == 1:
+            return await self.delete_tag(tags[0], chunk)
+        indexes = [self.tag_key(tag) for tag in tags]
+        with self.calls(indexes, write=False):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for index in indexes:
+                    pipe.zrange(index, 0, chunk - 1, withscores=True, score_cast_func=bytes)
+                firsts = redis_errors.raise_first(await pipe.execute(raise_on_error=False))
+        removed = 0
+        for tag, index, members in zip(tags, indexes, firsts, strict=True):
+            if not members:
+                continue
+            pairs: list[tuple[bytes, bytes]] = list(members)
+            gone, _ = await self._remove_tag_chunk(index, pairs)
+            removed += gone
+            if len(pairs) >= chunk:  # more than a chunk: the rest, as for one tag
+                removed += await self.delete_tag(tag, chunk)
+        return removed
+
     async def delete_tag(self, tag: str, chunk: int = 1000) -> int:
         """Delete every key indexed under `tag`, and exactly the index entries read.
 

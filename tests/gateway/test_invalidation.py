@@ -276,3 +276,37 @@ async def test_tags_are_validated_on_set(gateway: RunningGateway) -> None:
     assert got.outcome == pb.SET_OUTCOME_STORED
     read = await gateway.stub.Get(pb.GetRequest(key="k"))
     assert list(read.tags) == ["a", "b"]
+
+
+async def test_one_invalidate_of_many_tags_removes_each_tags_keys(
+    gateway: RunningGateway,
+) -> None:
+    """The tags of one call are walked concurrently (a few at a time): every one is
+    applied, and what no tag names stays."""
+    tags = [f"page-{i}" for i in range(40)]
+    for i, tag in enumerate(tags):
+        for j in range(3):
+            await gateway.stub.Set(pb.SetRequest(key=f"p:{i}:{j}", value=b"v", tags=[tag]))
+    await gateway.stub.Set(pb.SetRequest(key="kept", value=b"v", tags=["page-other"]))
+    out = await gateway.stub.Invalidate(pb.InvalidateRequest(tags=tags))
+    assert out.removed == 120
+    gateway.server.l1.clear()
+    got = await gateway.stub.GetMany(
+        pb.GetManyRequest(keys=[f"p:{i}:{j}" for i in range(40) for j in range(3)] + ["kept"])
+    )
+    assert [r.status for r in got.results] == [pb.STATUS_MISS] * 120 + [pb.STATUS_HIT]
+
+
+async def test_tags_over_a_chunk_are_walked_to_the_end(gateway: RunningGateway) -> None:
+    """The first chunk of every index is read in one round trip; what is past it is
+    walked on tag by tag."""
+    for i in range(7):
+        await gateway.stub.Set(pb.SetRequest(key=f"big:{i}", value=b"v", tags=["big"]))
+    await gateway.stub.Set(pb.SetRequest(key="small:0", value=b"v", tags=["small"]))
+    await gateway.stub.Set(pb.SetRequest(key="kept", value=b"v", tags=["other"]))
+    store = gateway.server.store
+    assert await store.delete_tags(["big", "empty", "small"], chunk=3) == 8
+    gateway.server.l1.clear()
+    keys = [f"big:{i}" for i in range(7)] + ["small:0", "kept"]
+    got = await gateway.stub.GetMany(pb.GetManyRequest(keys=keys))
+    assert [r.status for r in got.results] == [pb.STATUS_MISS] * 8 + [pb.STATUS_HIT]

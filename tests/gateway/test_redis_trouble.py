@@ -62,6 +62,10 @@ async def test_redis_down(gateway: RunningGateway, redis_server: ManagedRedis) -
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await gateway.stub.GetMany(pb.GetManyRequest(keys=["cached", "k"]), timeout=3)
     assert "redis (L2) is unavailable" in (err.value.details() or "")
+    many_tags = pb.InvalidateRequest(tags=["t1", "t2", "t3"])
+    assert await _code_of(gateway.stub.Invalidate(many_tags, timeout=3)) == (
+        grpc.StatusCode.UNAVAILABLE
+    )
 
     # Service comes back with Redis, on the same port (once the circuit breaker, which
     # these failures may have opened, lets a probe through: within its cool-down).
