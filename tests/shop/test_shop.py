@@ -178,6 +178,34 @@ async def test_listing_pages_follow_product_changes_and_only_rebuild_what_moved(
         assert created["id"] not in shown
 
 
+async def test_a_page_read_before_a_change_and_stored_after_its_invalidation_goes(
+    make_shop: ShopFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race tags alone lose: a page built from rows read before a create commits,
+    stored after the create's invalidation ran (so the page was not in the tag's index
+    yet). The listing epoch catches it: the next read shows the new product."""
+    shop = await make_shop("cachegw")
+    read, resume = asyncio.Event(), asyncio.Event()
+    real = shop.db.listing_window
+
+    async def slow(*args: Any) -> Any:
+        rows = await real(*args)
+        read.set()
+        await resume.wait()  # the page is stored only after the create below is done
+        return rows
+
+    monkeypatch.setattr(shop.db, "listing_window", slow)
+    early = asyncio.create_task(get(shop, "/products", category=3))
+    await asyncio.wait_for(read.wait(), 10)
+    monkeypatch.setattr(shop.db, "listing_window", real)
+    body = {"name": "racer", "category_id": 3, "price_cents": 5}
+    created = await send(shop, "POST", "/products", body, 201)
+    resume.set()
+    assert created["id"] not in [i["id"] for i in (await early)["items"]]  # read before
+    shown = [i["id"] for i in (await get(shop, "/products", category=3))["items"]]
+    assert created["id"] in shown
+
+
 async def test_writes_put_the_committed_rows_in_the_cache(make_shop: ShopFactory) -> None:
     """Stock and product changes are stored with their database versions: the next reads
     are hits, not loads, and show the change."""

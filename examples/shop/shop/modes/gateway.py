@@ -38,6 +38,9 @@ from shop.modes.base import Catalog, ListingQuery, QuoteInput, Row
 log = logging.getLogger("shop.cachegw")
 
 GATEWAY_DOWN = (Unavailable, DeadlineExceeded, ResourceExhausted)
+# Listing epochs: counters per scope, bumped by every change that alters its listings.
+EPOCH_PREFIX = "epoch:listing:"
+EPOCH_TTL = 86_400.0
 # What a listing row shows of a product (db.Database.listing's columns).
 LISTING_FIELDS = ("id", "sku", "name", "category_id", "price_cents", "version")
 RETRY_INVALIDATIONS_EVERY = 0.2
@@ -201,7 +204,10 @@ class GatewayCatalog(Catalog):
         reaches every page that shows it without evicting one."""
         key = keys.listing_key.key(query.params())
 
+        scope = listing_tags.scope(query.category)
+
         async def load() -> Row:
+            epoch = await self._listing_epoch(scope)  # read before the database is
             items, following = await self.db.listing_window(
                 query.category, query.q, query.sort, query.page, query.page_size
             )
@@ -210,14 +216,20 @@ class GatewayCatalog(Catalog):
                 "items": items,
                 "has_more": following is not None,
                 "_next": following,
+                "_epoch": epoch,
             }
 
         def tags(page: Row) -> list[str]:
             return listing_tags.page_tags(query.category, query.q, query.sort, page["_next"])
 
-        page: Row = await self._leased(key, load, tags, stored=_ids_only)
+        async def still_current(page: Row) -> bool:
+            """No change of the scope's listings was made since the page was read (else
+            its invalidation may have run before the page was stored, and missed it)."""
+            return page["_epoch"] is not None and await self._listing_epoch(scope) == page["_epoch"]
+
+        page: Row = await self._leased(key, load, tags, _ids_only, still_current)
         if "items" in page:  # built by this call from the database
-            del page["_next"]
+            del page["_next"], page["_epoch"]
             return page
         ids = [int(i) for i in page["ids"]]
         rows = await self._products(ids)
@@ -254,9 +266,11 @@ class GatewayCatalog(Catalog):
         load: Callable[[], Awaitable[Row]],
         tags: Callable[[Row], list[str]],
         stored: Callable[[Row], Row],
+        still_current: Callable[[Row], Awaitable[bool]],
     ) -> Row:
         """The lease protocol of get_or_load, with tags taken from the loaded value: the
-        cached value (what `stored` keeps of a loaded one), or the loaded value."""
+        cached value (what `stored` keeps of a loaded one), or the loaded value. A value
+        that is no longer `still_current` once stored is removed again."""
         try:
             entry, value = await self._lookup(key, lease=True)
         except GATEWAY_DOWN as exc:
@@ -268,7 +282,7 @@ class GatewayCatalog(Catalog):
             if page is not None:
                 if entry is not None and entry.refresh and entry.lease_token:  # refresh early
                     task = asyncio.create_task(
-                        self._fill(key, load, tags, stored, entry.lease_token)
+                        self._fill(key, load, tags, stored, still_current, entry.lease_token)
                     )
                     self._background.add(task)
                     task.add_done_callback(self._background.discard)
@@ -277,7 +291,7 @@ class GatewayCatalog(Catalog):
         assert entry is not None
         if entry.status is not Status.LEASED:  # waited for another loader in vain
             return await load()
-        return await self._fill(key, load, tags, stored, entry.lease_token)
+        return await self._fill(key, load, tags, stored, still_current, entry.lease_token)
 
     async def _fill(
         self,
@@ -285,6 +299,7 @@ class GatewayCatalog(Catalog):
         load: Callable[[], Awaitable[Row]],
         tags: Callable[[Row], list[str]],
         stored: Callable[[Row], Row],
+        still_current: Callable[[Row], Awaitable[bool]],
         token: bytes,
     ) -> Row:
         try:
@@ -299,8 +314,11 @@ class GatewayCatalog(Catalog):
             )
             if not out.stored:  # invalidated meanwhile: the value may be old, keep it out
                 await self.client.release_lease(key, token)
+            elif not await still_current(value):
+                await self._invalidate([key], [])
         except CacheError as exc:
             log.debug("could not store %r: %s", key, exc)
+            await self._invalidate([key], [])  # stored or not, it must not stay
         return value
 
     async def quote(self, quote: QuoteInput) -> Row:
@@ -340,8 +358,30 @@ class GatewayCatalog(Catalog):
         else:
             await self._put(keys.product_key(id=product_id), after)
         tags = listing_tags.change_tags(before, after)
+        for scope in sorted({tag.split(":")[1] for tag in tags}):
+            await self._bump_listing_epoch(scope)
         if names or tags:
             await self._invalidate(names, tags)
+
+    # A page built from rows read before a product change was committed, and stored after
+    # the change's invalidation ran, would be missed by it (it was not in the tag's index
+    # yet). So every change that alters listings first bumps its scopes' epochs (counters
+    # in the gateway); a page build reads its scope's epoch before its query and again
+    # once the page is stored, and removes the page if it moved.
+
+    async def _listing_epoch(self, scope: str) -> int | None:
+        """The scope's epoch; None when the gateway cannot say (the page is then not kept)."""
+        try:
+            return await self.client.incr(f"{EPOCH_PREFIX}{scope}", 0, ttl=EPOCH_TTL)
+        except CacheError:
+            return None
+
+    async def _bump_listing_epoch(self, scope: str) -> None:
+        try:
+            await self.client.incr(f"{EPOCH_PREFIX}{scope}", 1, ttl=EPOCH_TTL)
+        except CacheError as exc:
+            # The gateway is unreachable: page builds cannot store either (and read None).
+            log.debug("could not bump the listing epoch of %s: %s", scope, exc)
 
     async def inventory_written(self, row: Row) -> None:
         await self._put(keys.inventory_key(sku=row["sku"]), row)
