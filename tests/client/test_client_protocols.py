@@ -174,6 +174,24 @@ async def test_near_cache_copies_never_outlive_the_gateway_ttl(gateway: RunningG
         assert near.get("short") is None
 
 
+async def test_a_class_may_have_a_shorter_near_cache_ttl(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(
+        '[[classes]]\nname = "stock"\npatterns = ["stock:*"]\nttl_seconds = 60\n'
+    )
+    near = NearCache(ttl=60, class_ttl={"stock": 0.3})
+    async with AsyncClient(gw.address, near_cache=near) as client:
+        await until_live(near)
+        await client.set("stock:1", b"5")
+        await client.set("other", b"v")
+        assert await client.get_many(["stock:1", "other"]) == [b"5", b"v"]
+        assert near.get("stock:1") == b"5"
+        await asyncio.sleep(0.35)
+        assert near.get("stock:1") is None  # its class's 0.3 s
+        assert near.get("other") == b"v"  # the 60 s of the rest
+    with pytest.raises(ValueError, match="class_ttl"):
+        NearCache(class_ttl={"stock": 0})
+
+
 async def test_near_cache_empties_when_its_stream_drops(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory()
     near = NearCache(ttl=30)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from cachegw.models import Entry, Event, EventKind, Status
@@ -119,7 +119,9 @@ class NearCache:
     """A near cache for one `Client` or `AsyncClient` (pass it as ``near_cache=``).
 
     `max_entries` and `max_bytes` bound it; `ttl` is the longest a copy is served without
-    asking the gateway (it is also bounded by what the gateway says is left).
+    asking the gateway (it is also bounded by what the gateway says is left);
+    `class_ttl` gives some key classes their own (e.g. the gateway's `l1_ttl_seconds` of
+    a class whose copies must not outlive a lost event by more than that).
     """
 
     def __init__(
@@ -128,12 +130,17 @@ class NearCache:
         max_bytes: int = 64 * 1024 * 1024,
         ttl: float = 5.0,
         *,
+        class_ttl: Mapping[str, float] | None = None,
         native: bool | None = None,
     ) -> None:
         if max_entries < 1 or max_bytes < 1:
             raise ValueError("max_entries and max_bytes must be >= 1")
         if not ttl > 0:
             raise ValueError("ttl must be > 0 seconds")
+        self.class_ttl = dict(class_ttl or {})
+        for name, seconds in self.class_ttl.items():
+            if not seconds > 0:
+                raise ValueError(f"class_ttl[{name!r}] must be > 0 seconds")
         store = None if native is False else _native_store(max_entries, max_bytes)
         if store is None and native:
             raise ImportError("the native L1 (cachegw-gateway's cachegw_native) is not installed")
@@ -196,7 +203,7 @@ class NearCache:
     def fill(self, key: str, entry: Entry, ticket: int) -> None:
         if entry.status is not Status.HIT or entry.value is None:
             return
-        ttl = min(self.ttl, entry.ttl_remaining)
+        ttl = min(self.class_ttl.get(entry.key_class, self.ttl), entry.ttl_remaining)
         if ttl <= 0:
             return
         copy: _Copy = (entry.value, entry.key_class, entry.tags)

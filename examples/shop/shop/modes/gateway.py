@@ -38,6 +38,9 @@ from shop.modes.base import Catalog, ListingQuery, QuoteInput, Row
 log = logging.getLogger("shop.cachegw")
 
 GATEWAY_DOWN = (Unavailable, DeadlineExceeded, ResourceExhausted)
+# Stock and prices: a near copy lives no longer than the gateway's L1 copy of them (their
+# classes' l1_ttl_seconds), the bound on serving one whose event was lost.
+NEAR_CLASS_TTL = {"inventory": 2.0, "pricing": 2.0}
 # Listing epochs: counters per scope, bumped by every change that alters its listings.
 EPOCH_PREFIX = "epoch:listing:"
 EPOCH_TTL = 86_400.0
@@ -64,7 +67,7 @@ class GatewayCatalog(Catalog):
         target: str,
         *,
         timeout: float = 1.0,
-        near_ttl: float = 10.0,
+        near_ttl: float = 60.0,
         warm: bool = False,
     ) -> None:
         super().__init__(db)
@@ -82,7 +85,11 @@ class GatewayCatalog(Catalog):
         self.warm_state: dict[str, Any] = {"done": not warm}
 
     async def start(self) -> None:
-        near = NearCache(max_entries=20_000, ttl=self.near_ttl) if self.near_ttl > 0 else None
+        near = (
+            NearCache(max_entries=50_000, ttl=self.near_ttl, class_ttl=NEAR_CLASS_TTL)
+            if self.near_ttl > 0
+            else None
+        )
         self._client = AsyncClient(self.target, timeout=self.timeout, near_cache=near)
         self._typed = TypedCache(self._client, self.codec)
         self._retrier = asyncio.create_task(self._retry_invalidations())
@@ -199,15 +206,15 @@ class GatewayCatalog(Catalog):
     # -- cache-aside under the gateway's lease ----------------------------------------------
 
     async def listing(self, query: ListingQuery) -> Row:
-        """A page, cached as the ids it shows and tagged by where its last one sits
-        (listing_tags); its rows come from the product cache, so a product's own change
-        reaches every page that shows it without evicting one."""
+        """A page, cached as the ids it shows and tagged by where the product after it
+        sits (listing_tags); its rows come from the product cache, so a product's own
+        change reaches every page that shows it without evicting one."""
         key = keys.listing_key.key(query.params())
-
         scope = listing_tags.scope(query.category)
 
-        async def load() -> Row:
-            epoch = await self._listing_epoch(scope)  # read before the database is
+        async def load(to_store: bool) -> Row:
+            # A page to store reads its scope's epoch before the database (see below).
+            epoch = await self._listing_epoch(scope) if to_store else None
             items, following = await self.db.listing_window(
                 query.category, query.q, query.sort, query.page, query.page_size
             )
@@ -263,7 +270,7 @@ class GatewayCatalog(Catalog):
     async def _leased(
         self,
         key: str,
-        load: Callable[[], Awaitable[Row]],
+        load: Callable[[bool], Awaitable[Row]],
         tags: Callable[[Row], list[str]],
         stored: Callable[[Row], Row],
         still_current: Callable[[Row], Awaitable[bool]],
@@ -275,7 +282,7 @@ class GatewayCatalog(Catalog):
             entry, value = await self._lookup(key, lease=True)
         except GATEWAY_DOWN as exc:
             self._fallback(key, exc)
-            return await load()
+            return await load(False)
         if value is not None:
             page = await self.typed.decode(key, value)
             self.db.counters.decode_failures = self.typed.decode_failures
@@ -287,23 +294,23 @@ class GatewayCatalog(Catalog):
                     self._background.add(task)
                     task.add_done_callback(self._background.discard)
                 return dict(page)
-            return await load()
+            return await load(False)
         assert entry is not None
         if entry.status is not Status.LEASED:  # waited for another loader in vain
-            return await load()
+            return await load(False)
         return await self._fill(key, load, tags, stored, still_current, entry.lease_token)
 
     async def _fill(
         self,
         key: str,
-        load: Callable[[], Awaitable[Row]],
+        load: Callable[[bool], Awaitable[Row]],
         tags: Callable[[Row], list[str]],
         stored: Callable[[Row], Row],
         still_current: Callable[[Row], Awaitable[bool]],
         token: bytes,
     ) -> Row:
         try:
-            value = await load()
+            value = await load(True)
         except BaseException:
             with contextlib.suppress(CacheError):
                 await self.client.release_lease(key, token)
@@ -344,24 +351,27 @@ class GatewayCatalog(Catalog):
         row = after or before
         assert row is not None
         product_id, sku = row["id"], row["sku"]
-        names = [keys.price_key(sku=sku)] if before is None or after is None else []
-        if (
-            before is not None
-            and after is not None
-            and before["price_cents"] != after["price_cents"]
-        ):
+        names: list[str] = []
+        if before is None or after is None:  # created or deleted: its price and stock too
+            names += [keys.price_key(sku=sku), keys.inventory_key(sku=sku)]
+        elif before["price_cents"] != after["price_cents"]:
             names.append(keys.price_key(sku=sku))
-        if before is None or after is None:
-            names.append(keys.inventory_key(sku=sku))
         if after is None:
             names.append(keys.product_key(id=product_id))
-        else:
-            await self._put(keys.product_key(id=product_id), after)
         tags = listing_tags.change_tags(before, after)
-        for scope in sorted({tag.split(":")[1] for tag in tags}):
-            await self._bump_listing_epoch(scope)
-        if names or tags:
-            await self._invalidate(names, tags)
+
+        async def evict() -> None:
+            scopes = sorted({tag.split(":")[1] for tag in tags})
+            await asyncio.gather(*(self._bump_listing_epoch(scope) for scope in scopes))
+            if names or tags:
+                await self._invalidate(names, tags)
+
+        # Independent: the new row, and what the change made stale (each one handles its
+        # own failure), so they go at once.
+        if after is None:
+            await evict()
+        else:
+            await asyncio.gather(self._put(keys.product_key(id=product_id), after), evict())
 
     # A page built from rows read before a product change was committed, and stored after
     # the change's invalidation ran, would be missed by it (it was not in the tag's index
