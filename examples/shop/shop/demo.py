@@ -359,6 +359,9 @@ async def run_mode(
             rows.append(await measure("steady", run, stats, work, http, args.steady, args.rate))
 
             async def expiry(before: dict[str, Any]) -> None:
+                # The crowd's connections are open before it comes (users already on the
+                # site): its requests then arrive together, not one TCP handshake apart.
+                await asyncio.gather(*(http.get("/health") for _ in range(BURST)))
                 base, since = await stats.api(), time.monotonic()
                 await run.expire_everything()
                 # A flash crowd on the hottest product as it expires, beside the load.
