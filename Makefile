@@ -11,7 +11,7 @@ NATIVE_SRC := $(wildcard native/cachegw_native/*.pyx native/cachegw_native/*.pxd
 ARGS ?=
 # `make test` leaves out the long chaos runs (marker `slow`); CI runs them after it
 # (`make test-slow`, .ci/run), and `make test PYTEST_ARGS=` runs everything.
-PYTEST_ARGS ?= -m "not slow"
+PYTEST_ARGS ?= -m "not slow" --durations=25
 
 .PHONY: run demo test test-slow setup redis postgres promtool h2load lint typecheck pytest bench chaos soak fuzz protos clean
 

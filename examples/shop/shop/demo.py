@@ -258,6 +258,43 @@ class ModeRun:
         await asyncio.to_thread(self.redis.start)
 
 
+class FlashCrowd:
+    """`n` open HTTP/1.1 connections that each send one GET at the same moment."""
+
+    def __init__(self, streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> None:
+        self.streams = streams
+
+    @classmethod
+    async def open(cls, port: int, n: int) -> FlashCrowd:
+        return cls(
+            list(
+                await asyncio.gather(
+                    *(asyncio.open_connection("127.0.0.1", port) for _ in range(n))
+                )
+            )
+        )
+
+    async def get(self, path: str, timeout: float = 30.0) -> list[int]:  # noqa: ASYNC109
+        """Every connection's request written at once; each answer's status (0: none)."""
+        request = f"GET {path} HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n".encode()
+        for _, writer in self.streams:
+            writer.write(request)
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+            try:
+                status = await asyncio.wait_for(reader.readline(), timeout)
+                await asyncio.wait_for(reader.read(), timeout)  # the rest, to the close
+                return int(status.split()[1])
+            except (OSError, TimeoutError, ValueError, IndexError):
+                return 0
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+
+        return list(await asyncio.gather(*(answer(r, w) for r, w in self.streams)))
+
+
 async def wait_warm(http: httpx.AsyncClient, limit: float = 600.0) -> None:
     """The cachegw API rebuilds the catalog in the gateway from its origin at start (a
     Warmup by prefix, resumed until done): wait for it, and say how long it took."""
@@ -359,17 +396,14 @@ async def run_mode(
             rows.append(await measure("steady", run, stats, work, http, args.steady, args.rate))
 
             async def expiry(before: dict[str, Any]) -> None:
-                # The crowd's connections are open before it comes (users already on the
-                # site): its requests then arrive together, not one TCP handshake apart.
-                await asyncio.gather(*(http.get("/health") for _ in range(BURST)))
+                # The crowd is on the site before it comes (its connections open), and
+                # its requests leave together: written in one pass, as a crowd's do, not
+                # one at a time through the HTTP client.
+                crowd = await FlashCrowd.open(run.port, BURST)
                 base, since = await stats.api(), time.monotonic()
                 await run.expire_everything()
-                # A flash crowd on the hottest product as it expires, beside the load.
-                burst = [http.get(f"/products/{hot[0]}") for _ in range(BURST)]
-                answers = await asyncio.gather(*burst, return_exceptions=True)
-                run.burst_errors = sum(
-                    1 for a in answers if not isinstance(a, httpx.Response) or a.status_code != 200
-                )
+                statuses = await crowd.get(f"/products/{hot[0]}")
+                run.burst_errors = sum(1 for status in statuses if status != 200)
                 await asyncio.sleep(EXPIRY_WINDOW)
                 after = await stats.api()
                 # Each of its own writes in the window rightly costs a product one reload.
