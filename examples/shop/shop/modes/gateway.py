@@ -2,13 +2,16 @@
 
 - product details, prices and stock are read-through classes: the app just asks; on a
   miss the gateway loads from this app's origin (shop.origin), once across every caller
-  and gateway, and caches "no such product" for 30 s (negative caching);
+  and gateway, and caches "no such product" for an hour (a create replaces it);
 - listing pages and quotes are cache-aside under the gateway's lease (one caller loads,
-  the others wait for its value); each page is tagged with its category and with every
-  product it shows, so a product change evicts exactly the pages it can alter;
-- every write commits in PostgreSQL first, then invalidates (keys and tags) on every
-  gateway at once; stock is an `invalidation = "events"` class, so its L1 copies go with
-  the event. An invalidation the gateway could not take is kept and retried until it is;
+  the others wait for its value); a page is cached as the ids it shows (its rows come
+  from the product cache) and tagged by where a change could move its ids
+  (listing_tags), with a listing epoch closing the window a tag cannot see;
+- every write commits in PostgreSQL first, then puts the committed row in the cache with
+  its version (Set's origin_version: a slower writer or an older load cannot replace
+  it) and invalidates what has no new row (keys and tags) on every gateway at once. A
+  cache update the gateway could not take becomes an invalidation, kept and retried
+  until it is;
 - hot values are also kept in the client's near cache (in this process, no network), which
   the gateway's Subscribe stream keeps honest: every invalidation event evicts what it
   names, and a dropped stream empties it;
