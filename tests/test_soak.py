@@ -10,11 +10,15 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
+import pytest
+
 from benchmarks import soak
 from benchmarks.harness import start_gateways
 from cachegw_gateway.managed_redis import ManagedRedis
 
 
+# A soak: `make test-slow` (and CI) runs it; `make test` stays under its time budget.
+@pytest.mark.slow
 def test_a_short_soak_leaves_nothing_behind() -> None:
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         redis = stack.enter_context(ManagedRedis())

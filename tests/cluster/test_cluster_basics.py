@@ -267,3 +267,24 @@ async def test_an_event_that_could_not_be_published_is_sent_again(
     finally:
         await ca.close()
         await cb.close()
+
+
+async def test_many_tags_in_one_invalidation_across_slots(
+    cluster_gateway: ClusterGateways,
+) -> None:
+    """The first chunk of every tag's index is read in one pipeline, whatever node holds
+    each index."""
+    gw = await cluster_gateway(CLASSES)
+    client = AsyncClient(gw.address)
+    try:
+        tags = [f"tag-{i}" for i in range(12)]
+        for i, tag in enumerate(tags):
+            await client.set(f"product:m{i}", b"v", tags=[tag])
+        await client.set("product:kept", b"v", tags=["other"])
+        out = await client.invalidate(tags=tags)
+        assert out.removed == 12
+        names = [f"product:m{i}" for i in range(12)]
+        assert await client.get_many(names) == [None] * 12
+        assert await client.get("product:kept") == b"v"
+    finally:
+        await client.close()

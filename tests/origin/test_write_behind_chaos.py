@@ -183,6 +183,9 @@ async def run(
     )
 
 
+# Chaos: `make test-slow` (and CI) runs it; `make test` keeps the write-behind fault tests
+# that name each fault (test_write_behind.py) and stays under its time budget.
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_10k_writes_over_three_gateways_survive_a_kill_and_an_origin_outage(
     gateway_cluster: GatewayCluster, redis_client: redis.Redis, tmp_path: Path
