@@ -29,6 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cachegw import AsyncClient, Entry, NearCache, Status
@@ -59,6 +60,18 @@ WARM_RETRY_SECONDS = 1.0  # after a failure (the gateway or the origin unreachab
 def _ids_only(page: Row) -> Row:
     """What the cache keeps of a listing page: the ids it shows, in order."""
     return {"ids": [item["id"] for item in page["items"]], "has_more": page["has_more"]}
+
+
+@dataclass(frozen=True)
+class _Build:
+    """How a leased value is built and kept: `load(to_store)` reads it, `tags` and
+    `stored` say what goes in the cache, and a stored value no longer `still_current`
+    is removed again."""
+
+    load: Callable[[bool], Awaitable[Row]]
+    tags: Callable[[Row], list[str]]
+    stored: Callable[[Row], Row]
+    still_current: Callable[[Row], Awaitable[bool]]
 
 
 class GatewayCatalog(Catalog):
@@ -237,7 +250,7 @@ class GatewayCatalog(Catalog):
             its invalidation may have run before the page was stored, and missed it)."""
             return page["_epoch"] is not None and await self._listing_epoch(scope) == page["_epoch"]
 
-        page: Row = await self._leased(key, load, tags, _ids_only, still_current)
+        page: Row = await self._leased(key, _Build(load, tags, _ids_only, still_current))
         if "items" in page:  # built by this call from the database
             del page["_next"], page["_epoch"]
             return page
@@ -270,17 +283,10 @@ class GatewayCatalog(Catalog):
             rows.update(await self.db.products(missing))
         return rows
 
-    async def _leased(
-        self,
-        key: str,
-        load: Callable[[bool], Awaitable[Row]],
-        tags: Callable[[Row], list[str]],
-        stored: Callable[[Row], Row],
-        still_current: Callable[[Row], Awaitable[bool]],
-    ) -> Row:
+    async def _leased(self, key: str, build: _Build) -> Row:
         """The lease protocol of get_or_load, with tags taken from the loaded value: the
-        cached value (what `stored` keeps of a loaded one), or the loaded value. A value
-        that is no longer `still_current` once stored is removed again."""
+        cached value (what `build.stored` keeps of a loaded one), or the loaded value."""
+        load = build.load
         try:
             entry, value = await self._lookup(key, lease=True)
         except GATEWAY_DOWN as exc:
@@ -291,9 +297,7 @@ class GatewayCatalog(Catalog):
             self.db.counters.decode_failures = self.typed.decode_failures
             if page is not None:
                 if entry is not None and entry.refresh and entry.lease_token:  # refresh early
-                    task = asyncio.create_task(
-                        self._fill(key, load, tags, stored, still_current, entry.lease_token)
-                    )
+                    task = asyncio.create_task(self._fill(key, build, entry.lease_token))
                     self._background.add(task)
                     task.add_done_callback(self._background.discard)
                 return dict(page)
@@ -301,30 +305,25 @@ class GatewayCatalog(Catalog):
         assert entry is not None
         if entry.status is not Status.LEASED:  # waited for another loader in vain
             return await load(False)
-        return await self._fill(key, load, tags, stored, still_current, entry.lease_token)
+        return await self._fill(key, build, entry.lease_token)
 
-    async def _fill(
-        self,
-        key: str,
-        load: Callable[[bool], Awaitable[Row]],
-        tags: Callable[[Row], list[str]],
-        stored: Callable[[Row], Row],
-        still_current: Callable[[Row], Awaitable[bool]],
-        token: bytes,
-    ) -> Row:
+    async def _fill(self, key: str, build: _Build, token: bytes) -> Row:
         try:
-            value = await load(True)
+            value = await build.load(True)
         except BaseException:
             with contextlib.suppress(CacheError):
                 await self.client.release_lease(key, token)
             raise
         try:
             out = await self.client.set(
-                key, self.codec.dumps(stored(value)), tags=tags(value), lease_token=token
+                key,
+                self.codec.dumps(build.stored(value)),
+                tags=build.tags(value),
+                lease_token=token,
             )
             if not out.stored:  # invalidated meanwhile: the value may be old, keep it out
                 await self.client.release_lease(key, token)
-            elif not await still_current(value):
+            elif not await build.still_current(value):
                 await self._invalidate([key], [])
         except CacheError as exc:
             log.debug("could not store %r: %s", key, exc)
